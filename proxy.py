@@ -1,0 +1,1483 @@
+#!/usr/bin/env python3
+"""proxy.py: a single-file streaming proxy for the OpenAI API.
+
+The API key stays on the server; browsers and apps get the reply token by
+token as Server-Sent Events. Python 3.9+ standard library only.
+
+Run:
+    OA_API_KEY=sk-... python proxy.py      # or: python proxy.py --demo
+    curl -N localhost:8080/message -d '{"messages":[{"role":"user","content":"Hi"}]}'
+
+Every setting is an environment variable with a matching flag (the flag wins);
+`python proxy.py --help` lists them with their defaults.
+
+Design decisions:
+- One thread per client connection (ThreadingHTTPServer, HTTP/1.1 keep-alive).
+  The upstream is read with read1(), which returns whatever has arrived, so
+  each chunk is relayed the moment it lands; frames completed by one read go
+  out in one chunked write, with no buffering of our own.
+- One supervisor thread watches every open stream. It notices a client that
+  hangs up, even while the upstream is still thinking, and shuts the upstream
+  socket at once so nobody pays for tokens nobody reads. It also writes
+  `: keep-alive` comments through long silences, only ever between frames.
+- Errors before the response head get their real status and an OpenAI-style
+  JSON error; errors after it get an `event:error` frame and a clean end of
+  the chunked body. A stream is never cut silently.
+- Upstream redirects are not followed (they would carry the key elsewhere);
+  upstream 401/403 become 502 without the upstream's text, and the key never
+  reaches a log line or a response.
+- --demo starts a real OpenAI-compatible server on loopback inside this
+  process, so the demo takes exactly the relay path real traffic takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import functools
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import select
+import selectors
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http import HTTPStatus
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("proxy")
+
+
+# --------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4o-mini"
+
+# The fields POST /message accepts, as the Go seed did; anything else is a 400.
+MESSAGE_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "stop", "seed")
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant"})
+
+# read1() returns what has arrived, up to this many bytes.
+UPSTREAM_READ_SIZE = 65536
+# An upstream error body is read up to this size, never more.
+UPSTREAM_ERROR_BODY_LIMIT = 65536
+# One SSE event may grow to this size before the upstream counts as broken.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+HEARTBEAT_FRAME = b": keep-alive\n\n"
+CHUNKED_END = b"0\r\n\r\n"
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+class ProxyError(Exception):
+    """A failure, with the HTTP status and OpenAI-style error the client should see."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+    type = "server_error"
+
+    def __init__(self, message: str, *, status: Optional[int] = None, type: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None, detail: Optional[dict] = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers or {}
+        self.detail = detail or {}
+
+    def to_json(self) -> dict:
+        """The body clients get: {"error": {"message": ..., "type": ...}}."""
+        return {"error": {**self.detail, "message": self.message, "type": self.type}}
+
+
+class BadRequest(ProxyError):
+    """The client's request is wrong; the message says how to fix it."""
+
+    status = HTTPStatus.BAD_REQUEST
+    type = "invalid_request_error"
+
+
+class UpstreamUnreachable(ProxyError):
+    """The upstream could not be connected to."""
+
+    status = HTTPStatus.BAD_GATEWAY
+    type = "upstream_unreachable"
+
+
+class UpstreamBadResponse(ProxyError):
+    """The upstream answered, but with an error or with something that is not the API."""
+
+    status = HTTPStatus.BAD_GATEWAY
+    type = "upstream_error"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream stayed silent past the idle timeout."""
+
+    status = HTTPStatus.GATEWAY_TIMEOUT
+    type = "upstream_timeout"
+
+
+class ShuttingDown(ProxyError):
+    """The proxy is draining for a restart and takes no new work."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "server_shutting_down"
+
+
+class ClientGone(Exception):
+    """The client hung up; there is nobody left to write to."""
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings, validated once at start. Defaults live in SETTINGS."""
+
+    api_key: str                 # upstream key; never logged or returned
+    base_url: str                # upstream base, without a trailing slash
+    model: str                   # model for requests that name none
+    host: str                    # listen address
+    port: int                    # listen port; 0 picks a free one
+    cors_origins: Tuple[str, ...]  # allowed browser origins; ("*",) allows any
+    connect_timeout: float       # seconds to connect to the upstream
+    idle_timeout: float          # seconds the upstream may stay silent
+    heartbeat_interval: float    # seconds of stream silence before a keep-alive comment
+    drain_timeout: float         # seconds running streams get after SIGTERM/SIGINT
+    client_timeout: float        # seconds a client may take to send a request or accept a write
+    max_body_bytes: int          # largest request body accepted
+    demo: bool                   # serve from the built-in demo upstream, no key, no network
+
+
+def _parse_positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _parse_port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a whole number from 0 to 65535")
+    return value
+
+
+def _parse_size(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a positive whole number of bytes")
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_origins(text: str) -> Tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    if not origins:
+        raise ValueError("must list at least one origin, or *")
+    return origins
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its Config field, environment names, default and parser."""
+
+    field: str
+    envs: Tuple[str, ...]
+    default: str
+    parse: Callable[[str], object]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+SETTINGS = (
+    Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", str.strip,
+            "upstream API key (prefer the environment: flags show in ps)"),
+    Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
+            "upstream base URL: OpenAI or any OpenAI-compatible server"),
+    Setting("model", ("OA_MODEL",), DEFAULT_MODEL, str.strip, "model used when a request names none"),
+    Setting("host", ("HOST",), "127.0.0.1", str.strip, "address to listen on"),
+    Setting("port", ("PORT",), "8080", _parse_port, "port to listen on (0 picks a free one)"),
+    Setting("cors_origins", ("CORS_ORIGINS",), "*", _parse_origins,
+            "browser origins allowed to call the proxy, comma list; * allows any"),
+    Setting("connect_timeout", ("CONNECT_TIMEOUT",), "10", _parse_positive_float,
+            "seconds to connect to the upstream"),
+    Setting("idle_timeout", ("IDLE_TIMEOUT",), "300", _parse_positive_float,
+            "seconds the upstream may stay silent before the request fails"),
+    Setting("heartbeat_interval", ("HEARTBEAT_INTERVAL",), "15", _parse_positive_float,
+            "seconds of silence on a stream before a ': keep-alive' comment is sent"),
+    Setting("drain_timeout", ("DRAIN_TIMEOUT",), "30", _parse_positive_float,
+            "seconds running streams get to finish after SIGTERM or SIGINT"),
+    Setting("client_timeout", ("CLIENT_TIMEOUT",), "30", _parse_positive_float,
+            "seconds a client may take to send its request, or to accept a write"),
+    Setting("max_body_bytes", ("MAX_BODY_BYTES",), "1048576", _parse_size,
+            "largest request body accepted, in bytes"),
+    Setting("demo", ("DEMO",), "false", _parse_bool,
+            "serve from a built-in demo upstream: no key, no network"),
+)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per setting, each naming its environment variable and default."""
+    parser = argparse.ArgumentParser(
+        prog="proxy.py",
+        description="A single-file streaming proxy for the OpenAI API. "
+                    "Each flag overrides its environment variable.")
+    for setting in SETTINGS:
+        shown_default = setting.default or "none"
+        help_text = f"{setting.help} (env {', '.join(setting.envs)}; default {shown_default})"
+        if setting.parse is _parse_bool:
+            parser.add_argument(setting.flag, dest=setting.field, action="store_const",
+                                const="true", default=None, help=help_text)
+        else:
+            parser.add_argument(setting.flag, dest=setting.field, default=None,
+                                metavar=setting.envs[0], help=help_text)
+    parser.add_argument("--version", action="version", version=f"proxy.py {__version__}")
+    return parser
+
+
+def _raw_setting(setting: Setting, flags: argparse.Namespace, environ) -> Tuple[str, str]:
+    """The text of one setting and where it came from: flag over environment over default."""
+    flag_value = getattr(flags, setting.field)
+    if flag_value is not None:
+        return flag_value, setting.flag
+    for name in setting.envs:
+        if environ.get(name, "") != "":
+            return environ[name], name
+    return setting.default, setting.envs[0]
+
+
+def load_config(argv: Optional[List[str]], environ) -> Config:
+    """Build the Config from flags and environment; raise ConfigError saying what to fix."""
+    flags = build_arg_parser().parse_args(argv)
+    values = {}
+    for setting in SETTINGS:
+        text, source = _raw_setting(setting, flags, environ)
+        try:
+            values[setting.field] = setting.parse(text)
+        except ValueError as error:
+            reason = str(error) if setting.parse is not int else "must be a number"
+            raise ConfigError(f"{source} {reason}; got {text!r}") from None
+    values["base_url"] = _validate_base_url(values["base_url"])
+    if not values["api_key"] and not values["demo"]:
+        raise ConfigError("set OA_API_KEY (or OPENAI_API_KEY) to your upstream API key, "
+                          "or run with --demo to try it without one")
+    if values["api_key"] and not re.fullmatch(r"[\x21-\x7e]+", values["api_key"]):
+        raise ConfigError("the API key holds spaces or control characters; check OA_API_KEY")
+    return Config(**values)
+
+
+def _validate_base_url(url: str) -> str:
+    """Accept an http(s) URL with a host and no query; return it without a trailing slash."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"OPENAI_BASE_URL must be an http:// or https:// URL, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"OPENAI_BASE_URL must not carry a query or fragment, got {url!r}")
+    return url.rstrip("/")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when the address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def format_url(host: str, port: int) -> str:
+    """http://host:port, with IPv6 literals in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
+    """What the proxy says when it starts: (log level, text) pairs."""
+    upstream = "built-in demo upstream (no key, no network)" if config.demo else config.base_url
+    lines = [
+        (logging.INFO, f"proxy.py {__version__} listening on {format_url(config.host, port)}"),
+        (logging.INFO, f"upstream {upstream}; default model {config.model}"),
+    ]
+    if not is_loopback_host(config.host):
+        lines.append((logging.WARNING,
+                      f"listening on {config.host}, which is not a loopback address: "
+                      "anyone who can reach this port can spend the upstream API key"))
+    return lines
+
+
+# --------------------------------------------------------------------------
+# Pure helpers: JSON, SSE decoding, frames, request validation, CORS
+# --------------------------------------------------------------------------
+
+def json_bytes(value) -> bytes:
+    """Compact UTF-8 JSON, as the Go seed writes it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _reject_json_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_type_name(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+SSEEvent = collections.namedtuple("SSEEvent", "event data")
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """Turns bytes into SSE events however the bytes are split (WHATWG HTML 9.2.6)."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES):
+        self._buffer = bytearray()
+        self._scan_from = 0      # bytes before this hold no line end
+        self._event = ""
+        self._data: List[bytes] = []
+        self._size = 0
+        self._max_event_bytes = max_event_bytes
+
+    def feed(self, chunk: bytes) -> List[SSEEvent]:
+        """Return the events that this chunk completes."""
+        buffer = self._buffer
+        buffer += chunk
+        events: List[SSEEvent] = []
+        start = 0
+        for match in _LINE_END.finditer(buffer, self._scan_from):
+            if match.end() == len(buffer) and buffer[-1] == 0x0D:
+                break  # a CR at the very end may be the first half of a CRLF
+            self._take_line(bytes(buffer[start:match.start()]), events)
+            start = match.end()
+        del buffer[:start]
+        self._scan_from = max(len(buffer) - 1, 0)
+        if len(buffer) + self._size > self._max_event_bytes:
+            raise UpstreamBadResponse(f"the upstream sent an event over {self._max_event_bytes} bytes")
+        return events
+
+    def finish(self) -> List[SSEEvent]:
+        """At end of stream: the last line and event, even without their blank line."""
+        events: List[SSEEvent] = []
+        if self._buffer:
+            self._take_line(bytes(self._buffer).rstrip(b"\r"), events)
+            self._buffer.clear()
+        self._take_line(b"", events)
+        return events
+
+    def _take_line(self, line: bytes, events: List[SSEEvent]) -> None:
+        if not line:
+            if self._data:
+                data = b"\n".join(self._data).decode("utf-8", "replace")
+                events.append(SSEEvent(self._event or "message", data))
+            self._event, self._data, self._size = "", [], 0
+            return
+        if line[0] == 0x3A:  # ":" starts a comment, e.g. ": OPENROUTER PROCESSING"
+            return
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._data.append(value)
+            self._size += len(value) + 1
+        elif field == b"event":
+            self._event = value.decode("utf-8", "replace")
+        # "id", "retry" and unknown fields do not matter to a relay.
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (RFC 9112, 7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_event(name: str, payload) -> bytes:
+    """An SSE frame the way the Go seed writes it: no space after the colons."""
+    return b"event:" + name.encode() + b"\ndata:" + json_bytes(payload) + b"\n\n"
+
+
+def message_frame(timestamp: int, content: str) -> bytes:
+    """The seed's content frame."""
+    return encode_event("message", {"timestamp": timestamp, "content": content})
+
+
+def done_frame(finish_reason: Optional[str], usage: Optional[dict]) -> bytes:
+    """The frame that ends a stream that finished normally."""
+    return encode_event("done", {"finish_reason": finish_reason, "usage": usage})
+
+
+def error_frame(error: ProxyError) -> bytes:
+    """The frame that ends a stream that failed after its head went out."""
+    return encode_event("error", error.to_json())
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The request body as a JSON object, or a BadRequest saying what is wrong with it."""
+    if not body.strip():
+        raise BadRequest('the request body is empty: send a JSON object such as '
+                         '{"messages": [{"role": "user", "content": "Hi"}]}')
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_json_constant)
+    except json.JSONDecodeError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error.msg} "
+                         f"at line {error.lineno} column {error.colno}") from None
+    except ValueError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {json_type_name(value)}")
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_message(index: int, message) -> None:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise BadRequest(f"{where} must be an object with 'role' and 'content', not {json_type_name(message)}")
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        allowed = ", ".join(sorted(MESSAGE_ROLES))
+        raise BadRequest(f"{where}.role must be one of {allowed}; got {json.dumps(role)}")
+    content = message.get("content")
+    if "content" not in message:
+        raise BadRequest(f"{where} has no 'content'")
+    if not isinstance(content, (str, list)):
+        raise BadRequest(f"{where}.content must be a string, not {json_type_name(content)}")
+
+
+def _validate_option(name: str, value) -> None:
+    """Check one optional /message field (null counts as absent)."""
+    if name == "model" and not (isinstance(value, str) and value.strip()):
+        raise BadRequest("'model' must be a non-empty string")
+    if name == "temperature" and not (_is_number(value) and 0 <= value <= 2):
+        raise BadRequest(f"'temperature' must be a number from 0 to 2; got {json.dumps(value)}")
+    if name == "top_p" and not (_is_number(value) and 0 <= value <= 1):
+        raise BadRequest(f"'top_p' must be a number from 0 to 1; got {json.dumps(value)}")
+    if name == "max_tokens" and not (_is_whole(value) and value >= 1):
+        raise BadRequest(f"'max_tokens' must be a whole number of at least 1; got {json.dumps(value)}")
+    if name == "seed" and not _is_whole(value):
+        raise BadRequest(f"'seed' must be a whole number; got {json.dumps(value)}")
+    if name == "stop" and not (isinstance(value, str) or (
+            isinstance(value, list) and 1 <= len(value) <= 4 and all(isinstance(s, str) for s in value))):
+        raise BadRequest("'stop' must be a string or a list of 1 to 4 strings")
+
+
+def build_chat_request(body: dict, default_model: str) -> dict:
+    """Validate a /message body and build the upstream chat completion request."""
+    unknown = [name for name in body if name not in MESSAGE_FIELDS]
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}: /message accepts {', '.join(MESSAGE_FIELDS)}")
+    if "messages" not in body:
+        raise BadRequest("'messages' is required: a list of {\"role\": ..., \"content\": ...} objects")
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise BadRequest(f"'messages' must be a list, not {json_type_name(messages)}")
+    if not messages:
+        raise BadRequest("'messages' is empty: send at least one message")
+    for index, message in enumerate(messages):
+        _validate_message(index, message)
+    request = {"model": default_model, "messages": messages}
+    for name in MESSAGE_FIELDS[1:]:
+        if body.get(name) is not None:
+            _validate_option(name, body[name])
+            request[name] = body[name]
+    request["stream"] = True
+    request["stream_options"] = {"include_usage": True}
+    return request
+
+
+def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[str, str]]:
+    """Access-Control-Allow-Origin for this request's Origin (Fetch standard, CORS protocol)."""
+    if "*" in allowed:
+        return [("Access-Control-Allow-Origin", "*")]
+    if origin and origin.rstrip("/") in allowed:
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+    return [("Vary", "Origin")]
+
+
+def redact(text: str, secret: str) -> str:
+    """Text with every copy of the secret removed."""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+# --------------------------------------------------------------------------
+# Exchanges and the stream supervisor
+# --------------------------------------------------------------------------
+
+def _shutdown_quietly(sock: socket.socket) -> None:
+    """Shut a socket both ways so a thread blocked reading it wakes up."""
+    try:
+        # The plain-socket method, also for TLS sockets: SSLSocket.shutdown
+        # would tear down TLS state under the thread that is reading.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Exchange:
+    """One streamed request: the client's socket, the upstream's, and who may write when."""
+
+    CLIENT_LEFT = "client_left"
+    SHUTDOWN = "shutdown"
+
+    def __init__(self, client_sock: socket.socket):
+        self.client_sock = client_sock
+        self.cancelled = threading.Event()
+        self.cancel_reason: Optional[str] = None
+        self.streaming = False       # the response head is out; frames may follow
+        self.last_write = time.monotonic()
+        self.frames = 0
+        self.heartbeats = 0
+        self._write_lock = threading.Lock()
+        self._upstream_lock = threading.Lock()
+        self._upstream_sock: Optional[socket.socket] = None
+
+    def attach_upstream(self, sock: socket.socket) -> None:
+        """Remember the upstream socket so cancel() can cut it; cut it now if already cancelled."""
+        with self._upstream_lock:
+            self._upstream_sock = sock
+        if self.cancelled.is_set():
+            _shutdown_quietly(sock)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the exchange from another thread: the upstream socket is shut at once."""
+        with self._upstream_lock:
+            if self.cancel_reason is None:
+                self.cancel_reason = reason
+            sock = self._upstream_sock
+        self.cancelled.set()
+        if sock is not None:
+            _shutdown_quietly(sock)
+
+    def raise_if_cancelled(self) -> None:
+        """Turn a cancellation into the exception its reason calls for."""
+        if not self.cancelled.is_set():
+            return
+        if self.cancel_reason == self.SHUTDOWN:
+            raise ShuttingDown("the proxy is shutting down and could not wait for this stream to finish")
+        raise ClientGone()
+
+    def begin(self, write_head: Callable[[], None]) -> None:
+        """Write the response head; heartbeats may follow it."""
+        with self._write_lock:
+            write_head()
+            self.streaming = True
+            self.last_write = time.monotonic()
+
+    def send(self, frames: bytes, count: int = 1) -> None:
+        """Write frames as one chunk; raise ClientGone if the client is gone or stuck."""
+        with self._write_lock:
+            self._write(encode_chunk(frames))
+            self.frames += count
+
+    def end(self) -> None:
+        """Write the last chunk; no heartbeat can follow it."""
+        with self._write_lock:
+            self.streaming = False
+            self._write(CHUNKED_END)
+
+    def send_heartbeat(self) -> None:
+        """Write a keep-alive comment if that cannot block; called by the supervisor."""
+        if not self._write_lock.acquire(blocking=False):
+            return  # the handler is writing right now, so the stream is not silent
+        try:
+            if self.streaming and _is_writable(self.client_sock):
+                self._write(encode_chunk(HEARTBEAT_FRAME))
+                self.heartbeats += 1
+        except ClientGone:
+            pass
+        finally:
+            self._write_lock.release()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.client_sock.sendall(data)
+        except OSError:  # broken pipe, reset, or a client that stopped reading past the timeout
+            self.streaming = False
+            self.cancel(self.CLIENT_LEFT)
+            raise ClientGone() from None
+        self.last_write = time.monotonic()
+
+
+def _is_writable(sock: socket.socket) -> bool:
+    """True when a small write will not block."""
+    try:
+        if hasattr(select, "poll"):  # select() cannot take descriptors past 1023
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            return bool(poller.poll(0))
+        return bool(select.select([], [sock], [], 0)[1])
+    except (OSError, ValueError):
+        return False
+
+
+def _is_client_gone(sock: socket.socket) -> Optional[bool]:
+    """Peek at a readable client socket: True if it hung up, False if it sent bytes."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return None
+    except OSError:
+        return True
+
+
+class StreamSupervisor:
+    """One thread for all streams: notices clients that leave and keeps silent streams alive."""
+
+    def __init__(self, heartbeat_interval: float):
+        self._interval = heartbeat_interval
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._exchanges: set = set()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="stream-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the supervisor thread."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join(timeout=5)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @contextlib.contextmanager
+    def watching(self, exchange: Exchange) -> Iterator[Exchange]:
+        """Watch the exchange for its whole life."""
+        with self._lock:
+            self._exchanges.add(exchange)
+            self._selector.register(exchange.client_sock, selectors.EVENT_READ, exchange)
+        self._wake()
+        try:
+            yield exchange
+        finally:
+            with self._lock:
+                self._exchanges.discard(exchange)
+                self._unregister(exchange.client_sock)
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every open exchange; return how many there were."""
+        with self._lock:
+            exchanges = list(self._exchanges)
+        for exchange in exchanges:
+            exchange.cancel(reason)
+        return len(exchanges)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or stopping
+
+    def _unregister(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass  # already unregistered after the client sent more bytes
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                timeout = self._next_heartbeat_in()
+            ready = self._selector.select(timeout)
+            with self._lock:
+                if self._stopping:
+                    return
+                for key, _ in ready:
+                    if key.data is None:
+                        self._drain_wakeups()
+                    else:
+                        self._check_client(key.data)
+                self._send_due_heartbeats()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _check_client(self, exchange: Exchange) -> None:
+        gone = _is_client_gone(exchange.client_sock)
+        if gone is None:
+            return
+        # Either way stop watching: a hung-up socket stays readable, and bytes
+        # from a pipelining client are the handler's to read after this stream.
+        self._unregister(exchange.client_sock)
+        if gone:
+            exchange.cancel(Exchange.CLIENT_LEFT)
+
+    def _next_heartbeat_in(self) -> Optional[float]:
+        due = [exchange.last_write for exchange in self._exchanges if exchange.streaming]
+        if not due:
+            return None
+        return max(0.0, min(due) + self._interval - time.monotonic())
+
+    def _send_due_heartbeats(self) -> None:
+        now = time.monotonic()
+        for exchange in self._exchanges:
+            if exchange.streaming and now - exchange.last_write >= self._interval:
+                exchange.send_heartbeat()
+
+
+# --------------------------------------------------------------------------
+# Upstream
+# --------------------------------------------------------------------------
+
+class _UpstreamConnectionMixin:
+    """Connect within the connect timeout, then allow the idle timeout for every read."""
+
+    def __init__(self, *args, exchange: Exchange, idle_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._exchange = exchange
+        self._idle_timeout = idle_timeout
+
+    def connect(self):
+        super().connect()
+        self.sock.settimeout(self._idle_timeout)
+        self._exchange.attach_upstream(self.sock)
+
+
+class _UpstreamHTTPConnection(_UpstreamConnectionMixin, http.client.HTTPConnection):
+    pass
+
+
+class _UpstreamHTTPSConnection(_UpstreamConnectionMixin, http.client.HTTPSConnection):
+    pass
+
+
+class _UpstreamHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, connection_args: dict):
+        super().__init__()
+        self._connection_args = connection_args
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_UpstreamHTTPConnection, **self._connection_args), req)
+
+
+class _UpstreamHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, connection_args: dict):
+        super().__init__()
+        self._connection_args = connection_args
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_UpstreamHTTPSConnection, **self._connection_args), req)
+
+
+def build_upstream_opener(config: Config, exchange: Exchange) -> urllib.request.OpenerDirector:
+    """An opener that follows no redirects and returns every status as a response."""
+    connection_args = {"exchange": exchange, "idle_timeout": config.idle_timeout}
+    opener = urllib.request.OpenerDirector()
+    upstream_host = urllib.parse.urlsplit(config.base_url).hostname or ""
+    # HTTP(S)_PROXY and NO_PROXY are honoured as urllib does, but never for loopback.
+    proxies = {} if is_loopback_host(upstream_host) else urllib.request.getproxies()
+    for handler in (urllib.request.ProxyHandler(proxies),
+                    _UpstreamHTTPHandler(connection_args),
+                    _UpstreamHTTPSHandler(connection_args)):
+        opener.add_handler(handler)
+    return opener
+
+
+def open_upstream(config: Config, exchange: Exchange, path: str, body: bytes) -> http.client.HTTPResponse:
+    """POST body to the upstream; return its response whatever the status."""
+    request = urllib.request.Request(config.base_url + path, data=body, method="POST", headers={
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "User-Agent": f"proxy.py/{__version__}",
+        "Authorization": f"Bearer {config.api_key}",
+    })
+    host = urllib.parse.urlsplit(config.base_url).netloc
+    try:
+        return build_upstream_opener(config, exchange).open(request, timeout=config.connect_timeout)
+    except socket.timeout:
+        exchange.raise_if_cancelled()
+        raise UpstreamTimeout(f"the upstream at {host} did not answer within {config.idle_timeout:g} s") from None
+    except urllib.error.URLError as error:
+        exchange.raise_if_cancelled()
+        if isinstance(error.reason, socket.timeout):
+            raise UpstreamTimeout(f"could not connect to the upstream at {host} "
+                                  f"within {config.connect_timeout:g} s") from None
+        raise UpstreamUnreachable(f"could not reach the upstream at {host}: {_describe_os_error(error.reason)}") from None
+    except (http.client.HTTPException, OSError) as error:
+        exchange.raise_if_cancelled()
+        raise UpstreamBadResponse(f"the upstream at {host} closed the connection without a valid answer "
+                                  f"({_describe_os_error(error)})") from None
+
+
+def _describe_os_error(error) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def read_upstream_error(response: http.client.HTTPResponse) -> dict:
+    """The OpenAI error object of an upstream error response, read up to a bound."""
+    try:
+        raw = response.read(UPSTREAM_ERROR_BODY_LIMIT)
+    except (http.client.HTTPException, OSError):
+        raw = b""
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    text = raw.decode("utf-8", "replace").strip()[:200]
+    return {"message": text or "no error message"}
+
+
+def check_upstream_response(response: http.client.HTTPResponse, config: Config) -> None:
+    """Raise the ProxyError an upstream answer calls for; return if it is a 2xx event stream."""
+    status = response.status
+    if 200 <= status < 300:
+        content_type = response.headers.get_content_type()
+        if content_type != "text/event-stream":
+            raise UpstreamBadResponse(f"the upstream answered {status} with {content_type} instead of an "
+                                      "event stream; check OPENAI_BASE_URL")
+        return
+    error = read_upstream_error(response)
+    if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+        # Upstream auth errors quote part of the key: none of their text is passed on.
+        raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
+                                  "the operator should check OA_API_KEY", type="upstream_auth_error")
+    message = redact(error["message"], config.api_key)
+    headers = {"Retry-After": response.headers["Retry-After"]} if response.headers.get("Retry-After") else {}
+    if 400 <= status < 500:
+        error_type = error.get("type") if isinstance(error.get("type"), str) else "invalid_request_error"
+        detail = {key: error[key] for key in ("param", "code") if key in error}
+        raise ProxyError(message, status=status, type=error_type, headers=headers, detail=detail)
+    raise UpstreamBadResponse(f"the upstream answered {status}: {message}", headers=headers)
+
+
+# --------------------------------------------------------------------------
+# Relay
+# --------------------------------------------------------------------------
+
+def read_upstream(response: http.client.HTTPResponse, exchange: Exchange, config: Config) -> bytes:
+    """Whatever has arrived from the upstream (b"" at its end), waiting at most the idle timeout."""
+    try:
+        chunk = response.read1(UPSTREAM_READ_SIZE)
+    except socket.timeout:
+        exchange.raise_if_cancelled()
+        raise UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s") from None
+    except (http.client.HTTPException, OSError, ValueError):
+        exchange.raise_if_cancelled()
+        raise UpstreamBadResponse("the upstream connection broke in the middle of the stream") from None
+    exchange.raise_if_cancelled()
+    return chunk
+
+
+class ChatToMessages:
+    """Turns chat completion chunks into the seed's frames and remembers how the reply ended."""
+
+    def __init__(self, api_key: str):
+        self._api_key = api_key
+        self.finish_reason: Optional[str] = None
+        self.usage: Optional[dict] = None
+        self.done = False
+
+    def frame_for(self, event: SSEEvent) -> bytes:
+        """The frame for one upstream event (b"" for events that make none)."""
+        if event.data.strip() == "[DONE]":
+            self.done = True
+            return b""
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            raise UpstreamBadResponse("the upstream sent an event that is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamBadResponse("the upstream sent an event that is not a JSON object")
+        if event.event == "error" or "error" in chunk:
+            raise self._upstream_error(chunk.get("error", chunk))
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not choices:
+            return b""  # the usage chunk: its usage goes into the done frame
+        choice = choices[0] if isinstance(choices, list) else None
+        if not isinstance(choice, dict):
+            raise UpstreamBadResponse("the upstream sent a chunk whose choices are not chat completion choices")
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        created = chunk.get("created")
+        timestamp = created if _is_whole(created) else int(time.time())
+        return message_frame(timestamp, content if isinstance(content, str) else "")
+
+    def _upstream_error(self, error) -> ProxyError:
+        if not isinstance(error, dict):
+            error = {"message": str(error)}
+        message = redact(str(error.get("message") or "the upstream reported an error"), self._api_key)
+        error_type = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
+        return UpstreamBadResponse(message, type=error_type)
+
+
+def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange, config: Config) -> None:
+    """Relay an upstream chat completion stream to the client as event:message frames."""
+    decoder = SSEDecoder()
+    translator = ChatToMessages(config.api_key)
+    while not translator.done:
+        chunk = read_upstream(response, exchange, config)
+        events = decoder.feed(chunk) if chunk else decoder.finish()
+        frames = []
+        try:
+            for event in events:
+                frame = translator.frame_for(event)
+                if frame:
+                    frames.append(frame)
+                if translator.done:
+                    break
+        finally:  # frames before a failing event still reach the client, before its error frame
+            if frames:
+                exchange.send(b"".join(frames), count=len(frames))
+        if not chunk:
+            break
+    if not translator.done and translator.finish_reason is None:
+        raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
+    exchange.send(done_frame(translator.finish_reason or "stop", translator.usage))
+    exchange.end()
+
+
+# --------------------------------------------------------------------------
+# Demo upstream (--demo)
+# --------------------------------------------------------------------------
+
+DEMO_GREETING = "Hello from the proxy.py demo. Send a message and it comes back word by word."
+
+
+def demo_reply_words(messages) -> List[str]:
+    """The demo's reply: the last user message, split into words that keep their spaces."""
+    text = ""
+    for message in messages if isinstance(messages, list) else []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+            text = content if isinstance(content, str) else ""
+    return re.findall(r"\S+\s*", text) or re.findall(r"\S+\s*", DEMO_GREETING)
+
+
+class _DemoHandler(http.server.BaseHTTPRequestHandler):
+    """Speaks just enough of the OpenAI chat completions API for the demo."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            request = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            request = None
+        if self.path.partition("?")[0] != "/v1/chat/completions" or not isinstance(request, dict):
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": {
+                "message": "the demo upstream only serves POST /v1/chat/completions with a JSON body",
+                "type": "invalid_request_error"}})
+            return
+        words = demo_reply_words(request.get("messages"))
+        model = request.get("model") if isinstance(request.get("model"), str) else DEFAULT_MODEL
+        try:
+            if request.get("stream"):
+                self._stream(words, model, bool((request.get("stream_options") or {}).get("include_usage")))
+            else:
+                self._send_json(HTTPStatus.OK, self._completion(words, model))
+        except OSError:
+            self.close_connection = True  # the proxy hung up: its client left
+
+    def _base(self, model: str) -> dict:
+        return {"id": "chatcmpl-demo", "created": int(time.time()), "model": model}
+
+    def _usage(self, words: List[str]) -> dict:
+        return {"prompt_tokens": len(words), "completion_tokens": len(words), "total_tokens": 2 * len(words)}
+
+    def _completion(self, words: List[str], model: str) -> dict:
+        message = {"role": "assistant", "content": "".join(words)}
+        return {**self._base(model), "object": "chat.completion", "usage": self._usage(words),
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+
+    def _stream(self, words: List[str], model: str, include_usage: bool) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        base = {**self._base(model), "object": "chat.completion.chunk"}
+        deltas = [({"role": "assistant", "content": ""}, None)]
+        deltas += [({"content": word}, None) for word in words] + [({}, "stop")]
+        for index, (delta, finish_reason) in enumerate(deltas):
+            if 0 < index < len(deltas) - 1:
+                time.sleep(self.server.word_delay)  # pace the words like a model would
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            self._send_event({**base, "choices": [choice]})
+        if include_usage:
+            self._send_event({**base, "choices": [], "usage": self._usage(words)})
+        self.wfile.write(encode_chunk(b"data: [DONE]\n\n") + CHUNKED_END)
+
+    def _send_event(self, payload: dict) -> None:
+        self.wfile.write(encode_chunk(b"data: " + json_bytes(payload) + b"\n\n"))
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        body = json_bytes(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        logger.debug("demo upstream: " + format, *args)
+
+
+class DemoUpstream:
+    """A real loopback HTTP server speaking the OpenAI streaming format, for --demo."""
+
+    def __init__(self, word_delay: float = 0.05):
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DemoHandler)
+        self._server.daemon_threads = True
+        self._server.word_delay = word_delay
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-upstream", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --------------------------------------------------------------------------
+# Request handler
+# --------------------------------------------------------------------------
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """Routes each request to a short method: parse, validate, open the upstream, relay."""
+
+    protocol_version = "HTTP/1.1"   # keep-alive, and chunked bodies for streams
+    server_version = f"proxy.py/{__version__}"
+    disable_nagle_algorithm = True  # a small frame leaves at once, not after a delayed ACK
+
+    # path -> method -> handler method name
+    routes = {
+        "/message": {"POST": "handle_message"},
+        "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
+    }
+
+    def setup(self):
+        self.timeout = self.server.config.client_timeout  # reading a request, and each write
+        super().setup()
+
+    def version_string(self):
+        return self.server_version  # the Server header does not advertise the Python version
+
+    # ---- routing and the error boundary
+
+    def dispatch(self):
+        """Serve one request; every failure becomes a JSON error or an error frame."""
+        self.started = time.monotonic()
+        self.first_byte_at: Optional[float] = None
+        self.exchange: Optional[Exchange] = None
+        self.outcome = ""
+        self.body_read = False
+        with self.server.tracking_request():
+            try:
+                self.route()
+            except ClientGone:
+                self.close_connection = True
+                self.outcome = "client_left"
+            except ProxyError as error:
+                self.fail(error)
+            except Exception:
+                logger.exception("internal error serving %s %s", self.command, self.path_only)
+                self.fail(ProxyError("internal error in the proxy; its log has the details"))
+            finally:
+                self.log_exchange()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch
+
+    @property
+    def path_only(self) -> str:
+        return self.path.partition("?")[0][:200]
+
+    def route(self):
+        methods = self.routes.get(self.path_only)
+        if methods is None:
+            raise ProxyError(f"nothing is served at {self.path_only}; the API is POST /message",
+                             status=HTTPStatus.NOT_FOUND, type="not_found_error")
+        if self.command == "OPTIONS":
+            self.answer_preflight(methods)
+            return
+        if self.command not in methods:
+            allowed = ", ".join(sorted(methods) + ["OPTIONS"])
+            raise ProxyError(f"{self.path_only} does not take {self.command}; use {allowed}",
+                             status=HTTPStatus.METHOD_NOT_ALLOWED, type="invalid_request_error",
+                             headers={"Allow": allowed})
+        if self.server.draining:
+            raise ShuttingDown("the proxy is shutting down; send the request again in a moment")
+        getattr(self, methods[self.command])()
+
+    def fail(self, error: ProxyError):
+        """Tell the client what went wrong, in whatever form the response still allows."""
+        self.outcome = error.type
+        try:
+            if self.exchange is not None and self.exchange.streaming:
+                self.exchange.send(error_frame(error))
+                self.exchange.end()
+            else:
+                self.send_json(error.status, error.to_json(), error.headers)
+        except (ClientGone, OSError):
+            self.close_connection = True
+            self.outcome += ",client_left"
+
+    # ---- routes
+
+    def handle_healthz(self):
+        self.send_json(HTTPStatus.OK, {"status": "ok"})
+
+    def handle_message(self):
+        """POST /message: the seed's API, a chat completion streamed as event:message frames."""
+        config = self.server.config
+        request = build_chat_request(parse_json_object(self.read_body()), config.model)
+        with self.server.supervisor.watching(Exchange(self.connection)) as exchange:
+            self.exchange = exchange
+            response = open_upstream(config, exchange, "/chat/completions", json_bytes(request))
+            try:
+                check_upstream_response(response, config)
+                exchange.begin(self.write_stream_head)
+                relay_chat_as_messages(response, exchange, config)
+            finally:
+                response.close()
+
+    def answer_preflight(self, methods: Dict[str, str]):
+        """OPTIONS: the CORS preflight (Fetch standard), answered for every known path."""
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self.send_header("Access-Control-Allow-Methods", ", ".join(sorted(methods) + ["OPTIONS"]))
+        requested = self.headers.get("Access-Control-Request-Headers")
+        self.send_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.finish_head()
+
+    # ---- reading the request
+
+    def read_body(self) -> bytes:
+        """The request body, within the size limit and the client timeout."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ProxyError("send the request body with a Content-Length header; "
+                             "chunked request bodies are not accepted",
+                             status=HTTPStatus.LENGTH_REQUIRED, type="invalid_request_error")
+        length = self.declared_length()
+        try:
+            body = self.rfile.read(length)
+        except socket.timeout:
+            raise ProxyError(f"the request body did not arrive within {self.timeout:g} s",
+                             status=HTTPStatus.REQUEST_TIMEOUT, type="invalid_request_error") from None
+        if len(body) < length:
+            raise BadRequest(f"the request body ended after {len(body)} of the {length} bytes "
+                             "its Content-Length announced")
+        self.body_read = True
+        return body
+
+    def declared_length(self) -> int:
+        """Content-Length, checked against the limit before a byte of the body is read."""
+        values = set(self.headers.get_all("Content-Length") or [])
+        if not values:
+            return 0
+        if len(values) > 1:
+            raise BadRequest("the request has more than one Content-Length header")
+        text = values.pop().strip()
+        if not re.fullmatch(r"[0-9]{1,18}", text):
+            raise BadRequest(f"Content-Length must be a whole number of bytes; got {text[:40]!r}")
+        length = int(text)
+        limit = self.server.config.max_body_bytes
+        if length > limit:
+            raise ProxyError(f"the request body is {length} bytes; the limit is {limit} (MAX_BODY_BYTES)",
+                             status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE, type="invalid_request_error")
+        return length
+
+    def handle_expect_100(self):
+        """Refuse an oversized body before the client sends it (RFC 9110, 10.1.1)."""
+        try:
+            self.declared_length()
+        except ProxyError as error:
+            self.started, self.exchange, self.outcome, self.body_read = time.monotonic(), None, "", False
+            self.first_byte_at = None
+            self.fail(error)
+            self.log_exchange()
+            return False
+        return super().handle_expect_100()
+
+    def has_unread_body(self) -> bool:
+        """True when request body bytes may still sit on the connection."""
+        if self.body_read:
+            return False
+        if self.headers.get("Transfer-Encoding"):
+            return True
+        return any(value.strip() != "0" for value in self.headers.get_all("Content-Length") or [])
+
+    # ---- writing the response
+
+    def send_response(self, code, message=None):
+        self.status = int(code)
+        super().send_response(code, message)
+
+    def send_cors_headers(self):
+        headers = getattr(self, "headers", None)
+        origin = headers.get("Origin") if headers is not None else None
+        for name, value in cors_headers(self.server.config.cors_origins, origin):
+            self.send_header(name, value)
+
+    def finish_head(self):
+        """CORS and connection headers, then the blank line that ends the head."""
+        self.send_cors_headers()
+        if self.has_unread_body() or self.server.draining:
+            self.close_connection = True  # unread body bytes would be taken for the next request
+        self.send_header("Connection", "close" if self.close_connection else "keep-alive")
+        self.end_headers()
+        self.first_byte_at = time.monotonic()
+
+    def send_json(self, status: int, payload: dict, headers: Optional[Dict[str, str]] = None):
+        body = json_bytes(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.finish_head()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def write_stream_head(self):
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")  # nginx: pass frames on unbuffered
+        self.send_header("Transfer-Encoding", "chunked")
+        self.finish_head()
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol errors found by http.server (bad request line, huge headers) get JSON too."""
+        self.close_connection = True
+        self.started, self.exchange, self.first_byte_at = time.monotonic(), None, None
+        self.outcome, self.body_read = "protocol_error", True
+        text = message or HTTPStatus(code).phrase
+        if explain and explain != text:
+            text = f"{text}: {explain}"
+        try:
+            self.send_json(code, {"error": {"message": text, "type": "invalid_request_error"}})
+        except OSError:
+            pass
+        self.log_exchange()
+
+    # ---- logging
+
+    def log_exchange(self):
+        """One line per request: never the key, never message text."""
+        now = time.monotonic()
+        ttfb = f"{self.first_byte_at - self.started:.3f}s" if self.first_byte_at else "-"
+        frames = self.exchange.frames if self.exchange else 0
+        logger.info('%s "%s %s" %s %.3fs ttfb=%s frames=%d%s', self.client_address[0],
+                    getattr(self, "command", None) or "-", self.path_only if hasattr(self, "path") else "-",
+                    getattr(self, "status", "-"), now - self.started, ttfb, frames,
+                    f" outcome={self.outcome}" if self.outcome else "")
+
+    def log_request(self, code="-", size="-"):
+        pass  # log_exchange writes the access line, after the stream ends
+
+    def log_message(self, format, *args):
+        logger.debug("%s " + format, self.client_address[0], *args)
+
+
+# --------------------------------------------------------------------------
+# Server and main
+# --------------------------------------------------------------------------
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """The listening server: holds the config, the stream supervisor and the drain state."""
+
+    daemon_threads = True
+    request_queue_size = 1024   # a burst of connections waits in the kernel instead of being refused
+
+    def __init__(self, config: Config, handler_class=ProxyHandler):
+        self.config = config
+        self.supervisor = StreamSupervisor(config.heartbeat_interval)
+        self.draining = False
+        self._active = 0
+        self._idle = threading.Condition()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host.strip("[]"), config.port), handler_class)
+        self.supervisor.start()
+
+    def server_bind(self):
+        """Bind without HTTPServer's reverse DNS lookup, which can hang on a host without DNS."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.config.host, self.server_address[1]
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            logger.debug("connection from %s ended: %s", client_address[0], error)
+        else:
+            logger.exception("unexpected error serving %s", client_address[0])
+
+    @contextlib.contextmanager
+    def tracking_request(self) -> Iterator[None]:
+        """Count the request as running until it ends, so a drain can wait for it."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is running; False if the timeout came first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def drain(self, timeout: float, force: threading.Event) -> None:
+        """Stop taking requests, let running ones finish, then cut what is left."""
+        self.draining = True
+        self.shutdown()
+        self.server_close()  # from here new connections are refused
+        deadline = time.monotonic() + timeout
+        while not force.is_set() and time.monotonic() < deadline:
+            if self.wait_idle(min(0.1, max(0.0, deadline - time.monotonic()))):
+                break
+        cut = self.supervisor.cancel_all(Exchange.SHUTDOWN)
+        if cut:
+            logger.warning("drain timeout: ended %d stream(s) with an error frame", cut)
+        self.wait_idle(5)
+        self.supervisor.stop()
+
+
+def serve_until_signal(server: ProxyServer) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short."""
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            force.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    while not stop.wait(1.0):
+        pass
+    logger.info("stopping: no new connections; running streams get up to %gs to finish",
+                server.config.drain_timeout)
+    server.drain(server.config.drain_timeout, force)
+    logger.info("stopped")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Start the proxy from flags and environment; return the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(argv, os.environ)
+    except ConfigError as error:
+        sys.stderr.write(f"proxy.py: {error}\n")
+        return 2
+    demo = None
+    if config.demo:
+        demo = DemoUpstream()
+        demo.start()
+        config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
+    try:
+        server = ProxyServer(config)
+    except OSError as error:
+        sys.stderr.write(f"proxy.py: cannot listen on {config.host}:{config.port}: "
+                         f"{_describe_os_error(error)}\n")
+        return 1
+    for level, line in startup_lines(config, server.server_port):
+        logger.log(level, line)
+    try:
+        return serve_until_signal(server)
+    finally:
+        if demo is not None:
+            demo.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
