@@ -779,10 +779,13 @@ class StreamSupervisor:
             exchange.cancel(Exchange.CLIENT_LEFT)
 
     def _next_heartbeat_in(self) -> Optional[float]:
-        due = [exchange.last_write for exchange in self._exchanges if exchange.streaming]
-        if not due:
+        if not self._exchanges:
             return None
-        return max(0.0, min(due) + self._interval - time.monotonic())
+        now = time.monotonic()
+        # An exchange whose head is not out yet owes no heartbeat for a full
+        # interval after it goes out, so waking one interval from now is early enough.
+        due = min(exchange.last_write if exchange.streaming else now for exchange in self._exchanges)
+        return max(0.0, due + self._interval - now)
 
     def _send_due_heartbeats(self) -> None:
         now = time.monotonic()
@@ -1419,6 +1422,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.draining = True
         self.shutdown()
         self.server_close()  # from here new connections are refused
+        logger.info("stopping: no new connections; running streams get up to %gs to finish", timeout)
         deadline = time.monotonic() + timeout
         while not force.is_set() and time.monotonic() < deadline:
             if self.wait_idle(min(0.1, max(0.0, deadline - time.monotonic()))):
@@ -1444,8 +1448,6 @@ def serve_until_signal(server: ProxyServer) -> int:
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     while not stop.wait(1.0):
         pass
-    logger.info("stopping: no new connections; running streams get up to %gs to finish",
-                server.config.drain_timeout)
     server.drain(server.config.drain_timeout, force)
     logger.info("stopped")
     return 0

@@ -1,0 +1,1071 @@
+"""Tests for proxy.py: real loopback sockets, a scriptable fake upstream, no mocks.
+
+Run: python -m unittest -v test_proxy
+"""
+
+import dataclasses
+import http.client
+import http.server
+import json
+import logging
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import proxy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEST_KEY = "sk-test-0123456789abcdef"
+CREATED = 1700000000
+
+
+# --------------------------------------------------------------------------
+# The fake upstream
+# --------------------------------------------------------------------------
+
+HANG = "hang"    # step: send nothing more and wait for the proxy to hang up
+ABORT = "abort"  # step: close the connection without ending the chunked body
+
+
+@dataclasses.dataclass
+class Script:
+    """What the fake upstream does with one request.
+
+    steps: bytes are sent as one HTTP chunk each; a threading.Event is waited
+    for; a float is slept (upstream timing, not test synchronisation); HANG
+    and ABORT end the response early. Without HANG or ABORT the chunked body
+    ends normally. body, when set, is sent whole with a Content-Length.
+    """
+
+    steps: list = dataclasses.field(default_factory=list)
+    status: int = 200
+    headers: dict = dataclasses.field(default_factory=lambda: {"Content-Type": "text/event-stream"})
+    body: bytes = None
+    hold_headers: bool = False  # answer nothing; wait for the proxy to hang up
+
+
+@dataclasses.dataclass
+class Received:
+    method: str
+    path: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def sse(payload) -> bytes:
+    """An upstream SSE event as OpenAI writes it."""
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def chunk(content=None, role=None, finish=None, created=CREATED) -> bytes:
+    """A chat.completion.chunk event."""
+    delta = {}
+    if role is not None:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    return sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": created,
+                "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def usage_chunk(prompt=3, completion=2) -> bytes:
+    return sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": CREATED,
+                "model": "gpt-4o-mini", "choices": [],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}})
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def reply(*words, usage=True) -> list:
+    """Steps for a complete, well-formed streamed reply."""
+    steps = [chunk(role="assistant", content="")] + [chunk(content=w) for w in words]
+    steps.append(chunk(finish="stop"))
+    if usage:
+        steps.append(usage_chunk())
+    return steps + [DONE]
+
+
+class _FakeUpstreamServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+
+class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        fake = self.server.fake
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        received = Received(self.command, self.path, self.headers, body)
+        with fake.lock:
+            fake.requests.append(received)
+        script = fake.script(received) if callable(fake.script) else fake.script
+        try:
+            self.play(script)
+        except (BrokenPipeError, ConnectionResetError):
+            fake.disconnected.set()
+            self.close_connection = True
+
+    do_GET = do_POST
+
+    def play(self, script: Script):
+        if script.hold_headers:
+            self.wait_for_hangup()
+            return
+        self.send_response(script.status)
+        for name, value in script.headers.items():
+            self.send_header(name, value)
+        if script.body is not None:
+            self.send_header("Content-Length", str(len(script.body)))
+            self.end_headers()
+            self.wfile.write(script.body)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for step in script.steps:
+            if isinstance(step, bytes):
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(step), step))
+                self.server.fake.sent_at.append(time.monotonic())
+            elif isinstance(step, threading.Event):
+                step.wait(10)
+            elif isinstance(step, float):
+                time.sleep(step)
+            elif step == HANG:
+                self.wait_for_hangup()
+                return
+            elif step == ABORT:
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+        self.wfile.write(b"0\r\n\r\n")
+
+    def wait_for_hangup(self, limit=30.0):
+        """Block until the proxy closes this connection (bounded), and record it."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable:
+                try:
+                    data = self.connection.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.server.fake.disconnected.set()
+                    break
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        pass
+
+
+class FakeUpstream:
+    """A scriptable OpenAI-like server on a loopback port, recording what it received."""
+
+    def __init__(self):
+        self.script = Script(steps=reply("Hello", " world"))
+        self.requests = []
+        self.sent_at = []
+        self.lock = threading.Lock()
+        self.disconnected = threading.Event()
+        self.server = _FakeUpstreamServer(("127.0.0.1", 0), _FakeUpstreamHandler)
+        self.server.fake = self
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------
+# Clients and helpers
+# --------------------------------------------------------------------------
+
+def make_config(**overrides):
+    """A Config as the command line would build it, with test overrides."""
+    config = proxy.load_config(["--api-key", TEST_KEY, "--port", "0"], {})
+    return dataclasses.replace(config, **overrides)
+
+
+def chat_body(text="Hi", **fields):
+    return json.dumps({"messages": [{"role": "user", "content": text}], **fields}).encode()
+
+
+def parse_frames(text):
+    """Split an SSE body into frames: ("comment", text) or (event, parsed JSON data)."""
+    frames = []
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        if block.startswith(":"):
+            frames.append(("comment", block[1:].strip()))
+            continue
+        fields = dict(line.split(":", 1) for line in block.split("\n"))
+        frames.append((fields.get("event"), json.loads(fields["data"])))
+    return frames
+
+
+class FrameReader:
+    """Reads an SSE response frame by frame as the bytes arrive."""
+
+    def __init__(self, response):
+        self.response = response
+        self.buffer = ""
+
+    def next_frame(self):
+        """The next raw frame text, or None at the end of the body."""
+        while "\n\n" not in self.buffer:
+            data = self.response.read1(65536)
+            if not data:
+                return None
+            self.buffer += data.decode("utf-8")
+        frame, self.buffer = self.buffer.split("\n\n", 1)
+        return frame + "\n\n"
+
+    def rest(self):
+        return self.buffer + self.response.read().decode("utf-8")
+
+
+def free_port():
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, limit=5.0):
+    """Poll a condition that has no event to wait on (bounded)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts a fake upstream and a proxy on port 0 for each test."""
+
+    config_overrides = {}
+
+    def setUp(self):
+        self.upstream = FakeUpstream().start()
+        self.addCleanup(self.upstream.close)
+        self.config = make_config(base_url=self.upstream.base_url, **self.config_overrides)
+        self.server = proxy.ProxyServer(self.config)
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(self.stop_server)
+        self.port = self.server.server_port
+
+    def stop_server(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.server.supervisor.stop()
+
+    def connect(self, timeout=10):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, conn=None):
+        conn = conn or self.connect()
+        self.addCleanup(conn.close)
+        conn.request(method, path, body=body, headers=headers or {})
+        return conn.getresponse()
+
+    def post_message(self, body=None, headers=None, conn=None):
+        return self.request("POST", "/message", chat_body() if body is None else body, headers, conn)
+
+    def assert_json_error(self, response, status, *message_parts):
+        body = response.read()
+        self.assertEqual(response.status, status, f"got {response.status} {body!r}; want {status}")
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        error = json.loads(body)["error"]
+        for part in message_parts:
+            self.assertIn(part, error["message"])
+        self.assertIsInstance(error["type"], str)
+        return error
+
+    def raw_socket(self, timeout=5):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        self.addCleanup(sock.close)
+        return sock
+
+    def contents(self, frames):
+        return [data["content"] for event, data in frames if event == "message"]
+
+
+# --------------------------------------------------------------------------
+# Configuration and startup
+# --------------------------------------------------------------------------
+
+class ConfigTest(unittest.TestCase):
+    def test_defaults(self):
+        config = proxy.load_config([], {"OA_API_KEY": "k"})
+        self.assertEqual(config.base_url, "https://api.openai.com/v1")
+        self.assertEqual(config.model, "gpt-4o-mini")
+        self.assertEqual((config.host, config.port), ("127.0.0.1", 8080))
+        self.assertEqual(config.cors_origins, ("*",))
+        self.assertEqual((config.connect_timeout, config.idle_timeout, config.heartbeat_interval,
+                          config.drain_timeout), (10, 300, 15, 30))
+        self.assertEqual(config.max_body_bytes, 1024 * 1024)
+
+    def test_flag_wins_over_environment(self):
+        env = {"OA_API_KEY": "k", "OA_MODEL": "env-model", "PORT": "9000", "HOST": "::1"}
+        config = proxy.load_config(["--model", "flag-model"], env)
+        self.assertEqual(config.model, "flag-model")
+        self.assertEqual((config.port, config.host), (9000, "::1"))
+
+    def test_alternative_environment_names(self):
+        config = proxy.load_config([], {"OPENAI_API_KEY": "k2", "OA_BASE_URL": "http://127.0.0.1:1/v1/"})
+        self.assertEqual(config.api_key, "k2")
+        self.assertEqual(config.base_url, "http://127.0.0.1:1/v1")
+        config = proxy.load_config([], {"OA_API_KEY": "k1", "OPENAI_API_KEY": "k2",
+                                        "OPENAI_BASE_URL": "http://a/v1", "OA_BASE_URL": "http://b/v1"})
+        self.assertEqual((config.api_key, config.base_url), ("k1", "http://a/v1"))
+
+    def test_cors_origins_list(self):
+        config = proxy.load_config([], {"OA_API_KEY": "k", "CORS_ORIGINS": "https://a.example, https://b.example/"})
+        self.assertEqual(config.cors_origins, ("https://a.example", "https://b.example"))
+
+    def test_invalid_settings_say_what_to_fix(self):
+        cases = [({"PORT": "abc"}, "PORT"), ({"PORT": "70000"}, "PORT"),
+                 ({"IDLE_TIMEOUT": "-1"}, "IDLE_TIMEOUT"), ({"OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL"),
+                 ({"OPENAI_BASE_URL": "https://x/v1?a=1"}, "OPENAI_BASE_URL"),
+                 ({"MAX_BODY_BYTES": "0"}, "MAX_BODY_BYTES"), ({"OA_API_KEY": "sk bad"}, "OA_API_KEY")]
+        for env, name in cases:
+            with self.subTest(env=env), self.assertRaises(proxy.ConfigError) as caught:
+                proxy.load_config([], {"OA_API_KEY": "k", **env})
+            self.assertIn(name, str(caught.exception))
+
+    def test_startup_lines_warn_on_non_loopback(self):
+        config = make_config(host="0.0.0.0")
+        warnings = [text for level, text in proxy.startup_lines(config, 8080) if level >= logging.WARNING]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("anyone who can reach this port can spend the upstream API key", warnings[0])
+        for host in ("127.0.0.1", "::1", "localhost"):
+            config = make_config(host=host)
+            self.assertFalse([t for lvl, t in proxy.startup_lines(config, 8080) if lvl >= logging.WARNING])
+
+
+def run_proxy_cli(*args, env=None, timeout=10):
+    base_env = {k: v for k, v in os.environ.items() if k not in ("OA_API_KEY", "OPENAI_API_KEY")}
+    return subprocess.run([sys.executable, os.path.join(HERE, "proxy.py"), *args],
+                          env={**base_env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+class CommandLineTest(unittest.TestCase):
+    def test_help_lists_every_setting_with_its_default(self):
+        result = run_proxy_cli("--help")
+        self.assertEqual(result.returncode, 0)
+        help_text = re.sub(r"\s+", " ", result.stdout)
+        for env, default in [("OA_API_KEY", "none"), ("OPENAI_API_KEY", None),
+                             ("OPENAI_BASE_URL", "https://api.openai.com/v1"), ("OA_BASE_URL", None),
+                             ("OA_MODEL", "gpt-4o-mini"), ("HOST", "127.0.0.1"), ("PORT", "8080"),
+                             ("CORS_ORIGINS", "*"), ("CONNECT_TIMEOUT", "10"), ("IDLE_TIMEOUT", "300"),
+                             ("HEARTBEAT_INTERVAL", "15"), ("DRAIN_TIMEOUT", "30"), ("CLIENT_TIMEOUT", "30"),
+                             ("MAX_BODY_BYTES", "1048576"), ("DEMO", "false")]:
+            self.assertIn(env, help_text)
+            if default:
+                self.assertRegex(help_text, rf"env {re.escape(env)}[^)]*; default {re.escape(default)}\)")
+        for flag in ("--api-key", "--base-url", "--model", "--host", "--port", "--cors-origins", "--demo",
+                     "--connect-timeout", "--idle-timeout", "--heartbeat-interval", "--drain-timeout"):
+            self.assertIn(flag, help_text)
+
+    def test_no_key_exits_2_with_one_line(self):
+        result = run_proxy_cli("--port", "0")
+        self.assertEqual(result.returncode, 2)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn("OA_API_KEY", lines[0])
+        self.assertIn("--demo", lines[0])
+
+    def test_bad_setting_exits_2_with_one_line(self):
+        result = run_proxy_cli("--port", "x", env={"OA_API_KEY": "k"})
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("--port", result.stderr)
+
+
+# --------------------------------------------------------------------------
+# SSE decoding (pure)
+# --------------------------------------------------------------------------
+
+class SSEDecoderTest(unittest.TestCase):
+    def decode(self, pieces):
+        decoder = proxy.SSEDecoder()
+        events = []
+        for piece in pieces:
+            events += decoder.feed(piece)
+        return events + decoder.finish()
+
+    def test_variants_real_upstreams_send(self):
+        stream = (b": OPENROUTER PROCESSING\r\n\r\n"
+                  b"data: {\"a\":1}\r\n\r\n"
+                  b"data:{\"b\":2}\n\n"
+                  b"\n\n"
+                  b"event: error\ndata: {\"c\":3}\n\n"
+                  b"data: line1\ndata: line2\rid: 7\rretry: 10\r\r"
+                  b"data: caf\xc3\xa9 \xe2\x82\xac\n\n"
+                  b"data: [DONE]\n\n")
+        want = [("message", '{"a":1}'), ("message", '{"b":2}'), ("error", '{"c":3}'),
+                ("message", "line1\nline2"), ("message", "caf\u00e9 \u20ac"), ("message", "[DONE]")]
+        self.assertEqual([tuple(e) for e in self.decode([stream])], want)
+        for size in (1, 2, 3, 5, 7):
+            with self.subTest(split_every=size):
+                pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
+                self.assertEqual([tuple(e) for e in self.decode(pieces)], want)
+
+    def test_crlf_split_between_reads_is_one_line_end(self):
+        events = self.decode([b"data: x\r", b"\n\r", b"\ndata: y\r\n\r\n"])
+        self.assertEqual([e.data for e in events], ["x", "y"])
+
+    def test_stream_ending_without_blank_line_or_done(self):
+        self.assertEqual([e.data for e in self.decode([b"data: last"])], ["last"])
+        self.assertEqual(self.decode([b": only a comment\n"]), [])
+
+    def test_one_megabyte_line(self):
+        payload = b"x" * (1024 * 1024)
+        pieces = [b"data: "] + [payload[i:i + 8192] for i in range(0, len(payload), 8192)] + [b"\n\n"]
+        events = self.decode(pieces)
+        self.assertEqual(len(events), 1)
+        self.assertEqual(len(events[0].data), len(payload))
+
+    def test_oversized_event_is_an_error_not_a_cut(self):
+        decoder = proxy.SSEDecoder(max_event_bytes=1000)
+        with self.assertRaises(proxy.UpstreamBadResponse):
+            decoder.feed(b"data: " + b"y" * 2000)
+
+
+# --------------------------------------------------------------------------
+# POST /message: streaming
+# --------------------------------------------------------------------------
+
+class MessageStreamTest(ProxyTestCase):
+    def test_frames_and_headers_match_the_seed(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="Hel"),
+                                             chunk(content='lo "w\u00f6rld"'), chunk(finish="stop"),
+                                             usage_chunk(3, 2), DONE])
+        response = self.post_message()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        self.assertEqual(response.getheader("Cache-Control"), "no-cache")
+        self.assertEqual(response.getheader("X-Accel-Buffering"), "no")
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(response.getheader("Connection"), "keep-alive")
+        want = ('event:message\ndata:{"timestamp":1700000000,"content":""}\n\n'
+                'event:message\ndata:{"timestamp":1700000000,"content":"Hel"}\n\n'
+                'event:message\ndata:{"timestamp":1700000000,"content":"lo \\"w\u00f6rld\\""}\n\n'
+                'event:message\ndata:{"timestamp":1700000000,"content":""}\n\n'
+                'event:done\ndata:{"finish_reason":"stop","usage":'
+                '{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n')
+        self.assertEqual(response.read().decode("utf-8"), want)
+
+    def test_upstream_gets_the_key_the_model_and_the_options(self):
+        body = chat_body("Hi", temperature=0.5, top_p=0.9, max_tokens=20, stop=["x"], seed=7, model="gpt-4o")
+        response = self.post_message(body, headers={"Authorization": "Bearer client-key"})
+        response.read()
+        self.assertEqual(len(self.upstream.requests), 1)
+        received = self.upstream.requests[0]
+        self.assertEqual((received.method, received.path), ("POST", "/v1/chat/completions"))
+        self.assertEqual(received.headers["Authorization"], f"Bearer {TEST_KEY}")
+        sent = received.json()
+        self.assertEqual(sent["model"], "gpt-4o")
+        self.assertIs(sent["stream"], True)
+        self.assertEqual(sent["stream_options"], {"include_usage": True})
+        self.assertEqual(sent["messages"], [{"role": "user", "content": "Hi"}])
+        for name, value in (("temperature", 0.5), ("top_p", 0.9), ("max_tokens", 20), ("stop", ["x"]), ("seed", 7)):
+            self.assertEqual(sent[name], value)
+
+    def test_default_model_when_none_is_named(self):
+        self.post_message().read()
+        self.assertEqual(self.upstream.requests[0].json()["model"], "gpt-4o-mini")
+
+    def test_each_chunk_is_relayed_at_once(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="first"), hold]
+                                      + reply("rest")[1:])
+        reader = FrameReader(self.post_message())
+        self.assertEqual(parse_frames(reader.next_frame())[0][1]["content"], "")
+        frame = reader.next_frame()
+        arrived = time.monotonic()
+        self.assertEqual(parse_frames(frame)[0][1]["content"], "first")
+        self.assertFalse(hold.is_set())  # the upstream is still holding the rest back
+        lag = arrived - self.upstream.sent_at[1]
+        self.assertLess(lag, 0.2, f"frame arrived {lag:.3f}s after the upstream sent it; want < 0.2s")
+        hold.set()
+        self.assertEqual(self.contents(parse_frames(reader.rest())), ["rest", ""])
+
+    def test_upstream_split_at_every_byte(self):
+        body = (b": OPENROUTER PROCESSING\r\n\r\n"
+                + chunk(role="assistant", content="").replace(b"data: ", b"data:").replace(b"\n", b"\r\n")
+                + b"\n\n" + b"event: message\n" + chunk(content="caf\u00e9 \u20ac \U0001F600")
+                + chunk(content="two") + chunk(finish="stop") + DONE)
+        self.upstream.script = Script(steps=[body[i:i + 1] for i in range(len(body))])
+        frames = parse_frames(self.post_message().read().decode("utf-8"))
+        self.assertEqual(self.contents(frames), ["", "caf\u00e9 \u20ac \U0001F600", "two", ""])
+        self.assertEqual(frames[-1], ("done", {"finish_reason": "stop", "usage": None}))
+
+    def test_one_megabyte_content(self):
+        big = "y" * (1024 * 1024)
+        self.upstream.script = Script(steps=reply(big))
+        frames = parse_frames(self.post_message().read().decode("utf-8"))
+        self.assertEqual(self.contents(frames), ["", big, ""])
+
+    def test_upstream_without_done_still_finishes(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="ok"),
+                                             chunk(finish="length")])
+        frames = parse_frames(self.post_message().read().decode("utf-8"))
+        self.assertEqual(frames[-1], ("done", {"finish_reason": "length", "usage": None}))
+
+    def test_connection_is_reused_after_a_stream(self):
+        conn = self.connect()
+        first = parse_frames(self.post_message(conn=conn).read().decode())
+        second = parse_frames(self.post_message(conn=conn).read().decode())
+        self.assertEqual(first, second)
+        self.assertEqual(first[-1][0], "done")
+        health = self.request("GET", "/healthz", conn=conn)
+        self.assertEqual(json.loads(health.read()), {"status": "ok"})
+
+
+# --------------------------------------------------------------------------
+# POST /message: bad requests
+# --------------------------------------------------------------------------
+
+class MessageValidationTest(ProxyTestCase):
+    def test_bad_bodies_get_400_saying_what_is_wrong(self):
+        cases = [
+            (b"{not json", "not valid JSON"),
+            (b"[1, 2]", "must be a JSON object"),
+            (b"", "empty"),
+            (b"\xff\xfe{}", "not UTF-8"),
+            (b'{"messages": NaN}', "not valid JSON"),
+            (b"{}", "'messages' is required"),
+            (b'{"messages": "hi"}', "'messages' must be a list"),
+            (b'{"messages": []}', "'messages' is empty"),
+            (b'{"messages": ["hi"]}', "messages[0] must be an object"),
+            (b'{"messages": [{"content": "hi"}]}', "messages[0].role"),
+            (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role"),
+            (b'{"messages": [{"role": "user"}]}', "messages[0] has no 'content'"),
+            (b'{"messages": [{"role": "user", "content": 5}]}', "messages[0].content must be a string"),
+            (chat_body(stream=True), "unknown field 'stream'"),
+            (chat_body(temperature="hot"), "'temperature'"),
+            (chat_body(top_p=2), "'top_p'"),
+            (chat_body(max_tokens=0), "'max_tokens'"),
+            (chat_body(max_tokens=True), "'max_tokens'"),
+            (chat_body(stop=[1]), "'stop'"),
+            (chat_body(seed=1.5), "'seed'"),
+            (chat_body(model=""), "'model'"),
+        ]
+        conn = self.connect()
+        for body, message in cases:
+            with self.subTest(body=body):
+                self.assert_json_error(self.post_message(body, conn=conn), 400, message)
+        self.assertEqual(self.upstream.requests, [])
+        frames = parse_frames(self.post_message(conn=conn).read().decode())
+        self.assertEqual(frames[-1][0], "done")  # the same connection still serves
+
+    def test_unknown_path_is_404(self):
+        self.assert_json_error(self.request("GET", "/nope"), 404, "/nope")
+
+    def test_wrong_method_is_405_with_allow(self):
+        response = self.request("GET", "/message")
+        self.assert_json_error(response, 405, "GET")
+        self.assertEqual(response.getheader("Allow"), "POST, OPTIONS")
+        response = self.request("DELETE", "/healthz")
+        self.assert_json_error(response, 405)
+        self.assertEqual(response.getheader("Allow"), "GET, HEAD, OPTIONS")
+
+    def test_oversized_body_is_refused_without_reading_it(self):
+        sock = self.raw_socket()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()  # answered although not one byte of the body was sent
+        self.assert_json_error(response, 413, "10485760", "1048576")
+        self.assertEqual(response.getheader("Connection"), "close")
+
+    def test_oversized_body_with_expect_continue_gets_413_not_100(self):
+        sock = self.raw_socket()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 2000000\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_json_error(response, 413)
+
+    def test_chunked_request_body_is_411(self):
+        sock = self.raw_socket()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_json_error(response, 411, "Content-Length")
+
+    def test_bad_content_length(self):
+        for value in (b"abc", b"-5", b"1, 2"):
+            with self.subTest(value=value):
+                sock = self.raw_socket()
+                sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n{}")
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                self.assert_json_error(response, 400, "Content-Length")
+
+    def test_body_shorter_than_content_length(self):
+        sock = self.raw_socket()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
+        sock.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_json_error(response, 400, "2 of the 100 bytes")
+
+    def test_protocol_errors_get_json_too(self):
+        sock = self.raw_socket()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_json_error(response, 431)
+
+
+# --------------------------------------------------------------------------
+# Upstream failures
+# --------------------------------------------------------------------------
+
+class UpstreamErrorTest(ProxyTestCase):
+    config_overrides = {"idle_timeout": 0.5}
+
+    def test_unreachable_upstream_is_502(self):
+        self.server.config = dataclasses.replace(self.config, base_url=f"http://127.0.0.1:{free_port()}/v1")
+        error = self.assert_json_error(self.post_message(), 502, "could not reach the upstream")
+        self.assertEqual(error["type"], "upstream_unreachable")
+
+    def test_upstream_replying_nonsense_is_502(self):
+        self.upstream.script = Script(headers={"Content-Type": "text/html"}, body=b"<html>hello</html>")
+        self.assert_json_error(self.post_message(), 502, "text/html")
+
+    def test_silent_upstream_before_headers_is_504(self):
+        self.upstream.script = Script(hold_headers=True)
+        error = self.assert_json_error(self.post_message(), 504, "0.5 s")
+        self.assertEqual(error["type"], "upstream_timeout")
+
+    def test_upstream_4xx_keeps_status_and_message(self):
+        upstream_error = {"error": {"message": "This model's maximum context length is 128000 tokens.",
+                                    "type": "invalid_request_error", "param": "messages",
+                                    "code": "context_length_exceeded"}}
+        self.upstream.script = Script(status=400, headers={"Content-Type": "application/json"},
+                                      body=json.dumps(upstream_error).encode())
+        error = self.assert_json_error(self.post_message(), 400, "maximum context length")
+        self.assertEqual(error, upstream_error["error"])
+
+    def test_upstream_429_keeps_retry_after(self):
+        self.upstream.script = Script(status=429, headers={"Content-Type": "application/json", "Retry-After": "7"},
+                                      body=b'{"error": {"message": "Rate limit reached", "type": "requests"}}')
+        response = self.post_message()
+        self.assert_json_error(response, 429, "Rate limit reached")
+        self.assertEqual(response.getheader("Retry-After"), "7")
+
+    def test_upstream_auth_failure_is_502_without_key_material(self):
+        for status in (401, 403):
+            with self.subTest(status=status):
+                leak = {"error": {"message": f"Incorrect API key provided: {TEST_KEY[:8]}****{TEST_KEY[-4:]}",
+                                  "type": "invalid_request_error", "code": "invalid_api_key"}}
+                self.upstream.script = Script(status=status, headers={"Content-Type": "application/json"},
+                                              body=json.dumps(leak).encode())
+                response = self.post_message()
+                raw = response.read()
+                self.assertEqual(response.status, 502)
+                error = json.loads(raw)["error"]
+                self.assertIn("rejected the proxy's API key", error["message"])
+                for fragment in (TEST_KEY, TEST_KEY[:8], TEST_KEY[-4:], "Incorrect API key"):
+                    self.assertNotIn(fragment.encode(), raw)
+
+    def test_upstream_5xx_is_502_with_its_status(self):
+        self.upstream.script = Script(status=503, headers={"Content-Type": "application/json", "Retry-After": "3"},
+                                      body=b'{"error": {"message": "overloaded", "type": "server_error"}}')
+        response = self.post_message()
+        self.assert_json_error(response, 502, "503", "overloaded")
+        self.assertEqual(response.getheader("Retry-After"), "3")
+
+    def test_upstream_echoing_the_key_is_redacted(self):
+        self.upstream.script = Script(status=400, headers={"Content-Type": "application/json"},
+                                      body=json.dumps({"error": {"message": f"bad header {TEST_KEY}"}}).encode())
+        response = self.post_message()
+        self.assertNotIn(TEST_KEY.encode(), response.read())
+
+
+class MidStreamErrorTest(ProxyTestCase):
+    config_overrides = {"idle_timeout": 0.5}
+
+    def assert_error_ending(self, want_type, *message_parts):
+        response = self.post_message()
+        self.assertEqual(response.status, 200)
+        frames = parse_frames(response.read().decode())  # a clean chunked end, or read() would raise
+        self.assertEqual(self.contents(frames), ["", "partial"])
+        event, data = frames[-1]
+        self.assertEqual(event, "error", frames)
+        self.assertEqual(data["error"]["type"], want_type)
+        for part in message_parts:
+            self.assertIn(part, data["error"]["message"])
+
+    def test_upstream_closing_early(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), ABORT])
+        self.assert_error_ending("upstream_error", "broke")
+
+    def test_upstream_ending_before_the_reply_finished(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial")])
+        self.assert_error_ending("upstream_error", "before the reply was finished")
+
+    def test_upstream_error_object_mid_stream(self):
+        self.upstream.script = Script(steps=[
+            chunk(role="assistant", content=""), chunk(content="partial"),
+            sse({"error": {"message": "The server had an error while processing your request.",
+                           "type": "server_error"}}), HANG])
+        self.assert_error_ending("server_error", "server had an error")
+
+    def test_upstream_silent_past_idle_timeout(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), HANG])
+        self.assert_error_ending("upstream_timeout", "nothing for 0.5 s")
+
+    def test_upstream_sending_garbage_mid_stream(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"),
+                                             b"data: {oops\n\n", HANG])
+        self.assert_error_ending("upstream_error", "not JSON")
+
+
+# --------------------------------------------------------------------------
+# Clients that leave, stall, or never finish their request
+# --------------------------------------------------------------------------
+
+class ClientDisconnectTest(ProxyTestCase):
+    def assert_upstream_closed_after(self, sock, baseline):
+        sock.close()
+        self.assertTrue(self.upstream.disconnected.wait(1.0), "the upstream was not hung up on within 1 s")
+        self.assertTrue(self.server.wait_idle(2.0), "the handler did not end")
+        self.assertTrue(wait_until(lambda: threading.active_count() <= baseline),
+                        f"{threading.active_count()} threads; want {baseline}")
+
+    def start_stream(self):
+        sock = self.raw_socket()
+        body = chat_body()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        return sock
+
+    def test_mid_stream(self):
+        baseline = threading.active_count()
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="a"), HANG])
+        sock = self.start_stream()
+        received = b""
+        while b'"content":"a"' not in received:
+            data = sock.recv(4096)
+            self.assertTrue(data, "stream ended early")
+            received += data
+        self.assert_upstream_closed_after(sock, baseline)
+
+    def test_before_the_first_token(self):
+        baseline = threading.active_count()
+        self.upstream.script = Script(steps=[HANG])
+        sock = self.start_stream()
+        self.assertIn(b"200 OK", sock.recv(4096))
+        self.assert_upstream_closed_after(sock, baseline)
+
+    def test_before_the_upstream_answers(self):
+        baseline = threading.active_count()
+        self.upstream.script = Script(hold_headers=True)
+        sock = self.start_stream()
+        self.assertTrue(wait_until(lambda: self.upstream.requests), "the request never reached the upstream")
+        self.assert_upstream_closed_after(sock, baseline)
+
+
+class HeartbeatTest(ProxyTestCase):
+    config_overrides = {"heartbeat_interval": 0.2}
+
+    def test_keep_alive_comments_during_silence_and_only_between_frames(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), hold] + reply("after")[1:])
+        reader = FrameReader(self.post_message())
+        frames = []
+        while sum(1 for f in frames if f.startswith(":")) < 2 and len(frames) < 20:
+            frames.append(reader.next_frame())
+        hold.set()
+        text = "".join(frames) + reader.rest()
+        parsed = parse_frames(text)  # every frame parses whole: nothing was interleaved
+        self.assertEqual(parsed[0][0], "message")
+        self.assertEqual(parsed[1:3], [("comment", "keep-alive")] * 2)
+        self.assertEqual(self.contents(parsed), ["", "after", ""])
+        self.assertEqual(parsed[-1][0], "done")
+        self.assertIn(": keep-alive\n\n", text)
+
+
+class SlowClientTest(ProxyTestCase):
+    config_overrides = {"client_timeout": 1.0}
+
+    def test_stuck_client_does_not_hold_up_others_and_is_dropped(self):
+        big = [chunk(content="z" * 60000) for _ in range(200)]  # about 12 MB, far past socket buffers
+        self.upstream.script = lambda received: (
+            Script(steps=[chunk(role="assistant", content="")] + big + [chunk(finish="stop"), DONE])
+            if "stuck" in received.body.decode() else Script(steps=reply("quick")))
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(5)
+        stuck.connect(("127.0.0.1", self.port))
+        self.addCleanup(stuck.close)
+        body = chat_body("stuck")
+        stuck.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertTrue(wait_until(lambda: self.upstream.sent_at), "the stuck stream never started")
+        started = time.monotonic()
+        frames = parse_frames(self.post_message(chat_body("other")).read().decode())
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(self.contents(frames), ["", "quick", ""])
+        self.assertTrue(self.upstream.disconnected.wait(5), "the stuck client's upstream was never closed")
+
+    def test_client_that_never_sends_its_body_is_dropped(self):
+        sock = self.raw_socket()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+        health = self.request("GET", "/healthz")  # others are served meanwhile
+        self.assertEqual(health.status, 200)
+        started = time.monotonic()
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_json_error(response, 408, "did not arrive")
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(sock.recv(10), b"")  # and the connection is closed
+        self.assertEqual(self.upstream.requests, [])
+
+
+class ConcurrencyTest(ProxyTestCase):
+    def test_200_concurrent_streams_each_get_their_own_content(self):
+        def script(received):
+            name = received.json()["messages"][0]["content"]
+            return Script(steps=[chunk(role="assistant", content="")]
+                          + [step for i in range(5) for step in (chunk(content=f"{name}-{i}"), 0.01)]
+                          + [chunk(finish="stop"), DONE])
+        self.upstream.script = script
+        results, errors = {}, []
+
+        def client(number):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                conn.request("POST", "/message", body=chat_body(f"c{number}"))
+                results[number] = parse_frames(conn.getresponse().read().decode())
+                conn.close()
+            except Exception as error:  # collected and reported below
+                errors.append(f"client {number}: {error!r}")
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(200)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 200)
+        for number, frames in results.items():
+            self.assertEqual(self.contents(frames), [""] + [f"c{number}-{i}" for i in range(5)] + [""])
+            self.assertEqual(frames[-1][0], "done")
+
+
+# --------------------------------------------------------------------------
+# Health, CORS, logging
+# --------------------------------------------------------------------------
+
+class HealthAndCorsTest(ProxyTestCase):
+    def test_healthz(self):
+        response = self.request("GET", "/healthz")
+        self.assertEqual((response.status, json.loads(response.read())), (200, {"status": "ok"}))
+        self.assertEqual(self.request("HEAD", "/healthz").status, 200)
+
+    def test_preflight(self):
+        response = self.request("OPTIONS", "/message", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization"})
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "*")
+        self.assertIn("POST", response.getheader("Access-Control-Allow-Methods"))
+        self.assertEqual(response.getheader("Access-Control-Allow-Headers"), "content-type, authorization")
+
+    def test_every_response_carries_the_origin(self):
+        for method, path in (("POST", "/message"), ("GET", "/healthz"), ("GET", "/nope")):
+            with self.subTest(path=path):
+                response = self.request(method, path, body=chat_body() if method == "POST" else None,
+                                        headers={"Origin": "https://app.example"})
+                response.read()
+                self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "*")
+
+
+class CorsAllowListTest(ProxyTestCase):
+    config_overrides = {"cors_origins": ("https://good.example",)}
+
+    def test_only_listed_origins_are_allowed(self):
+        good = self.request("GET", "/healthz", headers={"Origin": "https://good.example"})
+        good.read()
+        self.assertEqual(good.getheader("Access-Control-Allow-Origin"), "https://good.example")
+        self.assertEqual(good.getheader("Vary"), "Origin")
+        bad = self.request("OPTIONS", "/message", headers={"Origin": "https://evil.example"})
+        bad.read()
+        self.assertIsNone(bad.getheader("Access-Control-Allow-Origin"))
+
+
+class AccessLogTest(ProxyTestCase):
+    def test_one_line_per_request_without_key_or_text(self):
+        self.upstream.script = Script(steps=reply("secret-reply-text"))
+        with self.assertLogs("proxy", logging.INFO) as logs:
+            self.post_message(chat_body("secret-prompt-text")).read()
+            self.assertTrue(self.server.wait_idle(5))
+        lines = [line for line in logs.output if "/message" in line]
+        self.assertEqual(len(lines), 1, logs.output)
+        self.assertRegex(lines[0], r'127\.0\.0\.1 "POST /message" 200 \d+\.\d{3}s ttfb=\d+\.\d{3}s frames=4')
+        for secret in (TEST_KEY, "secret-prompt-text", "secret-reply-text"):
+            self.assertNotIn(secret, "\n".join(logs.output))
+
+    def test_failures_are_logged_without_the_key(self):
+        self.upstream.script = Script(status=401, headers={"Content-Type": "application/json"},
+                                      body=json.dumps({"error": {"message": f"bad key {TEST_KEY}"}}).encode())
+        with self.assertLogs("proxy", logging.INFO) as logs:
+            self.post_message().read()
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertIn("502", "\n".join(logs.output))
+        self.assertNotIn(TEST_KEY, "\n".join(logs.output))
+        self.assertNotIn(TEST_KEY[-4:], "\n".join(logs.output))
+
+
+# --------------------------------------------------------------------------
+# The real process: quick start, signals, drain
+# --------------------------------------------------------------------------
+
+class ProxyProcess:
+    """python proxy.py in a subprocess, with its stderr collected line by line."""
+
+    def __init__(self, *args, env=None):
+        base_env = {k: v for k, v in os.environ.items() if k not in ("OA_API_KEY", "OPENAI_API_KEY")}
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", *args],
+            env={**base_env, **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.lines = queue.Queue()
+        self.log = []
+        threading.Thread(target=self._collect, daemon=True).start()
+        self.port = int(self.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+
+    def _collect(self):
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, pattern, limit=10.0):
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.log.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r} in {self.log}")
+
+    def signal(self, signum):
+        self.process.send_signal(signum)
+
+    def wait(self, limit=15):
+        return self.process.wait(limit)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process.stderr.close()
+
+
+class ProcessTest(unittest.TestCase):
+    def start(self, *args, env=None):
+        process = ProxyProcess(*args, env=env)
+        self.addCleanup(process.kill)
+        return process
+
+    def post(self, port, text="Hi"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/message", body=chat_body(text))
+        return conn.getresponse()
+
+    def assert_refuses_connections(self, port):
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    def test_quick_start_demo_streams_and_sigint_exits_0(self):
+        process = self.start("--demo")
+        process.wait_for_line(r"upstream built-in demo upstream")
+        response = self.post(process.port, "streaming works word by word")
+        self.assertEqual(response.status, 200)
+        frames = parse_frames(response.read().decode())
+        self.assertEqual("".join(self.contents_of(frames)), "streaming works word by word")
+        self.assertGreaterEqual(len(frames), 7)
+        self.assertEqual(frames[-1][0], "done")
+        self.assertIsNotNone(frames[-1][1]["usage"])
+        process.signal(signal.SIGINT)
+        self.assertEqual(process.wait(), 0)
+
+    def test_sigterm_stops_accepting_and_drains_running_streams(self):
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="before"), hold]
+                                 + reply("after")[1:])
+        process = self.start("--base-url", upstream.base_url, env={"OA_API_KEY": TEST_KEY})
+        process.wait_for_line(rf"upstream {re.escape(upstream.base_url)}; default model gpt-4o-mini")
+        reader = FrameReader(self.post(process.port))
+        reader.next_frame()
+        self.assertIn("before", reader.next_frame())
+        process.signal(signal.SIGTERM)
+        process.wait_for_line("stopping")
+        self.assert_refuses_connections(process.port)
+        self.assertIsNone(process.process.poll())  # still draining the open stream
+        hold.set()
+        frames = parse_frames(reader.rest())
+        self.assertEqual(self.contents_of(frames), ["after", ""])
+        self.assertEqual(frames[-1][0], "done")
+        self.assertEqual(process.wait(), 0)
+
+    def test_drain_timeout_ends_streams_with_an_error_frame(self):
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        upstream.script = Script(steps=[chunk(role="assistant", content=""), HANG])
+        process = self.start("--base-url", upstream.base_url, "--drain-timeout", "0.5",
+                             env={"OA_API_KEY": TEST_KEY})
+        reader = FrameReader(self.post(process.port))
+        reader.next_frame()
+        started = time.monotonic()
+        process.signal(signal.SIGTERM)
+        frames = parse_frames(reader.rest())
+        self.assertEqual(frames[-1][0], "error")
+        self.assertEqual(frames[-1][1]["error"]["type"], "server_shutting_down")
+        self.assertEqual(process.wait(), 0)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(upstream.disconnected.wait(2))
+
+    def contents_of(self, frames):
+        return [data["content"] for event, data in frames if event == "message"]
+
+
+if __name__ == "__main__":
+    unittest.main()
