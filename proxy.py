@@ -581,14 +581,16 @@ class Exchange:
     CLIENT_LEFT = "client_left"
     SHUTDOWN = "shutdown"
 
-    def __init__(self, client_sock: socket.socket):
+    def __init__(self, client_sock: socket.socket, chunked: bool = True):
         self.client_sock = client_sock
+        # HTTP/1.0 clients cannot take a chunked body (RFC 9112, 6.1): theirs
+        # is the raw frames, ended by closing the connection.
+        self.chunked = chunked
         self.cancelled = threading.Event()
         self.cancel_reason: Optional[str] = None
         self.streaming = False       # the response head is out; frames may follow
         self.last_write = time.monotonic()
         self.frames = 0
-        self.heartbeats = 0
         self._write_lock = threading.Lock()
         self._upstream_lock = threading.Lock()
         self._upstream_sock: Optional[socket.socket] = None
@@ -628,14 +630,15 @@ class Exchange:
     def send(self, frames: bytes, count: int = 1) -> None:
         """Write frames as one chunk; raise ClientGone if the client is gone or stuck."""
         with self._write_lock:
-            self._write(encode_chunk(frames))
+            self._write(encode_chunk(frames) if self.chunked else frames)
             self.frames += count
 
     def end(self) -> None:
         """Write the last chunk; no heartbeat can follow it."""
         with self._write_lock:
             self.streaming = False
-            self._write(CHUNKED_END)
+            if self.chunked:
+                self._write(CHUNKED_END)
 
     def send_heartbeat(self) -> None:
         """Write a keep-alive comment if that cannot block; called by the supervisor."""
@@ -643,8 +646,7 @@ class Exchange:
             return  # the handler is writing right now, so the stream is not silent
         try:
             if self.streaming and _is_writable(self.client_sock):
-                self._write(encode_chunk(HEARTBEAT_FRAME))
-                self.heartbeats += 1
+                self._write(encode_chunk(HEARTBEAT_FRAME) if self.chunked else HEARTBEAT_FRAME)
         except ClientGone:
             pass
         finally:
@@ -1151,13 +1153,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # ---- routing and the error boundary
 
-    def dispatch(self):
-        """Serve one request; every failure becomes a JSON error or an error frame."""
+    def start_request(self):
+        """Reset what the access log and the error boundary know of the request."""
         self.started = time.monotonic()
         self.first_byte_at: Optional[float] = None
         self.exchange: Optional[Exchange] = None
+        self.status: Optional[int] = None
         self.outcome = ""
         self.body_read = False
+
+    def dispatch(self):
+        """Serve one request; every failure becomes a JSON error or an error frame."""
+        self.start_request()
         with self.server.tracking_request():
             try:
                 self.route()
@@ -1217,7 +1224,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """POST /message: the seed's API, a chat completion streamed as event:message frames."""
         config = self.server.config
         request = build_chat_request(parse_json_object(self.read_body()), config.model)
-        with self.server.supervisor.watching(Exchange(self.connection)) as exchange:
+        exchange = Exchange(self.connection, chunked=self.request_version != "HTTP/1.0")
+        with self.server.supervisor.watching(exchange):
             self.exchange = exchange
             response = open_upstream(config, exchange, "/chat/completions", json_bytes(request))
             try:
@@ -1279,8 +1287,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             self.declared_length()
         except ProxyError as error:
-            self.started, self.exchange, self.outcome, self.body_read = time.monotonic(), None, "", False
-            self.first_byte_at = None
+            self.start_request()
             self.fail(error)
             self.log_exchange()
             return False
@@ -1331,13 +1338,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")  # nginx: pass frames on unbuffered
-        self.send_header("Transfer-Encoding", "chunked")
+        if self.exchange.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True  # the end of the body is the end of the connection
         self.finish_head()
 
     def send_error(self, code, message=None, explain=None):
         """Protocol errors found by http.server (bad request line, huge headers) get JSON too."""
+        self.start_request()
         self.close_connection = True
-        self.started, self.exchange, self.first_byte_at = time.monotonic(), None, None
         self.outcome, self.body_read = "protocol_error", True
         text = message or HTTPStatus(code).phrase
         if explain and explain != text:
@@ -1357,7 +1367,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         frames = self.exchange.frames if self.exchange else 0
         logger.info('%s "%s %s" %s %.3fs ttfb=%s frames=%d%s', self.client_address[0],
                     getattr(self, "command", None) or "-", self.path_only if hasattr(self, "path") else "-",
-                    getattr(self, "status", "-"), now - self.started, ttfb, frames,
+                    self.status or "-", now - self.started, ttfb, frames,
                     f" outcome={self.outcome}" if self.outcome else "")
 
     def log_request(self, code="-", size="-"):

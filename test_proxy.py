@@ -14,7 +14,9 @@ import re
 import select
 import signal
 import socket
+import ssl
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -25,6 +27,29 @@ import proxy
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_KEY = "sk-test-0123456789abcdef"
 CREATED = 1700000000
+
+# A self-signed certificate for 127.0.0.1, valid until 2126, so that the TLS
+# upstream test needs no tool to make one. Test material only.
+TEST_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIBkDCCATagAwIBAgIUQwf+AXV4GOrLF9t3toUBouhbPFswCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyNDIyNDM1NVoYDzIxMjYxMDMx
+MjI0MzU1WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAAQyDXi30cxZcu9owfyB/qJU1/+Wj0ss6r+vOkGJOK03ZH3JWCz5ES7i
+jCd177CQy/4nNiAWdXcPsv9q58nZL+ezo2QwYjAdBgNVHQ4EFgQU/BiMr7t+jcaM
+o8wqEDwbtgBwAzIwHwYDVR0jBBgwFoAU/BiMr7t+jcaMo8wqEDwbtgBwAzIwDwYD
+VR0RBAgwBocEfwAAATAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUC
+IQDWJ8FvduoguVlOjsnpPTvp0wTXMDJKHRqw0XywxCmnPAIgCDWlH5DZw12Q967y
+5MzC4RV0jjPZ1B2lUTFCKCZlII8=
+-----END CERTIFICATE-----
+"""
+TEST_CERT_KEY = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgWSynPKrXzIghwcsc
+TPli3PIXArJJxoByHSmNjorkYKqhRANCAAQyDXi30cxZcu9owfyB/qJU1/+Wj0ss
+6r+vOkGJOK03ZH3JWCz5ES7ijCd177CQy/4nNiAWdXcPsv9q58nZL+ez
+-----END PRIVATE KEY-----
+"""
 
 
 # --------------------------------------------------------------------------
@@ -174,7 +199,7 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
 class FakeUpstream:
     """A scriptable OpenAI-like server on a loopback port, recording what it received."""
 
-    def __init__(self):
+    def __init__(self, tls_files=None):
         self.script = Script(steps=reply("Hello", " world"))
         self.requests = []
         self.sent_at = []
@@ -182,11 +207,17 @@ class FakeUpstream:
         self.disconnected = threading.Event()
         self.server = _FakeUpstreamServer(("127.0.0.1", 0), _FakeUpstreamHandler)
         self.server.fake = self
+        self.scheme = "http"
+        if tls_files:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls_files)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def base_url(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def start(self):
         self.thread.start()
@@ -879,6 +910,72 @@ class ConcurrencyTest(ProxyTestCase):
         for number, frames in results.items():
             self.assertEqual(self.contents(frames), [""] + [f"c{number}-{i}" for i in range(5)] + [""])
             self.assertEqual(frames[-1][0], "done")
+
+
+class Http10ClientTest(ProxyTestCase):
+    def test_http_1_0_client_gets_the_frames_unchunked_then_a_close(self):
+        sock = self.raw_socket()
+        body = chat_body()
+        sock.sendall(b"POST /message HTTP/1.0\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+        head, _, payload = received.partition(b"\r\n\r\n")
+        self.assertIn(b"200 OK", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertIn(b"Connection: close", head)
+        frames = parse_frames(payload.decode())
+        self.assertEqual(self.contents(frames), ["", "Hello", " world", ""])
+        self.assertEqual(frames[-1][0], "done")
+
+
+class TlsUpstreamTest(unittest.TestCase):
+    """The path every OpenAI user takes: an https:// upstream, verified against trusted CAs."""
+
+    def setUp(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        cert_file, key_file = os.path.join(folder.name, "cert.pem"), os.path.join(folder.name, "key.pem")
+        with open(cert_file, "w") as out:
+            out.write(TEST_CERT)
+        with open(key_file, "w") as out:
+            out.write(TEST_CERT_KEY)
+        self.upstream = FakeUpstream(tls_files=(cert_file, key_file)).start()
+        self.addCleanup(self.upstream.close)
+        self.cert_file = cert_file
+
+    def start_proxy(self, trust_cert):
+        env = {"SSL_CERT_FILE": self.cert_file} if trust_cert else {"SSL_CERT_FILE": os.devnull}
+        process = ProxyProcess("--base-url", self.upstream.base_url, env={"OA_API_KEY": TEST_KEY, **env})
+        self.addCleanup(process.kill)
+        return process
+
+    def post(self, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/message", body=chat_body())
+        return conn.getresponse()
+
+    def test_streams_over_tls_and_hangs_up_when_the_client_leaves(self):
+        process = self.start_proxy(trust_cert=True)
+        frames = parse_frames(self.post(process.port).read().decode())
+        self.assertEqual([d["content"] for e, d in frames if e == "message"], ["", "Hello", " world", ""])
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), HANG])
+        conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        conn.request("POST", "/message", body=chat_body())
+        FrameReader(conn.getresponse()).next_frame()
+        conn.close()
+        self.assertTrue(self.upstream.disconnected.wait(1.0), "the TLS upstream was not hung up on within 1 s")
+
+    def test_untrusted_certificate_is_502_not_a_silent_downgrade(self):
+        process = self.start_proxy(trust_cert=False)
+        response = self.post(process.port)
+        body = json.loads(response.read())
+        self.assertEqual(response.status, 502)
+        self.assertIn("CERTIFICATE_VERIFY_FAILED", body["error"]["message"])
 
 
 # --------------------------------------------------------------------------
