@@ -340,6 +340,16 @@ class ProxyTestCase(unittest.TestCase):
         self.addCleanup(sock.close)
         return sock
 
+    def send_raw(self, data, shut_write=False):
+        """Send raw request bytes; return the response, its head already read."""
+        sock = self.raw_socket()
+        sock.sendall(data)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response
+
     def contents(self, frames):
         return [data["content"] for event, data in frames if event == "message"]
 
@@ -627,51 +637,34 @@ class MessageValidationTest(ProxyTestCase):
         self.assertEqual(response.getheader("Allow"), "GET, HEAD, OPTIONS")
 
     def test_oversized_body_is_refused_without_reading_it(self):
-        sock = self.raw_socket()
-        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n")
-        response = http.client.HTTPResponse(sock)
-        response.begin()  # answered although not one byte of the body was sent
+        # answered although not one byte of the body was sent
+        response = self.send_raw(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n")
         self.assert_json_error(response, 413, "10485760", "1048576")
         self.assertEqual(response.getheader("Connection"), "close")
 
     def test_oversized_body_with_expect_continue_gets_413_not_100(self):
-        sock = self.raw_socket()
-        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        response = self.send_raw(b"POST /message HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                      b"Content-Length: 2000000\r\n\r\n")
-        response = http.client.HTTPResponse(sock)
-        response.begin()
         self.assert_json_error(response, 413)
 
     def test_chunked_request_body_is_411(self):
-        sock = self.raw_socket()
-        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        response = self.send_raw(b"POST /message HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"2\r\n{}\r\n0\r\n\r\n")
-        response = http.client.HTTPResponse(sock)
-        response.begin()
         self.assert_json_error(response, 411, "Content-Length")
 
     def test_bad_content_length(self):
         for value in (b"abc", b"-5", b"1, 2"):
             with self.subTest(value=value):
-                sock = self.raw_socket()
-                sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n{}")
-                response = http.client.HTTPResponse(sock)
-                response.begin()
+                response = self.send_raw(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %b\r\n\r\n{}" % value)
                 self.assert_json_error(response, 400, "Content-Length")
 
     def test_body_shorter_than_content_length(self):
-        sock = self.raw_socket()
-        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
-        sock.shutdown(socket.SHUT_WR)
-        response = http.client.HTTPResponse(sock)
-        response.begin()
+        response = self.send_raw(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}",
+                                 shut_write=True)
         self.assert_json_error(response, 400, "2 of the 100 bytes")
 
     def test_protocol_errors_get_json_too(self):
-        sock = self.raw_socket()
-        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n")
-        response = http.client.HTTPResponse(sock)
-        response.begin()
+        response = self.send_raw(b"GET /healthz HTTP/1.1\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n")
         self.assert_json_error(response, 431)
 
 
