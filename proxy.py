@@ -556,6 +556,11 @@ def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[
     return [("Vary", "Origin")]
 
 
+def allowed_methods(methods) -> str:
+    """The Allow header for a route: its methods and the CORS preflight."""
+    return ", ".join(sorted(methods) + ["OPTIONS"])
+
+
 def redact(text: str, secret: str) -> str:
     """Text with every copy of the secret removed."""
     return text.replace(secret, "[redacted]") if secret else text
@@ -1194,7 +1199,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.answer_preflight(methods)
             return
         if self.command not in methods:
-            allowed = ", ".join(sorted(methods) + ["OPTIONS"])
+            allowed = allowed_methods(methods)
             raise ProxyError(f"{self.path_only} does not take {self.command}; use {allowed}",
                              status=HTTPStatus.METHOD_NOT_ALLOWED, type="invalid_request_error",
                              headers={"Allow": allowed})
@@ -1238,7 +1243,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def answer_preflight(self, methods: Dict[str, str]):
         """OPTIONS: the CORS preflight (Fetch standard), answered for every known path."""
         self.send_response(HTTPStatus.NO_CONTENT)
-        self.send_header("Access-Control-Allow-Methods", ", ".join(sorted(methods) + ["OPTIONS"]))
+        self.send_header("Access-Control-Allow-Methods", allowed_methods(methods))
         requested = self.headers.get("Access-Control-Request-Headers")
         self.send_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
