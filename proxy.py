@@ -81,7 +81,32 @@ UPSTREAM_ERROR_BODY_LIMIT = 65536
 # One SSE event may grow to this size before the upstream counts as broken.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
+# Hop-by-hop headers (RFC 9110, 7.6.1), never forwarded either way; so are
+# the headers a request's Connection header names.
+HOP_BY_HOP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Client headers the proxy sets itself or that are not the upstream's business.
+# Accept-Encoding is dropped so that the upstream answers uncompressed: a
+# heartbeat cannot go into a compressed stream.
+REQUEST_HEADERS_NOT_FORWARDED = HOP_BY_HOP_HEADERS | {
+    "host", "content-length", "authorization", "cookie", "accept-encoding", "expect",
+}
+# Upstream headers the proxy writes itself (Server, Date, CORS, framing) or
+# that belong to the upstream's own site (cookies, Alt-Svc).
+RESPONSE_HEADERS_NOT_RETURNED = HOP_BY_HOP_HEADERS | {
+    "content-length", "server", "date", "set-cookie", "alt-svc",
+}
+PASSTHROUGH_PREFIX = "/v1/"
+PASSTHROUGH_METHODS = ("GET", "POST", "DELETE")
+
 HEARTBEAT_FRAME = b": keep-alive\n\n"
+
+# How a response body is delimited (RFC 9112, 6.3).
+CHUNKED = "chunked"
+SIZED = "sized"    # Content-Length
+CLOSE = "close"    # the end of the connection: HTTP/1.0 clients
 CHUNKED_END = b"0\r\n\r\n"
 
 
@@ -173,7 +198,10 @@ class Config:
     heartbeat_interval: float    # seconds of stream silence before a keep-alive comment
     drain_timeout: float         # seconds running streams get after SIGTERM/SIGINT
     client_timeout: float        # seconds a client may take to send a request or accept a write
-    max_body_bytes: int          # largest request body accepted
+    max_body_bytes: int          # largest /message body accepted
+    max_upload_bytes: int        # largest /v1 body accepted; streamed, never held whole
+    auth_header: str             # header that carries the key: Authorization (as Bearer) or e.g. api-key
+    extra_headers: Tuple[Tuple[str, str], ...]  # fixed headers added to every upstream request
     demo: bool                   # serve from the built-in demo upstream, no key, no network
 
 
@@ -205,6 +233,30 @@ def _parse_bool(text: str) -> bool:
     if lowered in ("", "0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110, 5.6.2)
+
+
+def _parse_header_name(text: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise ValueError("must be a header name such as Authorization or api-key")
+    return text
+
+
+def _parse_extra_headers(text: str) -> Tuple[Tuple[str, str], ...]:
+    if not text.strip():
+        return ()
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        headers = None
+    if not isinstance(headers, dict):
+        raise ValueError('must be a JSON object such as {"X-Title": "My App"}')
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name) or not isinstance(value, str) or re.search(r"[\r\n\0]", value):
+            raise ValueError(f"holds a bad header: {name!r} must be a header name with a one-line string value")
+    return tuple(headers.items())
 
 
 def _parse_origins(text: str) -> Tuple[str, ...]:
@@ -250,7 +302,13 @@ SETTINGS = (
     Setting("client_timeout", ("CLIENT_TIMEOUT",), "30", _parse_positive_float,
             "seconds a client may take to send its request, or to accept a write"),
     Setting("max_body_bytes", ("MAX_BODY_BYTES",), "1048576", _parse_size,
-            "largest request body accepted, in bytes"),
+            "largest POST /message body accepted, in bytes"),
+    Setting("max_upload_bytes", ("MAX_UPLOAD_BYTES",), "67108864", _parse_size,
+            "largest /v1 request body accepted, in bytes (streamed to the upstream, never held whole)"),
+    Setting("auth_header", ("OA_AUTH_HEADER",), "Authorization", _parse_header_name,
+            "header that carries the key: Authorization sends 'Bearer <key>', any other sends the bare key"),
+    Setting("extra_headers", ("OA_EXTRA_HEADERS",), "", _parse_extra_headers,
+            "fixed headers for every upstream request, as a JSON object"),
     Setting("demo", ("DEMO",), "false", _parse_bool,
             "serve from a built-in demo upstream: no key, no network"),
 )
@@ -556,6 +614,47 @@ def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[
     return [("Vary", "Origin")]
 
 
+def upstream_auth(config: Config) -> Tuple[str, str]:
+    """The header that carries the key upstream."""
+    if config.auth_header.lower() == "authorization":
+        return "Authorization", f"Bearer {config.api_key}"
+    return config.auth_header, config.api_key
+
+
+def _connection_tokens(headers) -> set:
+    """The header names a Connection header lists: hop-by-hop too (RFC 9110, 7.6.1)."""
+    return {token.strip().lower() for value in headers.get_all("Connection") or []
+            for token in value.split(",")}
+
+
+def forwarded_request_headers(headers, config: Config) -> Dict[str, str]:
+    """The client's headers the upstream gets: its own Authorization never among them."""
+    dropped = REQUEST_HEADERS_NOT_FORWARDED | _connection_tokens(headers) | {config.auth_header.lower()}
+    return {name: value for name, value in headers.items() if name.lower() not in dropped}
+
+
+def returned_response_headers(headers) -> List[Tuple[str, str]]:
+    """The upstream's headers the client gets back (x-request-id, x-ratelimit-*, retry-after, ...)."""
+    dropped = RESPONSE_HEADERS_NOT_RETURNED | _connection_tokens(headers)
+    return [(name, value) for name, value in headers.items()
+            if name.lower() not in dropped and not name.lower().startswith("access-control-")]
+
+
+def upstream_target(request_target: str) -> str:
+    """Map /v1/<rest>?<query> to the path and query to append to OPENAI_BASE_URL.
+
+    The result always starts with "/" and holds no dot segments, so joined to
+    the base URL it stays on the upstream's host, under the base's path.
+    """
+    path, _, query = request_target.partition("?")
+    if not re.fullmatch(r"[\x21-\x7e]*", request_target):
+        raise BadRequest("the path must be printable ASCII; percent-encode anything else")
+    segments = path[len(PASSTHROUGH_PREFIX) - 1:].split("/")
+    if any(urllib.parse.unquote(segment) in (".", "..") for segment in segments):
+        raise BadRequest("the path must not contain '.' or '..' segments")
+    return path[len(PASSTHROUGH_PREFIX) - 1:] + ("?" + query if query else "")
+
+
 def allowed_methods(methods) -> str:
     """The Allow header for a route: its methods and the CORS preflight."""
     return ", ".join(sorted(methods) + ["OPTIONS"])
@@ -581,19 +680,23 @@ def _shutdown_quietly(sock: socket.socket) -> None:
 
 
 class Exchange:
-    """One streamed request: the client's socket, the upstream's, and who may write when."""
+    """One relayed request: the client's socket, the upstream's, and who may write when."""
 
     CLIENT_LEFT = "client_left"
     SHUTDOWN = "shutdown"
 
-    def __init__(self, client_sock: socket.socket, chunked: bool = True):
+    def __init__(self, client_sock: socket.socket,
+                 error_payload: Optional[Callable[[ProxyError], bytes]] = None):
         self.client_sock = client_sock
-        # HTTP/1.0 clients cannot take a chunked body (RFC 9112, 6.1): theirs
-        # is the raw frames, ended by closing the connection.
-        self.chunked = chunked
+        # How a failure after the head is told in the body; None: it cannot
+        # be, and the body is left incomplete so the client sees a failure.
+        self._error_payload = error_payload
+        self.framing = CHUNKED       # set by the head: CHUNKED, SIZED (Content-Length) or CLOSE
+        self.between_events = True   # the body so far ends at an event boundary: a heartbeat may go
+        self.heartbeats = False      # the body is an event stream that takes keep-alive comments
         self.cancelled = threading.Event()
         self.cancel_reason: Optional[str] = None
-        self.streaming = False       # the response head is out; frames may follow
+        self.streaming = False       # the response head is out; body bytes may follow
         self.last_write = time.monotonic()
         self.frames = 0
         self._write_lock = threading.Lock()
@@ -625,24 +728,32 @@ class Exchange:
             raise ShuttingDown("the proxy is shutting down and could not wait for this stream to finish")
         raise ClientGone()
 
-    def begin(self, write_head: Callable[[], None]) -> None:
-        """Write the response head; heartbeats may follow it."""
+    def begin(self, write_head: Callable[[], str], heartbeats: bool) -> None:
+        """Write the response head; write_head returns the body's framing."""
         with self._write_lock:
-            write_head()
+            self.framing = write_head()
+            self.heartbeats = heartbeats
             self.streaming = True
             self.last_write = time.monotonic()
 
-    def send(self, frames: bytes, count: int = 1) -> None:
-        """Write frames as one chunk; raise ClientGone if the client is gone or stuck."""
+    def send(self, data: bytes, count: int = 1, between_events: bool = True) -> None:
+        """Write body bytes as one chunk; raise ClientGone if the client is gone or stuck."""
         with self._write_lock:
-            self._write(encode_chunk(frames) if self.chunked else frames)
+            self._write(encode_chunk(data) if self.framing == CHUNKED else data)
             self.frames += count
+            self.between_events = between_events
+
+    def error_payload(self, error: ProxyError) -> Optional[bytes]:
+        """The body bytes that tell the client of a failure, if its body can carry them now."""
+        if self._error_payload is None or self.framing == SIZED or not (self.heartbeats and self.between_events):
+            return None
+        return self._error_payload(error)
 
     def end(self) -> None:
         """Write the last chunk; no heartbeat can follow it."""
         with self._write_lock:
             self.streaming = False
-            if self.chunked:
+            if self.framing == CHUNKED:
                 self._write(CHUNKED_END)
 
     def send_heartbeat(self) -> None:
@@ -650,8 +761,8 @@ class Exchange:
         if not self._write_lock.acquire(blocking=False):
             return  # the handler is writing right now, so the stream is not silent
         try:
-            if self.streaming and _is_writable(self.client_sock):
-                self._write(encode_chunk(HEARTBEAT_FRAME) if self.chunked else HEARTBEAT_FRAME)
+            if self.streaming and self.heartbeats and self.between_events and _is_writable(self.client_sock):
+                self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
         except ClientGone:
             pass
         finally:
@@ -718,11 +829,10 @@ class StreamSupervisor:
         self._wake_w.close()
 
     @contextlib.contextmanager
-    def watching(self, exchange: Exchange) -> Iterator[Exchange]:
-        """Watch the exchange for its whole life."""
+    def tracking(self, exchange: Exchange) -> Iterator[Exchange]:
+        """Keep the exchange alive with heartbeats, and cancellable, for its whole life."""
         with self._lock:
             self._exchanges.add(exchange)
-            self._selector.register(exchange.client_sock, selectors.EVENT_READ, exchange)
         self._wake()
         try:
             yield exchange
@@ -730,6 +840,13 @@ class StreamSupervisor:
             with self._lock:
                 self._exchanges.discard(exchange)
                 self._unregister(exchange.client_sock)
+
+    def watch_client(self, exchange: Exchange) -> None:
+        """Cancel the exchange when its client hangs up; call once the request body is read."""
+        with self._lock:
+            if exchange in self._exchanges:
+                self._selector.register(exchange.client_sock, selectors.EVENT_READ, exchange)
+        self._wake()
 
     def cancel_all(self, reason: str) -> int:
         """Cancel every open exchange; return how many there were."""
@@ -791,13 +908,14 @@ class StreamSupervisor:
         now = time.monotonic()
         # An exchange whose head is not out yet owes no heartbeat for a full
         # interval after it goes out, so waking one interval from now is early enough.
-        due = min(exchange.last_write if exchange.streaming else now for exchange in self._exchanges)
+        due = min(exchange.last_write if exchange.streaming and exchange.heartbeats else now
+                  for exchange in self._exchanges)
         return max(0.0, due + self._interval - now)
 
     def _send_due_heartbeats(self) -> None:
         now = time.monotonic()
         for exchange in self._exchanges:
-            if exchange.streaming and now - exchange.last_write >= self._interval:
+            if exchange.streaming and exchange.heartbeats and now - exchange.last_write >= self._interval:
                 exchange.send_heartbeat()
 
 
@@ -859,14 +977,19 @@ def build_upstream_opener(config: Config, exchange: Exchange) -> urllib.request.
     return opener
 
 
-def open_upstream(config: Config, exchange: Exchange, path: str, body: bytes) -> http.client.HTTPResponse:
-    """POST body to the upstream; return its response whatever the status."""
-    request = urllib.request.Request(config.base_url + path, data=body, method="POST", headers={
-        "Content-Type": "application/json",
-        "Accept": "text/event-stream",
-        "User-Agent": f"proxy.py/{__version__}",
-        "Authorization": f"Bearer {config.api_key}",
-    })
+def open_upstream(config: Config, exchange: Exchange, method: str, target: str, body,
+                  headers: Dict[str, str], length: Optional[int] = None) -> http.client.HTTPResponse:
+    """Send a request to OPENAI_BASE_URL + target; return the response whatever its status.
+
+    body is bytes, None, or a reader of exactly `length` bytes that is
+    streamed to the upstream as it is read.
+    """
+    request = urllib.request.Request(config.base_url + target, data=body, method=method,
+                                     headers={"User-Agent": f"proxy.py/{__version__}", **headers})
+    for name, value in config.extra_headers + (upstream_auth(config),):
+        request.add_header(name, value)
+    if length is not None:
+        request.add_header("Content-Length", str(length))
     host = urllib.parse.urlsplit(config.base_url).netloc
     try:
         return build_upstream_opener(config, exchange).open(request, timeout=config.connect_timeout)
@@ -1020,6 +1143,81 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
         raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
     exchange.send(done_frame(translator.finish_reason or "stop", translator.usage))
     exchange.end()
+
+
+def _trailing_line_ends(tail: bytes) -> int:
+    """How many line ends (CRLF, LF or CR) the bytes end with."""
+    count, index = 0, len(tail)
+    while index > 0 and tail[index - 1] in (0x0A, 0x0D):
+        is_crlf = tail[index - 1] == 0x0A and index > 1 and tail[index - 2] == 0x0D
+        index -= 2 if is_crlf else 1
+        count += 1
+    return count
+
+
+class EventBoundary:
+    """Tracks whether a relayed event stream ends between events, where a comment may go."""
+
+    def __init__(self):
+        self._tail = b""
+
+    def after(self, chunk: bytes) -> bool:
+        """Feed the next relayed bytes; True if the stream now ends with a blank line."""
+        self._tail = (self._tail + chunk[-4:])[-4:]
+        return _trailing_line_ends(self._tail) >= 2
+
+
+def sse_error_event(error: ProxyError) -> bytes:
+    """A failure after an OpenAI event stream started, as the SDKs read it (data with an "error" key)."""
+    return b"data: " + json_bytes(error.to_json()) + b"\n\n"
+
+
+def check_passthrough_response(response: http.client.HTTPResponse) -> None:
+    """Upstream answers pass as they are, except auth failures, which quote part of the key."""
+    if response.status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+        raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {response.status}); "
+                                  "the operator should check OA_API_KEY", type="upstream_auth_error")
+
+
+def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config) -> None:
+    """Relay the upstream's body as it arrives, bytes untouched."""
+    boundary = EventBoundary() if exchange.heartbeats else None
+    while True:
+        chunk = read_upstream(response, exchange, config)
+        if not chunk:
+            break
+        exchange.send(chunk, between_events=boundary.after(chunk) if boundary else False)
+    if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
+        raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
+                                  "before the end of its body")
+    exchange.end()
+
+
+class ClientBody:
+    """The client's request body, read as the upstream request is sent: never held whole."""
+
+    def __init__(self, rfile, length: int, timeout: float, on_end: Callable[[], None]):
+        self._rfile = rfile
+        self._left = length
+        self._length = length
+        self._timeout = timeout
+        self._on_end = on_end
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left == 0:
+            return b""
+        try:
+            data = self._rfile.read(min(self._left, size if size > 0 else UPSTREAM_READ_SIZE))
+        except socket.timeout:  # not an OSError for urllib to wrap: the client is at fault
+            raise ProxyError(f"the request body did not arrive within {self._timeout:g} s",
+                             status=HTTPStatus.REQUEST_TIMEOUT, type="invalid_request_error") from None
+        if not data:
+            raise BadRequest(f"the request body ended after {self._length - self._left} of the "
+                             f"{self._length} bytes its Content-Length announced")
+        self._left -= len(data)
+        if self._left == 0:
+            self._on_end()
+        return data
 
 
 # --------------------------------------------------------------------------
@@ -1191,9 +1389,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return self.path.partition("?")[0][:200]
 
     def route(self):
+        if not self.path.startswith("/"):
+            raise BadRequest("the request target must be a path such as /v1/models; "
+                             "this server is not a forward proxy")
         methods = self.routes.get(self.path_only)
+        if methods is None and self.path_only.startswith(PASSTHROUGH_PREFIX):
+            methods = {method: "handle_passthrough" for method in PASSTHROUGH_METHODS}
         if methods is None:
-            raise ProxyError(f"nothing is served at {self.path_only}; the API is POST /message",
+            raise ProxyError(f"nothing is served at {self.path_only}; the API is POST /message "
+                             "and the OpenAI API under /v1/",
                              status=HTTPStatus.NOT_FOUND, type="not_found_error")
         if self.command == "OPTIONS":
             self.answer_preflight(methods)
@@ -1212,7 +1416,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.outcome = error.type
         try:
             if self.exchange is not None and self.exchange.streaming:
-                self.exchange.send(error_frame(error))
+                payload = self.exchange.error_payload(error)
+                if payload is None:  # leave the body incomplete: a clean end would pass for success
+                    self.close_connection = True
+                    self.outcome += ",body_cut"
+                    return
+                self.exchange.send(payload)
                 self.exchange.end()
             else:
                 self.send_json(error.status, error.to_json(), error.headers)
@@ -1229,14 +1438,42 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """POST /message: the seed's API, a chat completion streamed as event:message frames."""
         config = self.server.config
         request = build_chat_request(parse_json_object(self.read_body()), config.model)
-        exchange = Exchange(self.connection, chunked=self.request_version != "HTTP/1.0")
-        with self.server.supervisor.watching(exchange):
+        supervisor = self.server.supervisor
+        with supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
             self.exchange = exchange
-            response = open_upstream(config, exchange, "/chat/completions", json_bytes(request))
+            supervisor.watch_client(exchange)
+            response = open_upstream(config, exchange, "POST", "/chat/completions", json_bytes(request),
+                                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
             try:
                 check_upstream_response(response, config)
-                exchange.begin(self.write_stream_head)
+                exchange.begin(self.write_stream_head, heartbeats=True)
                 relay_chat_as_messages(response, exchange, config)
+            finally:
+                response.close()
+
+    def handle_passthrough(self):
+        """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
+        config, supervisor = self.server.config, self.server.supervisor
+        target = upstream_target(self.path)
+        length = self.declared_length()
+        with supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
+            self.exchange = exchange
+
+            def body_read():
+                self.body_read = True
+                supervisor.watch_client(exchange)  # from here, readable means the client hung up
+
+            body = ClientBody(self.rfile, length, self.timeout, body_read) if length else None
+            if body is None:
+                body_read()
+            response = open_upstream(config, exchange, self.command, target, body,
+                                     forwarded_request_headers(self.headers, config),
+                                     length if body is not None else None)
+            try:
+                check_passthrough_response(response)
+                is_event_stream = response.headers.get_content_type() == "text/event-stream"
+                exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
+                relay_passthrough(response, exchange, config)
             finally:
                 response.close()
 
@@ -1254,10 +1491,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def read_body(self) -> bytes:
         """The request body, within the size limit and the client timeout."""
-        if self.headers.get("Transfer-Encoding"):
-            raise ProxyError("send the request body with a Content-Length header; "
-                             "chunked request bodies are not accepted",
-                             status=HTTPStatus.LENGTH_REQUIRED, type="invalid_request_error")
         length = self.declared_length()
         try:
             body = self.rfile.read(length)
@@ -1272,6 +1505,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def declared_length(self) -> int:
         """Content-Length, checked against the limit before a byte of the body is read."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ProxyError("send the request body with a Content-Length header; "
+                             "chunked request bodies are not accepted",
+                             status=HTTPStatus.LENGTH_REQUIRED, type="invalid_request_error")
         values = set(self.headers.get_all("Content-Length") or [])
         if not values:
             return 0
@@ -1281,9 +1518,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not re.fullmatch(r"[0-9]{1,18}", text):
             raise BadRequest(f"Content-Length must be a whole number of bytes; got {text[:40]!r}")
         length = int(text)
-        limit = self.server.config.max_body_bytes
+        config = self.server.config
+        if self.path_only.startswith(PASSTHROUGH_PREFIX):
+            limit, setting = config.max_upload_bytes, "MAX_UPLOAD_BYTES"
+        else:
+            limit, setting = config.max_body_bytes, "MAX_BODY_BYTES"
         if length > limit:
-            raise ProxyError(f"the request body is {length} bytes; the limit is {limit} (MAX_BODY_BYTES)",
+            raise ProxyError(f"the request body is {length} bytes; the limit is {limit} ({setting})",
                              status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE, type="invalid_request_error")
         return length
 
@@ -1317,6 +1558,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         origin = headers.get("Origin") if headers is not None else None
         for name, value in cors_headers(self.server.config.cors_origins, origin):
             self.send_header(name, value)
+        # Let browser code read x-request-id, x-ratelimit-* and retry-after.
+        self.send_header("Access-Control-Expose-Headers", "*")
 
     def finish_head(self):
         """CORS and connection headers, then the blank line that ends the head."""
@@ -1338,16 +1581,39 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def write_stream_head(self):
+    def write_stream_head(self) -> str:
+        """The head of a /message stream; returns its framing."""
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")  # nginx: pass frames on unbuffered
-        if self.exchange.chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.close_connection = True  # the end of the body is the end of the connection
+        return self.finish_streamed_head()
+
+    def finish_streamed_head(self) -> str:
+        """End a head whose body length is unknown: chunked, or for HTTP/1.0 ended by a close."""
+        if self.request_version == "HTTP/1.0":  # HTTP/1.0 cannot take chunked (RFC 9112, 6.1)
+            self.close_connection = True
+            self.finish_head()
+            return CLOSE
+        self.send_header("Transfer-Encoding", "chunked")
         self.finish_head()
+        return CHUNKED
+
+    def write_passthrough_head(self, response: http.client.HTTPResponse) -> str:
+        """The upstream's status and headers; returns the framing of the body that follows."""
+        self.send_response(response.status, response.reason)
+        for name, value in returned_response_headers(response.headers):
+            self.send_header(name, value)
+        if response.headers.get_content_type() == "text/event-stream" and "X-Accel-Buffering" not in response.headers:
+            self.send_header("X-Accel-Buffering", "no")
+        if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            self.finish_head()
+            return SIZED
+        if response.length is not None:  # the upstream announced a length: keep it, send raw bytes
+            self.send_header("Content-Length", str(response.length))
+            self.finish_head()
+            return SIZED
+        return self.finish_streamed_head()
 
     def send_error(self, code, message=None, explain=None):
         """Protocol errors found by http.server (bad request line, huge headers) get JSON too."""

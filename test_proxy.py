@@ -144,7 +144,7 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
             fake.disconnected.set()
             self.close_connection = True
 
-    do_GET = do_POST
+    do_GET = do_DELETE = do_POST
 
     def play(self, script: Script):
         if script.hold_headers:
@@ -292,6 +292,18 @@ def wait_until(predicate, limit=5.0):
             return True
         time.sleep(0.02)
     return predicate()
+
+
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def require(available, what):
+    """Skip a test whose tool is missing, except in CI, where that is a failure."""
+    if available:
+        return
+    if IN_CI:
+        raise AssertionError(f"{what} is missing; .ci/run installs it")
+    raise unittest.SkipTest(f"{what} is not available here; .ci/run installs it")
 
 
 class ProxyTestCase(unittest.TestCase):
@@ -969,6 +981,321 @@ class TlsUpstreamTest(unittest.TestCase):
         body = json.loads(response.read())
         self.assertEqual(response.status, 502)
         self.assertIn("CERTIFICATE_VERIFY_FAILED", body["error"]["message"])
+
+
+# --------------------------------------------------------------------------
+# /v1 passthrough
+# --------------------------------------------------------------------------
+
+def json_script(payload, status=200, headers=None):
+    body = json.dumps(payload).encode()
+    return Script(status=status, headers={"Content-Type": "application/json", **(headers or {})}, body=body)
+
+
+class EventBoundaryTest(unittest.TestCase):
+    def test_boundaries_across_line_endings_and_splits(self):
+        cases = [([b"data: x\n\n"], True), ([b"data: x\n"], False), ([b"data: x\r\n\r\n"], True),
+                 ([b"data: x\r\n"], False), ([b"data: x\r\r"], True), ([b"data: x\n", b"\n"], True),
+                 ([b"data: x\r", b"\n"], False), ([b"data: x\r\n", b"\r\n"], True),
+                 ([b": keep-alive\n\n", b"data: {"], False), ([b"data: " + b"y" * 70000 + b"\n\n"], True)]
+        for pieces, want in cases:
+            with self.subTest(pieces=pieces[:2]):
+                boundary = proxy.EventBoundary()
+                results = [boundary.after(piece) for piece in pieces]
+                self.assertEqual(results[-1], want)
+
+
+class PassthroughTest(ProxyTestCase):
+    def test_streamed_chat_completion_is_relayed_byte_for_byte(self):
+        body = (b": OPENROUTER PROCESSING\n\n" + chunk(role="assistant", content="")
+                + chunk(content="caf\u00e9") + b"data:{\"odd\": true}\r\n\r\n" + DONE)
+        self.upstream.script = Script(steps=[body[i:i + 7] for i in range(0, len(body), 7)])
+        request = json.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        response = self.request("POST", "/v1/chat/completions?trace=1", request.encode(),
+                                {"Content-Type": "application/json"})
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        self.assertEqual(response.getheader("X-Accel-Buffering"), "no")
+        self.assertEqual(response.read(), body)
+        received = self.upstream.requests[0]
+        self.assertEqual((received.method, received.path), ("POST", "/v1/chat/completions?trace=1"))
+        self.assertEqual(received.body, request.encode())
+
+    def test_each_event_is_relayed_at_once(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(content="first"), hold, DONE])
+        response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
+        first = response.read1(65536)
+        arrived = time.monotonic()
+        self.assertIn(b'"first"', first)
+        self.assertFalse(hold.is_set())
+        self.assertLess(arrived - self.upstream.sent_at[0], 0.2)
+        hold.set()
+        self.assertEqual(response.read(), DONE)
+
+    def test_methods_paths_queries_and_json_bodies(self):
+        cases = [("GET", "/v1/models?limit=2&order=asc", None), ("DELETE", "/v1/files/file-abc123", None),
+                 ("POST", "/v1/embeddings", b'{"model": "text-embedding-3-small", "input": "hi"}'),
+                 ("POST", "/v1/moderations", b'{"input": "hi"}'),
+                 ("POST", "/v1/responses", b'{"model": "gpt-4o-mini", "input": "hi"}')]
+        for method, path, body in cases:
+            with self.subTest(method=method, path=path):
+                self.upstream.script = json_script({"object": "list", "path": path})
+                response = self.request(method, path, body)
+                self.assertEqual((response.status, json.loads(response.read())["path"]), (200, path))
+                received = self.upstream.requests[-1]
+                self.assertEqual((received.method, received.path, received.body), (method, path, body or b""))
+
+    def test_binary_and_multipart_bodies_pass_untouched(self):
+        audio = bytes(range(256)) * 400
+        boundary = "----proxytest7d9"
+        upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n"
+                  f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n"
+                  f"Content-Type: audio/mpeg\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+        self.upstream.script = Script(headers={"Content-Type": "audio/mpeg"}, body=audio)
+        response = self.request("POST", "/v1/audio/transcriptions", upload,
+                                {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        self.assertEqual(response.read(), audio)
+        self.assertEqual(response.getheader("Content-Type"), "audio/mpeg")
+        self.assertEqual(response.getheader("Content-Length"), str(len(audio)))
+        received = self.upstream.requests[0]
+        self.assertEqual(received.body, upload)
+        self.assertEqual(received.headers["Content-Type"], f"multipart/form-data; boundary={boundary}")
+
+    def test_headers_each_way(self):
+        self.upstream.script = json_script({"ok": True}, headers={
+            "x-request-id": "req_123", "openai-processing-ms": "42", "x-ratelimit-remaining-requests": "99",
+            "retry-after": "1", "Keep-Alive": "timeout=5", "Connection": "X-Upstream-Hop",
+            "X-Upstream-Hop": "secret", "Set-Cookie": "__cf_bm=abc", "Server": "cloudflare",
+            "Access-Control-Allow-Origin": "https://openai.example"})
+        response = self.request("POST", "/v1/chat/completions", b"{}", {
+            "Authorization": "Bearer client-key", "Cookie": "session=1", "Connection": "keep-alive, X-Client-Hop",
+            "X-Client-Hop": "x", "Keep-Alive": "timeout=5", "TE": "trailers", "Proxy-Authorization": "Basic x",
+            "Upgrade": "h2c", "OpenAI-Organization": "org-1", "OpenAI-Project": "proj_1",
+            "Idempotency-Key": "idem-1", "X-Stainless-Lang": "python", "Content-Type": "application/json",
+            "Host": "evil.example"})
+        response.read()
+        sent = self.upstream.requests[0].headers
+        self.assertEqual(sent["Authorization"], f"Bearer {TEST_KEY}")
+        self.assertEqual(sent["Host"], self.upstream.base_url.split("/")[2])
+        for name in ("Cookie", "X-Client-Hop", "Keep-Alive", "TE", "Proxy-Authorization", "Upgrade"):
+            self.assertIsNone(sent[name], name)
+        self.assertNotIn("keep-alive", (sent["Connection"] or "").lower())
+        for name, value in (("OpenAI-Organization", "org-1"), ("OpenAI-Project", "proj_1"),
+                            ("Idempotency-Key", "idem-1"), ("X-Stainless-Lang", "python"),
+                            ("Content-Type", "application/json")):
+            self.assertEqual(sent[name], value)
+        for name, value in (("x-request-id", "req_123"), ("openai-processing-ms", "42"),
+                            ("x-ratelimit-remaining-requests", "99"), ("retry-after", "1")):
+            self.assertEqual(response.getheader(name), value)
+        for name in ("Keep-Alive", "X-Upstream-Hop", "Set-Cookie"):
+            self.assertIsNone(response.getheader(name), name)
+        self.assertEqual(response.getheader("Server"), f"proxy.py/{proxy.__version__}")
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "*")
+
+    def test_upstream_errors_keep_their_status_and_body(self):
+        for status, extra in ((400, {}), (404, {}), (429, {"Retry-After": "20"}), (500, {}), (503, {})):
+            with self.subTest(status=status):
+                error = {"error": {"message": f"upstream says {status}", "type": "x", "param": None, "code": None}}
+                self.upstream.script = json_script(error, status=status, headers=extra)
+                response = self.request("POST", "/v1/chat/completions", b"{}")
+                self.assertEqual((response.status, json.loads(response.read())), (status, error))
+                if extra:
+                    self.assertEqual(response.getheader("Retry-After"), "20")
+
+    def test_upstream_auth_failure_is_502_without_key_material(self):
+        for status in (401, 403):
+            with self.subTest(status=status):
+                self.upstream.script = json_script({"error": {"message": f"Incorrect API key: {TEST_KEY[-6:]}"}},
+                                                   status=status)
+                response = self.request("GET", "/v1/models")
+                raw = response.read()
+                self.assertEqual(response.status, 502)
+                self.assertNotIn(TEST_KEY[-6:].encode(), raw)
+                self.assertIn(b"rejected the proxy's API key", raw)
+
+    def test_wrong_method_and_bare_prefix(self):
+        response = self.request("PUT", "/v1/models")
+        self.assert_json_error(response, 405)
+        self.assertEqual(response.getheader("Allow"), "DELETE, GET, POST, OPTIONS")
+        self.assert_json_error(self.request("GET", "/v1"), 404)
+
+    def test_upload_over_the_limit_is_413_without_reading(self):
+        response = self.send_raw(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 999999999\r\n\r\n")
+        self.assert_json_error(response, 413, "MAX_UPLOAD_BYTES")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_upload_that_stalls_is_408(self):
+        self.server.config = dataclasses.replace(self.config, client_timeout=0.5)
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inp")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_json_error(response, 408, "did not arrive")
+
+
+class PassthroughStreamingTest(ProxyTestCase):
+    config_overrides = {"heartbeat_interval": 0.2, "idle_timeout": 2.0}
+
+    def test_heartbeats_only_between_events(self):
+        mid_event, between = threading.Event(), threading.Event()
+        self.addCleanup(mid_event.set)
+        self.addCleanup(between.set)
+        self.upstream.script = Script(steps=[b'data: {"a":', mid_event, b'1}\n\n', between, DONE])
+        response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
+        self.assertEqual(response.read1(65536), b'data: {"a":')
+        # Three heartbeat intervals inside an event: nothing may be added to it.
+        ready, _, _ = select.select([response.fp], [], [], 0.6)
+        self.assertEqual(ready, [], "bytes were written into the middle of an event")
+        mid_event.set()
+        received = b""
+        while received.count(b": keep-alive\n\n") < 2:
+            data = response.read1(65536)
+            self.assertTrue(data, "stream ended early")
+            received += data
+        between.set()
+        received += response.read()
+        self.assertEqual(received.replace(b": keep-alive\n\n", b""), b'1}\n\n' + DONE)
+
+    def test_client_leaving_a_stream_closes_the_upstream(self):
+        self.upstream.script = Script(steps=[chunk(content="a"), HANG])
+        sock = self.raw_socket()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertIn(b"200 OK", sock.recv(65536))
+        sock.close()
+        self.assertTrue(self.upstream.disconnected.wait(1.0))
+
+    def test_client_leaving_a_non_streamed_request_closes_the_upstream(self):
+        self.upstream.script = Script(hold_headers=True)
+        sock = self.raw_socket()
+        body = b'{"model": "o3", "input": "think hard"}'
+        sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertTrue(wait_until(lambda: self.upstream.requests), "the request never reached the upstream")
+        self.assertEqual(self.upstream.requests[0].body, body)
+        sock.close()
+        self.assertTrue(self.upstream.disconnected.wait(1.0))
+
+    def test_stream_breaking_between_events_ends_with_an_error_event(self):
+        self.upstream.script = Script(steps=[chunk(content="a"), ABORT])
+        response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
+        body = response.read()  # a clean chunked end
+        self.assertTrue(body.startswith(chunk(content="a")))
+        error = json.loads(body[len(chunk(content="a")):].decode().removeprefix("data: "))["error"]
+        self.assertEqual(error["type"], "upstream_error")
+
+    def test_stream_breaking_inside_an_event_is_not_passed_off_as_complete(self):
+        self.upstream.script = Script(steps=[b'data: {"choices": [', ABORT])
+        response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+
+    def test_sized_body_cut_short_is_not_passed_off_as_complete(self):
+        self.upstream.script = Script(headers={"Content-Type": "application/json", "Content-Length": "1000"},
+                                      steps=[b'{"partial": ', ABORT])
+        response = self.request("GET", "/v1/models")
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()
+
+
+class PathSafetyTest(ProxyTestCase):
+    def test_requests_can_only_reach_the_configured_upstream(self):
+        attempts = [b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+                    b"GET /v1/../message HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET /v1/models/%2e%2e/%2E%2E/admin HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET /v1/./models HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET /v1/mod\xc3\xa9ls HTTP/1.1\r\nHost: x\r\n\r\n"]
+        for attempt in attempts:
+            with self.subTest(attempt=attempt):
+                self.assert_json_error(self.send_raw(attempt), 400)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_odd_paths_stay_on_the_upstream_host(self):
+        for path in ("//evil.example/x", "/@evil.example/x", "/models%2F..%2Fadmin"):
+            with self.subTest(path=path):
+                self.upstream.script = json_script({})
+                response = self.request("GET", "/v1" + path, headers={"Host": "evil.example"})
+                response.read()
+                self.assertEqual(response.status, 200)  # served by the fake upstream, nothing else
+                self.assertEqual(self.upstream.requests[-1].path, "/v1" + path)
+
+
+class UpstreamShapeTest(ProxyTestCase):
+    def test_base_url_with_a_path_prefix(self):
+        root = self.upstream.base_url[:-len("/v1")]
+        for base, want in ((root + "/openai/v1", "/openai/v1/chat/completions"),
+                           (root, "/chat/completions"), (root + "/api/v1/", "/api/v1/chat/completions")):
+            with self.subTest(base=base):
+                config = proxy.load_config(["--base-url", base], {"OA_API_KEY": TEST_KEY})
+                self.server.config = dataclasses.replace(self.config, base_url=config.base_url)
+                self.request("POST", "/v1/chat/completions", b"{}").read()
+                self.assertEqual(self.upstream.requests[-1].path, want)
+
+    def test_auth_header_and_extra_headers(self):
+        config = proxy.load_config([], {"OA_API_KEY": TEST_KEY, "OA_AUTH_HEADER": "api-key", "OA_EXTRA_HEADERS":
+                                        '{"HTTP-Referer": "https://app.example", "X-Title": "My App"}'})
+        self.server.config = dataclasses.replace(self.config, auth_header=config.auth_header,
+                                                 extra_headers=config.extra_headers)
+        self.request("GET", "/v1/models", headers={"api-key": "client-key", "X-Title": "client title",
+                                                   "Authorization": "Bearer client-key"}).read()
+        self.post_message().read()
+        for sent in (r.headers for r in self.upstream.requests):
+            self.assertEqual(sent["api-key"], TEST_KEY)
+            self.assertIsNone(sent["Authorization"])
+            self.assertEqual(sent["HTTP-Referer"], "https://app.example")
+            self.assertEqual(sent["X-Title"], "My App")
+
+    def test_bad_auth_and_extra_header_settings(self):
+        for env in ({"OA_AUTH_HEADER": "bad header"}, {"OA_EXTRA_HEADERS": "X-Title: x"},
+                    {"OA_EXTRA_HEADERS": '{"X-A": "line\\nbreak"}'}, {"OA_EXTRA_HEADERS": '{"X-A": 1}'}):
+            with self.subTest(env=env), self.assertRaises(proxy.ConfigError):
+                proxy.load_config([], {"OA_API_KEY": "k", **env})
+
+
+class PassthroughMemoryTest(unittest.TestCase):
+    """100 MB each way through a real proxy process must not grow it by 100 MB."""
+
+    SIZE = 100 * 1024 * 1024
+
+    def test_large_bodies_stream_through_in_constant_memory(self):
+        status_file = "/proc/%d/status"
+        require(os.path.exists(status_file % os.getpid()), "/proc (Linux) to read a process's peak memory")
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        block = bytes(range(256)) * 4096  # 1 MiB
+        upstream.script = Script(headers={"Content-Type": "application/octet-stream",
+                                          "Content-Length": str(self.SIZE)}, steps=[block] * 100)
+        process = ProxyProcess("--base-url", upstream.base_url, "--max-upload-bytes", str(2 * self.SIZE),
+                               env={"OA_API_KEY": TEST_KEY})
+        self.addCleanup(process.kill)
+
+        def peak_kib():
+            with open(status_file % process.process.pid) as status:
+                return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1))
+
+        conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/v1/files/file-big/content")
+        conn.getresponse().read()  # warm up: imports and first-request allocations
+        before = peak_kib()
+        conn.request("GET", "/v1/files/file-big/content")
+        response = conn.getresponse()
+        received = 0
+        while True:
+            data = response.read(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        self.assertEqual(received, self.SIZE)
+        upstream.script = json_script({"id": "file-up"})
+        upload = iter([block] * 100)
+        conn.request("POST", "/v1/files", body=upload,
+                     headers={"Content-Length": str(self.SIZE), "Content-Type": "application/octet-stream"})
+        self.assertEqual(conn.getresponse().read(), b'{"id": "file-up"}')
+        self.assertEqual(len(upstream.requests[-1].body), self.SIZE)
+        growth_mib = (peak_kib() - before) / 1024
+        self.assertLess(growth_mib, 20, f"the proxy's peak memory grew by {growth_mib:.1f} MiB")
 
 
 # --------------------------------------------------------------------------
