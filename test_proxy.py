@@ -3,6 +3,8 @@
 Run: python -m unittest -v test_proxy
 """
 
+import asyncio
+import base64
 import dataclasses
 import http.client
 import http.server
@@ -12,9 +14,11 @@ import os
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import sys
@@ -23,6 +27,11 @@ import time
 import unittest
 
 import proxy
+
+try:  # test-only: .ci/run installs it; the core tests need nothing
+    import openai
+except ImportError:
+    openai = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_KEY = "sk-test-0123456789abcdef"
@@ -1296,6 +1305,186 @@ class PassthroughMemoryTest(unittest.TestCase):
         self.assertEqual(len(upstream.requests[-1].body), self.SIZE)
         growth_mib = (peak_kib() - before) / 1024
         self.assertLess(growth_mib, 20, f"the proxy's peak memory grew by {growth_mib:.1f} MiB")
+
+
+# --------------------------------------------------------------------------
+# Real clients: the official openai SDKs (test-only installs)
+# --------------------------------------------------------------------------
+
+def responses_events(words):
+    """A Responses API stream as OpenAI sends it: named events with type and sequence_number."""
+    response = {"id": "resp_1", "object": "response", "created_at": CREATED, "model": "gpt-4o-mini",
+                "status": "in_progress", "output": [], "parallel_tool_calls": True, "tool_choice": "auto",
+                "tools": []}
+    message = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": "".join(words), "annotations": []}]}
+    events = [("response.created", {"response": response})]
+    events += [("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                               "delta": word}) for word in words]
+    events.append(("response.completed", {"response": {
+        **response, "status": "completed", "output": [message],
+        "usage": {"input_tokens": 3, "output_tokens": len(words), "total_tokens": 3 + len(words),
+                  "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}}}}))
+    return [f"event: {name}\ndata: ".encode()
+            + json.dumps({"type": name, "sequence_number": number, **payload}).encode() + b"\n\n"
+            for number, (name, payload) in enumerate(events)]
+
+
+def openai_like(received):
+    """The fake upstream as the SDK tests need it: a few OpenAI endpoints."""
+    path = received.path.partition("?")[0]
+    request = received.json() if received.body else {}
+    if path == "/v1/chat/completions" and request.get("stream"):
+        include_usage = (request.get("stream_options") or {}).get("include_usage", False)
+        return Script(steps=reply("Hello", " world", usage=include_usage))
+    if path == "/v1/chat/completions":
+        return json_script({"id": "chatcmpl-1", "object": "chat.completion", "created": CREATED,
+                            "model": "gpt-4o-mini", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                "role": "assistant", "content": "Hello world"}}],
+                            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+    if path == "/v1/responses" and request.get("stream"):
+        return Script(steps=responses_events(["Hello", " world"]))
+    if path == "/v1/models":
+        return json_script({"object": "list", "data": [
+            {"id": name, "object": "model", "created": CREATED, "owned_by": "openai"}
+            for name in ("gpt-4o-mini", "text-embedding-3-small")]})
+    if path == "/v1/embeddings":
+        vector = [0.25, -0.5, 1.0]
+        encoded = (base64.b64encode(struct.pack("<3f", *vector)).decode()
+                   if request.get("encoding_format") == "base64" else vector)
+        return json_script({"object": "list", "model": request.get("model"), "data": [
+            {"object": "embedding", "index": 0, "embedding": encoded}],
+            "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+    return json_script({"error": {"message": f"no fake for {path}", "type": "invalid_request_error"}}, status=404)
+
+
+class PythonSdkTest(ProxyTestCase):
+    """openai-python with base_url at the proxy, the proxy in front of the fake upstream."""
+
+    def setUp(self):
+        require(openai is not None, "the openai Python package")
+        super().setUp()
+        self.upstream.script = openai_like
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.client = openai.OpenAI(base_url=self.base_url, api_key="client-key", max_retries=0,
+                                    http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(self.client.close)
+
+    def assert_key_swapped(self):
+        for received in self.upstream.requests:
+            self.assertEqual(received.headers["Authorization"], f"Bearer {TEST_KEY}")
+
+    def test_streamed_chat_completion_with_usage(self):
+        stream = self.client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+            stream=True, stream_options={"include_usage": True})
+        text, usage = "", None
+        for part in stream:
+            if part.choices:
+                text += part.choices[0].delta.content or ""
+            usage = part.usage or usage
+        self.assertEqual(text, "Hello world")
+        self.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), (3, 2, 5))
+        self.assert_key_swapped()
+
+    def test_async_streamed_chat_completion(self):
+        async def run():
+            client = openai.AsyncOpenAI(base_url=self.base_url, api_key="client-key", max_retries=0,
+                                        http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+            async with client:
+                stream = await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}],
+                    stream=True, stream_options={"include_usage": True})
+                text, usage = "", None
+                async for part in stream:
+                    if part.choices:
+                        text += part.choices[0].delta.content or ""
+                    usage = part.usage or usage
+                completion = await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+                return text, usage, completion
+        text, usage, completion = asyncio.run(run())
+        self.assertEqual(text, "Hello world")
+        self.assertEqual(usage.total_tokens, 5)
+        self.assertEqual(completion.choices[0].message.content, "Hello world")
+
+    def test_chat_completion_without_streaming(self):
+        completion = self.client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+        self.assertEqual(completion.choices[0].message.content, "Hello world")
+        self.assertEqual(completion.usage.total_tokens, 5)
+
+    def test_streamed_responses(self):
+        stream = self.client.responses.create(model="gpt-4o-mini", input="Hi", stream=True)
+        events = list(stream)
+        self.assertEqual([event.type for event in events], ["response.created", "response.output_text.delta",
+                                                             "response.output_text.delta", "response.completed"])
+        self.assertEqual("".join(e.delta for e in events if e.type == "response.output_text.delta"), "Hello world")
+        self.assertEqual(events[-1].response.output_text, "Hello world")
+        self.assertEqual(events[-1].response.usage.total_tokens, 5)
+
+    def test_models_and_embeddings(self):
+        self.assertEqual([model.id for model in self.client.models.list()],
+                         ["gpt-4o-mini", "text-embedding-3-small"])
+        embedding = self.client.embeddings.create(model="text-embedding-3-small", input="hi")
+        self.assertEqual(embedding.data[0].embedding, [0.25, -0.5, 1.0])
+        self.assert_key_swapped()
+
+    def test_rate_limit_raises_rate_limit_error(self):
+        self.upstream.script = json_script({"error": {"message": "Rate limit reached for gpt-4o-mini",
+                                                      "type": "requests", "code": "rate_limit_exceeded"}},
+                                           status=429, headers={"Retry-After": "1"})
+        with self.assertRaises(openai.RateLimitError) as caught:
+            self.client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+        self.assertIn("Rate limit reached", str(caught.exception))
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_bad_request_raises_bad_request_error_with_the_upstream_message(self):
+        self.upstream.script = json_script({"error": {"message": "Invalid value for 'temperature'",
+                                                      "type": "invalid_request_error", "param": "temperature",
+                                                      "code": "invalid_value"}}, status=400)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            self.client.chat.completions.create(model="gpt-4o-mini", temperature=9,
+                                                messages=[{"role": "user", "content": "Hi"}])
+        self.assertIn("Invalid value for 'temperature'", str(caught.exception))
+        self.assertEqual(caught.exception.body["param"], "temperature")
+
+
+NODE_STREAM_SCRIPT = """
+const OpenAI = require('openai');
+(async () => {
+  const client = new OpenAI({ baseURL: process.env.PROXY_URL, apiKey: 'client-key', maxRetries: 0 });
+  const stream = await client.chat.completions.create({
+    model: 'gpt-4o-mini', messages: [{ role: 'user', content: 'Hi' }],
+    stream: true, stream_options: { include_usage: true } });
+  let text = '';
+  let usage = null;
+  for await (const part of stream) {
+    if (part.choices.length) text += part.choices[0].delta.content || '';
+    if (part.usage) usage = part.usage;
+  }
+  console.log(JSON.stringify({ text, usage }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+class NodeSdkTest(ProxyTestCase):
+    """The openai npm package, run by node, streaming through the proxy."""
+
+    def test_streamed_chat_completion(self):
+        node_modules = os.environ.get("PROXY_TEST_NODE_MODULES", "")
+        require(shutil.which("node") and os.path.isdir(os.path.join(node_modules, "openai")),
+                "node and the openai npm package (PROXY_TEST_NODE_MODULES)")
+        self.upstream.script = openai_like
+        result = subprocess.run(["node", "-e", NODE_STREAM_SCRIPT], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "NODE_PATH": node_modules,
+                                     "PROXY_URL": f"http://127.0.0.1:{self.port}/v1"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        output = json.loads(result.stdout)
+        self.assertEqual(output["text"], "Hello world")
+        self.assertEqual(output["usage"]["total_tokens"], 5)
+        self.assertEqual(self.upstream.requests[0].headers["Authorization"], f"Bearer {TEST_KEY}")
 
 
 # --------------------------------------------------------------------------
