@@ -21,8 +21,15 @@ Design decisions:
   socket at once so nobody pays for tokens nobody reads. It also writes
   `: keep-alive` comments through long silences, only ever between frames.
 - Errors before the response head get their real status and an OpenAI-style
-  JSON error; errors after it get an `event:error` frame and a clean end of
-  the chunked body. A stream is never cut silently.
+  JSON error; errors after it get an `event:error` frame (or, under /v1, a
+  `data: {"error": ...}` event) and a clean end of the chunked body. A
+  stream is never cut silently; where no error can be told in the body (in
+  the middle of an event, or of a body with a Content-Length) the body is
+  left incomplete, so that the client sees a failure and not a success.
+- Under /v1/ the proxy is a byte-for-byte passthrough to OPENAI_BASE_URL
+  with the key swapped in: request and response bodies are streamed both
+  ways in small pieces, never held whole, and only the request path (never
+  the Host header or an absolute URL) picks what is called, on that host.
 - Upstream redirects are not followed (they would carry the key elsewhere);
   upstream 401/403 become 502 without the upstream's text, and the key never
   reaches a log line or a response.
@@ -1253,7 +1260,7 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
             request = None
         if self.path.partition("?")[0] != "/v1/chat/completions" or not isinstance(request, dict):
             self._send_json(HTTPStatus.NOT_FOUND, {"error": {
-                "message": "the demo upstream only serves POST /v1/chat/completions with a JSON body",
+                "message": "the demo upstream serves GET /v1/models and POST /v1/chat/completions",
                 "type": "invalid_request_error"}})
             return
         words = demo_reply_words(request.get("messages"))
@@ -1265,6 +1272,15 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
                 self._send_json(HTTPStatus.OK, self._completion(words, model))
         except OSError:
             self.close_connection = True  # the proxy hung up: its client left
+
+    def do_GET(self):
+        if self.path.partition("?")[0] != "/v1/models":
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": {
+                "message": "the demo upstream serves GET /v1/models and POST /v1/chat/completions",
+                "type": "invalid_request_error"}})
+            return
+        self._send_json(HTTPStatus.OK, {"object": "list", "data": [
+            {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "proxy.py demo"}]})
 
     def _base(self, model: str) -> dict:
         return {"id": "chatcmpl-demo", "created": int(time.time()), "model": model}
