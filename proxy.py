@@ -739,7 +739,7 @@ class Exchange:
         """Write the response head; write_head returns the body's framing."""
         with self._write_lock:
             self.framing = write_head()
-            self.heartbeats = heartbeats
+            self.heartbeats = heartbeats and self.framing != SIZED  # a comment would break the length
             self.streaming = True
             self.last_write = time.monotonic()
 
@@ -752,7 +752,7 @@ class Exchange:
 
     def error_payload(self, error: ProxyError) -> Optional[bytes]:
         """The body bytes that tell the client of a failure, if its body can carry them now."""
-        if self._error_payload is None or self.framing == SIZED or not (self.heartbeats and self.between_events):
+        if self._error_payload is None or not (self.heartbeats and self.between_events):
             return None
         return self._error_payload(error)
 

@@ -167,11 +167,13 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(script.body)
             return
-        self.send_header("Transfer-Encoding", "chunked")
+        sized = "Content-Length" in script.headers  # steps are then the raw body, in pieces
+        if not sized:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for step in script.steps:
             if isinstance(step, bytes):
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(step), step))
+                self.wfile.write(step if sized else b"%x\r\n%b\r\n" % (len(step), step))
                 self.server.fake.sent_at.append(time.monotonic())
             elif isinstance(step, threading.Event):
                 step.wait(10)
@@ -184,7 +186,8 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
-        self.wfile.write(b"0\r\n\r\n")
+        if not sized:
+            self.wfile.write(b"0\r\n\r\n")
 
     def wait_for_hangup(self, limit=30.0):
         """Block until the proxy closes this connection (bounded), and record it."""
@@ -1167,6 +1170,19 @@ class PassthroughStreamingTest(ProxyTestCase):
         between.set()
         received += response.read()
         self.assertEqual(received.replace(b": keep-alive\n\n", b""), b'1}\n\n' + DONE)
+
+    def test_no_heartbeat_inside_an_event_stream_of_known_length(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        body = chunk(content="a") + DONE
+        self.upstream.script = Script(headers={"Content-Type": "text/event-stream", "Content-Length": str(len(body))},
+                                      steps=[chunk(content="a"), hold, DONE])
+        response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
+        self.assertEqual(response.read1(65536), chunk(content="a"))
+        ready, _, _ = select.select([response.fp], [], [], 0.6)  # three heartbeat intervals
+        self.assertEqual(ready, [], "a heartbeat went into a body with a Content-Length")
+        hold.set()
+        self.assertEqual(response.read(), DONE)
 
     def test_client_leaving_a_stream_closes_the_upstream(self):
         self.upstream.script = Script(steps=[chunk(content="a"), HANG])
