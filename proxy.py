@@ -44,11 +44,13 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hmac
 import http.client
 import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -209,6 +211,10 @@ class Config:
     max_upload_bytes: int        # largest /v1 body accepted; streamed, never held whole
     auth_header: str             # header that carries the key: Authorization (as Bearer) or e.g. api-key
     extra_headers: Tuple[Tuple[str, str], ...]  # fixed headers added to every upstream request
+    proxy_api_keys: Tuple[Tuple[str, str], ...]  # (client name, key); empty: no client auth
+    rate_limit_rpm: int          # requests per minute per client; 0: no limit
+    max_streams_per_client: int  # relayed requests at once per client; 0: no limit
+    max_streams: int             # relayed requests at once in all; 0: no limit
     demo: bool                   # serve from the built-in demo upstream, no key, no network
 
 
@@ -266,6 +272,37 @@ def _parse_extra_headers(text: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(headers.items())
 
 
+def _parse_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 for no limit")
+    return value
+
+
+MIN_CLIENT_KEY_LENGTH = 16
+
+
+def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
+    """'key1,key2' or 'alice=key1,bob=key2': (name, key) pairs; unnamed keys are key1, key2, ..."""
+    pairs = []
+    for index, entry in enumerate(part.strip() for part in text.split(",") if part.strip()):
+        name, _, key = entry.rpartition("=")
+        name = name or f"key{index + 1}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"has a bad client name {name!r}: use letters, digits, '.', '_' or '-'")
+        if len(key) < MIN_CLIENT_KEY_LENGTH or not re.fullmatch(r"[\x21-\x7e]+", key):
+            raise ValueError(f"has a bad key for {name}: use at least {MIN_CLIENT_KEY_LENGTH} printable "
+                             "characters without spaces, ',' or '=', e.g. from "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        pairs.append((name, key))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("names a client twice")
+    if len({key for _, key in pairs}) != len(pairs):
+        raise ValueError("holds the same key twice")
+    return tuple(pairs)
+
+
 def _parse_origins(text: str) -> Tuple[str, ...]:
     origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
     if not origins:
@@ -282,6 +319,7 @@ class Setting:
     default: str
     parse: Callable[[str], object]
     help: str
+    secret: bool = False  # never echoed in an error message
 
     @property
     def flag(self) -> str:
@@ -290,7 +328,7 @@ class Setting:
 
 SETTINGS = (
     Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", str.strip,
-            "upstream API key (prefer the environment: flags show in ps)"),
+            "upstream API key (prefer the environment: flags show in ps)", secret=True),
     Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
             "upstream base URL: OpenAI or any OpenAI-compatible server"),
     Setting("model", ("OA_MODEL",), DEFAULT_MODEL, str.strip, "model used when a request names none"),
@@ -316,6 +354,15 @@ SETTINGS = (
             "header that carries the key: Authorization sends 'Bearer <key>', any other sends the bare key"),
     Setting("extra_headers", ("OA_EXTRA_HEADERS",), "", _parse_extra_headers,
             "fixed headers for every upstream request, as a JSON object"),
+    Setting("proxy_api_keys", ("PROXY_API_KEYS",), "", _parse_client_keys,
+            "client keys, comma list of key or name=key; when set, /message and /v1/ need "
+            "'Authorization: Bearer <key>'", secret=True),
+    Setting("rate_limit_rpm", ("RATE_LIMIT_RPM",), "0", _parse_count,
+            "requests per minute per client (its key name, or its IP without keys); 0: no limit"),
+    Setting("max_streams_per_client", ("MAX_STREAMS_PER_CLIENT",), "0", _parse_count,
+            "relayed requests one client may have running at once; 0: no limit"),
+    Setting("max_streams", ("MAX_STREAMS",), "1000", _parse_count,
+            "relayed requests running at once in all; 0: no limit"),
     Setting("demo", ("DEMO",), "false", _parse_bool,
             "serve from a built-in demo upstream: no key, no network"),
 )
@@ -361,7 +408,8 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
             values[setting.field] = setting.parse(text)
         except ValueError as error:
             reason = str(error) if setting.parse is not int else "must be a number"
-            raise ConfigError(f"{source} {reason}; got {text!r}") from None
+            shown = "" if setting.secret else f"; got {text!r}"
+            raise ConfigError(f"{source} {reason}{shown}") from None
     values["base_url"] = _validate_base_url(values["base_url"])
     if not values["api_key"] and not values["demo"]:
         raise ConfigError("set OA_API_KEY (or OPENAI_API_KEY) to your upstream API key, "
@@ -401,14 +449,21 @@ def format_url(host: str, port: int) -> str:
 def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
     """What the proxy says when it starts: (log level, text) pairs."""
     upstream = "built-in demo upstream (no key, no network)" if config.demo else config.base_url
+    keys = config.proxy_api_keys
+    client_auth = (f"client keys required ({len(keys)}: {', '.join(name for name, _ in keys)})" if keys
+                   else "no client keys (PROXY_API_KEYS unset): every client is trusted")
+    limits = ", ".join(f"{name} {value}" for name, value in (
+        ("RATE_LIMIT_RPM", config.rate_limit_rpm), ("MAX_STREAMS_PER_CLIENT", config.max_streams_per_client),
+        ("MAX_STREAMS", config.max_streams)) if value) or "none"
     lines = [
         (logging.INFO, f"proxy.py {__version__} listening on {format_url(config.host, port)}"),
         (logging.INFO, f"upstream {upstream}; default model {config.model}"),
+        (logging.INFO, f"{client_auth}; limits: {limits}"),
     ]
-    if not is_loopback_host(config.host):
+    if not is_loopback_host(config.host) and not keys:
         lines.append((logging.WARNING,
-                      f"listening on {config.host}, which is not a loopback address: "
-                      "anyone who can reach this port can spend the upstream API key"))
+                      f"listening on {config.host}, which is not a loopback address, without client keys: "
+                      "anyone who can reach this port can spend the upstream API key; set PROXY_API_KEYS"))
     return lines
 
 
@@ -670,6 +725,104 @@ def allowed_methods(methods) -> str:
 def redact(text: str, secret: str) -> str:
     """Text with every copy of the secret removed."""
     return text.replace(secret, "[redacted]") if secret else text
+
+
+# --------------------------------------------------------------------------
+# Access control and limits
+# --------------------------------------------------------------------------
+
+def identify_client(authorization: Optional[str], keys: Tuple[Tuple[str, str], ...]) -> Optional[str]:
+    """The name of the client whose key is presented as a Bearer token, or None."""
+    scheme, _, presented = (authorization or "").partition(" ")
+    presented_bytes = presented.strip().encode() if scheme.lower() == "bearer" else b""
+    found = None
+    for name, key in keys:  # every key is compared, so the time taken does not tell which matched
+        if hmac.compare_digest(presented_bytes, key.encode()):
+            found = name
+    return found
+
+
+class TooManyRequests(ProxyError):
+    """A client went over one of its own limits."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    type = "rate_limit_error"
+
+
+class Overloaded(ProxyError):
+    """The proxy as a whole is at its limit."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "overloaded_error"
+
+
+class _ClientState:
+    __slots__ = ("tokens", "refilled_at", "streams")
+
+    def __init__(self, capacity: float, now: float):
+        self.tokens = capacity
+        self.refilled_at = now
+        self.streams = 0
+
+
+class Limits:
+    """Per-client request rates and concurrency, and the global cap; shared by all threads."""
+
+    PRUNE_AT = 10000  # client entries kept before idle ones are dropped
+
+    def __init__(self, config: Config):
+        self._rpm = config.rate_limit_rpm
+        self._per_client = config.max_streams_per_client
+        self._global = config.max_streams
+        self._lock = threading.Lock()
+        self._clients: Dict[str, _ClientState] = {}
+        self._streams = 0
+
+    @contextlib.contextmanager
+    def admit(self, client: str) -> Iterator[None]:
+        """Hold one of the client's stream slots while the request runs, or raise 429/503."""
+        with self._lock:
+            state = self._take(client)
+            self._streams += 1
+            state.streams += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams -= 1
+                state.streams -= 1
+
+    def _take(self, client: str) -> _ClientState:
+        now = time.monotonic()
+        state = self._clients.get(client)
+        if state is None:
+            if len(self._clients) >= self.PRUNE_AT:
+                self._prune(now)
+            state = self._clients[client] = _ClientState(self._rpm, now)
+        if self._global and self._streams >= self._global:
+            raise Overloaded(f"the proxy is running its limit of {self._global} requests at once "
+                             "(MAX_STREAMS); try again shortly", headers={"Retry-After": "1"})
+        if self._per_client and state.streams >= self._per_client:
+            raise TooManyRequests(f"this client already has {state.streams} requests running, its limit "
+                                  "(MAX_STREAMS_PER_CLIENT); wait for one to finish",
+                                  headers={"Retry-After": "1"})
+        if self._rpm:
+            # A token bucket: full at rpm tokens, refilled at rpm per minute.
+            state.tokens = min(self._rpm, state.tokens + (now - state.refilled_at) * self._rpm / 60)
+            state.refilled_at = now
+            if state.tokens < 1:
+                wait = math.ceil((1 - state.tokens) * 60 / self._rpm)
+                raise TooManyRequests(f"this client is over its limit of {self._rpm} requests per minute "
+                                      f"(RATE_LIMIT_RPM); retry in {wait} s", headers={"Retry-After": str(wait)})
+            state.tokens -= 1
+        return state
+
+    def _prune(self, now: float) -> None:
+        """Forget clients with nothing running and a bucket that has refilled."""
+        full_after = 60.0
+        for client, state in list(self._clients.items()):
+            if state.streams == 0 and now - state.refilled_at >= full_after:
+                del self._clients[client]
 
 
 # --------------------------------------------------------------------------
@@ -1357,6 +1510,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"proxy.py/{__version__}"
     disable_nagle_algorithm = True  # a small frame leaves at once, not after a delayed ACK
 
+    # Handlers that spend the upstream key: they need a client key, and count against the limits.
+    relay_handlers = frozenset({"handle_message", "handle_passthrough"})
+
     # path -> method -> handler method name
     routes = {
         "/message": {"POST": "handle_message"},
@@ -1378,6 +1534,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.first_byte_at: Optional[float] = None
         self.exchange: Optional[Exchange] = None
         self.status: Optional[int] = None
+        self.client_name: Optional[str] = None
         self.outcome = ""
         self.body_read = False
 
@@ -1425,7 +1582,27 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              headers={"Allow": allowed})
         if self.server.draining:
             raise ShuttingDown("the proxy is shutting down; send the request again in a moment")
-        getattr(self, methods[self.command])()
+        handler = getattr(self, methods[self.command])
+        if methods[self.command] not in self.relay_handlers:
+            handler()
+            return
+        self.client_name = self.authenticate()
+        with self.server.limits.admit(self.client_name):
+            handler()
+
+    def authenticate(self) -> str:
+        """Who the client is: its key's name, or its address when the proxy has no client keys."""
+        keys = self.server.config.proxy_api_keys
+        if not keys:
+            return self.client_address[0]
+        name = identify_client(self.headers.get("Authorization"), keys)
+        if name is None:
+            raise ProxyError("this proxy needs a client key: send 'Authorization: Bearer <key>' with a key "
+                             "from its PROXY_API_KEYS (SDKs: pass it as api_key)",
+                             status=HTTPStatus.UNAUTHORIZED, type="invalid_request_error",
+                             headers={"WWW-Authenticate": 'Bearer realm="proxy.py"'},
+                             detail={"code": "invalid_api_key"})
+        return name
 
     def fail(self, error: ProxyError):
         """Tell the client what went wrong, in whatever form the response still allows."""
@@ -1652,10 +1829,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         now = time.monotonic()
         ttfb = f"{self.first_byte_at - self.started:.3f}s" if self.first_byte_at else "-"
         frames = self.exchange.frames if self.exchange else 0
-        logger.info('%s "%s %s" %s %.3fs ttfb=%s frames=%d%s', self.client_address[0],
+        client = self.client_name if self.client_name not in (None, self.client_address[0]) else None
+        logger.info('%s "%s %s" %s %.3fs ttfb=%s frames=%d%s%s', self.client_address[0],
                     getattr(self, "command", None) or "-", self.path_only if hasattr(self, "path") else "-",
                     self.status or "-", now - self.started, ttfb, frames,
-                    f" outcome={self.outcome}" if self.outcome else "")
+                    f" client={client}" if client else "", f" outcome={self.outcome}" if self.outcome else "")
 
     def log_request(self, code="-", size="-"):
         pass  # log_exchange writes the access line, after the stream ends
@@ -1677,6 +1855,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, config: Config, handler_class=ProxyHandler):
         self.config = config
         self.supervisor = StreamSupervisor(config.heartbeat_interval)
+        self.limits = Limits(config)
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()

@@ -1504,6 +1504,169 @@ class NodeSdkTest(ProxyTestCase):
 
 
 # --------------------------------------------------------------------------
+# Client keys and limits
+# --------------------------------------------------------------------------
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef0"
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+class ClientKeyConfigTest(unittest.TestCase):
+    def test_key_lists(self):
+        config = proxy.load_config([], {"OA_API_KEY": "k", "PROXY_API_KEYS": f"{ALICE_KEY}, bob={BOB_KEY}"})
+        self.assertEqual(config.proxy_api_keys, (("key1", ALICE_KEY), ("bob", BOB_KEY)))
+
+    def test_bad_key_lists_say_what_to_fix(self):
+        for value, words in ((f"alice=short", "at least 16"), (f"alice={ALICE_KEY},alice={BOB_KEY}", "twice"),
+                             (f"a={ALICE_KEY},b={ALICE_KEY}", "same key"), (f"bad name={ALICE_KEY}", "client name")):
+            with self.subTest(value=value), self.assertRaises(proxy.ConfigError) as caught:
+                proxy.load_config([], {"OA_API_KEY": "k", "PROXY_API_KEYS": value})
+            self.assertIn("PROXY_API_KEYS", str(caught.exception))
+            self.assertIn(words, str(caught.exception))
+            self.assertNotIn(ALICE_KEY, str(caught.exception))
+
+    def test_identify_client(self):
+        keys = (("alice", ALICE_KEY), ("bob", BOB_KEY))
+        self.assertEqual(proxy.identify_client(f"Bearer {BOB_KEY}", keys), "bob")
+        self.assertEqual(proxy.identify_client(f"bearer {ALICE_KEY}", keys), "alice")
+        for header in (None, "", ALICE_KEY, f"Basic {ALICE_KEY}", f"Bearer {ALICE_KEY}x", "Bearer "):
+            self.assertIsNone(proxy.identify_client(header, keys), header)
+
+    def test_startup_lines_name_clients_never_keys(self):
+        config = make_config(host="0.0.0.0", proxy_api_keys=(("alice", ALICE_KEY),))
+        lines = proxy.startup_lines(config, 8080)
+        text = "\n".join(line for _, line in lines)
+        self.assertIn("client keys required (1: alice)", text)
+        self.assertNotIn(ALICE_KEY, text)
+        self.assertFalse([line for level, line in lines if level >= logging.WARNING])
+        open_lines = proxy.startup_lines(make_config(host="0.0.0.0"), 8080)
+        warning = [line for level, line in open_lines if level >= logging.WARNING]
+        self.assertIn("without client keys: anyone who can reach this port can spend", warning[0])
+
+
+class ClientKeyTest(ProxyTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY), ("bob", BOB_KEY))}
+
+    def test_relayed_routes_need_a_key(self):
+        for method, path, body in (("POST", "/message", chat_body()), ("GET", "/v1/models", None),
+                                   ("POST", "/v1/chat/completions", b"{}")):
+            for headers in ({}, bearer("wrong-key-0123456789abcdef"), {"Authorization": ALICE_KEY}):
+                with self.subTest(path=path, headers=headers):
+                    response = self.request(method, path, body, headers)
+                    error = self.assert_json_error(response, 401, "Authorization: Bearer")
+                    self.assertEqual(error["code"], "invalid_api_key")
+                    self.assertEqual(response.getheader("WWW-Authenticate"), 'Bearer realm="proxy.py"')
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_a_valid_key_is_served_and_never_forwarded(self):
+        self.upstream.script = lambda received: (json_script({"object": "list", "data": []})
+                                                 if "models" in received.path else Script(steps=reply("ok")))
+        with self.assertLogs("proxy", logging.INFO) as logs:
+            frames = parse_frames(self.post_message(headers=bearer(ALICE_KEY)).read().decode())
+            self.assertEqual(self.request("GET", "/v1/models", headers=bearer(BOB_KEY)).status, 200)
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(frames[-1][0], "done")
+        for received in self.upstream.requests:
+            self.assertEqual(received.headers["Authorization"], f"Bearer {TEST_KEY}")
+        log = "\n".join(logs.output)
+        self.assertIn("client=alice", log)
+        self.assertIn("client=bob", log)
+        self.assertNotIn(ALICE_KEY, log)
+        self.assertNotIn(BOB_KEY, log)
+
+    def test_health_and_preflight_stay_open(self):
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        self.assertEqual(self.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"}).status, 204)
+
+    def test_sdk_uses_its_api_key_as_the_client_key(self):
+        require(openai is not None, "the openai Python package")
+        self.upstream.script = openai_like
+        base_url = f"http://127.0.0.1:{self.port}/v1"
+        client = openai.OpenAI(base_url=base_url, api_key=ALICE_KEY, max_retries=0,
+                               http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(client.close)
+        self.assertEqual(len(client.models.list().data), 2)
+        stranger = openai.OpenAI(base_url=base_url, api_key="not-a-client-key-0123456", max_retries=0,
+                                 http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(stranger.close)
+        with self.assertRaises(openai.AuthenticationError):
+            stranger.models.list()
+
+
+class RateLimitTest(ProxyTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY), ("bob", BOB_KEY)), "rate_limit_rpm": 2}
+
+    def test_requests_per_minute_per_client(self):
+        self.upstream.script = lambda received: json_script({"data": []})
+        for _ in range(2):
+            self.assertEqual(self.request("GET", "/v1/models", headers=bearer(ALICE_KEY)).status, 200)
+        response = self.request("GET", "/v1/models", headers=bearer(ALICE_KEY))
+        error = self.assert_json_error(response, 429, "2 requests per minute", "RATE_LIMIT_RPM")
+        self.assertEqual(error["type"], "rate_limit_error")
+        self.assertTrue(25 <= int(response.getheader("Retry-After")) <= 30, response.getheader("Retry-After"))
+        self.assertEqual(self.request("GET", "/v1/models", headers=bearer(BOB_KEY)).status, 200)
+        self.assertEqual(len(self.upstream.requests), 3)
+
+
+class StreamCapTestCase(ProxyTestCase):
+    def open_stream(self, key):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), hold] + reply("x")[1:])
+        reader = FrameReader(self.post_message(headers=bearer(key)))
+        self.assertIsNotNone(reader.next_frame())
+        return reader, hold
+
+    def finish(self, reader, hold):
+        hold.set()
+        self.assertEqual(parse_frames(reader.rest())[-1][0], "done")
+        self.assertTrue(self.server.wait_idle(5))
+
+
+class PerClientStreamCapTest(StreamCapTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY), ("bob", BOB_KEY)), "max_streams_per_client": 1}
+
+    def test_one_client_at_its_cap_does_not_stop_another(self):
+        reader, hold = self.open_stream(ALICE_KEY)
+        response = self.post_message(headers=bearer(ALICE_KEY))
+        error = self.assert_json_error(response, 429, "MAX_STREAMS_PER_CLIENT")
+        self.assertEqual(error["type"], "rate_limit_error")
+        self.assertEqual(response.getheader("Retry-After"), "1")
+        self.upstream.script = lambda received: json_script({"data": []})
+        self.assertEqual(self.request("GET", "/v1/models", headers=bearer(BOB_KEY)).status, 200)
+        self.finish(reader, hold)
+        self.assertEqual(self.request("GET", "/v1/models", headers=bearer(ALICE_KEY)).status, 200)
+
+
+class GlobalStreamCapTest(StreamCapTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY), ("bob", BOB_KEY)), "max_streams": 1}
+
+    def test_the_global_cap_is_503(self):
+        reader, hold = self.open_stream(ALICE_KEY)
+        response = self.request("GET", "/v1/models", headers=bearer(BOB_KEY))
+        error = self.assert_json_error(response, 503, "MAX_STREAMS")
+        self.assertEqual(error["type"], "overloaded_error")
+        self.assertEqual(response.getheader("Retry-After"), "1")
+        self.finish(reader, hold)
+        self.upstream.script = lambda received: json_script({"data": []})
+        self.assertEqual(self.request("GET", "/v1/models", headers=bearer(BOB_KEY)).status, 200)
+
+
+class ClientByAddressTest(ProxyTestCase):
+    config_overrides = {"rate_limit_rpm": 1}
+
+    def test_without_keys_the_client_is_its_address(self):
+        self.upstream.script = lambda received: json_script({"data": []})
+        self.assertEqual(self.request("GET", "/v1/models").status, 200)
+        self.assert_json_error(self.request("GET", "/v1/models"), 429, "RATE_LIMIT_RPM")
+
+
+# --------------------------------------------------------------------------
 # Health, CORS, logging
 # --------------------------------------------------------------------------
 
