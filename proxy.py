@@ -215,6 +215,8 @@ class Config:
     rate_limit_rpm: int          # requests per minute per client; 0: no limit
     max_streams_per_client: int  # relayed requests at once per client; 0: no limit
     max_streams: int             # relayed requests at once in all; 0: no limit
+    allowed_models: Tuple[str, ...]  # models clients may name; empty: any
+    max_tokens: int              # cap on a request's output tokens; 0: no cap
     demo: bool                   # serve from the built-in demo upstream, no key, no network
 
 
@@ -303,6 +305,10 @@ def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _parse_list(text: str) -> Tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _parse_origins(text: str) -> Tuple[str, ...]:
     origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
     if not origins:
@@ -363,6 +369,11 @@ SETTINGS = (
             "relayed requests one client may have running at once; 0: no limit"),
     Setting("max_streams", ("MAX_STREAMS",), "1000", _parse_count,
             "relayed requests running at once in all; 0: no limit"),
+    Setting("allowed_models", ("ALLOWED_MODELS",), "", _parse_list,
+            "models clients may use, comma list; others get 400; empty: any"),
+    Setting("max_tokens", ("MAX_TOKENS",), "0", _parse_count,
+            "cap on output tokens for /message and /v1 chat and responses: larger values are "
+            "lowered to it, and requests without one get it; 0: no cap"),
     Setting("demo", ("DEMO",), "false", _parse_bool,
             "serve from a built-in demo upstream: no key, no network"),
 )
@@ -414,6 +425,9 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
     if not values["api_key"] and not values["demo"]:
         raise ConfigError("set OA_API_KEY (or OPENAI_API_KEY) to your upstream API key, "
                           "or run with --demo to try it without one")
+    if values["allowed_models"] and values["model"] not in values["allowed_models"]:
+        raise ConfigError(f"OA_MODEL {values['model']!r} is not in ALLOWED_MODELS; add it, or set OA_MODEL "
+                          "to one of them")
     if values["api_key"] and not re.fullmatch(r"[\x21-\x7e]+", values["api_key"]):
         raise ConfigError("the API key holds spaces or control characters; check OA_API_KEY")
     return Config(**values)
@@ -454,7 +468,9 @@ def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
                    else "no client keys (PROXY_API_KEYS unset): every client is trusted")
     limits = ", ".join(f"{name} {value}" for name, value in (
         ("RATE_LIMIT_RPM", config.rate_limit_rpm), ("MAX_STREAMS_PER_CLIENT", config.max_streams_per_client),
-        ("MAX_STREAMS", config.max_streams)) if value) or "none"
+        ("MAX_STREAMS", config.max_streams), ("MAX_TOKENS", config.max_tokens)) if value) or "none"
+    if config.allowed_models:
+        limits += f"; ALLOWED_MODELS {', '.join(config.allowed_models)}"
     lines = [
         (logging.INFO, f"proxy.py {__version__} listening on {format_url(config.host, port)}"),
         (logging.INFO, f"upstream {upstream}; default model {config.model}"),
@@ -643,7 +659,7 @@ def _validate_option(name: str, value) -> None:
         raise BadRequest("'stop' must be a string or a list of 1 to 4 strings")
 
 
-def build_chat_request(body: dict, default_model: str) -> dict:
+def build_chat_request(body: dict, config: Config) -> dict:
     """Validate a /message body and build the upstream chat completion request."""
     unknown = [name for name in body if name not in MESSAGE_FIELDS]
     if unknown:
@@ -657,11 +673,14 @@ def build_chat_request(body: dict, default_model: str) -> dict:
         raise BadRequest("'messages' is empty: send at least one message")
     for index, message in enumerate(messages):
         _validate_message(index, message)
-    request = {"model": default_model, "messages": messages}
+    request = {"model": config.model, "messages": messages}
     for name in MESSAGE_FIELDS[1:]:
         if body.get(name) is not None:
             _validate_option(name, body[name])
             request[name] = body[name]
+    check_model(request["model"], config)
+    if config.max_tokens:
+        cap_output_tokens(request, "/message", config.max_tokens)
     request["stream"] = True
     request["stream_options"] = {"include_usage": True}
     return request
@@ -740,6 +759,66 @@ def identify_client(authorization: Optional[str], keys: Tuple[Tuple[str, str], .
         if hmac.compare_digest(presented_bytes, key.encode()):
             found = name
     return found
+
+
+# Where each API takes its output-token cap: the fields that may hold it, and
+# the one to add when a request has none.
+TOKEN_CAP_FIELDS = {
+    "/message": (("max_tokens",), "max_tokens"),
+    "/chat/completions": (("max_tokens", "max_completion_tokens"), "max_completion_tokens"),
+    "/responses": (("max_output_tokens",), "max_output_tokens"),
+}
+
+
+def check_model(model, config: Config) -> None:
+    """Refuse a model outside ALLOWED_MODELS."""
+    if config.allowed_models and model not in config.allowed_models:
+        raise BadRequest(f"model {json.dumps(model)} is not allowed by this proxy; use one of: "
+                         f"{', '.join(config.allowed_models)}", detail={"param": "model"})
+
+
+def cap_output_tokens(body: dict, api: str, cap: int) -> bool:
+    """Lower the request's output-token fields to the cap, or add the cap; True if the body changed."""
+    fields, default_field = TOKEN_CAP_FIELDS[api]
+    present = [field for field in fields if body.get(field) is not None]
+    if not present:
+        body[default_field] = cap
+        return True
+    changed = False
+    for field in present:
+        if _is_whole(body[field]) and body[field] > cap:
+            body[field] = cap
+            changed = True
+    return changed
+
+
+def guard_json_request(api: str, body: dict, config: Config) -> bool:
+    """Apply ALLOWED_MODELS and MAX_TOKENS to a /v1 JSON body; True if it was changed."""
+    if "model" in body:
+        check_model(body["model"], config)
+    if config.max_tokens and api in TOKEN_CAP_FIELDS:
+        return cap_output_tokens(body, api, config.max_tokens)
+    return False
+
+
+def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
+    """The text of one form field in a multipart/form-data body (RFC 7578), or None."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not boundary:
+        return None
+    delimiter = b"\r\n--" + boundary.group(1).encode("latin-1")
+    position = 0 if body.startswith(delimiter[2:]) else body.find(delimiter)
+    field = re.compile(rb'(?im)^content-disposition:[^\r\n]*;\s*name="?' + re.escape(name.encode()) + rb'"?\s*(;|$)')
+    while position >= 0:
+        head_start = body.find(b"\n", position) + 1
+        head_end = body.find(b"\r\n\r\n", head_start)
+        if head_start == 0 or head_end < 0:
+            return None
+        next_part = body.find(delimiter, head_end)
+        if field.search(body[head_start:head_end]):
+            return body[head_end + 4:next_part if next_part >= 0 else len(body)].decode("utf-8", "replace")
+        position = next_part
+    return None
 
 
 class TooManyRequests(ProxyError):
@@ -1630,7 +1709,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_message(self):
         """POST /message: the seed's API, a chat completion streamed as event:message frames."""
         config = self.server.config
-        request = build_chat_request(parse_json_object(self.read_body()), config.model)
+        request = build_chat_request(parse_json_object(self.read_body()), config)
         supervisor = self.server.supervisor
         with supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
             self.exchange = exchange
@@ -1649,6 +1728,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         config, supervisor = self.server.config, self.server.supervisor
         target = upstream_target(self.path)
         length = self.declared_length()
+        headers = forwarded_request_headers(self.headers, config)
+        body = self.guarded_body(target) if length and self.needs_body_check() else None
+        if body is not None:
+            length = len(body)
         with supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
             self.exchange = exchange
 
@@ -1656,11 +1739,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.body_read = True
                 supervisor.watch_client(exchange)  # from here, readable means the client hung up
 
-            body = ClientBody(self.rfile, length, self.timeout, body_read) if length else None
-            if body is None:
+            if body is None and length:
+                body = ClientBody(self.rfile, length, self.timeout, body_read)
+            else:
                 body_read()
-            response = open_upstream(config, exchange, self.command, target, body,
-                                     forwarded_request_headers(self.headers, config),
+            response = open_upstream(config, exchange, self.command, target, body, headers,
                                      length if body is not None else None)
             try:
                 check_passthrough_response(response)
@@ -1669,6 +1752,27 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 relay_passthrough(response, exchange, config)
             finally:
                 response.close()
+
+    def needs_body_check(self) -> bool:
+        """True when a spend guard must see this /v1 request's body before it is sent on."""
+        config = self.server.config
+        content_type = self.headers.get_content_type()
+        if content_type == "application/json":
+            return bool(config.allowed_models or config.max_tokens)
+        return content_type == "multipart/form-data" and bool(config.allowed_models)
+
+    def guarded_body(self, target: str) -> bytes:
+        """Read the whole /v1 body, apply ALLOWED_MODELS and MAX_TOKENS, return what to send on."""
+        raw = self.read_body()
+        config = self.server.config
+        if self.headers.get_content_type() == "multipart/form-data":
+            model = multipart_field(raw, self.headers.get("Content-Type", ""), "model")
+            if model is not None:
+                check_model(model, config)
+            return raw
+        body = parse_json_object(raw)
+        changed = guard_json_request(target.partition("?")[0], body, config)
+        return json_bytes(body) if changed else raw
 
     def answer_preflight(self, methods: Dict[str, str]):
         """OPTIONS: the CORS preflight (Fetch standard), answered for every known path."""

@@ -1657,6 +1657,88 @@ class GlobalStreamCapTest(StreamCapTestCase):
         self.assertEqual(self.request("GET", "/v1/models", headers=bearer(BOB_KEY)).status, 200)
 
 
+class SpendGuardTest(ProxyTestCase):
+    config_overrides = {"allowed_models": ("gpt-4o-mini", "text-embedding-3-small"), "max_tokens": 50}
+
+    def test_message_model_must_be_allowed(self):
+        error = self.assert_json_error(self.post_message(chat_body(model="gpt-4.5-preview")), 400,
+                                       "gpt-4.5-preview", "gpt-4o-mini, text-embedding-3-small")
+        self.assertEqual(error["param"], "model")
+        self.assertEqual(self.upstream.requests, [])
+        self.post_message().read()
+        self.assertEqual(self.upstream.requests[0].json()["model"], "gpt-4o-mini")
+
+    def test_message_output_tokens_are_capped(self):
+        for sent, want in ((None, 50), (500, 50), (20, 20)):
+            with self.subTest(max_tokens=sent):
+                body = chat_body() if sent is None else chat_body(max_tokens=sent)
+                self.post_message(body).read()
+                self.assertEqual(self.upstream.requests[-1].json()["max_tokens"], want)
+
+    def test_v1_models_must_be_allowed(self):
+        for path, body in (("/v1/chat/completions", {"model": "o1-pro", "messages": []}),
+                           ("/v1/responses", {"model": "o1-pro", "input": "hi"}),
+                           ("/v1/embeddings", {"model": "text-embedding-3-large", "input": "hi"})):
+            with self.subTest(path=path):
+                response = self.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                self.assert_json_error(response, 400, body["model"], "gpt-4o-mini")
+        upload = (b"--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\n\x00\x01\r\n"
+                  b"--b0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b0--\r\n")
+        response = self.request("POST", "/v1/audio/transcriptions", upload,
+                                {"Content-Type": "multipart/form-data; boundary=b0"})
+        self.assert_json_error(response, 400, '"whisper-1" is not allowed')
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_v1_output_tokens_are_capped(self):
+        self.upstream.script = lambda received: json_script({})
+        cases = [("/v1/chat/completions", {}, {"max_completion_tokens": 50}),
+                 ("/v1/chat/completions", {"max_tokens": 900}, {"max_tokens": 50}),
+                 ("/v1/chat/completions", {"max_completion_tokens": 900, "max_tokens": 10},
+                  {"max_completion_tokens": 50, "max_tokens": 10}),
+                 ("/v1/responses", {}, {"max_output_tokens": 50}),
+                 ("/v1/responses", {"max_output_tokens": 7}, {"max_output_tokens": 7})]
+        for path, fields, want in cases:
+            with self.subTest(path=path, fields=fields):
+                body = {"model": "gpt-4o-mini", "input": "hi", **fields}
+                self.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"}).read()
+                self.assertEqual(self.upstream.requests[-1].json(), {**body, **want})
+
+    def test_bodies_that_need_no_change_pass_byte_for_byte(self):
+        self.upstream.script = lambda received: json_script({})
+        raw = b'{ "model" : "gpt-4o-mini",\n  "input": "hi", "max_output_tokens": 10 }'
+        self.request("POST", "/v1/responses", raw, {"Content-Type": "application/json"}).read()
+        self.assertEqual(self.upstream.requests[-1].body, raw)
+
+    def test_unreadable_json_is_refused_when_a_guard_must_read_it(self):
+        response = self.request("POST", "/v1/chat/completions", b"{oops", {"Content-Type": "application/json"})
+        self.assert_json_error(response, 400, "not valid JSON")
+
+    def test_default_model_outside_the_list_is_a_config_error(self):
+        with self.assertRaises(proxy.ConfigError) as caught:
+            proxy.load_config([], {"OA_API_KEY": "k", "ALLOWED_MODELS": "gpt-4o", "OA_MODEL": "gpt-4o-mini"})
+        self.assertIn("ALLOWED_MODELS", str(caught.exception))
+
+    def test_sdk_gets_bad_request_error(self):
+        require(openai is not None, "the openai Python package")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0,
+                               http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(client.close)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+        self.assertIn("not allowed by this proxy", str(caught.exception))
+
+
+class MultipartFieldTest(unittest.TestCase):
+    def test_finds_a_field_among_parts(self):
+        body = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"model\"\r\n"
+                b"Content-Type: audio/mpeg\r\n\r\n--xy\r\nname=\"model\"\r\n\r\n--xyz\r\n"
+                b"content-disposition: form-data; name=model\r\n\r\ngpt-4o-transcribe\r\n--xyz--\r\n")
+        self.assertEqual(proxy.multipart_field(body, "multipart/form-data; boundary=xyz", "model"),
+                         "gpt-4o-transcribe")
+        self.assertIsNone(proxy.multipart_field(body, "multipart/form-data; boundary=xyz", "language"))
+        self.assertIsNone(proxy.multipart_field(body, "multipart/form-data", "model"))
+
+
 class ClientByAddressTest(ProxyTestCase):
     config_overrides = {"rate_limit_rpm": 1}
 
