@@ -47,6 +47,7 @@ import functools
 import hmac
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -206,7 +207,10 @@ class Config:
     idle_timeout: float          # seconds the upstream may stay silent
     heartbeat_interval: float    # seconds of stream silence before a keep-alive comment
     drain_timeout: float         # seconds running streams get after SIGTERM/SIGINT
-    client_timeout: float        # seconds a client may take to send a request or accept a write
+    client_timeout: float        # seconds an idle connection is kept, and a client may take to accept a write
+    header_timeout: float        # seconds from a request's first byte to the end of its head
+    body_timeout: float          # seconds a request body may take to arrive in all
+    max_connections: int         # client connections open at once, idle ones included
     max_body_bytes: int          # largest /message body accepted
     max_upload_bytes: int        # largest /v1 body accepted; streamed, never held whole
     auth_header: str             # header that carries the key: Authorization (as Bearer) or e.g. api-key
@@ -351,7 +355,13 @@ SETTINGS = (
     Setting("drain_timeout", ("DRAIN_TIMEOUT",), "30", _parse_positive_float,
             "seconds running streams get to finish after SIGTERM or SIGINT"),
     Setting("client_timeout", ("CLIENT_TIMEOUT",), "30", _parse_positive_float,
-            "seconds a client may take to send its request, or to accept a write"),
+            "seconds an idle keep-alive connection is kept, and a client may take to accept a write"),
+    Setting("header_timeout", ("HEADER_TIMEOUT",), "10", _parse_positive_float,
+            "seconds a client may take from the first byte of a request to the end of its headers"),
+    Setting("body_timeout", ("BODY_TIMEOUT",), "60", _parse_positive_float,
+            "seconds a request body may take to arrive, in all"),
+    Setting("max_connections", ("MAX_CONNECTIONS",), "2048", _parse_size,
+            "client connections open at once, idle ones included; at the cap the longest-idle one is closed"),
     Setting("max_body_bytes", ("MAX_BODY_BYTES",), "1048576", _parse_size,
             "largest POST /message body accepted, in bytes"),
     Setting("max_upload_bytes", ("MAX_UPLOAD_BYTES",), "67108864", _parse_size,
@@ -908,6 +918,22 @@ class Limits:
 # Exchanges and the stream supervisor
 # --------------------------------------------------------------------------
 
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _drain_socket(sock: socket.socket) -> None:
+    """Read and drop whatever a non-blocking socket holds (the wake-up pipes)."""
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
 def _shutdown_quietly(sock: socket.socket) -> None:
     """Shut a socket both ways so a thread blocked reading it wakes up."""
     try:
@@ -1119,17 +1145,10 @@ class StreamSupervisor:
                     return
                 for key, _ in ready:
                     if key.data is None:
-                        self._drain_wakeups()
+                        _drain_socket(self._wake_r)
                     else:
                         self._check_client(key.data)
                 self._send_due_heartbeats()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _check_client(self, exchange: Exchange) -> None:
         gone = _is_client_gone(exchange.client_sock)
@@ -1432,15 +1451,21 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
     exchange.end()
 
 
+def body_timeout_error(config: Config) -> ProxyError:
+    return ProxyError(f"the request body did not arrive within {config.body_timeout:g} s (BODY_TIMEOUT)",
+                      status=HTTPStatus.REQUEST_TIMEOUT, type="invalid_request_error")
+
+
 class ClientBody:
     """The client's request body, read as the upstream request is sent: never held whole."""
 
-    def __init__(self, rfile, length: int, timeout: float, on_end: Callable[[], None]):
+    def __init__(self, rfile, length: int, config: Config, on_end: Callable[[], None]):
         self._rfile = rfile
         self._left = length
         self._length = length
-        self._timeout = timeout
+        self._config = config
         self._on_end = on_end
+        rfile.raw.set_deadline(config.body_timeout)
 
     def read(self, size: int = -1) -> bytes:
         if self._left == 0:
@@ -1448,13 +1473,13 @@ class ClientBody:
         try:
             data = self._rfile.read(min(self._left, size if size > 0 else UPSTREAM_READ_SIZE))
         except socket.timeout:  # not an OSError for urllib to wrap: the client is at fault
-            raise ProxyError(f"the request body did not arrive within {self._timeout:g} s",
-                             status=HTTPStatus.REQUEST_TIMEOUT, type="invalid_request_error") from None
+            raise body_timeout_error(self._config) from None
         if not data:
             raise BadRequest(f"the request body ended after {self._length - self._left} of the "
                              f"{self._length} bytes its Content-Length announced")
         self._left -= len(data)
         if self._left == 0:
+            self._rfile.raw.set_deadline(None)
             self._on_end()
         return data
 
@@ -1579,6 +1604,233 @@ class DemoUpstream:
 
 
 # --------------------------------------------------------------------------
+# Client connections
+# --------------------------------------------------------------------------
+
+CLIENT_READ_BUFFER = 65536
+_HEAD_END = re.compile(rb"\n\r?\n")  # http.server also takes bare LF line ends
+
+
+class ClientReader(io.RawIOBase):
+    """A client socket as a raw stream: first the bytes the pool read ahead, then the socket.
+
+    Each read may wait the socket's timeout; a deadline, when set, bounds all
+    reads together instead. `probing` makes reads return nothing rather than
+    wait, to see what is buffered.
+    """
+
+    def __init__(self, sock: socket.socket, read_ahead: bytes, timeout: float):
+        super().__init__()
+        self._sock = sock
+        self._read_ahead = bytearray(read_ahead)
+        self._timeout = timeout
+        self._deadline: Optional[float] = None
+        self.probing = False
+
+    def readable(self) -> bool:
+        return True
+
+    def set_deadline(self, seconds: Optional[float]) -> None:
+        """Bound the reads from now on to `seconds` in all; None lifts the bound."""
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+        if seconds is None:
+            self._sock.settimeout(self._timeout)
+
+    def readinto(self, buffer) -> Optional[int]:
+        if self._read_ahead:
+            count = min(len(buffer), len(self._read_ahead))
+            buffer[:count] = self._read_ahead[:count]
+            del self._read_ahead[:count]
+            return count
+        if self.probing:
+            return None
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline passed")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _Waiting:
+    """A connection in the pool: what it sent of its next request head, and until when it may wait."""
+
+    __slots__ = ("sock", "address", "head", "deadline")
+
+    def __init__(self, sock: socket.socket, address, head: bytes, deadline: float):
+        self.sock, self.address, self.head, self.deadline = sock, address, bytearray(head), deadline
+
+
+class ConnectionPool:
+    """Holds client connections between requests with no thread each, reading request heads.
+
+    A connection gets a worker thread only once its whole request head has
+    arrived, so idle connections and slow senders (slowloris) cost a socket,
+    not a thread. A head must arrive within HEADER_TIMEOUT of its first byte;
+    an idle connection is closed after CLIENT_TIMEOUT; at MAX_CONNECTIONS the
+    longest-idle connection makes room for a new one.
+    """
+
+    HEAD_LIMIT = 72 * 1024  # past this http.server answers 414 or 431 itself
+    TICK = 0.1              # how often deadlines are checked, in seconds
+
+    def __init__(self, config: Config, start_request: Callable[[socket.socket, tuple, bytes], None]):
+        self._config = config
+        self._start_request = start_request
+        self._lock = threading.Lock()
+        self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
+        self._busy = 0
+        self._closed = False
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="connection-pool", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def accept(self, sock: socket.socket, address) -> None:
+        """Take a new connection, making room at the cap by closing the longest-idle one."""
+        with self._lock:
+            if self._closed:
+                _close_quietly(sock)
+                return
+            if len(self._waiting) + self._busy >= self._config.max_connections:
+                idle = next((entry for entry in self._waiting.values() if not entry.head), None)
+                if idle is None:
+                    logger.warning("MAX_CONNECTIONS (%d) reached with no idle connection to close: "
+                                   "refusing %s", self._config.max_connections, address[0])
+                    _close_quietly(sock)
+                    return
+                self._forget(idle)
+        self._wait(sock, address, b"")
+
+    def give_back(self, sock: socket.socket, address, read_ahead: bytes) -> None:
+        """A worker finished a request on a keep-alive connection: wait for the next one."""
+        with self._lock:
+            self._busy -= 1
+        self._wait(sock, address, read_ahead)
+
+    def done(self, sock: socket.socket) -> None:
+        """A worker finished with a connection it closes."""
+        _close_quietly(sock)
+        with self._lock:
+            self._busy -= 1
+
+    def close(self) -> None:
+        """Close every waiting connection and stop; workers finish on their own."""
+        with self._lock:
+            self._closed = True
+            for entry in list(self._waiting.values()):
+                self._forget(entry)
+        self._wake()
+        self._thread.join(timeout=5)
+
+    @property
+    def waiting(self) -> int:
+        """Connections between requests: open, with no thread."""
+        return len(self._waiting)
+
+    def _wait(self, sock: socket.socket, address, read_ahead: bytes) -> None:
+        if _HEAD_END.search(read_ahead):  # a pipelined request is already here whole
+            self._hand_off(sock, address, read_ahead)
+            return
+        now = time.monotonic()
+        timeout = self._config.header_timeout if read_ahead else self._config.client_timeout
+        with self._lock:
+            if self._closed:
+                _close_quietly(sock)
+                return
+            sock.setblocking(False)
+            entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now + timeout)
+            self._selector.register(sock, selectors.EVENT_READ, entry)
+        self._wake()
+
+    def _hand_off(self, sock: socket.socket, address, head: bytes) -> None:
+        with self._lock:
+            self._busy += 1
+        threading.Thread(target=self._start_request, args=(sock, address, head), daemon=True).start()
+
+    def _forget(self, entry: _Waiting) -> None:
+        """Stop waiting on a connection and close it; call with the lock held."""
+        del self._waiting[entry.sock]
+        try:
+            self._selector.unregister(entry.sock)
+        except (KeyError, ValueError):
+            pass
+        _close_quietly(entry.sock)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already woken
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + self.TICK
+        while True:
+            with self._lock:
+                if self._closed:
+                    break
+                timeout = max(0.0, next_tick - time.monotonic()) if self._waiting else None
+            for key, _ in self._selector.select(timeout):
+                if key.data is None:
+                    _drain_socket(self._wake_r)
+                else:
+                    self._read(key.data)
+            if time.monotonic() >= next_tick:
+                self._expire(time.monotonic())
+                next_tick = time.monotonic() + self.TICK
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _read(self, entry: _Waiting) -> None:
+        try:
+            data = entry.sock.recv(CLIENT_READ_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        with self._lock:
+            if self._waiting.get(entry.sock) is not entry:
+                return
+            if not data:
+                self._forget(entry)
+                return
+            if not entry.head:  # the header clock starts at a request's first byte
+                entry.deadline = time.monotonic() + self._config.header_timeout
+            entry.head += data
+            if not (_HEAD_END.search(entry.head) or len(entry.head) > self.HEAD_LIMIT):
+                return
+            del self._waiting[entry.sock]
+            self._selector.unregister(entry.sock)
+        self._hand_off(entry.sock, entry.address, bytes(entry.head))
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            late = [entry for entry in self._waiting.values() if entry.deadline <= now]
+            for entry in late:
+                if entry.head:  # a head that never finished: say so, as far as the socket takes it
+                    logger.info('%s "-" 408 request headers not complete within %gs (HEADER_TIMEOUT)',
+                                entry.address[0], self._config.header_timeout)
+                    try:
+                        entry.sock.send(HEADER_TIMEOUT_RESPONSE)
+                    except OSError:
+                        pass
+                self._forget(entry)
+
+
+_HEADER_TIMEOUT_BODY = json_bytes({"error": {
+    "message": "the request headers did not arrive in time (HEADER_TIMEOUT)", "type": "invalid_request_error"}})
+HEADER_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
+                           % (len(_HEADER_TIMEOUT_BODY), _HEADER_TIMEOUT_BODY))
+
+
+# --------------------------------------------------------------------------
 # Request handler
 # --------------------------------------------------------------------------
 
@@ -1598,9 +1850,31 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
     }
 
+    def __init__(self, request, client_address, server, read_ahead: bytes = b""):
+        self.read_ahead = read_ahead  # what the connection pool read of the request already
+        self.keep_open = False
+        self.leftover = b""
+        super().__init__(request, client_address, server)
+
     def setup(self):
-        self.timeout = self.server.config.client_timeout  # reading a request, and each write
+        self.timeout = self.server.config.client_timeout  # each read and write on the connection
         super().setup()
+        self.rfile.close()  # reads go through the pool's read-ahead first
+        self.rfile = io.BufferedReader(ClientReader(self.connection, self.read_ahead, self.timeout),
+                                       CLIENT_READ_BUFFER)
+
+    def handle(self):
+        """Serve one request; the connection pool holds the connection until the next."""
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self):
+        """Keep the connection for the next request, with any bytes of it already read."""
+        if not self.close_connection and not self.server.draining:
+            self.rfile.raw.probing = True
+            self.leftover = self.rfile.read1(CLIENT_READ_BUFFER)  # never waits: only what is buffered
+            self.keep_open = True
+        super().finish()
 
     def version_string(self):
         return self.server_version  # the Server header does not advertise the Python version
@@ -1740,7 +2014,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 supervisor.watch_client(exchange)  # from here, readable means the client hung up
 
             if body is None and length:
-                body = ClientBody(self.rfile, length, self.timeout, body_read)
+                body = ClientBody(self.rfile, length, config, body_read)
             else:
                 body_read()
             response = open_upstream(config, exchange, self.command, target, body, headers,
@@ -1789,11 +2063,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def read_body(self) -> bytes:
         """The request body, within the size limit and the client timeout."""
         length = self.declared_length()
+        self.rfile.raw.set_deadline(self.server.config.body_timeout)
         try:
             body = self.rfile.read(length)
         except socket.timeout:
-            raise ProxyError(f"the request body did not arrive within {self.timeout:g} s",
-                             status=HTTPStatus.REQUEST_TIMEOUT, type="invalid_request_error") from None
+            raise body_timeout_error(self.server.config) from None
+        finally:
+            self.rfile.raw.set_deadline(None)
         if len(body) < length:
             raise BadRequest(f"the request body ended after {len(body)} of the {length} bytes "
                              "its Content-Length announced")
@@ -1950,10 +2226,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 # Server and main
 # --------------------------------------------------------------------------
 
-class ProxyServer(http.server.ThreadingHTTPServer):
-    """The listening server: holds the config, the stream supervisor and the drain state."""
+class ProxyServer(http.server.HTTPServer):
+    """The listening server: holds the config, the connection pool, the stream supervisor and the drain state."""
 
-    daemon_threads = True
     request_queue_size = 1024   # a burst of connections waits in the kernel instead of being refused
 
     def __init__(self, config: Config, handler_class=ProxyHandler):
@@ -1965,8 +2240,32 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self._idle = threading.Condition()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
+        self.pool = ConnectionPool(config, self.serve_request)
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
+        self.pool.start()
+
+    def process_request(self, request, client_address):
+        """Accepted connections wait in the pool, without a thread, for their first request."""
+        self.pool.accept(request, client_address)
+
+    def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes) -> None:
+        """A worker thread's job: one request, then the connection goes back to the pool."""
+        handler = None
+        try:
+            handler = self.RequestHandlerClass(sock, client_address, self, read_ahead)
+        except Exception:
+            self.handle_error(sock, client_address)
+        if handler is not None and handler.keep_open:
+            self.pool.give_back(sock, client_address, handler.leftover)
+        else:
+            self.pool.done(sock)
+
+    def close(self) -> None:
+        """Stop listening and close every connection between requests."""
+        self.server_close()
+        self.pool.close()
+        self.supervisor.stop()
 
     def server_bind(self):
         """Bind without HTTPServer's reverse DNS lookup, which can hang on a host without DNS."""
@@ -2002,6 +2301,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.draining = True
         self.shutdown()
         self.server_close()  # from here new connections are refused
+        self.pool.close()    # and idle keep-alive ones are closed
         logger.info("stopping: no new connections; running streams get up to %gs to finish", timeout)
         deadline = time.monotonic() + timeout
         while not force.is_set() and time.monotonic() < deadline:

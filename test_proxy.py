@@ -334,8 +334,7 @@ class ProxyTestCase(unittest.TestCase):
 
     def stop_server(self):
         self.server.shutdown()
-        self.server.server_close()
-        self.server.supervisor.stop()
+        self.server.close()
 
     def connect(self, timeout=10):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -863,7 +862,7 @@ class HeartbeatTest(ProxyTestCase):
 
 
 class SlowClientTest(ProxyTestCase):
-    config_overrides = {"client_timeout": 1.0}
+    config_overrides = {"client_timeout": 1.0, "body_timeout": 1.0}
 
     def test_stuck_client_does_not_hold_up_others_and_is_dropped(self):
         big = [chunk(content="z" * 60000) for _ in range(200)]  # about 12 MB, far past socket buffers
@@ -896,6 +895,89 @@ class SlowClientTest(ProxyTestCase):
         self.assertLess(time.monotonic() - started, 3.0)
         self.assertEqual(sock.recv(10), b"")  # and the connection is closed
         self.assertEqual(self.upstream.requests, [])
+
+
+class ConnectionPoolTest(ProxyTestCase):
+    config_overrides = {"header_timeout": 0.5, "client_timeout": 0.8}
+
+    def test_slowloris_is_cut_at_the_header_deadline_while_others_are_served(self):
+        slow = self.raw_socket()
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        answered = b""
+        for _ in range(40):  # the attacker trickles a header line every 50 ms, for at most 2 s
+            try:
+                slow.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+            if select.select([slow], [], [], 0.05)[0]:
+                answered = slow.recv(4096)
+                break
+            self.assertEqual(self.request("GET", "/healthz").status, 200)  # others are served meanwhile
+        self.assertIn(b"408 Request Timeout", answered)
+        self.assertIn(b"HEADER_TIMEOUT", answered)
+        self.assertLess(time.monotonic() - started, 1.5)
+
+    def test_pipelined_requests_are_answered_in_order(self):
+        sock = self.raw_socket()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        self.assertEqual((first.status, first.read()), (200, b'{"status":"ok"}'))
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        self.assert_json_error(second, 404)
+
+    def test_idle_keep_alive_connections_are_closed(self):
+        conn = self.connect()
+        self.addCleanup(conn.close)
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+        started = time.monotonic()
+        self.assertEqual(conn.sock.recv(10), b"")  # the proxy closes it after CLIENT_TIMEOUT
+        self.assertLess(time.monotonic() - started, 1.5)
+
+
+class ConnectionCapTest(ProxyTestCase):
+    config_overrides = {"max_connections": 10}
+
+    def test_at_the_cap_the_longest_idle_connection_makes_room(self):
+        idle = [self.raw_socket() for _ in range(10)]
+        self.assertTrue(wait_until(lambda: self.server.pool.waiting == 10))
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        idle[0].settimeout(2)
+        self.assertEqual(idle[0].recv(10), b"")  # the oldest idle one was closed
+        idle[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", idle[-1].recv(4096))  # the newest still works
+
+
+class ManyIdleConnectionsTest(ProxyTestCase):
+    COUNT = 5000
+
+    def test_5000_idle_connections_hold_no_threads_and_others_are_served(self):
+        try:
+            import resource
+        except ImportError:
+            resource = None
+        require(resource is not None, "the resource module (Unix) to allow 10,000 open files")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 2 * self.COUNT + 200  # both ends of every connection live in this process
+        require(hard == resource.RLIM_INFINITY or hard >= needed, f"an open-file limit of {needed}")
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        baseline = threading.active_count()
+        sockets = []
+        self.addCleanup(lambda: [sock.close() for sock in sockets])
+        for _ in range(self.COUNT):
+            sockets.append(socket.create_connection(("127.0.0.1", self.port), timeout=10))
+        self.assertLessEqual(threading.active_count(), baseline + 2)
+        started = time.monotonic()
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(frames[-1][0], "done")
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertLessEqual(threading.active_count(), baseline + 2)
 
 
 class ConcurrencyTest(ProxyTestCase):
@@ -1140,7 +1222,7 @@ class PassthroughTest(ProxyTestCase):
         self.assertEqual(self.upstream.requests, [])
 
     def test_upload_that_stalls_is_408(self):
-        self.server.config = dataclasses.replace(self.config, client_timeout=0.5)
+        self.server.config = dataclasses.replace(self.config, body_timeout=0.5)
         sock = self.raw_socket()
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inp")
         response = http.client.HTTPResponse(sock)
