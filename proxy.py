@@ -217,6 +217,7 @@ class Config:
     extra_headers: Tuple[Tuple[str, str], ...]  # fixed headers added to every upstream request
     proxy_api_keys: Tuple[Tuple[str, str], ...]  # (client name, key); empty: no client auth
     rate_limit_rpm: int          # requests per minute per client; 0: no limit
+    rate_limit_tpm: int          # tokens per minute per client, as the upstream reports them; 0: no limit
     max_streams_per_client: int  # relayed requests at once per client; 0: no limit
     max_streams: int             # relayed requests at once in all; 0: no limit
     allowed_models: Tuple[str, ...]  # models clients may name; empty: any
@@ -375,6 +376,8 @@ SETTINGS = (
             "'Authorization: Bearer <key>'", secret=True),
     Setting("rate_limit_rpm", ("RATE_LIMIT_RPM",), "0", _parse_count,
             "requests per minute per client (its key name, or its IP without keys); 0: no limit"),
+    Setting("rate_limit_tpm", ("RATE_LIMIT_TPM",), "0", _parse_count,
+            "tokens per minute per client, counted from the usage the upstream reports; 0: no limit"),
     Setting("max_streams_per_client", ("MAX_STREAMS_PER_CLIENT",), "0", _parse_count,
             "relayed requests one client may have running at once; 0: no limit"),
     Setting("max_streams", ("MAX_STREAMS",), "1000", _parse_count,
@@ -477,7 +480,8 @@ def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
     client_auth = (f"client keys required ({len(keys)}: {', '.join(name for name, _ in keys)})" if keys
                    else "no client keys (PROXY_API_KEYS unset): every client is trusted")
     limits = ", ".join(f"{name} {value}" for name, value in (
-        ("RATE_LIMIT_RPM", config.rate_limit_rpm), ("MAX_STREAMS_PER_CLIENT", config.max_streams_per_client),
+        ("RATE_LIMIT_RPM", config.rate_limit_rpm), ("RATE_LIMIT_TPM", config.rate_limit_tpm),
+        ("MAX_STREAMS_PER_CLIENT", config.max_streams_per_client),
         ("MAX_STREAMS", config.max_streams), ("MAX_TOKENS", config.max_tokens)) if value) or "none"
     if config.allowed_models:
         limits += f"; ALLOWED_MODELS {', '.join(config.allowed_models)}"
@@ -846,12 +850,13 @@ class Overloaded(ProxyError):
 
 
 class _ClientState:
-    __slots__ = ("tokens", "refilled_at", "streams")
+    __slots__ = ("tokens", "refilled_at", "streams", "usage")
 
     def __init__(self, capacity: float, now: float):
         self.tokens = capacity
         self.refilled_at = now
         self.streams = 0
+        self.usage: collections.deque = collections.deque()  # (time, tokens) of the last minute
 
 
 class Limits:
@@ -861,6 +866,7 @@ class Limits:
 
     def __init__(self, config: Config):
         self._rpm = config.rate_limit_rpm
+        self._tpm = config.rate_limit_tpm
         self._per_client = config.max_streams_per_client
         self._global = config.max_streams
         self._lock = threading.Lock()
@@ -895,6 +901,8 @@ class Limits:
             raise TooManyRequests(f"this client already has {state.streams} requests running, its limit "
                                   "(MAX_STREAMS_PER_CLIENT); wait for one to finish",
                                   headers={"Retry-After": "1"})
+        if self._tpm:
+            self._check_tokens(state, now)
         if self._rpm:
             # A token bucket: full at rpm tokens, refilled at rpm per minute.
             state.tokens = min(self._rpm, state.tokens + (now - state.refilled_at) * self._rpm / 60)
@@ -906,11 +914,34 @@ class Limits:
             state.tokens -= 1
         return state
 
+    def record_tokens(self, client: str, tokens: Optional[int]) -> None:
+        """Count tokens the upstream reported for the client against RATE_LIMIT_TPM."""
+        if not self._tpm or not tokens:
+            return
+        with self._lock:
+            state = self._clients.get(client)
+            if state is not None:
+                state.usage.append((time.monotonic(), tokens))
+
+    def _check_tokens(self, state: _ClientState, now: float) -> None:
+        while state.usage and state.usage[0][0] <= now - 60:
+            state.usage.popleft()
+        used = sum(tokens for _, tokens in state.usage)
+        if used < self._tpm:
+            return
+        for at, tokens in state.usage:  # when enough of the last minute's tokens have aged out
+            used -= tokens
+            if used < self._tpm:
+                break
+        wait = max(1, math.ceil(at + 60 - now))
+        raise TooManyRequests(f"this client used its limit of {self._tpm} tokens per minute (RATE_LIMIT_TPM); "
+                              f"retry in {wait} s", headers={"Retry-After": str(wait)})
+
     def _prune(self, now: float) -> None:
         """Forget clients with nothing running and a bucket that has refilled."""
         full_after = 60.0
         for client, state in list(self._clients.items()):
-            if state.streams == 0 and now - state.refilled_at >= full_after:
+            if state.streams == 0 and now - state.refilled_at >= full_after and not state.usage:
                 del self._clients[client]
 
 
@@ -1377,8 +1408,9 @@ class ChatToMessages:
         return UpstreamBadResponse(message, type=error_type)
 
 
-def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange, config: Config) -> None:
-    """Relay an upstream chat completion stream to the client as event:message frames."""
+def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange,
+                           config: Config) -> Optional[int]:
+    """Relay an upstream chat completion stream as event:message frames; return the tokens it used."""
     decoder = SSEDecoder()
     translator = ChatToMessages(config.api_key)
     while not translator.done:
@@ -1401,6 +1433,7 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
         raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
     exchange.send(done_frame(translator.finish_reason or "stop", translator.usage))
     exchange.end()
+    return count_tokens(translator.usage)
 
 
 def _trailing_line_ends(tail: bytes) -> int:
@@ -1425,6 +1458,63 @@ class EventBoundary:
         return _trailing_line_ends(self._tail) >= 2
 
 
+def count_tokens(usage) -> Optional[int]:
+    """Total tokens of an OpenAI usage object (chat, embeddings or responses)."""
+    if not isinstance(usage, dict):
+        return None
+    if _is_whole(usage.get("total_tokens")):
+        return usage["total_tokens"]
+    parts = [usage.get(name) for name in ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")]
+    return sum(part for part in parts if _is_whole(part)) or None
+
+
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+
+
+class UsageMeter:
+    """Finds the token usage an upstream reports in a body as it is relayed, without holding it."""
+
+    TAIL = 8192  # OpenAI JSON bodies end with their usage
+
+    def __init__(self, is_event_stream: bool):
+        self.tokens: Optional[int] = None
+        self._decoder: Optional[SSEDecoder] = SSEDecoder() if is_event_stream else None
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self._decoder is None:
+            self._tail = (self._tail + chunk[-self.TAIL:])[-self.TAIL:]
+            return
+        try:
+            events = self._decoder.feed(chunk)
+        except UpstreamBadResponse:  # an event too large to meter still goes to the client
+            self._decoder = SSEDecoder()
+            return
+        for event in events:
+            if '"usage"' in event.data:
+                self._take(event.data)
+
+    def finish(self) -> Optional[int]:
+        """The tokens the body reported, once it has all passed."""
+        if self._decoder is None:
+            found = _TOTAL_TOKENS.findall(self._tail)
+            if found:
+                self.tokens = int(found[-1])
+        return self.tokens
+
+    def _take(self, data: str) -> None:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(payload, dict):
+            return
+        usage = payload.get("usage")
+        if usage is None and isinstance(payload.get("response"), dict):  # Responses API: response.completed
+            usage = payload["response"].get("usage")
+        self.tokens = count_tokens(usage) or self.tokens
+
+
 def sse_error_event(error: ProxyError) -> bytes:
     """A failure after an OpenAI event stream started, as the SDKs read it (data with an "error" key)."""
     return b"data: " + json_bytes(error.to_json()) + b"\n\n"
@@ -1437,7 +1527,8 @@ def check_passthrough_response(response: http.client.HTTPResponse) -> None:
                                   "the operator should check OA_API_KEY", type="upstream_auth_error")
 
 
-def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config) -> None:
+def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
+                      meter: Optional[UsageMeter] = None) -> None:
     """Relay the upstream's body as it arrives, bytes untouched."""
     boundary = EventBoundary() if exchange.heartbeats else None
     while True:
@@ -1445,6 +1536,8 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
         if not chunk:
             break
         exchange.send(chunk, between_events=boundary.after(chunk) if boundary else False)
+        if meter is not None:
+            meter.feed(chunk)
     if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
         raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
                                   "before the end of its body")
@@ -1888,6 +1981,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.exchange: Optional[Exchange] = None
         self.status: Optional[int] = None
         self.client_name: Optional[str] = None
+        self.tokens: Optional[int] = None  # the usage the upstream reported, in tokens
         self.outcome = ""
         self.body_read = False
 
@@ -1941,7 +2035,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.client_name = self.authenticate()
         with self.server.limits.admit(self.client_name):
-            handler()
+            try:
+                handler()
+            finally:
+                self.server.limits.record_tokens(self.client_name, self.tokens)
 
     def authenticate(self) -> str:
         """Who the client is: its key's name, or its address when the proxy has no client keys."""
@@ -1993,7 +2090,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             try:
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
-                relay_chat_as_messages(response, exchange, config)
+                self.tokens = relay_chat_as_messages(response, exchange, config)
             finally:
                 response.close()
 
@@ -2023,7 +2120,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 check_passthrough_response(response)
                 is_event_stream = response.headers.get_content_type() == "text/event-stream"
                 exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
-                relay_passthrough(response, exchange, config)
+                meter = UsageMeter(is_event_stream) if config.rate_limit_tpm else None
+                try:
+                    relay_passthrough(response, exchange, config, meter)
+                finally:
+                    self.tokens = meter.finish() if meter else None
             finally:
                 response.close()
 

@@ -1821,6 +1821,51 @@ class MultipartFieldTest(unittest.TestCase):
         self.assertIsNone(proxy.multipart_field(body, "multipart/form-data", "model"))
 
 
+class TokenLimitTest(ProxyTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY), ("bob", BOB_KEY)), "rate_limit_tpm": 12}
+
+    def assert_over_tpm(self, key):
+        response = self.request("GET", "/v1/models", headers=bearer(key))
+        error = self.assert_json_error(response, 429, "12 tokens per minute", "RATE_LIMIT_TPM")
+        self.assertEqual(error["type"], "rate_limit_error")
+        self.assertTrue(55 <= int(response.getheader("Retry-After")) <= 60, response.getheader("Retry-After"))
+
+    def test_message_usage_counts(self):
+        self.upstream.script = Script(steps=reply("a"))  # usage: 5 tokens
+        for _ in range(3):
+            self.assertEqual(parse_frames(self.post_message(headers=bearer(ALICE_KEY)).read().decode())[-1][0], "done")
+        self.assertTrue(self.server.wait_idle(5))
+        self.assert_over_tpm(ALICE_KEY)
+        self.assertEqual(parse_frames(self.post_message(headers=bearer(BOB_KEY)).read().decode())[-1][0], "done")
+
+    def test_v1_usage_counts_from_streams_and_json_bodies(self):
+        bodies = [Script(steps=reply("a")),  # a chat stream with a usage chunk: 5
+                  Script(steps=responses_events(["a", "b"])),  # response.completed usage: 5
+                  json_script({"object": "list", "data": [], "usage": {"prompt_tokens": 2, "total_tokens": 2}})]
+        self.upstream.script = lambda received: bodies[len(self.upstream.requests) - 1]
+        for path in ("/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
+            response = self.request("POST", path, b'{"stream": true}', bearer(ALICE_KEY))
+            self.assertEqual(response.status, 200)
+            response.read()
+        self.assertTrue(self.server.wait_idle(5))
+        self.assert_over_tpm(ALICE_KEY)
+
+
+class UsageMeterTest(unittest.TestCase):
+    def test_counts(self):
+        for is_stream, body, want in (
+                (True, b"".join(reply("a")), 5),
+                (True, b"".join(responses_events(["a", "b", "c"])), 6),
+                (True, b"".join(reply("a", usage=False)), None),
+                (False, b'{"choices": [{"message": {"content": "\\"total_tokens\\": 99"}}], '
+                        b'"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}', 3)):
+            with self.subTest(body=body[:40]):
+                meter = proxy.UsageMeter(is_stream)
+                for i in range(0, len(body), 5):
+                    meter.feed(body[i:i + 5])
+                self.assertEqual(meter.finish(), want)
+
+
 class ClientByAddressTest(ProxyTestCase):
     config_overrides = {"rate_limit_rpm": 1}
 
