@@ -173,8 +173,8 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         for step in script.steps:
             if isinstance(step, bytes):
+                self.server.fake.sent_at.append(time.monotonic())  # before: the relay may beat the append
                 self.wfile.write(step if sized else b"%x\r\n%b\r\n" % (len(step), step))
-                self.server.fake.sent_at.append(time.monotonic())
             elif isinstance(step, threading.Event):
                 step.wait(10)
             elif isinstance(step, float):
