@@ -700,13 +700,19 @@ def build_chat_request(body: dict, config: Config) -> dict:
     return request
 
 
+def is_origin_allowed(allowed: Tuple[str, ...], origin: Optional[str]) -> bool:
+    """True when CORS_ORIGINS lets this Origin call the proxy."""
+    return "*" in allowed or bool(origin and origin.rstrip("/") in allowed)
+
+
 def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[str, str]]:
     """Access-Control-Allow-Origin for this request's Origin (Fetch standard, CORS protocol)."""
     if "*" in allowed:
-        return [("Access-Control-Allow-Origin", "*")]
-    if origin and origin.rstrip("/") in allowed:
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-    return [("Vary", "Origin")]
+        return [("Access-Control-Allow-Origin", "*"), ("Access-Control-Expose-Headers", "*")]
+    if not is_origin_allowed(allowed, origin):
+        return [("Vary", "Origin")]
+    # Expose-Headers lets browser code read x-request-id, x-ratelimit-* and retry-after.
+    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"), ("Access-Control-Expose-Headers", "*")]
 
 
 def upstream_auth(config: Config) -> Tuple[str, str]:
@@ -755,9 +761,16 @@ def allowed_methods(methods) -> str:
     return ", ".join(sorted(methods) + ["OPTIONS"])
 
 
-def redact(text: str, secret: str) -> str:
-    """Text with every copy of the secret removed."""
-    return text.replace(secret, "[redacted]") if secret else text
+# What API keys look like: sk-... (OpenAI, OpenRouter, Anthropic; also as
+# OpenAI prints them half-starred), Bearer tokens, long hex strings (Azure).
+_KEY_LIKE = re.compile(r"\b[sr]k-[A-Za-z0-9_*.-]{6,}|\bBearer\s+[A-Za-z0-9_*.~+/=-]{8,}|\b[0-9A-Fa-f]{32,}\b")
+
+
+def mask_secrets(text: str, secret: str) -> str:
+    """Upstream error text with the key, and anything that looks like a key, masked."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)
 
 
 # --------------------------------------------------------------------------
@@ -988,8 +1001,9 @@ class Exchange:
         # be, and the body is left incomplete so the client sees a failure.
         self._error_payload = error_payload
         self.framing = CHUNKED       # set by the head: CHUNKED, SIZED (Content-Length) or CLOSE
-        self.between_events = True   # the body so far ends at an event boundary: a heartbeat may go
-        self.heartbeats = False      # the body is an event stream that takes keep-alive comments
+        # The body is an event stream written whole event by whole event: heartbeats
+        # and error events may go between any two writes.
+        self.heartbeats = False
         self.cancelled = threading.Event()
         self.cancel_reason: Optional[str] = None
         self.streaming = False       # the response head is out; body bytes may follow
@@ -1032,16 +1046,15 @@ class Exchange:
             self.streaming = True
             self.last_write = time.monotonic()
 
-    def send(self, data: bytes, count: int = 1, between_events: bool = True) -> None:
+    def send(self, data: bytes, count: int = 1) -> None:
         """Write body bytes as one chunk; raise ClientGone if the client is gone or stuck."""
         with self._write_lock:
             self._write(encode_chunk(data) if self.framing == CHUNKED else data)
             self.frames += count
-            self.between_events = between_events
 
     def error_payload(self, error: ProxyError) -> Optional[bytes]:
         """The body bytes that tell the client of a failure, if its body can carry them now."""
-        if self._error_payload is None or not (self.heartbeats and self.between_events):
+        if self._error_payload is None or not self.heartbeats:
             return None
         return self._error_payload(error)
 
@@ -1057,7 +1070,7 @@ class Exchange:
         if not self._write_lock.acquire(blocking=False):
             return  # the handler is writing right now, so the stream is not silent
         try:
-            if self.streaming and self.heartbeats and self.between_events and _is_writable(self.client_sock):
+            if self.streaming and self.heartbeats and _is_writable(self.client_sock):
                 self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
         except ClientGone:
             pass
@@ -1335,7 +1348,7 @@ def check_upstream_response(response: http.client.HTTPResponse, config: Config) 
         # Upstream auth errors quote part of the key: none of their text is passed on.
         raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
                                   "the operator should check OA_API_KEY", type="upstream_auth_error")
-    message = redact(error["message"], config.api_key)
+    message = mask_secrets(error["message"], config.api_key)
     headers = {"Retry-After": response.headers["Retry-After"]} if response.headers.get("Retry-After") else {}
     if 400 <= status < 500:
         error_type = error.get("type") if isinstance(error.get("type"), str) else "invalid_request_error"
@@ -1403,7 +1416,7 @@ class ChatToMessages:
     def _upstream_error(self, error) -> ProxyError:
         if not isinstance(error, dict):
             error = {"message": str(error)}
-        message = redact(str(error.get("message") or "the upstream reported an error"), self._api_key)
+        message = mask_secrets(str(error.get("message") or "the upstream reported an error"), self._api_key)
         error_type = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
         return UpstreamBadResponse(message, type=error_type)
 
@@ -1436,26 +1449,54 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
     return count_tokens(translator.usage)
 
 
-def _trailing_line_ends(tail: bytes) -> int:
-    """How many line ends (CRLF, LF or CR) the bytes end with."""
-    count, index = 0, len(tail)
-    while index > 0 and tail[index - 1] in (0x0A, 0x0D):
-        is_crlf = tail[index - 1] == 0x0A and index > 1 and tail[index - 2] == 0x0D
-        index -= 2 if is_crlf else 1
-        count += 1
-    return count
+class EventSplitter:
+    """Cuts a byte stream into whole SSE events, bytes untouched, holding back only an unfinished one.
 
-
-class EventBoundary:
-    """Tracks whether a relayed event stream ends between events, where a comment may go."""
+    A client can do nothing with part of an event, so waiting for its end
+    delays nothing; it means whatever the proxy writes between two sends
+    (a heartbeat, an error event) lands between events.
+    """
 
     def __init__(self):
-        self._tail = b""
+        self._buffer = bytearray()
+        self._scan_from = 0    # bytes before this hold no unexamined line end
+        self._line_start = 0   # where the line being read began
 
-    def after(self, chunk: bytes) -> bool:
-        """Feed the next relayed bytes; True if the stream now ends with a blank line."""
-        self._tail = (self._tail + chunk[-4:])[-4:]
-        return _trailing_line_ends(self._tail) >= 2
+    def feed(self, chunk: bytes) -> bytes:
+        """The whole events that this chunk completes, with any before them still held."""
+        buffer = self._buffer
+        buffer += chunk
+        cut = 0
+        for match in _LINE_END.finditer(buffer, self._scan_from):
+            if match.end() == len(buffer) and buffer[-1] == 0x0D:
+                break  # a CR at the very end may be the first half of a CRLF
+            if match.start() == self._line_start:  # an empty line ends an event
+                cut = match.end()
+            self._line_start = self._scan_from = match.end()
+        if not cut:
+            return b""
+        events = bytes(buffer[:cut])
+        del buffer[:cut]
+        self._line_start -= cut
+        self._scan_from -= cut
+        return events
+
+    def rest(self) -> bytes:
+        """What is held at the end of the stream, to relay as it is."""
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        return rest
+
+
+_ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
+
+
+def mask_error_events(events: bytes, secret: str) -> bytes:
+    """Whole SSE events with key-like text masked in those that report an error."""
+    if not _ERROR_KEY.search(events):
+        return events
+    text = events.decode("utf-8", "replace")
+    masked = mask_secrets(text, secret)
+    return events if masked == text else masked.encode("utf-8")
 
 
 def count_tokens(usage) -> Optional[int]:
@@ -1527,17 +1568,41 @@ def check_passthrough_response(response: http.client.HTTPResponse) -> None:
                                   "the operator should check OA_API_KEY", type="upstream_auth_error")
 
 
+def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Optional[bytes]:
+    """A small upstream error body with key-like text masked, or None to relay the body as it is."""
+    content_type = response.headers.get_content_type()
+    if response.status < 400 or not (content_type == "application/json" or content_type.startswith("text/")):
+        return None
+    if response.length is not None and response.length > UPSTREAM_ERROR_BODY_LIMIT:
+        return None
+    try:
+        raw = response.read(UPSTREAM_ERROR_BODY_LIMIT + 1)
+    except (http.client.HTTPException, OSError):
+        raise UpstreamBadResponse("the upstream connection broke while it sent an error") from None
+    if len(raw) > UPSTREAM_ERROR_BODY_LIMIT:
+        raise UpstreamBadResponse(f"the upstream sent an error body over {UPSTREAM_ERROR_BODY_LIMIT} bytes")
+    text = raw.decode("utf-8", "replace")
+    masked = mask_secrets(text, config.api_key)
+    return raw if masked == text else masked.encode("utf-8")
+
+
 def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
                       meter: Optional[UsageMeter] = None) -> None:
-    """Relay the upstream's body as it arrives, bytes untouched."""
-    boundary = EventBoundary() if exchange.heartbeats else None
+    """Relay the upstream's body as it arrives, bytes untouched; event streams event by event."""
+    splitter = EventSplitter() if exchange.heartbeats else None
     while True:
         chunk = read_upstream(response, exchange, config)
         if not chunk:
             break
-        exchange.send(chunk, between_events=boundary.after(chunk) if boundary else False)
         if meter is not None:
             meter.feed(chunk)
+        if splitter is not None:
+            chunk = mask_error_events(splitter.feed(chunk), config.api_key)
+        if chunk:
+            exchange.send(chunk)
+    rest = splitter.rest() if splitter is not None else b""
+    if rest:  # the upstream ended cleanly after bytes that end no event: relay them as they are
+        exchange.send(mask_error_events(rest, config.api_key))
     if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
         raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
                                   "before the end of its body")
@@ -1987,6 +2052,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         """Serve one request; every failure becomes a JSON error or an error frame."""
+        if self.request_version == "HTTP/0.9":
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served; send HTTP/1.1")
+            return
         self.start_request()
         with self.server.tracking_request():
             try:
@@ -2118,6 +2186,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                      length if body is not None else None)
             try:
                 check_passthrough_response(response)
+                error_body = masked_error_body(response, config)
+                if error_body is not None:
+                    exchange.begin(lambda: self.write_passthrough_head(response, len(error_body)), heartbeats=False)
+                    exchange.send(error_body)
+                    exchange.end()
+                    return
                 is_event_stream = response.headers.get_content_type() == "text/event-stream"
                 exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
                 meter = UsageMeter(is_event_stream) if config.rate_limit_tpm else None
@@ -2150,12 +2224,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return json_bytes(body) if changed else raw
 
     def answer_preflight(self, methods: Dict[str, str]):
-        """OPTIONS: the CORS preflight (Fetch standard), answered for every known path."""
+        """OPTIONS: the CORS preflight (Fetch standard); an origin not allowed gets no allow headers."""
         self.send_response(HTTPStatus.NO_CONTENT)
-        self.send_header("Access-Control-Allow-Methods", allowed_methods(methods))
-        requested = self.headers.get("Access-Control-Request-Headers")
-        self.send_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
-        self.send_header("Access-Control-Max-Age", "600")
+        if is_origin_allowed(self.server.config.cors_origins, self.headers.get("Origin")):
+            self.send_header("Access-Control-Allow-Methods", allowed_methods(methods))
+            requested = self.headers.get("Access-Control-Request-Headers")
+            self.send_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.finish_head()
 
@@ -2232,8 +2307,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         origin = headers.get("Origin") if headers is not None else None
         for name, value in cors_headers(self.server.config.cors_origins, origin):
             self.send_header(name, value)
-        # Let browser code read x-request-id, x-ratelimit-* and retry-after.
-        self.send_header("Access-Control-Expose-Headers", "*")
 
     def finish_head(self):
         """CORS and connection headers, then the blank line that ends the head."""
@@ -2273,7 +2346,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.finish_head()
         return CHUNKED
 
-    def write_passthrough_head(self, response: http.client.HTTPResponse) -> str:
+    def write_passthrough_head(self, response: http.client.HTTPResponse, length: Optional[int] = None) -> str:
         """The upstream's status and headers; returns the framing of the body that follows."""
         self.send_response(response.status, response.reason)
         for name, value in returned_response_headers(response.headers):
@@ -2283,8 +2356,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
             self.finish_head()
             return SIZED
-        if response.length is not None:  # the upstream announced a length: keep it, send raw bytes
-            self.send_header("Content-Length", str(response.length))
+        length = response.length if length is None else length
+        if length is not None:  # the upstream announced a length (or the proxy read it all): send raw bytes
+            self.send_header("Content-Length", str(length))
             self.finish_head()
             return SIZED
         return self.finish_streamed_head()
@@ -2294,6 +2368,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.start_request()
         self.close_connection = True
         self.outcome, self.body_read = "protocol_error", True
+        if self.request_version == "HTTP/0.9":  # http.server's guess for a bad request line: it would drop the head
+            self.request_version = "HTTP/1.0"
         text = message or HTTPStatus(code).phrase
         if explain and explain != text:
             text = f"{text}: {explain}"

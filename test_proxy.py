@@ -1086,17 +1086,31 @@ def json_script(payload, status=200, headers=None):
     return Script(status=status, headers={"Content-Type": "application/json", **(headers or {})}, body=body)
 
 
-class EventBoundaryTest(unittest.TestCase):
-    def test_boundaries_across_line_endings_and_splits(self):
-        cases = [([b"data: x\n\n"], True), ([b"data: x\n"], False), ([b"data: x\r\n\r\n"], True),
-                 ([b"data: x\r\n"], False), ([b"data: x\r\r"], True), ([b"data: x\n", b"\n"], True),
-                 ([b"data: x\r", b"\n"], False), ([b"data: x\r\n", b"\r\n"], True),
-                 ([b": keep-alive\n\n", b"data: {"], False), ([b"data: " + b"y" * 70000 + b"\n\n"], True)]
-        for pieces, want in cases:
-            with self.subTest(pieces=pieces[:2]):
-                boundary = proxy.EventBoundary()
-                results = [boundary.after(piece) for piece in pieces]
-                self.assertEqual(results[-1], want)
+class EventSplitterTest(unittest.TestCase):
+    def split(self, pieces):
+        splitter = proxy.EventSplitter()
+        return [splitter.feed(piece) for piece in pieces], splitter.rest()
+
+    def test_whole_events_out_as_soon_as_they_end(self):
+        cases = [([b"data: x\n\n"], [b"data: x\n\n"], b""),
+                 ([b"data: x\n", b"\n"], [b"", b"data: x\n\n"], b""),
+                 ([b"data: x\r\n\r\ndata: y"], [b"data: x\r\n\r\n"], b"data: y"),
+                 ([b"data: x\r\ndata: y\r\n"], [b""], b"data: x\r\ndata: y\r\n"),  # CRLF is one line end
+                 ([b"data: x\r", b"\n\r", b"\n"], [b"", b"", b"data: x\r\n\r\n"], b""),
+                 ([b"data: x\r\r"], [b""], b"data: x\r\r"),  # the last CR may begin a CRLF: wait
+                 ([b"data: x\r\r", b"data: y\n\n"], [b"", b"data: x\r\rdata: y\n\n"], b""),
+                 ([b": ping\n\ndata: a\n\ndata: b\n\n"], [b": ping\n\ndata: a\n\ndata: b\n\n"], b"")]
+        for pieces, want, rest in cases:
+            with self.subTest(pieces=pieces):
+                self.assertEqual(self.split(pieces), (want, rest))
+
+    def test_bytes_are_untouched_whatever_the_split(self):
+        stream = b"".join(reply("caf\u00e9", "b")) + b": c\r\n\r\nevent: e\rdata: 1\r\r"
+        for size in (1, 2, 3, 7, 64):
+            with self.subTest(size=size):
+                outputs, rest = self.split([stream[i:i + size] for i in range(0, len(stream), size)])
+                self.assertEqual(b"".join(outputs) + rest, stream)
+                self.assertIn(rest, (b"", b"event: e\rdata: 1\r\r"))  # a final CR may begin a CRLF
 
 
 class PassthroughTest(ProxyTestCase):
@@ -1233,25 +1247,26 @@ class PassthroughTest(ProxyTestCase):
 class PassthroughStreamingTest(ProxyTestCase):
     config_overrides = {"heartbeat_interval": 0.2, "idle_timeout": 2.0}
 
-    def test_heartbeats_only_between_events(self):
+    def test_heartbeats_go_between_whole_events_even_while_one_is_half_sent(self):
         mid_event, between = threading.Event(), threading.Event()
         self.addCleanup(mid_event.set)
         self.addCleanup(between.set)
         self.upstream.script = Script(steps=[b'data: {"a":', mid_event, b'1}\n\n', between, DONE])
         response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
-        self.assertEqual(response.read1(65536), b'data: {"a":')
-        # Three heartbeat intervals inside an event: nothing may be added to it.
-        ready, _, _ = select.select([response.fp], [], [], 0.6)
-        self.assertEqual(ready, [], "bytes were written into the middle of an event")
-        mid_event.set()
         received = b""
-        while received.count(b": keep-alive\n\n") < 2:
+        while received.count(b": keep-alive\n\n") < 2:  # the upstream is in the middle of an event
+            data = response.read1(65536)
+            self.assertTrue(data, "stream ended early")
+            received += data
+        self.assertEqual(received.replace(b": keep-alive\n\n", b""), b"")  # no part of the event yet
+        mid_event.set()
+        while b'data: {"a":1}\n\n' not in received:
             data = response.read1(65536)
             self.assertTrue(data, "stream ended early")
             received += data
         between.set()
         received += response.read()
-        self.assertEqual(received.replace(b": keep-alive\n\n", b""), b'1}\n\n' + DONE)
+        self.assertEqual(received.replace(b": keep-alive\n\n", b""), b'data: {"a":1}\n\n' + DONE)
 
     def test_no_heartbeat_inside_an_event_stream_of_known_length(self):
         hold = threading.Event()
@@ -1292,11 +1307,17 @@ class PassthroughStreamingTest(ProxyTestCase):
         error = json.loads(body[len(chunk(content="a")):].decode().removeprefix("data: "))["error"]
         self.assertEqual(error["type"], "upstream_error")
 
-    def test_stream_breaking_inside_an_event_is_not_passed_off_as_complete(self):
-        self.upstream.script = Script(steps=[b'data: {"choices": [', ABORT])
+    def test_connection_breaking_inside_an_event_drops_the_half_event_and_says_so(self):
+        self.upstream.script = Script(steps=[chunk(content="a"), b'data: {"choices": [', ABORT])
         response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
-        with self.assertRaises(http.client.IncompleteRead):
-            response.read()
+        body = response.read()  # a clean chunked end
+        self.assertTrue(body.startswith(chunk(content="a") + b'data: {"error":'), body)
+        self.assertNotIn(b'"choices": [', body[len(chunk(content="a")):])
+
+    def test_clean_end_after_an_unfinished_event_relays_its_bytes_as_they_are(self):
+        self.upstream.script = Script(steps=[chunk(content="a"), b"data: [DONE]\n"])
+        response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
+        self.assertEqual(response.read(), chunk(content="a") + b"data: [DONE]\n")
 
     def test_sized_body_cut_short_is_not_passed_off_as_complete(self):
         self.upstream.script = Script(headers={"Content-Type": "application/json", "Content-Length": "1000"},
@@ -1866,6 +1887,152 @@ class UsageMeterTest(unittest.TestCase):
                 self.assertEqual(meter.finish(), want)
 
 
+class MaskSecretsTest(unittest.TestCase):
+    def test_key_like_text_is_masked(self):
+        for text in ("Incorrect API key provided: sk-proj-********************abcd.",
+                     "bad key sk-or-v1-0123456789abcdef", "header was Bearer abc.def-ghi_jkl012",
+                     "azure key 0123456789abcdef0123456789ABCDEF rejected", "rk-live_0123456789 leaked"):
+            with self.subTest(text=text):
+                masked = proxy.mask_secrets(text, "")
+                self.assertIn("[redacted]", masked)
+                self.assertNotRegex(masked, r"0123456789|abcd\.|abc\.def")
+        plain = "This model's maximum context length is 128000 tokens; see req_0123abc"
+        self.assertEqual(proxy.mask_secrets(plain, ""), plain)
+        self.assertEqual(proxy.mask_secrets("key=my-odd-key!", "my-odd-key!"), "key=[redacted]")
+
+
+class UpstreamErrorMaskingTest(ProxyTestCase):
+    def test_v1_error_bodies_are_masked_and_keep_their_shape(self):
+        error = {"error": {"message": "upstream rejected sk-proj-abcdef0123456789 for org", "type": "x"}}
+        self.upstream.script = json_script(error, status=400, headers={"x-request-id": "req_1"})
+        response = self.request("POST", "/v1/chat/completions", b"{}")
+        body = response.read()
+        self.assertEqual(response.status, 400)
+        self.assertEqual(int(response.getheader("Content-Length")), len(body))
+        self.assertEqual(response.getheader("x-request-id"), "req_1")
+        self.assertEqual(json.loads(body)["error"]["message"], "upstream rejected [redacted] for org")
+
+    def test_message_error_texts_are_masked(self):
+        self.upstream.script = json_script({"error": {"message": "quota for sk-abcdef0123456789 used"}}, status=429)
+        self.assert_json_error(self.post_message(), 429, "quota for [redacted] used")
+
+
+class BadInputTest(ProxyTestCase):
+    """Each bad request gets a clear status and JSON error, and the next good request is served."""
+
+    PROXY_SOURCE_MARK = b"def main(argv"
+
+    def assert_still_serving(self):
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        self.assertEqual(parse_frames(self.post_message().read().decode())[-1][0], "done")
+
+    def test_raw_bad_requests(self):
+        cases = [
+            (b"POST /message HTTP/1.1\r\nHost: x\r\n\r\n", 400, "empty"),  # no Content-Length at all
+            (b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, "Content-Length"),
+            (b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n", 400, "Content-Length"),
+            (b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400,
+             "more than one"),
+            (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", 431,
+             "Too many headers"),
+            (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, ""),
+            (b"GET /healthz HTTP/9.9\r\n\r\n", 505, ""),
+            (b"BREW /message HTTP/1.1\r\nHost: x\r\n\r\n", 501, "BREW"),
+            (b"garbage\r\n\r\n", 400, ""),
+            (b"GET /healthz\r\n\r\n", 400, "HTTP/0.9"),
+        ]
+        for raw, status, words in cases:
+            with self.subTest(raw=raw[:60]):
+                response = self.send_raw(raw)
+                self.assert_json_error(response, status, words)
+                self.assert_still_serving()
+
+    def test_paths_that_try_to_escape_never_serve_files(self):
+        for target in (b"/../proxy.py", b"/ui/%2e%2e/proxy.py", b"/ui/../proxy.py", b"/ui/..%2fproxy.py",
+                       b"//etc/passwd", b"/ui//work/main/proxy.py", b"/ui/..\\proxy.py", b"/ui/%00proxy.py",
+                       b"/ui/proxy.py%00.html", b"C:\\proxy.py", b"/%2e%2e/%2e%2e/etc/passwd"):
+            with self.subTest(target=target):
+                response = self.send_raw(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                body = response.read()
+                self.assertIn(response.status, (400, 404), body)
+                self.assertNotIn(self.PROXY_SOURCE_MARK, body)
+                self.assertNotIn(b"root:", body)
+                self.assertEqual(json.loads(body)["error"]["type"] in ("not_found_error", "invalid_request_error"),
+                                 True)
+        self.assert_still_serving()
+
+
+class SecretSweepTest(unittest.TestCase):
+    """Every error path, with a recognisable key: nothing the process writes or answers may hold it."""
+
+    UPSTREAM_KEY = "sk-proj-SWEEPq7Zk9Wx3Lm5Np2Rt8Vy4Hj6"
+    CLIENT_KEY = "client-SWEEPb4Nc8Xz2Qw6Er1Ty5"
+
+    def upstream_script(self, received):
+        key = self.UPSTREAM_KEY
+        marker = received.path + " " + received.body.decode("utf-8", "replace")
+        for status in (400, 401, 403, 404, 429, 500, 503):
+            if f"status{status}" in marker:
+                return json_script({"error": {"message": f"key {key} or {key[:12]}...{key[-4:]} refused",
+                                              "type": "x"}}, status=status)
+        if "midstream" in marker:
+            return Script(steps=[chunk(role="assistant", content=""),
+                                 sse({"error": {"message": f"failed for {key}", "type": "server_error"}}), HANG])
+        if "hang" in marker:
+            return Script(hold_headers=True)
+        if "abort" in marker:
+            return Script(steps=[chunk(role="assistant", content=""), ABORT])
+        return Script(steps=reply("fine"))
+
+    def test_nothing_written_or_answered_holds_a_key(self):
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        upstream.script = self.upstream_script
+        process = ProxyProcess("--base-url", upstream.base_url, "--idle-timeout", "0.3", "--body-timeout", "0.3",
+                               env={"OA_API_KEY": self.UPSTREAM_KEY, "PROXY_API_KEYS": f"sweeper={self.CLIENT_KEY}"})
+        self.addCleanup(process.kill)
+        answers = []
+
+        def call(method, path, body=None, headers=None, auth=True):
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            try:
+                conn.request(method, path, body, {**(bearer(self.CLIENT_KEY) if auth else {}), **(headers or {})})
+                response = conn.getresponse()
+                answers.append(str(response.getheaders()).encode() + response.read())
+            except (http.client.HTTPException, OSError) as error:
+                answers.append(repr(error).encode())
+            finally:
+                conn.close()
+
+        for text in ("status400", "status401", "status403", "status404", "status429", "status500", "status503",
+                     "midstream", "hang", "abort", "fine"):
+            call("POST", "/message", chat_body(text))
+            call("POST", "/v1/chat/completions", json.dumps({"model": text, "stream": True}).encode())
+            call("GET", f"/v1/models/{text}")
+        call("POST", "/message", chat_body(), auth=False)
+        call("POST", "/message", chat_body(), headers={"Authorization": f"Bearer {self.CLIENT_KEY}x"}, auth=False)
+        call("POST", "/message", b"{bad json")
+        call("GET", "/nope")
+        call("DELETE", "/message")
+        call("POST", "/message", b"x" * 2_000_000)
+        raw = socket.create_connection(("127.0.0.1", process.port), timeout=5)
+        raw.sendall(b"POST /message HTTP/1.1\r\nAuthorization: Bearer " + self.CLIENT_KEY.encode()
+                    + b"\r\nContent-Length: 50\r\n\r\n{")
+        answers.append(raw.recv(65536))
+        raw.close()
+        process.signal(signal.SIGTERM)
+        self.assertEqual(process.wait(), 0)
+        process.lines.put(None)
+        log = "".join(process.log) + "".join(iter(process.lines.get, None))
+        for name, secret in (("upstream key", self.UPSTREAM_KEY), ("client key", self.CLIENT_KEY)):
+            for fragment in (secret, secret[:12], secret[-8:], "SWEEP"):
+                with self.subTest(secret=name, fragment=fragment):
+                    self.assertNotIn(fragment, log)
+                    for answer in answers:
+                        self.assertNotIn(fragment.encode(), answer)
+        self.assertIn("sweeper", log)  # the client's name is logged instead
+
+
 class ClientByAddressTest(ProxyTestCase):
     config_overrides = {"rate_limit_rpm": 1}
 
@@ -1911,9 +2078,16 @@ class CorsAllowListTest(ProxyTestCase):
         good.read()
         self.assertEqual(good.getheader("Access-Control-Allow-Origin"), "https://good.example")
         self.assertEqual(good.getheader("Vary"), "Origin")
-        bad = self.request("OPTIONS", "/message", headers={"Origin": "https://evil.example"})
+        bad = self.request("OPTIONS", "/message", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
         bad.read()
-        self.assertIsNone(bad.getheader("Access-Control-Allow-Origin"))
+        self.assertEqual([name for name, _ in bad.getheaders() if name.lower().startswith("access-control-")], [])
+        good = self.request("OPTIONS", "/message", headers={
+            "Origin": "https://good.example", "Access-Control-Request-Method": "POST"})
+        good.read()
+        self.assertEqual(good.getheader("Access-Control-Allow-Origin"), "https://good.example")
+        self.assertIn("POST", good.getheader("Access-Control-Allow-Methods"))
 
 
 class AccessLogTest(ProxyTestCase):
