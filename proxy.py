@@ -12,10 +12,12 @@ Every setting is an environment variable with a matching flag (the flag wins);
 `python proxy.py --help` lists them with their defaults.
 
 Design decisions:
-- One thread per client connection (ThreadingHTTPServer, HTTP/1.1 keep-alive).
-  The upstream is read with read1(), which returns whatever has arrived, so
-  each chunk is relayed the moment it lands; frames completed by one read go
-  out in one chunked write, with no buffering of our own.
+- A thread per running request, not per connection: between requests, and
+  while a request's headers arrive, connections wait in one pool thread, so
+  idle and slow clients cost a socket, not a thread. The upstream is read
+  with read1(), which returns whatever has arrived, so each chunk is relayed
+  the moment it lands; frames completed by one read go out in one chunked
+  write, with no buffering of our own.
 - One supervisor thread watches every open stream. It notices a client that
   hangs up, even while the upstream is still thinking, and shuts the upstream
   socket at once so nobody pays for tokens nobody reads. It also writes
@@ -172,6 +174,20 @@ class UpstreamTimeout(ProxyError):
 
     status = HTTPStatus.GATEWAY_TIMEOUT
     type = "upstream_timeout"
+
+
+class TooManyRequests(ProxyError):
+    """A client went over one of its own limits."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    type = "rate_limit_error"
+
+
+class Overloaded(ProxyError):
+    """The proxy as a whole is at its limit."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "overloaded_error"
 
 
 class ShuttingDown(ProxyError):
@@ -846,20 +862,6 @@ def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
             return body[head_end + 4:next_part if next_part >= 0 else len(body)].decode("utf-8", "replace")
         position = next_part
     return None
-
-
-class TooManyRequests(ProxyError):
-    """A client went over one of its own limits."""
-
-    status = HTTPStatus.TOO_MANY_REQUESTS
-    type = "rate_limit_error"
-
-
-class Overloaded(ProxyError):
-    """The proxy as a whole is at its limit."""
-
-    status = HTTPStatus.SERVICE_UNAVAILABLE
-    type = "overloaded_error"
 
 
 class _ClientState:
