@@ -844,6 +844,17 @@ def guard_json_request(api: str, body: dict, config: Config) -> bool:
     return False
 
 
+def ask_for_usage(body: dict) -> bool:
+    """Make a streamed chat completion report its usage (BerriAI/litellm#5632); True if the client had not asked."""
+    options = body.get("stream_options")
+    if body.get("stream") is not True or (options is not None and not isinstance(options, dict)):
+        return False
+    if options and options.get("include_usage") is True:
+        return False
+    body["stream_options"] = {**(options or {}), "include_usage": True}
+    return True
+
+
 def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
     """The text of one form field in a multipart/form-data body (RFC 7578), or None."""
     boundary = re.search(r'boundary="?([^";]+)"?', content_type)
@@ -929,14 +940,14 @@ class Limits:
             state.tokens -= 1
         return state
 
-    def record_tokens(self, client: str, tokens: Optional[int]) -> None:
-        """Count tokens the upstream reported for the client against RATE_LIMIT_TPM."""
-        if not self._tpm or not tokens:
+    def record_usage(self, client: str, usage: Optional[Usage]) -> None:
+        """Count the tokens the upstream reported for the client against RATE_LIMIT_TPM."""
+        if not self._tpm or not usage:
             return
         with self._lock:
             state = self._clients.get(client)
             if state is not None:
-                state.usage.append((time.monotonic(), tokens))
+                state.usage.append((time.monotonic(), usage.total))
 
     def _check_tokens(self, state: _ClientState, now: float) -> None:
         while state.usage and state.usage[0][0] <= now - 60:
@@ -1011,6 +1022,8 @@ class Exchange:
         self.streaming = False       # the response head is out; body bytes may follow
         self.last_write = time.monotonic()
         self.frames = 0
+        self.bytes_sent = 0          # body bytes, heartbeats included, framing not
+        self.first_token_at: Optional[float] = None
         self._write_lock = threading.Lock()
         self._upstream_lock = threading.Lock()
         self._upstream_sock: Optional[socket.socket] = None
@@ -1053,6 +1066,12 @@ class Exchange:
         with self._write_lock:
             self._write(encode_chunk(data) if self.framing == CHUNKED else data)
             self.frames += count
+            self.bytes_sent += len(data)
+
+    def mark_first_token(self) -> None:
+        """Note when the first model output went to the client (time to first token)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
 
     def error_payload(self, error: ProxyError) -> Optional[bytes]:
         """The body bytes that tell the client of a failure, if its body can carry them now."""
@@ -1074,6 +1093,7 @@ class Exchange:
         try:
             if self.streaming and self.heartbeats and _is_writable(self.client_sock):
                 self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
+                self.bytes_sent += len(HEARTBEAT_FRAME)
         except ClientGone:
             pass
         finally:
@@ -1384,6 +1404,7 @@ class ChatToMessages:
         self._api_key = api_key
         self.finish_reason: Optional[str] = None
         self.usage: Optional[dict] = None
+        self.saw_output = False
         self.done = False
 
     def frame_for(self, event: SSEEvent) -> bytes:
@@ -1413,7 +1434,9 @@ class ChatToMessages:
         content = delta.get("content") if isinstance(delta, dict) else None
         created = chunk.get("created")
         timestamp = created if _is_whole(created) else int(time.time())
-        return message_frame(timestamp, content if isinstance(content, str) else "")
+        content = content if isinstance(content, str) else ""
+        self.saw_output = self.saw_output or bool(content)
+        return message_frame(timestamp, content)
 
     def _upstream_error(self, error) -> ProxyError:
         if not isinstance(error, dict):
@@ -1424,14 +1447,15 @@ class ChatToMessages:
 
 
 def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange,
-                           config: Config) -> Optional[int]:
-    """Relay an upstream chat completion stream as event:message frames; return the tokens it used."""
+                           config: Config) -> Optional[Usage]:
+    """Relay an upstream chat completion stream as event:message frames; return its usage."""
     decoder = SSEDecoder()
     translator = ChatToMessages(config.api_key)
     while not translator.done:
         chunk = read_upstream(response, exchange, config)
         events = decoder.feed(chunk) if chunk else decoder.finish()
         frames = []
+        saw_output = translator.saw_output
         try:
             for event in events:
                 frame = translator.frame_for(event)
@@ -1442,13 +1466,15 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
         finally:  # frames before a failing event still reach the client, before its error frame
             if frames:
                 exchange.send(b"".join(frames), count=len(frames))
+            if translator.saw_output and not saw_output:
+                exchange.mark_first_token()
         if not chunk:
             break
     if not translator.done and translator.finish_reason is None:
         raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
     exchange.send(done_frame(translator.finish_reason or "stop", translator.usage))
     exchange.end()
-    return count_tokens(translator.usage)
+    return parse_usage(translator.usage)
 
 
 class EventSplitter:
@@ -1464,23 +1490,23 @@ class EventSplitter:
         self._scan_from = 0    # bytes before this hold no unexamined line end
         self._line_start = 0   # where the line being read began
 
-    def feed(self, chunk: bytes) -> bytes:
-        """The whole events that this chunk completes, with any before them still held."""
+    def feed(self, chunk: bytes) -> List[bytes]:
+        """The whole events (bytes as they came) that this chunk completes."""
         buffer = self._buffer
         buffer += chunk
-        cut = 0
+        ends = []
         for match in _LINE_END.finditer(buffer, self._scan_from):
             if match.end() == len(buffer) and buffer[-1] == 0x0D:
                 break  # a CR at the very end may be the first half of a CRLF
             if match.start() == self._line_start:  # an empty line ends an event
-                cut = match.end()
+                ends.append(match.end())
             self._line_start = self._scan_from = match.end()
-        if not cut:
-            return b""
-        events = bytes(buffer[:cut])
-        del buffer[:cut]
-        self._line_start -= cut
-        self._scan_from -= cut
+        if not ends:
+            return []
+        events = [bytes(buffer[start:end]) for start, end in zip([0] + ends[:-1], ends)]
+        del buffer[:ends[-1]]
+        self._line_start -= ends[-1]
+        self._scan_from -= ends[-1]
         return events
 
     def rest(self) -> bytes:
@@ -1501,61 +1527,97 @@ def mask_error_events(events: bytes, secret: str) -> bytes:
     return events if masked == text else masked.encode("utf-8")
 
 
-def count_tokens(usage) -> Optional[int]:
-    """Total tokens of an OpenAI usage object (chat, embeddings or responses)."""
+Usage = collections.namedtuple("Usage", "prompt completion total")
+
+
+def parse_usage(usage) -> Optional[Usage]:
+    """Token counts from an OpenAI usage object (chat, embeddings or responses)."""
     if not isinstance(usage, dict):
         return None
-    if _is_whole(usage.get("total_tokens")):
-        return usage["total_tokens"]
-    parts = [usage.get(name) for name in ("prompt_tokens", "input_tokens", "completion_tokens", "output_tokens")]
-    return sum(part for part in parts if _is_whole(part)) or None
+    def first(*names):
+        return next((usage[name] for name in names if _is_whole(usage.get(name))), 0)
+    prompt, completion = first("prompt_tokens", "input_tokens"), first("completion_tokens", "output_tokens")
+    total = first("total_tokens") or prompt + completion
+    return Usage(prompt, completion, total) if total else None
 
 
-_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+def carries_output(payload) -> bool:
+    """True for a stream event that holds model output: the first token."""
+    if not isinstance(payload, dict):
+        return False
+    if str(payload.get("type", "")).endswith(".delta"):  # Responses API: output_text.delta and kin
+        return True
+    choices = payload.get("choices")
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+        return False
+    delta = choices[0].get("delta")
+    return isinstance(delta, dict) and any(delta.get(name) for name in (
+        "content", "refusal", "tool_calls", "function_call", "reasoning_content"))
 
 
-class UsageMeter:
-    """Finds the token usage an upstream reports in a body as it is relayed, without holding it."""
+_USAGE_FIELDS = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)') for name in (
+    "prompt_tokens", "input_tokens", "completion_tokens", "output_tokens", "total_tokens")}
+
+
+class StreamObserver:
+    """Watches a relayed body for the first token and the usage, without holding the body."""
 
     TAIL = 8192  # OpenAI JSON bodies end with their usage
 
     def __init__(self, is_event_stream: bool):
-        self.tokens: Optional[int] = None
+        self.usage: Optional[Usage] = None
+        self.saw_output = False
         self._decoder: Optional[SSEDecoder] = SSEDecoder() if is_event_stream else None
         self._tail = b""
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bool:
+        """Watch the next bytes; True when they hold the first token."""
         if self._decoder is None:
             self._tail = (self._tail + chunk[-self.TAIL:])[-self.TAIL:]
-            return
+            return False
         try:
             events = self._decoder.feed(chunk)
-        except UpstreamBadResponse:  # an event too large to meter still goes to the client
+        except UpstreamBadResponse:  # an event too large to watch still goes to the client
             self._decoder = SSEDecoder()
-            return
+            return False
+        first_output = False
         for event in events:
-            if '"usage"' in event.data:
-                self._take(event.data)
+            if self.saw_output and '"usage"' not in event.data:
+                continue  # after the first token only usage matters: no JSON parsing
+            try:
+                payload = json.loads(event.data)
+            except ValueError:
+                continue
+            if not self.saw_output and carries_output(payload):
+                self.saw_output = first_output = True
+            self._take_usage(payload)
+        return first_output
 
-    def finish(self) -> Optional[int]:
-        """The tokens the body reported, once it has all passed."""
-        if self._decoder is None:
-            found = _TOTAL_TOKENS.findall(self._tail)
-            if found:
-                self.tokens = int(found[-1])
-        return self.tokens
+    def finish(self) -> Optional[Usage]:
+        """The usage the body reported, once it has all passed."""
+        if self._decoder is None and self.usage is None:
+            found = {name: pattern.findall(self._tail) for name, pattern in _USAGE_FIELDS.items()}
+            self.usage = parse_usage({name: int(values[-1]) for name, values in found.items() if values})
+        return self.usage
 
-    def _take(self, data: str) -> None:
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            return
+    def _take_usage(self, payload) -> None:
         if not isinstance(payload, dict):
             return
         usage = payload.get("usage")
         if usage is None and isinstance(payload.get("response"), dict):  # Responses API: response.completed
             usage = payload["response"].get("usage")
-        self.tokens = count_tokens(usage) or self.tokens
+        self.usage = parse_usage(usage) or self.usage
+
+
+def is_usage_only_event(event: bytes) -> bool:
+    """True for the chunk include_usage adds: empty choices and the usage."""
+    data = b"".join(line.partition(b":")[2].lstrip(b" ") for line in event.splitlines()
+                    if line.startswith(b"data:"))
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
 
 
 def sse_error_event(error: ProxyError) -> bytes:
@@ -1589,19 +1651,24 @@ def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Opt
 
 
 def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
-                      meter: Optional[UsageMeter] = None) -> None:
-    """Relay the upstream's body as it arrives, bytes untouched; event streams event by event."""
+                      observer: StreamObserver, strip_usage: bool = False) -> None:
+    """Relay the upstream's body as it arrives, bytes untouched; event streams event by event.
+
+    strip_usage drops the usage-only chunk the proxy asked for on the client's behalf.
+    """
     splitter = EventSplitter() if exchange.heartbeats else None
     while True:
         chunk = read_upstream(response, exchange, config)
         if not chunk:
             break
-        if meter is not None:
-            meter.feed(chunk)
+        first_output = observer.feed(chunk)
         if splitter is not None:
-            chunk = mask_error_events(splitter.feed(chunk), config.api_key)
+            chunk = b"".join(mask_error_events(event, config.api_key) for event in splitter.feed(chunk)
+                             if not (strip_usage and b'"usage"' in event and is_usage_only_event(event)))
         if chunk:
             exchange.send(chunk)
+        if first_output:
+            exchange.mark_first_token()
     rest = splitter.rest() if splitter is not None else b""
     if rest:  # the upstream ended cleanly after bytes that end no event: relay them as they are
         exchange.send(mask_error_events(rest, config.api_key))
@@ -2048,7 +2115,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.exchange: Optional[Exchange] = None
         self.status: Optional[int] = None
         self.client_name: Optional[str] = None
-        self.tokens: Optional[int] = None  # the usage the upstream reported, in tokens
+        self.usage: Optional[Usage] = None  # the usage the upstream reported
+        self.model: Optional[str] = None
+        self.upstream_request_id: Optional[str] = None
+        self.strip_usage = False  # the proxy asked for usage the client did not ask for
         self.outcome = ""
         self.body_read = False
 
@@ -2108,7 +2178,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             try:
                 handler()
             finally:
-                self.server.limits.record_tokens(self.client_name, self.tokens)
+                self.server.limits.record_usage(self.client_name, self.usage)
 
     def authenticate(self) -> str:
         """Who the client is: its key's name, or its address when the proxy has no client keys."""
@@ -2151,16 +2221,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """POST /message: the seed's API, a chat completion streamed as event:message frames."""
         config = self.server.config
         request = build_chat_request(parse_json_object(self.read_body()), config)
+        self.model = request["model"]
         supervisor = self.server.supervisor
         with supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
             self.exchange = exchange
             supervisor.watch_client(exchange)
             response = open_upstream(config, exchange, "POST", "/chat/completions", json_bytes(request),
                                      {"Content-Type": "application/json", "Accept": "text/event-stream"})
+            self.upstream_request_id = response.headers.get("x-request-id")
             try:
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
-                self.tokens = relay_chat_as_messages(response, exchange, config)
+                self.usage = relay_chat_as_messages(response, exchange, config)
             finally:
                 response.close()
 
@@ -2170,7 +2242,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         target = upstream_target(self.path)
         length = self.declared_length()
         headers = forwarded_request_headers(self.headers, config)
-        body = self.guarded_body(target) if length and self.needs_body_check() else None
+        body = self.inspect_body(target) if length and self.needs_body_check() else None
         if body is not None:
             length = len(body)
         with supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
@@ -2186,6 +2258,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 body_read()
             response = open_upstream(config, exchange, self.command, target, body, headers,
                                      length if body is not None else None)
+            self.upstream_request_id = response.headers.get("x-request-id")
             try:
                 check_passthrough_response(response)
                 error_body = masked_error_body(response, config)
@@ -2196,33 +2269,42 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     return
                 is_event_stream = response.headers.get_content_type() == "text/event-stream"
                 exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
-                meter = UsageMeter(is_event_stream) if config.rate_limit_tpm else None
+                observer = StreamObserver(is_event_stream)
                 try:
-                    relay_passthrough(response, exchange, config, meter)
+                    relay_passthrough(response, exchange, config, observer, self.strip_usage)
                 finally:
-                    self.tokens = meter.finish() if meter else None
+                    self.usage = observer.finish()
             finally:
                 response.close()
 
     def needs_body_check(self) -> bool:
-        """True when a spend guard must see this /v1 request's body before it is sent on."""
-        config = self.server.config
+        """True when the proxy reads this /v1 body before sending it on.
+
+        JSON bodies always are: they name the model (logs, metrics, guards) and
+        a streamed chat completion is asked for its usage. Uploads stream
+        through, unless ALLOWED_MODELS must see their model field.
+        """
         content_type = self.headers.get_content_type()
         if content_type == "application/json":
-            return bool(config.allowed_models or config.max_tokens)
-        return content_type == "multipart/form-data" and bool(config.allowed_models)
+            return True
+        return content_type == "multipart/form-data" and bool(self.server.config.allowed_models)
 
-    def guarded_body(self, target: str) -> bytes:
-        """Read the whole /v1 body, apply ALLOWED_MODELS and MAX_TOKENS, return what to send on."""
+    def inspect_body(self, target: str) -> bytes:
+        """Read the whole /v1 body, apply the guards and ask for usage; return what to send on."""
         raw = self.read_body()
         config = self.server.config
         if self.headers.get_content_type() == "multipart/form-data":
-            model = multipart_field(raw, self.headers.get("Content-Type", ""), "model")
-            if model is not None:
-                check_model(model, config)
+            self.model = multipart_field(raw, self.headers.get("Content-Type", ""), "model")
+            if self.model is not None:
+                check_model(self.model, config)
             return raw
         body = parse_json_object(raw)
-        changed = guard_json_request(target.partition("?")[0], body, config)
+        if isinstance(body.get("model"), str):
+            self.model = body["model"]
+        api = target.partition("?")[0]
+        changed = guard_json_request(api, body, config)
+        if api == "/chat/completions" and ask_for_usage(body):
+            self.strip_usage = changed = True
         return json_bytes(body) if changed else raw
 
     def answer_preflight(self, methods: Dict[str, str]):
