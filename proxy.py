@@ -45,6 +45,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hmac
 import http.client
@@ -177,13 +178,17 @@ class UpstreamTimeout(ProxyError):
 
 
 class TooManyRequests(ProxyError):
-    """A client went over one of its own limits."""
+    """A client went over one of its own limits; reason names which, for the metrics."""
 
     status = HTTPStatus.TOO_MANY_REQUESTS
     type = "rate_limit_error"
 
+    def __init__(self, message: str, reason: str, **kwargs):
+        super().__init__(message, **kwargs)
+        self.reason = reason
 
-class Overloaded(ProxyError):
+
+class Overloaded(TooManyRequests):
     """The proxy as a whole is at its limit."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
@@ -238,6 +243,8 @@ class Config:
     max_streams: int             # relayed requests at once in all; 0: no limit
     allowed_models: Tuple[str, ...]  # models clients may name; empty: any
     max_tokens: int              # cap on a request's output tokens; 0: no cap
+    log_format: str              # "text" or "json" (JSON lines)
+    metrics_token: str           # bearer token for GET /metrics; empty: loopback clients only
     demo: bool                   # serve from the built-in demo upstream, no key, no network
 
 
@@ -326,6 +333,12 @@ def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _parse_log_format(text: str) -> str:
+    if text.strip().lower() not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text.strip().lower()
+
+
 def _parse_list(text: str) -> Tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -403,6 +416,10 @@ SETTINGS = (
     Setting("max_tokens", ("MAX_TOKENS",), "0", _parse_count,
             "cap on output tokens for /message and /v1 chat and responses: larger values are "
             "lowered to it, and requests without one get it; 0: no cap"),
+    Setting("log_format", ("LOG_FORMAT",), "text", _parse_log_format,
+            "access log on stderr: text lines, or json for JSON lines"),
+    Setting("metrics_token", ("METRICS_TOKEN",), "", str.strip,
+            "bearer token that may read GET /metrics; unset: only loopback clients may", secret=True),
     Setting("demo", ("DEMO",), "false", _parse_bool,
             "serve from a built-in demo upstream: no key, no network"),
 )
@@ -501,10 +518,12 @@ def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
         ("MAX_STREAMS", config.max_streams), ("MAX_TOKENS", config.max_tokens)) if value) or "none"
     if config.allowed_models:
         limits += f"; ALLOWED_MODELS {', '.join(config.allowed_models)}"
+    metrics = "METRICS_TOKEN" if config.metrics_token else "loopback clients only"
     lines = [
         (logging.INFO, f"proxy.py {__version__} listening on {format_url(config.host, port)}"),
         (logging.INFO, f"upstream {upstream}; default model {config.model}"),
         (logging.INFO, f"{client_auth}; limits: {limits}"),
+        (logging.INFO, f"log format {config.log_format}; GET /metrics: {metrics}"),
     ]
     if not is_loopback_host(config.host) and not keys:
         lines.append((logging.WARNING,
@@ -899,6 +918,10 @@ class Limits:
         self._clients: Dict[str, _ClientState] = {}
         self._streams = 0
 
+    def active(self) -> int:
+        """Relayed requests running now."""
+        return self._streams
+
     @contextlib.contextmanager
     def admit(self, client: str) -> Iterator[None]:
         """Hold one of the client's stream slots while the request runs, or raise 429/503."""
@@ -922,10 +945,10 @@ class Limits:
             state = self._clients[client] = _ClientState(self._rpm, now)
         if self._global and self._streams >= self._global:
             raise Overloaded(f"the proxy is running its limit of {self._global} requests at once "
-                             "(MAX_STREAMS); try again shortly", headers={"Retry-After": "1"})
+                             "(MAX_STREAMS); try again shortly", "streams", headers={"Retry-After": "1"})
         if self._per_client and state.streams >= self._per_client:
             raise TooManyRequests(f"this client already has {state.streams} requests running, its limit "
-                                  "(MAX_STREAMS_PER_CLIENT); wait for one to finish",
+                                  "(MAX_STREAMS_PER_CLIENT); wait for one to finish", "client_streams",
                                   headers={"Retry-After": "1"})
         if self._tpm:
             self._check_tokens(state, now)
@@ -936,7 +959,8 @@ class Limits:
             if state.tokens < 1:
                 wait = math.ceil((1 - state.tokens) * 60 / self._rpm)
                 raise TooManyRequests(f"this client is over its limit of {self._rpm} requests per minute "
-                                      f"(RATE_LIMIT_RPM); retry in {wait} s", headers={"Retry-After": str(wait)})
+                                      f"(RATE_LIMIT_RPM); retry in {wait} s", "requests_per_minute",
+                                      headers={"Retry-After": str(wait)})
             state.tokens -= 1
         return state
 
@@ -961,7 +985,7 @@ class Limits:
                 break
         wait = max(1, math.ceil(at + 60 - now))
         raise TooManyRequests(f"this client used its limit of {self._tpm} tokens per minute (RATE_LIMIT_TPM); "
-                              f"retry in {wait} s", headers={"Retry-After": str(wait)})
+                              f"retry in {wait} s", "tokens_per_minute", headers={"Retry-After": str(wait)})
 
     def _prune(self, now: float) -> None:
         """Forget clients with nothing running and a bucket that has refilled."""
@@ -969,6 +993,171 @@ class Limits:
         for client, state in list(self._clients.items()):
             if state.streams == 0 and now - state.refilled_at >= full_after and not state.usage:
                 del self._clients[client]
+
+
+# --------------------------------------------------------------------------
+# Observability: the access record, log formats, metrics
+# --------------------------------------------------------------------------
+
+# The OpenAI API's top-level paths, and the two-part ones, for bounded metric labels.
+API_ROOTS = frozenset({
+    "assistants", "audio", "batches", "chat", "completions", "containers", "conversations", "embeddings",
+    "evals", "files", "fine_tuning", "images", "models", "moderations", "organization", "realtime",
+    "responses", "threads", "uploads", "vector_stores", "videos"})
+API_PAIRS = frozenset({
+    "audio/speech", "audio/transcriptions", "audio/translations", "chat/completions", "fine_tuning/jobs",
+    "images/edits", "images/generations", "images/variations", "realtime/sessions"})
+
+
+def metric_route(path: str) -> str:
+    """A label for a path, from a fixed set: /v1/files/file-abc/content is /v1/files."""
+    if not path.startswith(PASSTHROUGH_PREFIX):
+        return path if path in ("/message", "/healthz", "/metrics") else "other"
+    segments = path[len(PASSTHROUGH_PREFIX):].split("/")
+    pair = "/".join(segments[:2])
+    if pair in API_PAIRS:
+        return PASSTHROUGH_PREFIX + pair
+    return PASSTHROUGH_PREFIX + (segments[0] if segments[0] in API_ROOTS else "other")
+
+
+# error type -> the kind of upstream failure it is, for proxy_upstream_errors_total
+UPSTREAM_ERROR_KINDS = {"upstream_unreachable": "connect", "upstream_timeout": "timeout",
+                        "upstream_auth_error": "status", "upstream_error": "protocol"}
+
+
+def format_access_line(record: dict) -> str:
+    """The text form of an access record."""
+    def seconds(value):
+        return "-" if value is None else f"{value:.3f}s"
+    tokens = (f"{record['prompt_tokens']}/{record['completion_tokens']}"
+              if record["prompt_tokens"] is not None else "-")
+    return (f'{record["address"]} "{record["method"]} {record["path"]}" {record["status"] or "-"} '
+            f'{seconds(record["duration"])} ttfb={seconds(record["ttfb"])} ttft={seconds(record["ttft"])} '
+            f'frames={record["frames"]} bytes={record["bytes"]} client={record["client"] or "-"} '
+            f'model={record["model"] or "-"} tokens={tokens} request_id={record["request_id"] or "-"} '
+            f'error={record["error"] or "-"} client_left={"yes" if record["client_left"] else "no"}')
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: the access record's fields, or the message of any other line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname.lower()}
+        access = getattr(record, "access", None)
+        if access is not None:
+            line.update(access)
+        else:
+            line["message"] = record.getMessage()
+            if record.exc_info:
+                line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class Metrics:
+    """Counters, gauges and histograms, rendered in the Prometheus text format 0.0.4."""
+
+    DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+    TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+    # name, type, help; the README's Observability section lists the same.
+    FAMILIES = (
+        ("proxy_requests_total", "counter", "Requests answered, by route and status."),
+        ("proxy_active_streams", "gauge", "Relayed requests (/message and /v1) running now."),
+        ("proxy_request_duration_seconds", "histogram", "Time from request to the end of the response, by route."),
+        ("proxy_time_to_first_token_seconds", "histogram",
+         "Time from request to the first model output sent to the client, by route."),
+        ("proxy_upstream_errors_total", "counter",
+         "Upstream failures by kind: connect, timeout, status (an error answer), protocol (a broken answer)."),
+        ("proxy_tokens_total", "counter", "Tokens the upstream reported, by model, client and kind."),
+        ("proxy_client_disconnects_total", "counter",
+         "Clients that left before their response ended; the upstream request was cancelled."),
+        ("proxy_rate_limit_rejections_total", "counter", "Requests refused by the proxy's limits, by reason."),
+    )
+    BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
+               "proxy_time_to_first_token_seconds": TTFT_BUCKETS}
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: Dict[Tuple[str, tuple], float] = collections.defaultdict(float)
+        self._histograms: Dict[Tuple[str, tuple], List[float]] = {}
+
+    def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
+        with self._lock:
+            self._values[(name, labels)] += value
+
+    def observe(self, name: str, labels: tuple, value: float) -> None:
+        buckets = self.BUCKETS[name]
+        with self._lock:
+            counts = self._histograms.setdefault((name, labels), [0.0] * (len(buckets) + 2))
+            for index, bound in enumerate(buckets):
+                if value <= bound:
+                    counts[index] += 1
+            counts[-2] += value
+            counts[-1] += 1
+
+    def record(self, access: dict, rejected_by: Optional[str]) -> None:
+        """Count one finished request from its access record."""
+        route = metric_route(access["path"])
+        self.inc("proxy_requests_total", (("route", route), ("status", str(access["status"] or 0))))
+        self.observe("proxy_request_duration_seconds", (("route", route),), access["duration"])
+        if access["ttft"] is not None:
+            self.observe("proxy_time_to_first_token_seconds", (("route", route),), access["ttft"])
+        kind = UPSTREAM_ERROR_KINDS.get(access["error"] or "")
+        if access["upstream_status"] and access["upstream_status"] >= 400 and access["error"] != "upstream_auth_error":
+            kind = "status"
+        if kind:
+            self.inc("proxy_upstream_errors_total", (("kind", kind),))
+        for token_kind in ("prompt", "completion"):
+            if access[f"{token_kind}_tokens"]:
+                self.inc("proxy_tokens_total", (("model", access["model"] or "unknown"),
+                                                ("client", access["client"] or "unknown"),
+                                                ("kind", token_kind)), access[f"{token_kind}_tokens"])
+        if access["client_left"]:
+            self.inc("proxy_client_disconnects_total")
+        if rejected_by:
+            self.inc("proxy_rate_limit_rejections_total", (("reason", rejected_by),))
+
+    def render(self, gauges: Dict[str, float]) -> str:
+        """The exposition text."""
+        with self._lock:
+            values = dict(self._values)
+            histograms = {key: list(counts) for key, counts in self._histograms.items()}
+        values.update({(name, ()): value for name, value in gauges.items()})
+        lines = []
+        for name, kind, help_text in self.FAMILIES:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                for (family, labels), counts in sorted(histograms.items()):
+                    if family == name:
+                        lines += self._histogram_lines(name, labels, counts)
+                continue
+            for (family, labels), value in sorted(values.items()):
+                if family == name:
+                    lines.append(f"{name}{self._labels(labels)} {_format_number(value)}")
+        return "\n".join(lines) + "\n"
+
+    def _histogram_lines(self, name: str, labels: tuple, counts: List[float]) -> List[str]:
+        bounds = [_format_number(bound) for bound in self.BUCKETS[name]] + ["+Inf"]
+        cumulative = counts[:-2] + [counts[-1]]  # each bucket already counts every value at or below it
+        lines = [f"{name}_bucket{self._labels(labels + (('le', bound),))} {_format_number(count)}"
+                 for bound, count in zip(bounds, cumulative)]
+        return lines + [f"{name}_sum{self._labels(labels)} {_format_number(counts[-2])}",
+                        f"{name}_count{self._labels(labels)} {_format_number(counts[-1])}"]
+
+    @staticmethod
+    def _labels(labels: tuple) -> str:
+        if not labels:
+            return ""
+        return "{" + ",".join(f'{key}="{_escape_label(str(value))}"' for key, value in labels) + "}"
 
 
 # --------------------------------------------------------------------------
@@ -2075,6 +2264,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     routes = {
         "/message": {"POST": "handle_message"},
         "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
+        "/metrics": {"GET": "handle_metrics"},
     }
 
     def __init__(self, request, client_address, server, read_ahead: bytes = b""):
@@ -2119,7 +2309,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.model: Optional[str] = None
         self.upstream_request_id: Optional[str] = None
         self.strip_usage = False  # the proxy asked for usage the client did not ask for
-        self.outcome = ""
+        self.upstream_status: Optional[int] = None
+        self.error_type: Optional[str] = None
+        self.client_left = False
+        self.rejected_by: Optional[str] = None  # which of the proxy's limits refused the request
+        self.bytes_sent = 0  # body bytes of a response written whole (streams count on their exchange)
         self.body_read = False
 
     def dispatch(self):
@@ -2133,7 +2327,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.route()
             except ClientGone:
                 self.close_connection = True
-                self.outcome = "client_left"
+                self.client_left = True
             except ProxyError as error:
                 self.fail(error)
             except Exception:
@@ -2196,13 +2390,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def fail(self, error: ProxyError):
         """Tell the client what went wrong, in whatever form the response still allows."""
-        self.outcome = error.type
+        self.error_type = error.type
+        if isinstance(error, TooManyRequests):
+            self.rejected_by = error.reason
         try:
             if self.exchange is not None and self.exchange.streaming:
                 payload = self.exchange.error_payload(error)
                 if payload is None:  # leave the body incomplete: a clean end would pass for success
                     self.close_connection = True
-                    self.outcome += ",body_cut"
                     return
                 self.exchange.send(payload)
                 self.exchange.end()
@@ -2210,12 +2405,31 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.send_json(error.status, error.to_json(), error.headers)
         except (ClientGone, OSError):
             self.close_connection = True
-            self.outcome += ",client_left"
+            self.client_left = True
 
     # ---- routes
 
     def handle_healthz(self):
         self.send_json(HTTPStatus.OK, {"status": "ok"})
+
+    def handle_metrics(self):
+        """GET /metrics: Prometheus text, for METRICS_TOKEN holders or, without one, loopback clients."""
+        token = self.server.config.metrics_token
+        if token:
+            if identify_client(self.headers.get("Authorization"), (("metrics", token),)) is None:
+                raise ProxyError("GET /metrics needs 'Authorization: Bearer <METRICS_TOKEN>'",
+                                 status=HTTPStatus.UNAUTHORIZED, type="invalid_request_error",
+                                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+        elif not is_loopback_host(self.client_address[0]):
+            raise ProxyError("GET /metrics is served to loopback clients only; set METRICS_TOKEN to read it "
+                             "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
+        body = self.server.metrics.render({"proxy_active_streams": self.server.limits.active()}).encode()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.finish_head()
+        self.wfile.write(body)
+        self.bytes_sent = len(body)
 
     def handle_message(self):
         """POST /message: the seed's API, a chat completion streamed as event:message frames."""
@@ -2229,6 +2443,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             response = open_upstream(config, exchange, "POST", "/chat/completions", json_bytes(request),
                                      {"Content-Type": "application/json", "Accept": "text/event-stream"})
             self.upstream_request_id = response.headers.get("x-request-id")
+            self.upstream_status = response.status
             try:
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
@@ -2259,6 +2474,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             response = open_upstream(config, exchange, self.command, target, body, headers,
                                      length if body is not None else None)
             self.upstream_request_id = response.headers.get("x-request-id")
+            self.upstream_status = response.status
             try:
                 check_passthrough_response(response)
                 error_body = masked_error_body(response, config)
@@ -2411,6 +2627,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.finish_head()
         if self.command != "HEAD":
             self.wfile.write(body)
+            self.bytes_sent = len(body)
 
     def write_stream_head(self) -> str:
         """The head of a /message stream; returns its framing."""
@@ -2451,7 +2668,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Protocol errors found by http.server (bad request line, huge headers) get JSON too."""
         self.start_request()
         self.close_connection = True
-        self.outcome, self.body_read = "protocol_error", True
+        self.error_type, self.body_read = "protocol_error", True
         if self.request_version == "HTTP/0.9":  # http.server's guess for a bad request line: it would drop the head
             self.request_version = "HTTP/1.0"
         text = message or HTTPStatus(code).phrase
@@ -2465,16 +2682,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # ---- logging
 
+    def access_record(self) -> dict:
+        """What the access log and the metrics know of the request: never a key, never message text."""
+        exchange = self.exchange
+
+        def since_start(moment):
+            return None if moment is None else round(moment - self.started, 6)
+
+        return {
+            "address": self.client_address[0],
+            "client": self.client_name,
+            "method": getattr(self, "command", None) or "-",
+            "path": self.path_only if hasattr(self, "path") else "-",
+            "model": self.model,
+            "status": self.status,
+            "bytes": exchange.bytes_sent if exchange else self.bytes_sent,
+            "duration": round(time.monotonic() - self.started, 6),
+            "ttfb": since_start(self.first_byte_at),
+            "ttft": since_start(exchange.first_token_at if exchange else None),
+            "frames": exchange.frames if exchange else 0,
+            "prompt_tokens": self.usage.prompt if self.usage else None,
+            "completion_tokens": self.usage.completion if self.usage else None,
+            "request_id": self.upstream_request_id,
+            "upstream_status": self.upstream_status,
+            "error": self.error_type,
+            "client_left": self.client_left,
+        }
+
     def log_exchange(self):
-        """One line per request: never the key, never message text."""
-        now = time.monotonic()
-        ttfb = f"{self.first_byte_at - self.started:.3f}s" if self.first_byte_at else "-"
-        frames = self.exchange.frames if self.exchange else 0
-        client = self.client_name if self.client_name not in (None, self.client_address[0]) else None
-        logger.info('%s "%s %s" %s %.3fs ttfb=%s frames=%d%s%s', self.client_address[0],
-                    getattr(self, "command", None) or "-", self.path_only if hasattr(self, "path") else "-",
-                    self.status or "-", now - self.started, ttfb, frames,
-                    f" client={client}" if client else "", f" outcome={self.outcome}" if self.outcome else "")
+        """One access line and the metrics for the request that just ended."""
+        record = self.access_record()
+        self.server.metrics.record(record, self.rejected_by)
+        logger.info("%s", format_access_line(record), extra={"access": record})
 
     def log_request(self, code="-", size="-"):
         pass  # log_exchange writes the access line, after the stream ends
@@ -2496,6 +2735,7 @@ class ProxyServer(http.server.HTTPServer):
         self.config = config
         self.supervisor = StreamSupervisor(config.heartbeat_interval)
         self.limits = Limits(config)
+        self.metrics = Metrics()
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
@@ -2575,6 +2815,16 @@ class ProxyServer(http.server.HTTPServer):
         self.supervisor.stop()
 
 
+def configure_logging(log_format: str) -> None:
+    """Log to stderr: text lines, or JSON lines for a log shipper."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def serve_until_signal(server: ProxyServer) -> int:
     """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short."""
     stop, force = threading.Event(), threading.Event()
@@ -2596,12 +2846,12 @@ def serve_until_signal(server: ProxyServer) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Start the proxy from flags and environment; return the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = load_config(argv, os.environ)
     except ConfigError as error:
         sys.stderr.write(f"proxy.py: {error}\n")
         return 2
+    configure_logging(config.log_format)
     demo = None
     if config.demo:
         demo = DemoUpstream()

@@ -32,6 +32,10 @@ try:  # test-only: .ci/run installs it; the core tests need nothing
     import openai
 except ImportError:
     openai = None
+try:  # test-only: the Prometheus text parser checks GET /metrics
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError:
+    text_string_to_metric_families = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_KEY = "sk-test-0123456789abcdef"
@@ -1963,7 +1967,9 @@ class AccessLogTest(ProxyTestCase):
             self.assertTrue(self.server.wait_idle(5))
         lines = [line for line in logs.output if "/message" in line]
         self.assertEqual(len(lines), 1, logs.output)
-        self.assertRegex(lines[0], r'127\.0\.0\.1 "POST /message" 200 \d+\.\d{3}s ttfb=\d+\.\d{3}s frames=4')
+        self.assertRegex(lines[0], r'127\.0\.0\.1 "POST /message" 200 \d+\.\d{3}s ttfb=\d+\.\d{3}s '
+                                   r'ttft=\d+\.\d{3}s frames=4 bytes=\d+ client=127\.0\.0\.1 model=gpt-4o-mini '
+                                   r'tokens=3/2 request_id=- error=- client_left=no')
         for secret in (TEST_KEY, "secret-prompt-text", "secret-reply-text"):
             self.assertNotIn(secret, "\n".join(logs.output))
 
@@ -1976,6 +1982,153 @@ class AccessLogTest(ProxyTestCase):
         self.assertIn("502", "\n".join(logs.output))
         self.assertNotIn(TEST_KEY, "\n".join(logs.output))
         self.assertNotIn(TEST_KEY[-4:], "\n".join(logs.output))
+
+
+# --------------------------------------------------------------------------
+# Observability: usage, logs, metrics
+# --------------------------------------------------------------------------
+
+class UsageTest(ProxyTestCase):
+    def stream_chat(self, body):
+        response = self.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                {"Content-Type": "application/json"})
+        return response.read()
+
+    def test_streamed_chat_asks_for_usage_and_hides_it_from_clients_that_did_not(self):
+        self.upstream.script = lambda received: Script(steps=reply("Hi", usage=bool(
+            (received.json().get("stream_options") or {}).get("include_usage"))))
+        with self.assertLogs("proxy", logging.INFO) as logs:
+            body = self.stream_chat({"model": "gpt-4o-mini", "stream": True, "messages": []})
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(self.upstream.requests[0].json()["stream_options"], {"include_usage": True})
+        self.assertEqual(body, b"".join(reply("Hi", usage=False)))  # all but the usage chunk, untouched
+        self.assertIn("tokens=3/2", logs.output[-1])
+
+    def test_clients_that_asked_for_usage_get_it(self):
+        self.upstream.script = lambda received: Script(steps=reply("Hi"))
+        body = self.stream_chat({"model": "gpt-4o-mini", "stream": True, "messages": [],
+                                 "stream_options": {"include_usage": True}})
+        self.assertEqual(body, b"".join(reply("Hi")))
+        self.assertEqual(self.upstream.requests[0].json()["stream_options"], {"include_usage": True})
+
+    def test_responses_usage_is_recorded(self):
+        self.upstream.script = Script(steps=responses_events(["a", "b"]))
+        with self.assertLogs("proxy", logging.INFO) as logs:
+            self.request("POST", "/v1/responses", b'{"model": "gpt-4o", "stream": true}',
+                         {"Content-Type": "application/json"}).read()
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertRegex(logs.output[-1], r"ttft=\d+\.\d{3}s .* model=gpt-4o tokens=3/2 ")
+
+
+class MetricsTest(ProxyTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),), "rate_limit_rpm": 4, "idle_timeout": 0.3}
+
+    def exercise(self):
+        """A known mix of requests: every metric gets something to count."""
+        self.upstream.script = Script(steps=reply("a"))
+        self.post_message(headers=bearer(ALICE_KEY)).read()  # tokens 3 + 2 for gpt-4o-mini, alice
+        self.upstream.script = json_script({"error": {"message": "down", "type": "server_error"}}, status=500)
+        self.request("GET", "/v1/models", headers=bearer(ALICE_KEY)).read()  # upstream error: status
+        self.upstream.script = Script(hold_headers=True)
+        self.post_message(headers=bearer(ALICE_KEY)).read()  # upstream error: timeout
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), HANG])
+        sock = self.raw_socket()
+        body = chat_body()
+        sock.sendall(b"POST /message HTTP/1.1\r\nAuthorization: Bearer %b\r\nContent-Length: %d\r\n\r\n%b"
+                     % (ALICE_KEY.encode(), len(body), body))
+        self.assertIn(b"200 OK", sock.recv(4096))
+        sock.close()  # a client that leaves
+        self.assertTrue(self.upstream.disconnected.wait(2))
+        self.assertTrue(self.server.wait_idle(5))
+        self.post_message(headers=bearer(ALICE_KEY)).read()  # the fifth in a minute: over RATE_LIMIT_RPM
+
+    def scrape(self):
+        response = self.request("GET", "/metrics")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/plain; version=0.0.4; charset=utf-8")
+        return response.read().decode()
+
+    def test_metrics_count_what_happened(self):
+        self.exercise()
+        text = self.scrape()
+        for line in ('proxy_requests_total{route="/message",status="200"} 2',
+                     'proxy_requests_total{route="/v1/models",status="500"} 1',
+                     'proxy_requests_total{route="/message",status="504"} 1',
+                     'proxy_requests_total{route="/message",status="429"} 1',
+                     'proxy_upstream_errors_total{kind="status"} 1', 'proxy_upstream_errors_total{kind="timeout"} 1',
+                     'proxy_tokens_total{model="gpt-4o-mini",client="alice",kind="prompt"} 3',
+                     'proxy_tokens_total{model="gpt-4o-mini",client="alice",kind="completion"} 2',
+                     "proxy_client_disconnects_total 1", "proxy_active_streams 0",
+                     'proxy_rate_limit_rejections_total{reason="requests_per_minute"} 1',
+                     'proxy_request_duration_seconds_count{route="/message"} 4',
+                     'proxy_time_to_first_token_seconds_count{route="/message"} 1'):
+            self.assertIn(line + "\n", text)
+        self.assertNotIn(ALICE_KEY, text)
+        self.assertNotIn(TEST_KEY, text)
+
+    def test_a_real_prometheus_parser_reads_it(self):
+        require(text_string_to_metric_families is not None, "the prometheus_client package (its text parser)")
+        self.exercise()
+        families = {family.name: family for family in text_string_to_metric_families(self.scrape())}
+        self.assertEqual(families["proxy_requests"].type, "counter")
+        self.assertEqual(families["proxy_active_streams"].type, "gauge")
+        duration = families["proxy_request_duration_seconds"]
+        self.assertEqual(duration.type, "histogram")
+        buckets = [s for s in duration.samples if s.name.endswith("_bucket") and s.labels["route"] == "/message"]
+        counts = [s.value for s in buckets]
+        self.assertEqual(counts, sorted(counts))  # cumulative
+        self.assertEqual(buckets[-1].labels["le"], "+Inf")
+        self.assertEqual(buckets[-1].value, 4)
+        tokens = {(s.labels["kind"], s.labels["client"]): s.value for s in families["proxy_tokens"].samples}
+        self.assertEqual(tokens, {("prompt", "alice"): 3, ("completion", "alice"): 2})
+
+    def test_metrics_token(self):
+        self.server.config = dataclasses.replace(self.config, metrics_token="metrics-secret-0123")
+        self.assert_json_error(self.request("GET", "/metrics"), 401, "METRICS_TOKEN")
+        self.assertEqual(self.request("GET", "/metrics", headers=bearer("metrics-secret-0123")).status, 200)
+
+    def test_route_labels_are_bounded(self):
+        for path, want in (("/v1/chat/completions", "/v1/chat/completions"), ("/v1/files/file-abc/content",
+                           "/v1/files"), ("/v1/responses/resp_1", "/v1/responses"), ("/v1/zzz", "/v1/other"),
+                           ("/v1/chat/zzz", "/v1/chat"), ("/nope", "other"), ("/message", "/message")):
+            self.assertEqual(proxy.metric_route(path), want)
+
+
+class JsonLogTest(unittest.TestCase):
+    def test_json_lines_with_every_field(self):
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        upstream.script = Script(steps=reply("secret-reply-text"), headers={
+            "Content-Type": "text/event-stream", "x-request-id": "req_42"})
+        process = ProxyProcess("--base-url", upstream.base_url,
+                               env={"OA_API_KEY": TEST_KEY, "LOG_FORMAT": "json",
+                                    "PROXY_API_KEYS": f"alice={ALICE_KEY}"})
+        self.addCleanup(process.kill)
+        conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/message", chat_body("secret-prompt-text"), bearer(ALICE_KEY))
+        conn.getresponse().read()
+        process.wait_for_line(r'"path": "/message"')
+        process.signal(signal.SIGTERM)
+        self.assertEqual(process.wait(), 0)
+        process.lines.put(None)
+        lines = process.log + [line for line in iter(process.lines.get, None)]
+        records = [json.loads(line) for line in lines]  # every line is JSON
+        access = next(r for r in records if r.get("path") == "/message")
+        self.assertEqual({k: access[k] for k in ("address", "client", "method", "path", "model", "status", "frames",
+                                                 "prompt_tokens", "completion_tokens", "request_id", "error",
+                                                 "client_left", "level")},
+                         {"address": "127.0.0.1", "client": "alice", "method": "POST", "path": "/message",
+                          "model": "gpt-4o-mini", "status": 200, "frames": 4, "prompt_tokens": 3,
+                          "completion_tokens": 2, "request_id": "req_42", "error": None, "client_left": False,
+                          "level": "info"})
+        for name in ("time", "bytes", "duration", "ttfb", "ttft"):
+            self.assertIsNotNone(access[name], name)
+        self.assertTrue(access["time"].endswith("Z"))
+        text = "".join(lines)
+        for secret in (TEST_KEY, ALICE_KEY, "secret-prompt-text", "secret-reply-text"):
+            self.assertNotIn(secret, text)
+        self.assertTrue(any("listening on" in r.get("message", "") for r in records))
 
 
 # --------------------------------------------------------------------------
