@@ -1104,7 +1104,7 @@ class Metrics:
             counts[-2] += value
             counts[-1] += 1
 
-    def record(self, access: dict, rejected_by: Optional[str]) -> None:
+    def record(self, access: dict, rejected_by: Optional[str], cancelled_upstream: bool) -> None:
         """Count one finished request from its access record."""
         route = metric_route(access["path"])
         self.inc("proxy_requests_total", (("route", route), ("status", str(access["status"] or 0))))
@@ -1121,7 +1121,7 @@ class Metrics:
                 self.inc("proxy_tokens_total", (("model", access["model"] or "unknown"),
                                                 ("client", access["client"] or "unknown"),
                                                 ("kind", token_kind)), access[f"{token_kind}_tokens"])
-        if access["client_left"]:
+        if cancelled_upstream:
             self.inc("proxy_client_disconnects_total")
         if rejected_by:
             self.inc("proxy_rate_limit_rejections_total", (("reason", rejected_by),))
@@ -2712,7 +2712,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def log_exchange(self):
         """One access line and the metrics for the request that just ended."""
         record = self.access_record()
-        self.server.metrics.record(record, self.rejected_by)
+        cancelled_upstream = self.client_left and self.exchange is not None  # an upstream call was open
+        self.server.metrics.record(record, self.rejected_by, cancelled_upstream)
         logger.info("%s", format_access_line(record), extra={"access": record})
 
     def log_request(self, code="-", size="-"):

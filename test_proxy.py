@@ -2084,6 +2084,12 @@ class MetricsTest(ProxyTestCase):
         tokens = {(s.labels["kind"], s.labels["client"]): s.value for s in families["proxy_tokens"].samples}
         self.assertEqual(tokens, {("prompt", "alice"): 3, ("completion", "alice"): 2})
 
+    def test_unreachable_upstream_counts_as_connect(self):
+        self.server.config = dataclasses.replace(self.config, base_url=f"http://127.0.0.1:{free_port()}/v1")
+        self.assert_json_error(self.post_message(headers=bearer(ALICE_KEY)), 502)
+        self.assertTrue(self.server.wait_idle(5))
+        self.assertIn('proxy_upstream_errors_total{kind="connect"} 1\n', self.scrape())
+
     def test_metrics_token(self):
         self.server.config = dataclasses.replace(self.config, metrics_token="metrics-secret-0123")
         self.assert_json_error(self.request("GET", "/metrics"), 401, "METRICS_TOKEN")
