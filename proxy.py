@@ -249,6 +249,7 @@ class Config:
 
 
 def _parse_positive_float(text: str) -> float:
+    """A timeout in seconds."""
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
@@ -256,6 +257,7 @@ def _parse_positive_float(text: str) -> float:
 
 
 def _parse_port(text: str) -> int:
+    """A TCP port."""
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be a whole number from 0 to 65535")
@@ -263,6 +265,7 @@ def _parse_port(text: str) -> int:
 
 
 def _parse_size(text: str) -> int:
+    """A positive byte count."""
     value = int(text)
     if value < 1:
         raise ValueError("must be a positive whole number of bytes")
@@ -270,6 +273,7 @@ def _parse_size(text: str) -> int:
 
 
 def _parse_bool(text: str) -> bool:
+    """A yes/no setting."""
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -282,12 +286,14 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110, 
 
 
 def _parse_header_name(text: str) -> str:
+    """An HTTP header name."""
     if not _TOKEN.fullmatch(text):
         raise ValueError("must be a header name such as Authorization or api-key")
     return text
 
 
 def _parse_extra_headers(text: str) -> Tuple[Tuple[str, str], ...]:
+    """OA_EXTRA_HEADERS: a JSON object of header names to one-line values."""
     if not text.strip():
         return ()
     try:
@@ -303,6 +309,7 @@ def _parse_extra_headers(text: str) -> Tuple[Tuple[str, str], ...]:
 
 
 def _parse_count(text: str) -> int:
+    """A limit; 0 turns it off."""
     value = int(text)
     if value < 0:
         raise ValueError("must be a whole number, 0 for no limit")
@@ -334,16 +341,19 @@ def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
 
 
 def _parse_log_format(text: str) -> str:
+    """LOG_FORMAT: text or json."""
     if text.strip().lower() not in ("text", "json"):
         raise ValueError("must be text or json")
     return text.strip().lower()
 
 
 def _parse_list(text: str) -> Tuple[str, ...]:
+    """A comma list."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _parse_origins(text: str) -> Tuple[str, ...]:
+    """CORS_ORIGINS: origins without trailing slashes, or *."""
     origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
     if not origins:
         raise ValueError("must list at least one origin, or *")
@@ -542,6 +552,7 @@ def json_bytes(value) -> bytes:
 
 
 def _reject_json_constant(name: str):
+    """json.loads hook: NaN and Infinity are not JSON (RFC 8259, 6)."""
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -669,14 +680,17 @@ def parse_json_object(body: bytes) -> dict:
 
 
 def _is_number(value) -> bool:
+    """A JSON number (booleans are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_whole(value) -> bool:
+    """A JSON integer (booleans are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _validate_message(index: int, message) -> None:
+    """Check one item of /message's messages."""
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise BadRequest(f"{where} must be an object with 'role' and 'content', not {json_type_name(message)}")
@@ -895,6 +909,8 @@ def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
 
 
 class _ClientState:
+    """One client's rate-limit state."""
+
     __slots__ = ("tokens", "refilled_at", "streams", "usage")
 
     def __init__(self, capacity: float, now: float):
@@ -1056,10 +1072,12 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def _escape_label(value: str) -> str:
+    """A Prometheus label value, escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _format_number(value: float) -> str:
+    """A sample value: whole numbers without a decimal point."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
@@ -1165,6 +1183,7 @@ class Metrics:
 # --------------------------------------------------------------------------
 
 def _close_quietly(sock: socket.socket) -> None:
+    """Close a socket that may already be broken."""
     try:
         sock.close()
     except OSError:
@@ -1451,14 +1470,16 @@ class _UpstreamConnectionMixin:
 
 
 class _UpstreamHTTPConnection(_UpstreamConnectionMixin, http.client.HTTPConnection):
-    pass
+    """http.client's connection, with the proxy's timeouts and cancellation."""
 
 
 class _UpstreamHTTPSConnection(_UpstreamConnectionMixin, http.client.HTTPSConnection):
-    pass
+    """The TLS one, likewise."""
 
 
 class _UpstreamHTTPHandler(urllib.request.HTTPHandler):
+    """urllib's handler, opening _UpstreamHTTPConnection for this exchange."""
+
     def __init__(self, connection_args: dict):
         super().__init__()
         self._connection_args = connection_args
@@ -1468,6 +1489,8 @@ class _UpstreamHTTPHandler(urllib.request.HTTPHandler):
 
 
 class _UpstreamHTTPSHandler(urllib.request.HTTPSHandler):
+    """urllib's TLS handler, opening _UpstreamHTTPSConnection for this exchange."""
+
     def __init__(self, connection_args: dict):
         super().__init__()
         self._connection_args = connection_args
@@ -1522,6 +1545,7 @@ def open_upstream(config: Config, exchange: Exchange, method: str, target: str, 
 
 
 def _describe_os_error(error) -> str:
+    """A short reason for a connection failure, for an error message."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
@@ -1868,6 +1892,7 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
 
 
 def body_timeout_error(config: Config) -> ProxyError:
+    """The 408 for a body that did not arrive within BODY_TIMEOUT."""
     return ProxyError(f"the request body did not arrive within {config.body_timeout:g} s (BODY_TIMEOUT)",
                       status=HTTPStatus.REQUEST_TIMEOUT, type="invalid_request_error")
 
@@ -2473,25 +2498,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 body_read()
             response = open_upstream(config, exchange, self.command, target, body, headers,
                                      length if body is not None else None)
-            self.upstream_request_id = response.headers.get("x-request-id")
-            self.upstream_status = response.status
             try:
-                check_passthrough_response(response)
-                error_body = masked_error_body(response, config)
-                if error_body is not None:
-                    exchange.begin(lambda: self.write_passthrough_head(response, len(error_body)), heartbeats=False)
-                    exchange.send(error_body)
-                    exchange.end()
-                    return
-                is_event_stream = response.headers.get_content_type() == "text/event-stream"
-                exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
-                observer = StreamObserver(is_event_stream)
-                try:
-                    relay_passthrough(response, exchange, config, observer, self.strip_usage)
-                finally:
-                    self.usage = observer.finish()
+                self.relay_answer(response, exchange)
             finally:
                 response.close()
+
+    def relay_answer(self, response: http.client.HTTPResponse, exchange: Exchange):
+        """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
+        config = self.server.config
+        self.upstream_request_id = response.headers.get("x-request-id")
+        self.upstream_status = response.status
+        check_passthrough_response(response)
+        error_body = masked_error_body(response, config)
+        if error_body is not None:
+            exchange.begin(lambda: self.write_passthrough_head(response, len(error_body)), heartbeats=False)
+            exchange.send(error_body)
+            exchange.end()
+            return
+        is_event_stream = response.headers.get_content_type() == "text/event-stream"
+        exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
+        observer = StreamObserver(is_event_stream)
+        try:
+            relay_passthrough(response, exchange, config, observer, self.strip_usage)
+        finally:
+            self.usage = observer.finish()
 
     def needs_body_check(self) -> bool:
         """True when the proxy reads this /v1 body before sending it on.
