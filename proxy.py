@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import hashlib
 import hmac
 import http.client
 import http.server
@@ -56,6 +57,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import re
 import select
 import selectors
@@ -516,7 +518,7 @@ def format_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
+def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple[int, str]]:
     """What the proxy says when it starts: (log level, text) pairs."""
     upstream = "built-in demo upstream (no key, no network)" if config.demo else config.base_url
     keys = config.proxy_api_keys
@@ -530,7 +532,8 @@ def startup_lines(config: Config, port: int) -> List[Tuple[int, str]]:
         limits += f"; ALLOWED_MODELS {', '.join(config.allowed_models)}"
     metrics = "METRICS_TOKEN" if config.metrics_token else "loopback clients only"
     lines = [
-        (logging.INFO, f"proxy.py {__version__} listening on {format_url(config.host, port)}"),
+        (logging.INFO, f"proxy.py {__version__} listening on {format_url(config.host, port)}"
+                       + (f"; chat page at {format_url(config.host, port)}/" if has_ui else "")),
         (logging.INFO, f"upstream {upstream}; default model {config.model}"),
         (logging.INFO, f"{client_auth}; limits: {limits}"),
         (logging.INFO, f"log format {config.log_format}; GET /metrics: {metrics}"),
@@ -1028,6 +1031,8 @@ API_PAIRS = frozenset({
 def metric_route(path: str) -> str:
     """A label for a path, from a fixed set: /v1/files/file-abc/content is /v1/files."""
     if not path.startswith(PASSTHROUGH_PREFIX):
+        if path == "/" or path.startswith("/ui/"):
+            return "/ui"
         return path if path in ("/message", "/healthz", "/metrics") else "other"
     segments = path[len(PASSTHROUGH_PREFIX):].split("/")
     pair = "/".join(segments[:2])
@@ -2045,6 +2050,45 @@ class DemoUpstream:
 
 
 # --------------------------------------------------------------------------
+# The chat UI (ui/)
+# --------------------------------------------------------------------------
+
+UI_DIR = pathlib.Path(__file__).resolve().parent / "ui"
+UI_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+    ".ico": "image/x-icon", ".json": "application/json",
+}
+# No inline script or style, nothing from elsewhere (CSP Level 3).
+UI_SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
+
+UIFile = collections.namedtuple("UIFile", "body content_type etag")
+
+
+def load_ui(folder: pathlib.Path) -> Dict[str, UIFile]:
+    """The UI's files by name, read once at start. Only these names are ever served."""
+    files = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            content_type = UI_CONTENT_TYPES.get(path.suffix)
+            if path.is_file() and content_type and not path.name.startswith("."):
+                body = path.read_bytes()
+                files[path.name] = UIFile(body, content_type, '"%s"' % hashlib.sha256(body).hexdigest()[:32])
+    return files
+
+
+def ui_config(config: Config) -> dict:
+    """What the page needs to know: whether it needs a key, and which models it may offer."""
+    return {"model": config.model, "models": list(config.allowed_models),
+            "auth_required": bool(config.proxy_api_keys)}
+
+
+# --------------------------------------------------------------------------
 # Client connections
 # --------------------------------------------------------------------------
 
@@ -2290,6 +2334,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         "/message": {"POST": "handle_message"},
         "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
         "/metrics": {"GET": "handle_metrics"},
+        "/": {"GET": "handle_ui", "HEAD": "handle_ui"},
+        "/ui/config.json": {"GET": "handle_ui_config"},
     }
 
     def __init__(self, request, client_address, server, read_ahead: bytes = b""):
@@ -2374,9 +2420,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         methods = self.routes.get(self.path_only)
         if methods is None and self.path_only.startswith(PASSTHROUGH_PREFIX):
             methods = {method: "handle_passthrough" for method in PASSTHROUGH_METHODS}
+        if methods is None and self.path_only.startswith("/ui/"):
+            methods = {"GET": "handle_ui", "HEAD": "handle_ui"}
         if methods is None:
             raise ProxyError(f"nothing is served at {self.path_only}; the API is POST /message "
-                             "and the OpenAI API under /v1/",
+                             "and the OpenAI API under /v1/, the chat page is at /",
                              status=HTTPStatus.NOT_FOUND, type="not_found_error")
         if self.command == "OPTIONS":
             self.answer_preflight(methods)
@@ -2436,6 +2484,32 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_healthz(self):
         self.send_json(HTTPStatus.OK, {"status": "ok"})
+
+    def handle_ui(self):
+        """GET / and /ui/<name>: the chat page's files, by exact name only."""
+        name = "index.html" if self.path_only == "/" else self.path_only[len("/ui/"):]
+        page = self.server.ui.get(name)
+        if page is None:
+            missing = "" if self.server.ui else f"; no ui/ folder was found next to proxy.py ({UI_DIR})"
+            raise ProxyError(f"nothing is served at {self.path_only}{missing}",
+                             status=HTTPStatus.NOT_FOUND, type="not_found_error")
+        fresh = page.etag in (tag.strip() for tag in self.headers.get("If-None-Match", "").split(","))
+        self.send_response(HTTPStatus.NOT_MODIFIED if fresh else HTTPStatus.OK)
+        self.send_header("Content-Type", page.content_type)
+        self.send_header("ETag", page.etag)
+        self.send_header("Cache-Control", "no-cache")  # revalidate each time: a new version shows at once
+        for name, value in UI_SECURITY_HEADERS:
+            self.send_header(name, value)
+        if not fresh:
+            self.send_header("Content-Length", str(len(page.body)))
+        self.finish_head()
+        if not fresh and self.command != "HEAD":
+            self.wfile.write(page.body)
+            self.bytes_sent = len(page.body)
+
+    def handle_ui_config(self):
+        """GET /ui/config.json: what the page needs to know of the proxy's settings."""
+        self.send_json(HTTPStatus.OK, ui_config(self.server.config))
 
     def handle_metrics(self):
         """GET /metrics: Prometheus text, for METRICS_TOKEN holders or, without one, loopback clients."""
@@ -2767,6 +2841,7 @@ class ProxyServer(http.server.HTTPServer):
         self.supervisor = StreamSupervisor(config.heartbeat_interval)
         self.limits = Limits(config)
         self.metrics = Metrics()
+        self.ui = load_ui(UI_DIR)
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
@@ -2894,7 +2969,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(f"proxy.py: cannot listen on {config.host}:{config.port}: "
                          f"{_describe_os_error(error)}\n")
         return 1
-    for level, line in startup_lines(config, server.server_port):
+    for level, line in startup_lines(config, server.server_port, bool(server.ui)):
         logger.log(level, line)
     try:
         return serve_until_signal(server)

@@ -32,6 +32,10 @@ try:  # test-only: .ci/run installs it; the core tests need nothing
     import openai
 except ImportError:
     openai = None
+try:  # test-only: drives Debian's chromium for the UI tests
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    sync_playwright = None
 try:  # test-only: the Prometheus text parser checks GET /metrics
     from prometheus_client.parser import text_string_to_metric_families
 except ImportError:
@@ -2137,6 +2141,269 @@ class JsonLogTest(unittest.TestCase):
         for secret in (TEST_KEY, ALICE_KEY, "secret-prompt-text", "secret-reply-text"):
             self.assertNotIn(secret, text)
         self.assertTrue(any("listening on" in r.get("message", "") for r in records))
+
+
+# --------------------------------------------------------------------------
+# The chat UI: serving, and a real browser
+# --------------------------------------------------------------------------
+
+class UiServingTest(ProxyTestCase):
+    def test_files_types_and_security_headers(self):
+        for path, content_type, marker in (("/", "text/html; charset=utf-8", b"<!doctype html>"),
+                                           ("/ui/index.html", "text/html; charset=utf-8", b"<!doctype html>"),
+                                           ("/ui/app.js", "text/javascript; charset=utf-8", b"import"),
+                                           ("/ui/style.css", "text/css; charset=utf-8", b":root")):
+            with self.subTest(path=path):
+                response = self.request("GET", path)
+                body = response.read()
+                self.assertEqual((response.status, response.getheader("Content-Type")), (200, content_type))
+                self.assertIn(marker, body)
+                csp = response.getheader("Content-Security-Policy")
+                self.assertIn("script-src 'self'", csp)
+                self.assertNotIn("unsafe-inline", csp)
+                self.assertEqual(response.getheader("X-Content-Type-Options"), "nosniff")
+
+    def test_etag_and_304(self):
+        first = self.request("GET", "/ui/app.js")
+        body = first.read()
+        etag = first.getheader("ETag")
+        again = self.request("GET", "/ui/app.js", headers={"If-None-Match": etag})
+        self.assertEqual((again.status, again.read()), (304, b""))
+        stale = self.request("GET", "/ui/app.js", headers={"If-None-Match": '"other"'})
+        self.assertEqual((stale.status, stale.read()), (200, body))
+        head = self.request("HEAD", "/")
+        self.assertEqual((head.status, head.read()), (200, b""))
+
+    def test_no_inline_script_in_the_page(self):
+        page = self.request("GET", "/").read().decode()
+        for script in re.findall(r"<script[^>]*>(.*?)</script>", page, re.S):
+            self.assertEqual(script.strip(), "")
+        self.assertNotRegex(page, r"\son\w+=")
+
+    def test_only_ui_files_are_served(self):
+        for path in ("/ui/", "/ui/nope.js", "/ui/../proxy.py", "/ui/%2e%2e/proxy.py", "/ui//ui/app.js",
+                     "/ui/app.js/", "/ui/./app.js", "/proxy.py", "/ui/.hidden"):
+            with self.subTest(path=path):
+                response = self.send_raw(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                body = response.read()
+                self.assertIn(response.status, (400, 404))
+                self.assertNotIn(b"def main(argv", body)
+
+    def test_config_for_the_page(self):
+        self.assertEqual(json.loads(self.request("GET", "/ui/config.json").read()),
+                         {"model": "gpt-4o-mini", "models": [], "auth_required": False})
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = os.environ.get("PROXY_TEST_SCREENSHOTS") or tempfile.mkdtemp(prefix="proxy-screenshots-")
+
+
+class BrowserTestCase(ProxyTestCase):
+    """Headless Chromium driving the page against the proxy and the fake upstream."""
+
+    browser = None
+
+    @classmethod
+    def setUpClass(cls):
+        chromium = os.environ.get("PROXY_TEST_CHROMIUM") or shutil.which("chromium")
+        require(sync_playwright is not None and chromium, "playwright (Python) and Debian's chromium")
+        cls.playwright = sync_playwright().start()
+        cls.browser = cls.playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.browser is not None:
+            cls.browser.close()
+            cls.playwright.stop()
+
+    def open_page(self, width=1280, height=800):
+        context = self.browser.new_context(viewport={"width": width, "height": height})
+        self.addCleanup(context.close)
+        page = context.new_page()
+        self.page_errors, self.dialogs = [], []
+        page.on("pageerror", lambda error: self.page_errors.append(str(error)))
+        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(f"http://127.0.0.1:{self.port}/")
+        page.wait_for_function("() => document.activeElement?.id === 'input'")  # app.js has started
+        return page
+
+    def wait_for_stats(self, page):
+        page.wait_for_function("() => document.querySelector('.message.assistant:last-of-type .meta')"
+                               "?.innerText !== ''")
+
+    def send(self, page, text):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+
+    def reply_text(self, page):
+        return page.inner_text(".message.assistant:last-of-type .body")
+
+    def wait_for_reply(self, page, text):
+        page.wait_for_function("text => document.querySelector('.message.assistant:last-of-type .body')"
+                               "?.innerText.trim() === text", arg=text, timeout=10000)
+
+
+class BrowserChatTest(BrowserTestCase):
+    def test_reply_streams_in_token_by_token(self):
+        first, second = threading.Event(), threading.Event()
+        self.addCleanup(first.set)
+        self.addCleanup(second.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="Hello"), first,
+                                             chunk(content=" streaming"), second] + reply(" world")[1:])
+        page = self.open_page()
+        self.send(page, "Say hello")
+        self.wait_for_reply(page, "Hello")  # an intermediate state: the rest is still held upstream
+        self.assertEqual(page.inner_text(".message.assistant .meta"), "")
+        first.set()
+        self.wait_for_reply(page, "Hello streaming")
+        second.set()
+        self.wait_for_reply(page, "Hello streaming world")
+        self.wait_for_stats(page)
+        self.assertRegex(page.inner_text(".message.assistant .meta"), r"^first token \d+\.\d\d s · \d+\.\d tokens/s$")
+        self.assertTrue(page.is_visible("#send"))
+        self.assertEqual(self.upstream.requests[0].json()["messages"], [{"role": "user", "content": "Say hello"}])
+        self.upstream.script = Script(steps=reply("Again"))
+        self.send(page, "Once more")
+        self.wait_for_reply(page, "Again")
+        self.assertEqual([m["role"] for m in self.upstream.requests[1].json()["messages"]],
+                         ["user", "assistant", "user"])
+        self.assertEqual(self.upstream.requests[1].json()["messages"][1]["content"], "Hello streaming world")
+        self.assertEqual(self.page_errors, [])
+
+    def test_shift_enter_adds_a_line_and_enter_sends(self):
+        page = self.open_page()
+        page.fill("#input", "first line")
+        page.press("#input", "Shift+Enter")
+        page.type("#input", "second line")
+        self.assertEqual(page.input_value("#input"), "first line\nsecond line")
+        self.assertEqual(self.upstream.requests, [])
+        page.press("#input", "Enter")
+        self.wait_for_reply(page, "Hello world")
+        self.assertEqual(self.upstream.requests[0].json()["messages"][0]["content"], "first line\nsecond line")
+
+    def test_stop_aborts_and_the_upstream_is_closed(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), HANG])
+        page = self.open_page()
+        self.send(page, "Think for a long time")
+        self.wait_for_reply(page, "partial")
+        page.click("#stop")
+        self.assertTrue(self.upstream.disconnected.wait(2), "the upstream was not closed after Stop")
+        page.wait_for_selector(".message.assistant .note")
+        self.assertEqual(page.inner_text(".message.assistant .note"), "Stopped.")
+        self.assertTrue(page.is_visible("#send"))
+        page.click("#new-chat")
+        self.assertEqual(page.locator(".message").count(), 0)
+
+    def test_model_output_is_never_run(self):
+        attack = ("<img src=x onerror=alert(1)> <script>alert(2)</script> "
+                  "[click](javascript:alert(3)) [ok](https://example.com/a) **bold**")
+        self.upstream.script = Script(steps=reply(attack))
+        page = self.open_page()
+        self.send(page, "Attack me")
+        self.wait_for_stats(page)
+        body = page.locator(".message.assistant .body")
+        self.assertIn("<img src=x onerror=alert(1)>", body.inner_text())
+        self.assertIn("<script>alert(2)</script>", body.inner_text())
+        self.assertEqual(body.locator("img, script").count(), 0)
+        links = body.locator("a")
+        self.assertEqual(links.count(), 1)
+        self.assertEqual(links.get_attribute("href"), "https://example.com/a")
+        self.assertEqual(links.get_attribute("rel"), "noopener noreferrer")
+        self.assertEqual(body.locator("strong").inner_text(), "bold")
+        page.wait_for_timeout(300)  # give an onerror handler the chance it must not get
+        self.assertEqual(self.dialogs, [])
+        self.assertEqual(self.page_errors, [])
+
+    def test_code_blocks_get_a_copy_button(self):
+        self.upstream.script = Script(steps=reply("Here:\n\n```python\nprint('<b>')\n```\n\n- one\n- two"))
+        page = self.open_page()
+        self.send(page, "Code please")
+        page.wait_for_selector(".message.assistant .code pre code")
+        self.assertEqual(page.inner_text(".message.assistant .code pre code"), "print('<b>')")
+        self.assertTrue(page.is_visible(".message.assistant .code .copy"))
+        self.assertEqual(page.locator(".message.assistant li").count(), 2)
+
+    def test_errors_show_in_the_conversation(self):
+        self.upstream.script = json_script({"error": {"message": "This model's maximum context length is 8192",
+                                                      "type": "invalid_request_error"}}, status=400)
+        page = self.open_page()
+        self.send(page, "Too long")
+        page.wait_for_selector(".message.assistant .error")
+        self.assertEqual(page.inner_text(".message.assistant .error"),
+                         "Error 400: This model's maximum context length is 8192")
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="half"),
+                                             sse({"error": {"message": "overloaded", "type": "server_error"}})])
+        self.send(page, "Again")
+        page.wait_for_selector(".message.assistant:last-of-type .error")
+        self.assertEqual(page.inner_text(".message.assistant:last-of-type .error"), "overloaded")
+        self.stop_server()  # the proxy goes away: the next send cannot connect
+        self.send(page, "Anyone there?")
+        page.wait_for_selector(".message.assistant:last-of-type .error")
+        self.assertIn("Lost the connection to the proxy", page.inner_text(".message.assistant:last-of-type .error"))
+
+    def test_sse_parser_handles_frames_split_anywhere(self):
+        page = self.open_page()
+        stream = ('event:message\r\ndata:{"content":"caf\u00e9"}\r\n\r\n: keep-alive\n\n'
+                  'event: done\rdata: {"usage":null}\r\r')
+        result = page.evaluate("""async (stream) => {
+            const { SSEParser } = await import('/ui/sse.js');
+            const parser = new SSEParser();
+            const whole = [...parser.feed(stream), ...parser.end()];
+            const split = new SSEParser();
+            const pieces = [...[...stream].flatMap(character => split.feed(character)), ...split.end()];
+            return { whole, pieces };
+        }""", stream)
+        want = [{"event": "message", "data": '{"content":"caf\u00e9"}'}, {"event": "done", "data": '{"usage":null}'}]
+        self.assertEqual(result["whole"], want)
+        self.assertEqual(result["pieces"], want)
+
+    def test_keyboard_and_labels(self):
+        page = self.open_page()
+        page.click("h1")  # a user clicks the page top: Tab starts from there
+        order = []
+        for _ in range(4):
+            page.keyboard.press("Tab")
+            order.append(page.evaluate("() => document.activeElement.id"))
+        self.assertEqual(order, ["new-chat", "model", "input", "send"])
+        self.assertEqual(page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle"), "solid")
+        self.assertEqual(page.get_attribute("#model-field", "hidden"), None)
+        self.assertTrue(page.locator("label[for=input]").count())
+        self.send(page, "Hi")
+        self.wait_for_reply(page, "Hello world")
+        self.assertEqual(page.get_attribute(".message.assistant .body", "aria-live"), "polite")
+
+    def test_screenshots_phone_and_desktop(self):
+        self.upstream.script = lambda received: Script(steps=reply(
+            "Streaming works. Here is **bold**, `code` and a list:\n\n- first\n- second\n\n"
+            "```js\nconsole.log('hi');\n```"))
+        for name, width, height in (("phone", 360, 740), ("desktop", 1280, 800)):
+            with self.subTest(name=name):
+                page = self.open_page(width, height)
+                self.send(page, "Show me what you can do")
+                self.wait_for_stats(page)
+                self.assertLessEqual(page.evaluate("() => document.documentElement.scrollWidth"), width)
+                path = os.path.join(SCREENSHOTS, f"ui-{name}.png")
+                page.screenshot(path=path)
+                self.assertGreater(os.path.getsize(path), 5000)
+
+
+class BrowserSettingsTest(BrowserTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),), "allowed_models": ("gpt-4o-mini", "gpt-4o")}
+
+    def test_key_field_and_model_choice(self):
+        page = self.open_page()
+        page.wait_for_selector("#key-field:not([hidden])")
+        self.assertEqual(page.locator("#model-select option").all_inner_texts(), ["gpt-4o-mini", "gpt-4o"])
+        page.select_option("#model-select", "gpt-4o")
+        self.send(page, "No key yet")
+        page.wait_for_selector(".message.assistant .error")
+        self.assertIn("Error 401", page.inner_text(".message.assistant .error"))
+        page.fill("#key", ALICE_KEY)
+        self.send(page, "With a key")
+        self.wait_for_reply(page, "Hello world")
+        self.assertEqual(self.upstream.requests[0].json()["model"], "gpt-4o")
+        self.assertEqual(page.evaluate("() => sessionStorage.getItem('proxy-key')"), ALICE_KEY)
 
 
 # --------------------------------------------------------------------------
