@@ -2407,6 +2407,207 @@ class BrowserSettingsTest(BrowserTestCase):
 
 
 # --------------------------------------------------------------------------
+# Behind nginx: the README's own server block
+# --------------------------------------------------------------------------
+
+def readme_nginx_block():
+    """The nginx configuration the README's "Behind nginx" section shows, as written."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        section = readme.read().split("## Behind nginx", 1)[1]
+    return re.search(r"```nginx\n(.*?)```", section, re.S).group(1)
+
+
+class NginxTest(ProxyTestCase):
+    """Debian's nginx on loopback, in front of the proxy, with the README's block."""
+
+    def setUp(self):
+        super().setUp()
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        require(nginx, "Debian's nginx")
+        block = readme_nginx_block()
+        self.assertIn("server 127.0.0.1:8080;", block)
+        self.assertIn("listen 80;", block)
+        self.nginx_port = free_port()
+        block = block.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{self.port};")
+        block = block.replace("listen 80;", f"listen 127.0.0.1:{self.nginx_port};")
+        folder = tempfile.mkdtemp(prefix="proxy-nginx-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        conf = os.path.join(folder, "nginx.conf")
+        temp = {name: os.path.join(folder, name) for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        with open(conf, "w") as out:
+            out.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {folder}/nginx.pid;\n"
+                      f"error_log {folder}/error.log;\nevents {{}}\nhttp {{\naccess_log off;\n"
+                      f"client_body_temp_path {temp['body']};\nproxy_temp_path {temp['proxy']};\n"
+                      f"fastcgi_temp_path {temp['fastcgi']};\nuwsgi_temp_path {temp['uwsgi']};\n"
+                      f"scgi_temp_path {temp['scgi']};\n{block}\n}}\n")
+        self.nginx = subprocess.Popen([nginx, "-c", conf, "-p", folder], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+        self.addCleanup(self.stop_nginx)
+        self.assertTrue(wait_until(lambda: self.nginx_answers()), "nginx did not start")
+
+    def nginx_answers(self):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.nginx_port, timeout=2)
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    def stop_nginx(self):
+        self.nginx.terminate()
+        self.nginx.wait(10)
+        self.nginx.stderr.close()
+
+    def through_nginx(self, path, body):
+        conn = http.client.HTTPConnection("127.0.0.1", self.nginx_port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        return conn, conn.getresponse()
+
+    def test_message_stream_arrives_frame_by_frame(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="first"), hold]
+                                      + reply("rest")[1:])
+        _, response = self.through_nginx("/message", chat_body())
+        reader = FrameReader(response)
+        reader.next_frame()
+        self.assertIn('"content":"first"', reader.next_frame())  # while the upstream still holds the rest
+        self.assertFalse(hold.is_set())
+        hold.set()
+        self.assertEqual(parse_frames(reader.rest())[-1][0], "done")
+
+    def test_v1_stream_arrives_event_by_event(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(content="first"), hold, DONE])
+        _, response = self.through_nginx("/v1/chat/completions", b'{"stream": true, "stream_options": '
+                                                                  b'{"include_usage": true}}')
+        self.assertEqual(response.read1(65536), chunk(content="first"))
+        self.assertFalse(hold.is_set())
+        hold.set()
+        self.assertEqual(response.read(), DONE)
+
+    def test_a_client_leaving_through_nginx_closes_the_upstream(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="a"), HANG])
+        conn, response = self.through_nginx("/message", chat_body())
+        self.assertIn('"content":""', FrameReader(response).next_frame())
+        conn.close()
+        self.assertTrue(self.upstream.disconnected.wait(3), "the upstream was not closed after the client left")
+
+
+# --------------------------------------------------------------------------
+# The container: the Dockerfile built with buildah and run as its config says
+# --------------------------------------------------------------------------
+
+BUILDAH = ["buildah", "--storage-driver", "vfs"]
+BASE_IMAGE = "docker.io/library/python:3.12-slim"  # .ci/run makes a stand-in with debootstrap
+
+
+def buildah(*args, **kwargs):
+    return subprocess.run([*BUILDAH, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def find_process(port):
+    """The pid of the proxy.py process serving on this port (chroot isolation shares our pid space)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline, open(f"/proc/{entry}/environ", "rb") as environ:
+                if b"proxy.py" in cmdline.read() and f"PORT={port}\0".encode() in environ.read():
+                    return int(entry)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class ContainerTest(unittest.TestCase):
+    IMAGE = "localhost/openai-proxy-test"
+
+    @classmethod
+    def setUpClass(cls):
+        require(shutil.which("buildah") and os.geteuid() == 0, "buildah, run as root")
+        require(buildah("images", "-q", BASE_IMAGE).stdout.strip(),
+                f"the {BASE_IMAGE} stand-in that .ci/run builds with debootstrap")
+        built = buildah("bud", "--format", "docker", "--isolation", "chroot", "--pull-never", "-q",
+                        "-t", cls.IMAGE, HERE)
+        assert built.returncode == 0, built.stderr
+        cls.config = json.loads(buildah("inspect", "--type", "image", cls.IMAGE).stdout)["Docker"]["config"]
+        cls.container = buildah("from", "-q", cls.IMAGE).stdout.strip()
+
+    @classmethod
+    def tearDownClass(cls):
+        buildah("rm", cls.container)
+        buildah("rmi", cls.IMAGE)
+
+    def run_in_container(self, command, env=(), **popen):
+        """Run a command in the container as the image's USER, with its Env and these additions."""
+        args = ["run", "--isolation", "chroot", "--network", "host", "--user", self.config["User"]]
+        for item in list(self.config["Env"]) + [f"{name}={value}" for name, value in env]:
+            args += ["--env", item]
+        return subprocess.Popen([*BUILDAH, *args, self.container, "--", *command], **popen)
+
+    def test_image_config(self):
+        config = self.config
+        self.assertEqual(config["Cmd"], ["python", "proxy.py"])  # exec form: proxy.py gets the signals
+        self.assertNotIn(config["User"].split(":")[0], ("", "0", "root"))
+        self.assertIn("HOST=0.0.0.0", config["Env"])
+        self.assertIn("PORT=8080", config["Env"])
+        self.assertEqual(config["WorkingDir"], "/app")
+        self.assertEqual(list(config["ExposedPorts"]), ["8080/tcp"])
+        self.assertEqual(config["Healthcheck"]["Test"][:2], ["CMD", "python"])
+        self.assertIn("urllib.request", config["Healthcheck"]["Test"][-1])
+
+    def test_image_holds_only_the_app(self):
+        listing = self.run_in_container(["sh", "-c", "cd /app && find . | sort"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)
+        files = listing.communicate(timeout=60)[0].split()
+        want = [".", "./proxy.py", "./ui"] + sorted(f"./ui/{name}" for name in os.listdir(os.path.join(HERE, "ui")))
+        self.assertEqual(files, sorted(want))
+
+    def test_runs_as_configured_serves_and_drains_on_sigterm(self):
+        port = free_port()
+        proxy_run = self.run_in_container(self.config["Cmd"], env=[("PORT", port), ("DEMO", "true")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proxy_run.poll() is None and proxy_run.kill())
+        self.addCleanup(proxy_run.stderr.close)
+
+        def healthy():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/healthz")
+                return conn.getresponse().status == 200
+            except OSError:
+                return False
+            finally:
+                conn.close()
+        self.assertTrue(wait_until(healthy, 15), "the container's proxy did not start")
+        pid = find_process(port)
+        with open(f"/proc/{pid}/status") as status:
+            uid = int(re.search(r"^Uid:\s+(\d+)", status.read(), re.M).group(1))
+        self.assertEqual(uid, int(self.config["User"]))
+        self.assertNotEqual(uid, 0)
+        self.assertTrue(os.readlink(f"/proc/{pid}/cwd").endswith("/app"))
+        check = self.config["Healthcheck"]["Test"][1:]
+        self.assertEqual(self.run_in_container(check, env=[("PORT", port)]).wait(30), 0)
+        self.assertNotEqual(self.run_in_container(check, env=[("PORT", free_port())],
+                                                  stderr=subprocess.DEVNULL).wait(30), 0)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        words = " ".join(f"word{i}" for i in range(30))  # 30 words at the demo's pace: a second and a half
+        conn.request("POST", "/message", chat_body(words))
+        reader = FrameReader(conn.getresponse())
+        self.assertIn('"content":""', reader.next_frame())  # the role frame: every word is still to come
+        os.kill(pid, signal.SIGTERM)  # what docker stop sends to the CMD
+        frames = parse_frames(reader.rest())
+        self.assertEqual("".join(self.contents_of(frames)).split(), words.split())  # drained, not cut
+        self.assertEqual(frames[-1][0], "done")
+        self.assertEqual(proxy_run.wait(30), 0)
+
+    def contents_of(self, frames):
+        return [data["content"] for event, data in frames if event == "message"]
+
+
+# --------------------------------------------------------------------------
 # The real process: quick start, signals, drain
 # --------------------------------------------------------------------------
 
