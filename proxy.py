@@ -46,6 +46,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import email.utils
 import functools
 import hashlib
 import hmac
@@ -58,6 +59,7 @@ import logging
 import math
 import os
 import pathlib
+import random
 import re
 import select
 import selectors
@@ -197,6 +199,13 @@ class Overloaded(TooManyRequests):
     type = "overloaded_error"
 
 
+class UpstreamsDown(ProxyError):
+    """Every upstream is out for a cool-down after repeated failures (the circuit breaker)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "upstream_unavailable"
+
+
 class ShuttingDown(ProxyError):
     """The proxy is draining for a restart and takes no new work."""
 
@@ -245,6 +254,16 @@ class Config:
     max_streams: int             # relayed requests at once in all; 0: no limit
     allowed_models: Tuple[str, ...]  # models clients may name; empty: any
     max_tokens: int              # cap on a request's output tokens; 0: no cap
+    retries: int                 # retries of a /message request before its first byte
+    v1_retries: int              # retries of a /v1 request (off: the SDKs retry themselves)
+    retry_max_wait: float        # longest upstream Retry-After honoured; longer is returned at once
+    retry_backoff: float         # first backoff in seconds; doubles each retry, full jitter
+    fallback_base_url: str       # second upstream for retryable failures; empty: none
+    fallback_api_key: str        # its key; never logged or returned
+    fallback_model: str          # model to ask the fallback for; empty: the request's own
+    fallback_auth_header: str    # its key's header; empty: as OA_AUTH_HEADER
+    breaker_threshold: int       # consecutive retryable failures that take an upstream out; 0: never
+    breaker_cooldown: float      # seconds an upstream stays out before one request tries it
     log_format: str              # "text" or "json" (JSON lines)
     metrics_token: str           # bearer token for GET /metrics; empty: loopback clients only
     demo: bool                   # serve from the built-in demo upstream, no key, no network
@@ -428,6 +447,26 @@ SETTINGS = (
     Setting("max_tokens", ("MAX_TOKENS",), "0", _parse_count,
             "cap on output tokens for /message and /v1 chat and responses: larger values are "
             "lowered to it, and requests without one get it; 0: no cap"),
+    Setting("retries", ("RETRIES",), "2", _parse_count,
+            "retries of a /message request on a retryable upstream failure, before its first byte"),
+    Setting("v1_retries", ("V1_RETRIES",), "0", _parse_count,
+            "retries of a /v1 request; off by default, as the SDKs retry themselves"),
+    Setting("retry_max_wait", ("RETRY_MAX_WAIT",), "20", _parse_positive_float,
+            "longest upstream Retry-After to wait for; a longer one is returned to the client at once"),
+    Setting("retry_backoff", ("RETRY_BACKOFF",), "0.5", _parse_positive_float,
+            "first backoff between retries in seconds; it doubles each retry, with full jitter"),
+    Setting("fallback_base_url", ("OA_FALLBACK_BASE_URL",), "", str.strip,
+            "a second upstream, used when the first fails in a retryable way after its retries"),
+    Setting("fallback_api_key", ("OA_FALLBACK_API_KEY",), "", str.strip, "the fallback upstream's key",
+            secret=True),
+    Setting("fallback_model", ("OA_FALLBACK_MODEL",), "", str.strip,
+            "model to ask the fallback for; empty: the request's own"),
+    Setting("fallback_auth_header", ("OA_FALLBACK_AUTH_HEADER",), "", str.strip,
+            "header for the fallback's key; empty: as OA_AUTH_HEADER"),
+    Setting("breaker_threshold", ("BREAKER_THRESHOLD",), "5", _parse_count,
+            "consecutive retryable failures after which an upstream is skipped for a cool-down; 0: never"),
+    Setting("breaker_cooldown", ("BREAKER_COOLDOWN",), "30", _parse_positive_float,
+            "seconds a failing upstream is skipped before one request tries it again"),
     Setting("log_format", ("LOG_FORMAT",), "text", _parse_log_format,
             "access log on stderr: text lines, or json for JSON lines"),
     Setting("metrics_token", ("METRICS_TOKEN",), "", str.strip,
@@ -480,6 +519,13 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
             shown = "" if setting.secret else f"; got {text!r}"
             raise ConfigError(f"{source} {reason}{shown}") from None
     values["base_url"] = _validate_base_url(values["base_url"])
+    if values["fallback_base_url"]:
+        values["fallback_base_url"] = _validate_base_url(values["fallback_base_url"], "OA_FALLBACK_BASE_URL")
+        if not values["fallback_api_key"]:
+            raise ConfigError("OA_FALLBACK_BASE_URL is set: set OA_FALLBACK_API_KEY to the fallback's key "
+                              "(any value for a server that needs none)")
+    if values["fallback_auth_header"] and not _TOKEN.fullmatch(values["fallback_auth_header"]):
+        raise ConfigError("OA_FALLBACK_AUTH_HEADER must be a header name such as Authorization or api-key")
     if not values["api_key"] and not values["demo"]:
         raise ConfigError("set OA_API_KEY (or OPENAI_API_KEY) to your upstream API key, "
                           "or run with --demo to try it without one")
@@ -491,13 +537,13 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
     return Config(**values)
 
 
-def _validate_base_url(url: str) -> str:
+def _validate_base_url(url: str, name: str = "OPENAI_BASE_URL") -> str:
     """Accept an http(s) URL with a host and no query; return it without a trailing slash."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OPENAI_BASE_URL must be an http:// or https:// URL, got {url!r}")
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
     if parts.query or parts.fragment:
-        raise ConfigError(f"OPENAI_BASE_URL must not carry a query or fragment, got {url!r}")
+        raise ConfigError(f"{name} must not carry a query or fragment, got {url!r}")
     return url.rstrip("/")
 
 
@@ -767,11 +813,28 @@ def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[
     return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"), ("Access-Control-Expose-Headers", "*")]
 
 
-def upstream_auth(config: Config) -> Tuple[str, str]:
-    """The header that carries the key upstream."""
-    if config.auth_header.lower() == "authorization":
-        return "Authorization", f"Bearer {config.api_key}"
-    return config.auth_header, config.api_key
+Upstream = collections.namedtuple("Upstream", "name base_url api_key auth_header model")
+
+
+def upstreams(config: Config) -> List[Upstream]:
+    """The upstreams in the order to try them: the primary, then the fallback if there is one."""
+    found = [Upstream("primary", config.base_url, config.api_key, config.auth_header, "")]
+    if config.fallback_base_url:
+        found.append(Upstream("fallback", config.fallback_base_url, config.fallback_api_key,
+                              config.fallback_auth_header or config.auth_header, config.fallback_model))
+    return found
+
+
+def secrets_of(config: Config) -> Tuple[str, ...]:
+    """Every upstream key: none may ever reach a client or a log line."""
+    return tuple(key for key in (config.api_key, config.fallback_api_key) if key)
+
+
+def upstream_auth(upstream: Upstream) -> Tuple[str, str]:
+    """The header that carries the upstream's key."""
+    if upstream.auth_header.lower() == "authorization":
+        return "Authorization", f"Bearer {upstream.api_key}"
+    return upstream.auth_header, upstream.api_key
 
 
 def _connection_tokens(headers) -> set:
@@ -782,7 +845,8 @@ def _connection_tokens(headers) -> set:
 
 def forwarded_request_headers(headers, config: Config) -> Dict[str, str]:
     """The client's headers the upstream gets: its own Authorization never among them."""
-    dropped = REQUEST_HEADERS_NOT_FORWARDED | _connection_tokens(headers) | {config.auth_header.lower()}
+    dropped = (REQUEST_HEADERS_NOT_FORWARDED | _connection_tokens(headers)
+               | {config.auth_header.lower(), config.fallback_auth_header.lower()})
     return {name: value for name, value in headers.items() if name.lower() not in dropped}
 
 
@@ -818,10 +882,11 @@ def allowed_methods(methods) -> str:
 _KEY_LIKE = re.compile(r"\b[sr]k-[A-Za-z0-9_*.-]{6,}|\bBearer\s+[A-Za-z0-9_*.~+/=-]{8,}|\b[0-9A-Fa-f]{32,}\b")
 
 
-def mask_secrets(text: str, secret: str) -> str:
-    """Upstream error text with the key, and anything that looks like a key, masked."""
-    if secret:
-        text = text.replace(secret, "[redacted]")
+def mask_secrets(text: str, secrets) -> str:
+    """Upstream error text with the keys, and anything that looks like a key, masked."""
+    for secret in (secrets,) if isinstance(secrets, str) else secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
     return _KEY_LIKE.sub("[redacted]", text)
 
 
@@ -1056,7 +1121,8 @@ def format_access_line(record: dict) -> str:
             f'{seconds(record["duration"])} ttfb={seconds(record["ttfb"])} ttft={seconds(record["ttft"])} '
             f'frames={record["frames"]} bytes={record["bytes"]} client={record["client"] or "-"} '
             f'model={record["model"] or "-"} tokens={tokens} request_id={record["request_id"] or "-"} '
-            f'error={record["error"] or "-"} client_left={"yes" if record["client_left"] else "no"}')
+            f'error={record["error"] or "-"} client_left={"yes" if record["client_left"] else "no"} '
+            f'upstream={record["upstream"] or "-"} attempts={record["attempts"]}')
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -1104,6 +1170,9 @@ class Metrics:
         ("proxy_client_disconnects_total", "counter",
          "Clients that left before their response ended; the upstream request was cancelled."),
         ("proxy_rate_limit_rejections_total", "counter", "Requests refused by the proxy's limits, by reason."),
+        ("proxy_upstream_attempts_total", "counter",
+         "Upstream attempts by upstream and outcome: answered, or the retryable failure (429, 5xx, connect, "
+         "timeout, protocol)."),
     )
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
                "proxy_time_to_first_token_seconds": TTFT_BUCKETS}
@@ -1504,11 +1573,11 @@ class _UpstreamHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(functools.partial(_UpstreamHTTPSConnection, **self._connection_args), req)
 
 
-def build_upstream_opener(config: Config, exchange: Exchange) -> urllib.request.OpenerDirector:
+def build_upstream_opener(config: Config, upstream: Upstream, exchange: Exchange) -> urllib.request.OpenerDirector:
     """An opener that follows no redirects and returns every status as a response."""
     connection_args = {"exchange": exchange, "idle_timeout": config.idle_timeout}
     opener = urllib.request.OpenerDirector()
-    upstream_host = urllib.parse.urlsplit(config.base_url).hostname or ""
+    upstream_host = urllib.parse.urlsplit(upstream.base_url).hostname or ""
     # HTTP(S)_PROXY and NO_PROXY are honoured as urllib does, but never for loopback.
     proxies = {} if is_loopback_host(upstream_host) else urllib.request.getproxies()
     for handler in (urllib.request.ProxyHandler(proxies),
@@ -1518,22 +1587,22 @@ def build_upstream_opener(config: Config, exchange: Exchange) -> urllib.request.
     return opener
 
 
-def open_upstream(config: Config, exchange: Exchange, method: str, target: str, body,
+def open_upstream(config: Config, upstream: Upstream, exchange: Exchange, method: str, target: str, body,
                   headers: Dict[str, str], length: Optional[int] = None) -> http.client.HTTPResponse:
-    """Send a request to OPENAI_BASE_URL + target; return the response whatever its status.
+    """Send a request to the upstream's base URL + target; return the response whatever its status.
 
     body is bytes, None, or a reader of exactly `length` bytes that is
     streamed to the upstream as it is read.
     """
-    request = urllib.request.Request(config.base_url + target, data=body, method=method,
+    request = urllib.request.Request(upstream.base_url + target, data=body, method=method,
                                      headers={"User-Agent": f"proxy.py/{__version__}", **headers})
-    for name, value in config.extra_headers + (upstream_auth(config),):
+    for name, value in config.extra_headers + (upstream_auth(upstream),):
         request.add_header(name, value)
     if length is not None:
         request.add_header("Content-Length", str(length))
-    host = urllib.parse.urlsplit(config.base_url).netloc
+    host = urllib.parse.urlsplit(upstream.base_url).netloc
     try:
-        return build_upstream_opener(config, exchange).open(request, timeout=config.connect_timeout)
+        return build_upstream_opener(config, upstream, exchange).open(request, timeout=config.connect_timeout)
     except socket.timeout:
         exchange.raise_if_cancelled()
         raise UpstreamTimeout(f"the upstream at {host} did not answer within {config.idle_timeout:g} s") from None
@@ -1554,6 +1623,88 @@ def _describe_os_error(error) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
+
+
+# --------------------------------------------------------------------------
+# Retries, the fallback upstream and circuit breakers
+# --------------------------------------------------------------------------
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_ERRORS = (UpstreamUnreachable, UpstreamTimeout, UpstreamBadResponse)  # as open_upstream raises them
+BACKOFF_CAP = 8.0  # seconds: the longest backoff between two attempts
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds a Retry-After header asks for: delay-seconds or an HTTP date (RFC 9110, 10.2.3)."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def backoff_delay(attempt: int, base: float) -> float:
+    """Exponential backoff with full jitter: anything from 0 to base * 2**attempt, capped."""
+    return random.uniform(0, min(BACKOFF_CAP, base * 2 ** attempt))
+
+
+def body_for(upstream: Upstream, body):
+    """The request body for this upstream: the fallback may be asked for its own model."""
+    if not (upstream.model and isinstance(body, bytes)):
+        return body
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if not (isinstance(payload, dict) and "model" in payload):
+        return body
+    return json_bytes({**payload, "model": upstream.model})
+
+
+class Breaker:
+    """Takes an upstream out after consecutive retryable failures; after a cool-down, one request tries it."""
+
+    def __init__(self, threshold: int, cooldown: float):
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._open_until = 0.0
+        self._trying = False  # half open: one request is finding out whether the upstream is back
+
+    def allows(self) -> bool:
+        """True if a request may go to this upstream now (at most one while half open)."""
+        with self._lock:
+            if not self._threshold or self._failures < self._threshold:
+                return True
+            if time.monotonic() < self._open_until or self._trying:
+                return False
+            self._trying = True
+            return True
+
+    def is_down(self) -> bool:
+        """True while the upstream is out, for /healthz."""
+        with self._lock:
+            return bool(self._threshold) and self._failures >= self._threshold and not self._trying
+
+    def retry_in(self) -> float:
+        return max(0.0, self._open_until - time.monotonic())
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures, self._trying = 0, False
+
+    def failed(self) -> None:
+        with self._lock:
+            self._failures += 1
+            self._trying = False
+            if self._threshold and self._failures >= self._threshold:
+                self._open_until = time.monotonic() + self._cooldown
 
 
 def read_upstream_error(response: http.client.HTTPResponse) -> dict:
@@ -1588,7 +1739,7 @@ def check_upstream_response(response: http.client.HTTPResponse, config: Config) 
         # Upstream auth errors quote part of the key: none of their text is passed on.
         raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
                                   "the operator should check OA_API_KEY", type="upstream_auth_error")
-    message = mask_secrets(error["message"], config.api_key)
+    message = mask_secrets(error["message"], secrets_of(config))
     headers = {"Retry-After": response.headers["Retry-After"]} if response.headers.get("Retry-After") else {}
     if 400 <= status < 500:
         error_type = error.get("type") if isinstance(error.get("type"), str) else "invalid_request_error"
@@ -1618,8 +1769,8 @@ def read_upstream(response: http.client.HTTPResponse, exchange: Exchange, config
 class ChatToMessages:
     """Turns chat completion chunks into the seed's frames and remembers how the reply ended."""
 
-    def __init__(self, api_key: str):
-        self._api_key = api_key
+    def __init__(self, secrets: Tuple[str, ...]):
+        self._api_key = secrets
         self.finish_reason: Optional[str] = None
         self.usage: Optional[dict] = None
         self.saw_output = False
@@ -1668,7 +1819,7 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
                            config: Config) -> Optional[Usage]:
     """Relay an upstream chat completion stream as event:message frames; return its usage."""
     decoder = SSEDecoder()
-    translator = ChatToMessages(config.api_key)
+    translator = ChatToMessages(secrets_of(config))
     while not translator.done:
         chunk = read_upstream(response, exchange, config)
         events = decoder.feed(chunk) if chunk else decoder.finish()
@@ -1736,7 +1887,7 @@ class EventSplitter:
 _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
 
 
-def mask_error_events(events: bytes, secret: str) -> bytes:
+def mask_error_events(events: bytes, secret) -> bytes:
     """Whole SSE events with key-like text masked in those that report an error."""
     if not _ERROR_KEY.search(events):
         return events
@@ -1864,7 +2015,7 @@ def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Opt
     if len(raw) > UPSTREAM_ERROR_BODY_LIMIT:
         raise UpstreamBadResponse(f"the upstream sent an error body over {UPSTREAM_ERROR_BODY_LIMIT} bytes")
     text = raw.decode("utf-8", "replace")
-    masked = mask_secrets(text, config.api_key)
+    masked = mask_secrets(text, secrets_of(config))
     return raw if masked == text else masked.encode("utf-8")
 
 
@@ -1881,7 +2032,7 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
             break
         first_output = observer.feed(chunk)
         if splitter is not None:
-            chunk = b"".join(mask_error_events(event, config.api_key) for event in splitter.feed(chunk)
+            chunk = b"".join(mask_error_events(event, secrets_of(config)) for event in splitter.feed(chunk)
                              if not (strip_usage and b'"usage"' in event and is_usage_only_event(event)))
         if chunk:
             exchange.send(chunk)
@@ -1889,7 +2040,7 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
             exchange.mark_first_token()
     rest = splitter.rest() if splitter is not None else b""
     if rest:  # the upstream ended cleanly after bytes that end no event: relay them as they are
-        exchange.send(mask_error_events(rest, config.api_key))
+        exchange.send(mask_error_events(rest, secrets_of(config)))
     if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
         raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
                                   "before the end of its body")
@@ -2380,6 +2531,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.model: Optional[str] = None
         self.upstream_request_id: Optional[str] = None
         self.strip_usage = False  # the proxy asked for usage the client did not ask for
+        self.upstream_name: Optional[str] = None  # which upstream answered
+        self.attempts = 0
         self.upstream_status: Optional[int] = None
         self.error_type: Optional[str] = None
         self.client_left = False
@@ -2483,7 +2636,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # ---- routes
 
     def handle_healthz(self):
-        self.send_json(HTTPStatus.OK, {"status": "ok"})
+        """GET /healthz: 200 while at least one upstream is usable, naming any that are out."""
+        config = self.server.config
+        down = [upstream.name for upstream in upstreams(config)
+                if self.server.breaker_for(upstream, config).is_down()]
+        if len(down) == len(upstreams(config)):
+            self.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down})
+        else:
+            self.send_json(HTTPStatus.OK, {"status": "ok", **({"upstreams_down": down} if down else {})})
 
     def handle_ui(self):
         """GET / and /ui/<name>: the chat page's files, by exact name only."""
@@ -2539,8 +2699,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         with supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
             self.exchange = exchange
             supervisor.watch_client(exchange)
-            response = open_upstream(config, exchange, "POST", "/chat/completions", json_bytes(request),
-                                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
+            response = self.open_with_retries(exchange, "POST", "/chat/completions", json_bytes(request),
+                                              {"Content-Type": "application/json", "Accept": "text/event-stream"},
+                                              None, config.retries)
             self.upstream_request_id = response.headers.get("x-request-id")
             self.upstream_status = response.status
             try:
@@ -2570,8 +2731,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 body = ClientBody(self.rfile, length, config, body_read)
             else:
                 body_read()
-            response = open_upstream(config, exchange, self.command, target, body, headers,
-                                     length if body is not None else None)
+            response = self.open_with_retries(exchange, self.command, target, body, headers,
+                                              length if body is not None else None, config.v1_retries)
             try:
                 self.relay_answer(response, exchange)
             finally:
@@ -2626,6 +2787,68 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if api == "/chat/completions" and ask_for_usage(body):
             self.strip_usage = changed = True
         return json_bytes(body) if changed else raw
+
+    def open_with_retries(self, exchange: Exchange, method: str, target: str, body, headers: Dict[str, str],
+                          length: Optional[int], retries: int) -> http.client.HTTPResponse:
+        """Open the upstream request, retrying retryable failures and falling back, before any byte is sent.
+
+        A body streamed from the client cannot be sent twice, so it gets one
+        attempt. The response returned may still be an error: the last one.
+        """
+        config = self.server.config
+        resendable = body is None or isinstance(body, bytes)
+        last = None  # the upstream and the failure of the last attempt
+        for upstream in upstreams(config):
+            breaker = self.server.breaker_for(upstream, config)
+            if not breaker.allows():
+                continue
+            for attempt in range(retries + 1 if resendable else 1):
+                exchange.raise_if_cancelled()
+                payload = body_for(upstream, body)
+                self.attempts += 1
+                try:
+                    response = open_upstream(config, upstream, exchange, method, target, payload, headers,
+                                             len(payload) if isinstance(payload, bytes) else length)
+                except RETRYABLE_ERRORS as error:
+                    failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS[error.type], None
+                else:
+                    if response.status not in RETRYABLE_STATUSES:
+                        breaker.succeeded()
+                        self.record_attempt(upstream, "answered")
+                        self.upstream_name = upstream.name
+                        return response
+                    failure, reason = response, str(response.status)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                breaker.failed()
+                if last is not None and isinstance(last[1], http.client.HTTPResponse):
+                    last[1].close()
+                last = (upstream, failure)
+                wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
+                again = attempt < retries and resendable and wait <= config.retry_max_wait
+                self.record_attempt(upstream, reason, attempt, wait if again else None)
+                if not again:
+                    break
+                if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
+                    exchange.raise_if_cancelled()
+            if not resendable:
+                break
+        if last is None:
+            wait = min(self.server.breaker_for(u, config).retry_in() for u in upstreams(config))
+            raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "
+                                f"{math.ceil(wait)} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        self.upstream_name = last[0].name
+        if isinstance(last[1], ProxyError):
+            raise last[1]
+        return last[1]
+
+    def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None):
+        """Count an upstream attempt; log a failed one with what happens next."""
+        self.server.metrics.inc("proxy_upstream_attempts_total", (("upstream", upstream.name), ("outcome", outcome)))
+        if outcome == "answered":
+            return
+        then = f"retrying in {wait:.2f}s" if wait is not None else "no more retries on it"
+        logger.warning('%s "%s %s" attempt %d to the %s upstream failed (%s); %s', self.client_address[0],
+                       self.command, self.path_only, attempt + 1, upstream.name, outcome, then)
 
     def answer_preflight(self, methods: Dict[str, str]):
         """OPTIONS: the CORS preflight (Fetch standard); an origin not allowed gets no allow headers."""
@@ -2808,6 +3031,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             "prompt_tokens": self.usage.prompt if self.usage else None,
             "completion_tokens": self.usage.completion if self.usage else None,
             "request_id": self.upstream_request_id,
+            "upstream": self.upstream_name,
+            "attempts": self.attempts,
             "upstream_status": self.upstream_status,
             "error": self.error_type,
             "client_left": self.client_left,
@@ -2842,6 +3067,8 @@ class ProxyServer(http.server.HTTPServer):
         self.limits = Limits(config)
         self.metrics = Metrics()
         self.ui = load_ui(UI_DIR)
+        self._breakers: Dict[str, Breaker] = {}
+        self._breakers_lock = threading.Lock()
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
@@ -2851,6 +3078,13 @@ class ProxyServer(http.server.HTTPServer):
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
         self.pool.start()
+
+    def breaker_for(self, upstream: Upstream, config: Config) -> Breaker:
+        """The circuit breaker of an upstream, by its base URL."""
+        with self._breakers_lock:
+            if upstream.base_url not in self._breakers:
+                self._breakers[upstream.base_url] = Breaker(config.breaker_threshold, config.breaker_cooldown)
+            return self._breakers[upstream.base_url]
 
     def process_request(self, request, client_address):
         """Accepted connections wait in the pool, without a thread, for their first request."""

@@ -253,9 +253,13 @@ class FakeUpstream:
 # --------------------------------------------------------------------------
 
 def make_config(**overrides):
-    """A Config as the command line would build it, with test overrides."""
+    """A Config as the command line would build it, with test overrides.
+
+    Retries and the breaker are off unless a test turns them on: the tests
+    from before them expect one attempt per request.
+    """
     config = proxy.load_config(["--api-key", TEST_KEY, "--port", "0"], {})
-    return dataclasses.replace(config, **overrides)
+    return dataclasses.replace(config, **{"retries": 0, "breaker_threshold": 0, **overrides})
 
 
 def chat_body(text="Hi", **fields):
@@ -399,6 +403,8 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual((config.connect_timeout, config.idle_timeout, config.heartbeat_interval,
                           config.drain_timeout), (10, 300, 15, 30))
         self.assertEqual(config.max_body_bytes, 1024 * 1024)
+        self.assertEqual((config.retries, config.v1_retries, config.retry_max_wait), (2, 0, 20))
+        self.assertEqual((config.breaker_threshold, config.breaker_cooldown), (5, 30))
 
     def test_flag_wins_over_environment(self):
         env = {"OA_API_KEY": "k", "OA_MODEL": "env-model", "PORT": "9000", "HOST": "::1"}
