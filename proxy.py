@@ -1699,6 +1699,11 @@ class Breaker:
         with self._lock:
             self._failures, self._trying = 0, False
 
+    def abandon(self) -> None:
+        """A request ended with no verdict on the upstream (the client left): let another one try."""
+        with self._lock:
+            self._trying = False
+
     def failed(self) -> None:
         with self._lock:
             self._failures += 1
@@ -2803,14 +2808,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if not breaker.allows():
                 continue
             for attempt in range(retries + 1 if resendable else 1):
-                exchange.raise_if_cancelled()
                 payload = body_for(upstream, body)
                 self.attempts += 1
                 try:
+                    exchange.raise_if_cancelled()
                     response = open_upstream(config, upstream, exchange, method, target, payload, headers,
                                              len(payload) if isinstance(payload, bytes) else length)
                 except RETRYABLE_ERRORS as error:
                     failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS[error.type], None
+                except BaseException:
+                    breaker.abandon()
+                    raise
                 else:
                     if response.status not in RETRYABLE_STATUSES:
                         breaker.succeeded()
@@ -2829,6 +2837,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if not again:
                     break
                 if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
+                    breaker.abandon()
                     exchange.raise_if_cancelled()
             if not resendable:
                 break

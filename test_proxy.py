@@ -6,6 +6,8 @@ Run: python -m unittest -v test_proxy
 import asyncio
 import base64
 import dataclasses
+import datetime
+import email.utils
 import http.client
 import http.server
 import json
@@ -92,6 +94,7 @@ class Script:
     headers: dict = dataclasses.field(default_factory=lambda: {"Content-Type": "text/event-stream"})
     body: bytes = None
     hold_headers: bool = False  # answer nothing; wait for the proxy to hang up
+    hang_up: bool = False       # close the connection at once, answering nothing (a reset)
 
 
 @dataclasses.dataclass
@@ -164,6 +167,10 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_DELETE = do_POST
 
     def play(self, script: Script):
+        if script.hang_up:
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
         if script.hold_headers:
             self.wait_for_hangup()
             return
@@ -1994,6 +2001,198 @@ class AccessLogTest(ProxyTestCase):
         self.assertIn("502", "\n".join(logs.output))
         self.assertNotIn(TEST_KEY, "\n".join(logs.output))
         self.assertNotIn(TEST_KEY[-4:], "\n".join(logs.output))
+
+
+# --------------------------------------------------------------------------
+# Riding out upstream trouble: retries, fallback, breaker
+# --------------------------------------------------------------------------
+
+def in_turn(*scripts):
+    """A fake upstream script that answers each request with the next script."""
+    queue = list(scripts)
+    return lambda received: queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+OVERLOADED = json_script({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+
+
+class RetryAfterTest(unittest.TestCase):
+    def test_seconds_and_dates(self):
+        self.assertEqual(proxy.parse_retry_after("7"), 7)
+        soon = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc)
+                                           + datetime.timedelta(seconds=30), usegmt=True)
+        self.assertTrue(25 <= proxy.parse_retry_after(soon) <= 30)
+        self.assertEqual(proxy.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), 0)
+        for value in (None, "", "soon", "-3", "1.5"):
+            self.assertIsNone(proxy.parse_retry_after(value), value)
+
+    def test_backoff_has_full_jitter_and_a_cap(self):
+        delays = [proxy.backoff_delay(3, 0.5) for _ in range(200)]
+        self.assertTrue(all(0 <= delay <= 4 for delay in delays))
+        self.assertGreater(max(delays) - min(delays), 1)  # spread out, not one fixed delay
+        self.assertTrue(all(delay <= proxy.BACKOFF_CAP for delay in (proxy.backoff_delay(20, 0.5) for _ in range(50))))
+
+
+class BreakerTest(unittest.TestCase):
+    def test_opens_lets_one_request_try_and_closes(self):
+        breaker = proxy.Breaker(threshold=2, cooldown=0.2)
+        breaker.failed()
+        self.assertTrue(breaker.allows())
+        breaker.failed()
+        self.assertFalse(breaker.allows())
+        self.assertTrue(breaker.is_down())
+        time.sleep(0.25)  # the cool-down is a duration: nothing to wait on but the clock
+        self.assertTrue(breaker.allows())   # the one trial request
+        self.assertFalse(breaker.allows())  # and no other meanwhile
+        breaker.abandon()                   # the trial's client left: no verdict
+        self.assertTrue(breaker.allows())   # so another request may try
+        breaker.failed()                    # the trial failed: out for another cool-down
+        self.assertFalse(breaker.allows())
+        time.sleep(0.25)
+        self.assertTrue(breaker.allows())
+        breaker.succeeded()
+        self.assertTrue(breaker.allows() and breaker.allows())  # closed: everyone again
+        self.assertFalse(breaker.is_down())
+
+    def test_threshold_0_never_opens(self):
+        breaker = proxy.Breaker(threshold=0, cooldown=30)
+        for _ in range(100):
+            breaker.failed()
+        self.assertTrue(breaker.allows())
+
+
+class RetryTest(ProxyTestCase):
+    config_overrides = {"retries": 2, "retry_backoff": 0.01}
+
+    def test_a_503_then_a_good_stream_shows_only_the_good_stream(self):
+        self.upstream.script = in_turn(OVERLOADED, Script(steps=reply("fine")))
+        with self.assertLogs("proxy", logging.INFO) as logs:
+            frames = parse_frames(self.post_message().read().decode())
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(self.contents(frames), ["", "fine", ""])
+        self.assertEqual(frames[-1][0], "done")
+        self.assertEqual(len(self.upstream.requests), 2)
+        log = "\n".join(logs.output)
+        self.assertRegex(log, r"attempt 1 to the primary upstream failed \(503\); retrying in \d\.\d\ds")
+        self.assertIn("upstream=primary attempts=2", log)
+        metrics = self.request("GET", "/metrics").read().decode()
+        self.assertIn('proxy_upstream_attempts_total{upstream="primary",outcome="503"} 1\n', metrics)
+        self.assertIn('proxy_upstream_attempts_total{upstream="primary",outcome="answered"} 1\n', metrics)
+
+    def test_retry_after_is_honoured(self):
+        self.upstream.script = in_turn(json_script({"error": {"message": "slow down"}}, status=429,
+                                                   headers={"Retry-After": "1"}), Script(steps=reply("ok")))
+        started = time.monotonic()
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(frames[-1][0], "done")
+        self.assertEqual(len(self.upstream.requests), 2)
+        self.assertTrue(0.9 <= time.monotonic() - started < 2.5, time.monotonic() - started)
+
+    def test_a_retry_after_past_the_limit_is_returned_at_once(self):
+        self.upstream.script = json_script({"error": {"message": "quota"}}, status=429, headers={"Retry-After": "3600"})
+        started = time.monotonic()
+        response = self.post_message()
+        self.assert_json_error(response, 429, "quota")
+        self.assertEqual(response.getheader("Retry-After"), "3600")
+        self.assertLess(time.monotonic() - started, 1)
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_other_4xx_are_never_retried(self):
+        for status in (400, 401, 404, 422):
+            with self.subTest(status=status):
+                before = len(self.upstream.requests)
+                self.upstream.script = json_script({"error": {"message": "no"}}, status=status)
+                self.post_message().read()
+                self.assertEqual(len(self.upstream.requests), before + 1)
+
+    def test_connection_failures_are_retried(self):
+        self.upstream.script = in_turn(Script(hang_up=True), Script(steps=reply("after a reset")))
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(self.contents(frames), ["", "after a reset", ""])
+
+    def test_a_reset_after_the_first_byte_is_not_retried(self):
+        self.upstream.script = in_turn(Script(steps=[chunk(role="assistant", content=""), ABORT]),
+                                       Script(steps=reply("never")))
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(frames[-1][0], "error")
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_v1_is_not_retried_unless_asked(self):
+        self.upstream.script = in_turn(OVERLOADED, json_script({"ok": True}))
+        response = self.request("POST", "/v1/chat/completions", b"{}", {"Content-Type": "application/json"})
+        self.assertEqual((response.status, json.loads(response.read())), (503, json.loads(OVERLOADED.body)))
+        self.assertEqual(len(self.upstream.requests), 1)
+        self.server.config = dataclasses.replace(self.config, v1_retries=1)
+        self.upstream.script = in_turn(OVERLOADED, json_script({"ok": True}))
+        response = self.request("POST", "/v1/chat/completions", b"{}", {"Content-Type": "application/json"})
+        self.assertEqual((response.status, json.loads(response.read())), (200, {"ok": True}))
+        self.assertEqual(len(self.upstream.requests), 3)
+
+    def test_the_client_leaving_during_a_wait_stops_the_retries(self):
+        self.upstream.script = in_turn(json_script({"error": {"message": "busy"}}, status=503,
+                                                   headers={"Retry-After": "3"}), Script(steps=reply("late")))
+        sock = self.raw_socket()
+        body = chat_body()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertTrue(wait_until(lambda: self.upstream.requests), "the first attempt never came")
+        sock.close()
+        started = time.monotonic()
+        self.assertTrue(self.server.wait_idle(2), "the handler kept waiting for a client that left")
+        self.assertLess(time.monotonic() - started, 2)  # well before the 3 s wait would have ended
+        self.assertEqual(len(self.upstream.requests), 1)  # and the next attempt never reached the upstream
+
+
+class FallbackTest(ProxyTestCase):
+    def setUp(self):
+        super().setUp()
+        self.fallback = FakeUpstream().start()
+        self.addCleanup(self.fallback.close)
+        self.fallback.script = Script(steps=reply("from the fallback"))
+        self.server.config = dataclasses.replace(
+            self.config, retries=1, retry_backoff=0.01, fallback_base_url=self.fallback.base_url,
+            fallback_api_key="sk-fallback-key-0123456789", fallback_model="backup-model",
+            breaker_threshold=2, breaker_cooldown=0.5)
+
+    def test_primary_down_fallback_answers(self):
+        self.upstream.script = OVERLOADED
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(self.contents(frames), ["", "from the fallback", ""])
+        self.assertEqual(len(self.upstream.requests), 2)  # the primary got its retry first
+        sent = self.fallback.requests[0]
+        self.assertEqual(sent.headers["Authorization"], "Bearer sk-fallback-key-0123456789")
+        self.assertEqual(sent.json()["model"], "backup-model")
+
+    def test_unreachable_primary_falls_back(self):
+        self.server.config = dataclasses.replace(self.server.config,
+                                                 base_url=f"http://127.0.0.1:{free_port()}/v1")
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(self.contents(frames), ["", "from the fallback", ""])
+
+    def test_breaker_opens_and_closes(self):
+        self.upstream.script = OVERLOADED
+        self.post_message().read()  # two failures on the primary: its breaker opens
+        self.assertEqual(len(self.upstream.requests), 2)
+        health = self.request("GET", "/healthz")
+        self.assertEqual((health.status, json.loads(health.read())),
+                         (200, {"status": "ok", "upstreams_down": ["primary"]}))
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(self.contents(frames), ["", "from the fallback", ""])
+        self.assertEqual(len(self.upstream.requests), 2)  # skipped while open
+        self.upstream.script = Script(steps=reply("primary is back"))
+        time.sleep(0.6)  # the cool-down is a duration: nothing to wait on but the clock
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(self.contents(frames), ["", "primary is back", ""])  # one trial request, and closed
+        self.assertEqual(json.loads(self.request("GET", "/healthz").read()), {"status": "ok"})
+
+    def test_everything_down_is_503_with_retry_after(self):
+        self.upstream.script = OVERLOADED
+        self.fallback.script = OVERLOADED
+        self.post_message().read()  # both upstreams fail twice: both breakers open
+        response = self.post_message()
+        self.assert_json_error(response, 503, "cool-down")
+        self.assertEqual(response.getheader("Retry-After"), "1")
+        health = self.request("GET", "/healthz")
+        self.assertEqual((health.status, json.loads(health.read())["upstreams_down"]), (503, ["primary", "fallback"]))
 
 
 # --------------------------------------------------------------------------
