@@ -1894,7 +1894,7 @@ _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
 
 def mask_error_events(events: bytes, secret) -> bytes:
     """Whole SSE events with key-like text masked in those that report an error."""
-    if not _ERROR_KEY.search(events):
+    if b"error" not in events or not _ERROR_KEY.search(events):  # the substring test is the fast path
         return events
     text = events.decode("utf-8", "replace")
     masked = mask_secrets(text, secret)
@@ -1933,43 +1933,48 @@ _USAGE_FIELDS = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)') for
     "prompt_tokens", "input_tokens", "completion_tokens", "output_tokens", "total_tokens")}
 
 
+def event_payload(event: bytes):
+    """The JSON in a whole SSE event's data lines, or None."""
+    data = b"".join(line.partition(b":")[2].lstrip(b" ") for line in event.splitlines()
+                    if line.startswith(b"data:"))
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
 class StreamObserver:
-    """Watches a relayed body for the first token and the usage, without holding the body."""
+    """Watches a relayed body for the first token and the usage, without holding the body.
+
+    An event stream is seen whole event by whole event (as EventSplitter cuts
+    it); after the first token only events that mention usage are parsed, so
+    the rest of a stream costs one substring search per event.
+    """
 
     TAIL = 8192  # OpenAI JSON bodies end with their usage
 
-    def __init__(self, is_event_stream: bool):
+    def __init__(self):
         self.usage: Optional[Usage] = None
         self.saw_output = False
-        self._decoder: Optional[SSEDecoder] = SSEDecoder() if is_event_stream else None
         self._tail = b""
 
-    def feed(self, chunk: bytes) -> bool:
-        """Watch the next bytes; True when they hold the first token."""
-        if self._decoder is None:
-            self._tail = (self._tail + chunk[-self.TAIL:])[-self.TAIL:]
+    def see_event(self, event: bytes) -> bool:
+        """Look at one whole event; True when it holds the first token."""
+        if self.saw_output and b'"usage"' not in event:
             return False
-        try:
-            events = self._decoder.feed(chunk)
-        except UpstreamBadResponse:  # an event too large to watch still goes to the client
-            self._decoder = SSEDecoder()
-            return False
-        first_output = False
-        for event in events:
-            if self.saw_output and '"usage"' not in event.data:
-                continue  # after the first token only usage matters: no JSON parsing
-            try:
-                payload = json.loads(event.data)
-            except ValueError:
-                continue
-            if not self.saw_output and carries_output(payload):
-                self.saw_output = first_output = True
-            self._take_usage(payload)
+        payload = event_payload(event)
+        first_output = not self.saw_output and carries_output(payload)
+        self.saw_output = self.saw_output or first_output
+        self._take_usage(payload)
         return first_output
+
+    def see_bytes(self, chunk: bytes) -> None:
+        """Look at the next bytes of a body that is not an event stream."""
+        self._tail = (self._tail + chunk[-self.TAIL:])[-self.TAIL:]
 
     def finish(self) -> Optional[Usage]:
         """The usage the body reported, once it has all passed."""
-        if self._decoder is None and self.usage is None:
+        if self.usage is None and self._tail:
             found = {name: pattern.findall(self._tail) for name, pattern in _USAGE_FIELDS.items()}
             self.usage = parse_usage({name: int(values[-1]) for name, values in found.items() if values})
         return self.usage
@@ -1985,12 +1990,7 @@ class StreamObserver:
 
 def is_usage_only_event(event: bytes) -> bool:
     """True for the chunk include_usage adds: empty choices and the usage."""
-    data = b"".join(line.partition(b":")[2].lstrip(b" ") for line in event.splitlines()
-                    if line.startswith(b"data:"))
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return False
+    payload = event_payload(event)
     return isinstance(payload, dict) and payload.get("choices") == [] and isinstance(payload.get("usage"), dict)
 
 
@@ -2031,14 +2031,21 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
     strip_usage drops the usage-only chunk the proxy asked for on the client's behalf.
     """
     splitter = EventSplitter() if exchange.heartbeats else None
+    secrets = secrets_of(config)
     while True:
         chunk = read_upstream(response, exchange, config)
         if not chunk:
             break
-        first_output = observer.feed(chunk)
-        if splitter is not None:
-            chunk = b"".join(mask_error_events(event, secrets_of(config)) for event in splitter.feed(chunk)
-                             if not (strip_usage and b'"usage"' in event and is_usage_only_event(event)))
+        first_output = False
+        if splitter is None:
+            observer.see_bytes(chunk)
+        else:
+            events = []
+            for event in splitter.feed(chunk):
+                first_output = observer.see_event(event) or first_output
+                if not (strip_usage and b'"usage"' in event and is_usage_only_event(event)):
+                    events.append(mask_error_events(event, secrets))
+            chunk = b"".join(events)
         if chunk:
             exchange.send(chunk)
         if first_output:
@@ -2757,7 +2764,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         is_event_stream = response.headers.get_content_type() == "text/event-stream"
         exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
-        observer = StreamObserver(is_event_stream)
+        observer = StreamObserver()
         try:
             relay_passthrough(response, exchange, config, observer, self.strip_usage)
         finally:

@@ -1913,9 +1913,13 @@ class StreamObserverTest(unittest.TestCase):
                         b'"usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}', (1, 2, 3), None),
                 (False, b'{"usage": {"input_tokens": 4, "output_tokens": 5}}', (4, 5, 9), None)):
             with self.subTest(body=body[:40]):
-                observer = proxy.StreamObserver(is_stream)
+                observer, splitter = proxy.StreamObserver(), proxy.EventSplitter()
                 pieces = [body[i:i + 5] for i in range(0, len(body), 5)]
-                flagged = [i for i, piece in enumerate(pieces) if observer.feed(piece)]
+                if is_stream:
+                    flagged = [i for i, piece in enumerate(pieces)
+                               if [event for event in splitter.feed(piece) if observer.see_event(event)]]
+                else:
+                    flagged = [i for i, piece in enumerate(pieces) if observer.see_bytes(piece)]
                 self.assertEqual(observer.finish(), proxy.Usage(*usage) if usage else None)
                 self.assertLessEqual(len(flagged), 1)
                 self.assertEqual(flagged, [first_token_at // 5] if first_token_at is not None else [])
