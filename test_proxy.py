@@ -2816,6 +2816,20 @@ class ContainerTest(unittest.TestCase):
         return [data["content"] for event, data in frames if event == "message"]
 
 
+class BenchmarkSmokeTest(unittest.TestCase):
+    """bench_proxy.py still runs: one tiny scenario on each route (the numbers are its own business)."""
+
+    def test_a_tiny_scenario(self):
+        import bench_proxy
+        bench_proxy.SCENARIOS["smoke"] = (3, 5, 0.01, 0.0)
+        self.addCleanup(bench_proxy.SCENARIOS.pop, "smoke")
+        for route in bench_proxy.ROUTES:
+            with self.subTest(route=route):
+                row = asyncio.run(bench_proxy.scenario("smoke", route, []))
+                self.assertEqual((row["errors"], row["chunks"]), (0, 15), row["sample_error"])
+                self.assertGreater(row["cpu_us_per_chunk"], 0)
+
+
 # --------------------------------------------------------------------------
 # The real process: quick start, signals, drain
 # --------------------------------------------------------------------------
