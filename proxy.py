@@ -2822,7 +2822,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     response = open_upstream(config, upstream, exchange, method, target, payload, headers,
                                              len(payload) if isinstance(payload, bytes) else length)
                 except RETRYABLE_ERRORS as error:
-                    failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS[error.type], None
+                    failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
                 except BaseException:
                     breaker.abandon()
                     raise
