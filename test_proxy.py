@@ -2827,7 +2827,7 @@ class BenchmarkSmokeTest(unittest.TestCase):
             with self.subTest(route=route):
                 row = asyncio.run(bench_proxy.scenario("smoke", route, []))
                 self.assertEqual((row["errors"], row["chunks"]), (0, 15), row["sample_error"])
-                self.assertGreater(row["cpu_us_per_chunk"], 0)
+                self.assertGreaterEqual(row["cpu_us_per_chunk"], 0)  # /proc counts 10 ms ticks: 0 is possible here
 
 
 # --------------------------------------------------------------------------
