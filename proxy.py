@@ -1264,8 +1264,51 @@ def _close_quietly(sock: socket.socket) -> None:
         pass
 
 
-def _drain_socket(sock: socket.socket) -> None:
-    """Read and drop whatever a non-blocking socket holds (the wake-up pipes)."""
+class WakeableSelector:
+    """A selector for socket readability that another thread can wake from its wait."""
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def register(self, sock: socket.socket, data) -> None:
+        self._selector.register(sock, selectors.EVENT_READ, data)
+
+    def unregister(self, sock: socket.socket) -> None:
+        """Stop watching a socket; one already gone is fine."""
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def wake(self) -> None:
+        """End a select() another thread is in, so it looks at its state again."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already woken, or closed
+
+    def select(self, timeout: Optional[float]) -> list:
+        """The data of the sockets that became readable; [] when woken or timed out."""
+        ready = []
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                _drain_wakeups(self._wake_r)
+            else:
+                ready.append(key.data)
+        return ready
+
+    def close(self) -> None:
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _drain_wakeups(sock: socket.socket) -> None:
+    """Read and drop the bytes that woke a selector."""
     try:
         while sock.recv(4096):
             pass
@@ -1418,13 +1461,9 @@ class StreamSupervisor:
 
     def __init__(self, heartbeat_interval: float):
         self._interval = heartbeat_interval
-        self._selector = selectors.DefaultSelector()
+        self._selector = WakeableSelector()
         self._lock = threading.Lock()
         self._exchanges: set = set()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="stream-supervisor", daemon=True)
 
@@ -1435,31 +1474,29 @@ class StreamSupervisor:
         """End the supervisor thread."""
         with self._lock:
             self._stopping = True
-        self._wake()
+        self._selector.wake()
         self._thread.join(timeout=5)
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
     @contextlib.contextmanager
     def tracking(self, exchange: Exchange) -> Iterator[Exchange]:
         """Keep the exchange alive with heartbeats, and cancellable, for its whole life."""
         with self._lock:
             self._exchanges.add(exchange)
-        self._wake()
+        self._selector.wake()
         try:
             yield exchange
         finally:
             with self._lock:
                 self._exchanges.discard(exchange)
-                self._unregister(exchange.client_sock)
+                self._selector.unregister(exchange.client_sock)
 
     def watch_client(self, exchange: Exchange) -> None:
         """Cancel the exchange when its client hangs up; call once the request body is read."""
         with self._lock:
             if exchange in self._exchanges:
-                self._selector.register(exchange.client_sock, selectors.EVENT_READ, exchange)
-        self._wake()
+                self._selector.register(exchange.client_sock, exchange)
+        self._selector.wake()
 
     def cancel_all(self, reason: str) -> int:
         """Cancel every open exchange; return how many there were."""
@@ -1468,18 +1505,6 @@ class StreamSupervisor:
         for exchange in exchanges:
             exchange.cancel(reason)
         return len(exchanges)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or stopping
-
-    def _unregister(self, sock: socket.socket) -> None:
-        try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass  # already unregistered after the client sent more bytes
 
     def _run(self) -> None:
         while True:
@@ -1491,11 +1516,8 @@ class StreamSupervisor:
             with self._lock:
                 if self._stopping:
                     return
-                for key, _ in ready:
-                    if key.data is None:
-                        _drain_socket(self._wake_r)
-                    else:
-                        self._check_client(key.data)
+                for exchange in ready:
+                    self._check_client(exchange)
                 self._send_due_heartbeats()
 
     def _check_client(self, exchange: Exchange) -> None:
@@ -1504,7 +1526,7 @@ class StreamSupervisor:
             return
         # Either way stop watching: a hung-up socket stays readable, and bytes
         # from a pipelining client are the handler's to read after this stream.
-        self._unregister(exchange.client_sock)
+        self._selector.unregister(exchange.client_sock)
         if gone:
             exchange.cancel(Exchange.CLIENT_LEFT)
 
@@ -1775,7 +1797,7 @@ class ChatToMessages:
     """Turns chat completion chunks into the seed's frames and remembers how the reply ended."""
 
     def __init__(self, secrets: Tuple[str, ...]):
-        self._api_key = secrets
+        self._secrets = secrets
         self.finish_reason: Optional[str] = None
         self.usage: Optional[dict] = None
         self.saw_output = False
@@ -1815,7 +1837,7 @@ class ChatToMessages:
     def _upstream_error(self, error) -> ProxyError:
         if not isinstance(error, dict):
             error = {"message": str(error)}
-        message = mask_secrets(str(error.get("message") or "the upstream reported an error"), self._api_key)
+        message = mask_secrets(str(error.get("message") or "the upstream reported an error"), self._secrets)
         error_type = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
         return UpstreamBadResponse(message, type=error_type)
 
@@ -1892,12 +1914,12 @@ class EventSplitter:
 _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
 
 
-def mask_error_events(events: bytes, secret) -> bytes:
+def mask_error_events(events: bytes, secrets) -> bytes:
     """Whole SSE events with key-like text masked in those that report an error."""
     if b"error" not in events or not _ERROR_KEY.search(events):  # the substring test is the fast path
         return events
     text = events.decode("utf-8", "replace")
-    masked = mask_secrets(text, secret)
+    masked = mask_secrets(text, secrets)
     return events if masked == text else masked.encode("utf-8")
 
 
@@ -2329,11 +2351,7 @@ class ConnectionPool:
         self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
         self._busy = 0
         self._closed = False
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector = WakeableSelector()
         self._thread = threading.Thread(target=self._run, name="connection-pool", daemon=True)
 
     def start(self) -> None:
@@ -2373,7 +2391,7 @@ class ConnectionPool:
             self._closed = True
             for entry in list(self._waiting.values()):
                 self._forget(entry)
-        self._wake()
+        self._selector.wake()
         self._thread.join(timeout=5)
 
     @property
@@ -2393,8 +2411,8 @@ class ConnectionPool:
                 return
             sock.setblocking(False)
             entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now + timeout)
-            self._selector.register(sock, selectors.EVENT_READ, entry)
-        self._wake()
+            self._selector.register(sock, entry)
+        self._selector.wake()
 
     def _hand_off(self, sock: socket.socket, address, head: bytes) -> None:
         with self._lock:
@@ -2404,17 +2422,8 @@ class ConnectionPool:
     def _forget(self, entry: _Waiting) -> None:
         """Stop waiting on a connection and close it; call with the lock held."""
         del self._waiting[entry.sock]
-        try:
-            self._selector.unregister(entry.sock)
-        except (KeyError, ValueError):
-            pass
+        self._selector.unregister(entry.sock)
         _close_quietly(entry.sock)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass  # already woken
 
     def _run(self) -> None:
         next_tick = time.monotonic() + self.TICK
@@ -2423,17 +2432,12 @@ class ConnectionPool:
                 if self._closed:
                     break
                 timeout = max(0.0, next_tick - time.monotonic()) if self._waiting else None
-            for key, _ in self._selector.select(timeout):
-                if key.data is None:
-                    _drain_socket(self._wake_r)
-                else:
-                    self._read(key.data)
+            for entry in self._selector.select(timeout):
+                self._read(entry)
             if time.monotonic() >= next_tick:
                 self._expire(time.monotonic())
                 next_tick = time.monotonic() + self.TICK
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
     def _read(self, entry: _Waiting) -> None:
         try:
