@@ -1394,14 +1394,34 @@ class UpstreamShapeTest(ProxyTestCase):
                                         '{"HTTP-Referer": "https://app.example", "X-Title": "My App"}'})
         self.server.config = dataclasses.replace(self.config, auth_header=config.auth_header,
                                                  extra_headers=config.extra_headers)
-        self.request("GET", "/v1/models", headers={"api-key": "client-key", "X-Title": "client title",
+        self.request("GET", "/v1/models", headers={"API-KEY": "client-key", "x-title": "client title",
                                                    "Authorization": "Bearer client-key"}).read()
         self.post_message().read()
-        for sent in (r.headers for r in self.upstream.requests):
-            self.assertEqual(sent["api-key"], TEST_KEY)
+        for sent in (r.headers for r in self.upstream.requests):  # the proxy's win, whatever the client's case
+            self.assertEqual(sent.get_all("api-key"), [TEST_KEY])
             self.assertIsNone(sent["Authorization"])
             self.assertEqual(sent["HTTP-Referer"], "https://app.example")
-            self.assertEqual(sent["X-Title"], "My App")
+            self.assertEqual(sent.get_all("X-Title"), ["My App"])
+
+    def test_http_proxy_from_the_environment(self):
+        # The fake upstream plays the forward proxy; the upstream's own name is never resolved.
+        self.server.config = dataclasses.replace(self.config, base_url="http://api.example.test/openai/v1")
+        saved = {name: os.environ.pop(name, None) for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")}
+        os.environ["HTTP_PROXY"] = f"http://user:pa%20ss@127.0.0.1:{self.upstream.server.server_address[1]}"
+        try:
+            response = self.request("GET", "/v1/models?limit=2")
+            response.read()
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name, None)
+                if value is not None:
+                    os.environ[name] = value
+        self.assertEqual(response.status, 200)
+        sent = self.upstream.requests[-1]
+        self.assertEqual(sent.path, "http://api.example.test/openai/v1/models?limit=2")
+        self.assertEqual(sent.headers["Host"], "api.example.test")
+        self.assertEqual(sent.headers["Proxy-Authorization"], "Basic " + base64.b64encode(b"user:pa ss").decode())
+        self.assertEqual(sent.headers["Authorization"], f"Bearer {TEST_KEY}")
 
     def test_bad_auth_and_extra_header_settings(self):
         for env in ({"OA_AUTH_HEADER": "bad header"}, {"OA_EXTRA_HEADERS": "X-Title: x"},
