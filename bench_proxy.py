@@ -25,6 +25,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,17 +151,23 @@ class ProxyProcess:
     """proxy.py in a subprocess, pinned to a CPU, read through /proc."""
 
     def __init__(self, upstream_port, cpu):
+        # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", "--api-key", "bench",
              "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "10000",
              "--max-streams", "0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for line in self.process.stderr:
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                break
-        self.process.stderr.close()  # the access log is a real cost, so the proxy keeps writing it
+            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        deadline = time.monotonic() + 30
+        found = None
+        while found is None and time.monotonic() < deadline and self.process.poll() is None:
+            time.sleep(0.01)
+            self.log.seek(0)
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", self.log.read())
+        if found is None:
+            self.process.kill()
+            raise RuntimeError("proxy.py did not start listening within 30 s")
+        self.port = int(found.group(1))
         if cpu is not None:
             os.sched_setaffinity(self.process.pid, {cpu})
 
@@ -180,6 +187,7 @@ class ProxyProcess:
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
+        self.log.close()
 
 
 # --------------------------------------------------------------------------
