@@ -22,6 +22,7 @@ import os
 import random
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,8 +57,28 @@ class Upstream:
         self.closed_early = []  # (phase, monotonic time) of each stream whose reader went away
 
     async def start(self):
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, backlog=4096)
-        return self.server.sockets[0].getsockname()[1]
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.listener.setblocking(False)
+        self.tasks = set()
+        self.accepting = asyncio.ensure_future(self.accept())
+        return self.listener.getsockname()[1]
+
+    async def accept(self):
+        # One connection per turn of the loop. asyncio's own server accepts every
+        # pending connection in one callback; when the proxy opened its upstream
+        # connections in a burst, that stalled this loop, and every client in it,
+        # for up to 70 ms, which the proxy's latency was then charged with.
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(self.listener)
+            reader, writer = await asyncio.open_connection(sock=connection)
+            task = asyncio.ensure_future(self.serve(reader, writer))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def close(self):
+        self.accepting.cancel()
+        self.listener.close()
 
     async def serve(self, reader, writer):
         phase = self.phase
@@ -241,7 +262,7 @@ async def scenario(name, route, cpus):
         return row
     finally:
         proxy.stop()
-        upstream.server.close()
+        upstream.close()
 
 
 def print_table(rows):
