@@ -190,7 +190,10 @@ class ProxyProcess:
             raise RuntimeError("proxy.py did not start listening within 30 s")
         self.port = int(found.group(1))
         if cpu is not None:
-            os.sched_setaffinity(self.process.pid, {cpu})
+            # Every thread, not just the main one: a thread started later inherits
+            # its creator's CPUs, and the proxy's workers are started by its pool thread.
+            for thread in os.listdir(f"/proc/{self.process.pid}/task"):
+                os.sched_setaffinity(int(thread), {cpu})
 
     def cpu_seconds(self):
         with open(f"/proc/{self.process.pid}/stat") as stat:
