@@ -30,7 +30,6 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TICKS = os.sysconf("SC_CLK_TCK")
 
 # name: (streams, chunks per stream, gap between chunks in s, seconds before the first chunk)
 SCENARIOS = {
@@ -196,9 +195,14 @@ class ProxyProcess:
                 os.sched_setaffinity(int(thread), {cpu})
 
     def cpu_seconds(self):
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        """The proxy's process_cpu_seconds_total: to the microsecond, where /proc counts 10 ms ticks."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        return float(re.search(r"^process_cpu_seconds_total (\S+)$", text, re.M).group(1))
 
     def status(self, name):
         with open(f"/proc/{self.process.pid}/status") as status:

@@ -1174,6 +1174,7 @@ class Metrics:
         ("proxy_upstream_attempts_total", "counter",
          "Upstream attempts by upstream and outcome: answered, or the retryable failure (429, 5xx, connect, "
          "timeout, protocol)."),
+        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
     )
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
                "proxy_time_to_first_token_seconds": TTFT_BUCKETS}
@@ -2754,7 +2755,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif not is_loopback_host(self.client_address[0]):
             raise ProxyError("GET /metrics is served to loopback clients only; set METRICS_TOKEN to read it "
                              "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
-        body = self.server.metrics.render({"proxy_active_streams": self.server.limits.active()}).encode()
+        body = self.server.metrics.render({"proxy_active_streams": self.server.limits.active(),
+                                           "process_cpu_seconds_total": time.process_time()}).encode()
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

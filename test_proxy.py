@@ -2301,12 +2301,26 @@ class MetricsTest(ProxyTestCase):
         self.assertNotIn(ALICE_KEY, text)
         self.assertNotIn(TEST_KEY, text)
 
+    def test_process_cpu_seconds_count_this_process(self):
+        def cpu_seconds():
+            return float(re.search(r"^process_cpu_seconds_total (\S+)$", self.scrape(), re.M).group(1))
+        process_before = time.process_time()
+        before = cpu_seconds()
+        deadline = time.process_time() + 0.2
+        while time.process_time() < deadline:  # the proxy runs in this process: burn 0.2 s of its CPU
+            pass
+        spent = cpu_seconds() - before
+        process_spent = time.process_time() - process_before  # a window around the proxy's two readings
+        self.assertGreaterEqual(spent, 0.2)
+        self.assertLessEqual(spent, process_spent)
+
     def test_a_real_prometheus_parser_reads_it(self):
         require(text_string_to_metric_families is not None, "the prometheus_client package (its text parser)")
         self.exercise()
         families = {family.name: family for family in text_string_to_metric_families(self.scrape())}
         self.assertEqual(families["proxy_requests"].type, "counter")
         self.assertEqual(families["proxy_active_streams"].type, "gauge")
+        self.assertEqual(families["process_cpu_seconds"].type, "counter")
         duration = families["proxy_request_duration_seconds"]
         self.assertEqual(duration.type, "histogram")
         buckets = [s for s in duration.samples if s.name.endswith("_bucket") and s.labels["route"] == "/message"]
