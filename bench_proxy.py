@@ -9,9 +9,11 @@ One asyncio loop plays the upstream (chat.completion.chunk events, HTTP/1.1
 chunked, each chunk stamped with its send time) and every client. proxy.py
 runs as a subprocess. Each scenario runs straight against the upstream and
 then through the proxy, in the same run, so every figure is also a ratio to
-the direct path. Where the machine allows, the proxy is pinned to one CPU and
-this process to another. Streams start at random points within one gap
-between chunks, as independent clients do. Standard library only.
+the direct path. Where the machine allows, every thread of the proxy is
+pinned to one CPU and this process to another. Streams start at random
+points within one gap between chunks, as independent clients do. The
+proxy's CPU time comes from its process_cpu_seconds_total metric. Standard
+library only.
 """
 
 import argparse
@@ -168,7 +170,7 @@ async def run_clients(port, route, streams, leave_after=None, stagger=0.0):
 # --------------------------------------------------------------------------
 
 class ProxyProcess:
-    """proxy.py in a subprocess, pinned to a CPU, read through /proc."""
+    """proxy.py in a subprocess, pinned to a CPU, read through /proc and its /metrics."""
 
     def __init__(self, upstream_port, cpu):
         # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.

@@ -2861,7 +2861,22 @@ class BenchmarkSmokeTest(unittest.TestCase):
             with self.subTest(route=route):
                 row = asyncio.run(bench_proxy.scenario("smoke", route, []))
                 self.assertEqual((row["errors"], row["chunks"]), (0, 15), row["sample_error"])
-                self.assertGreaterEqual(row["cpu_us_per_chunk"], 0)  # /proc counts 10 ms ticks: 0 is possible here
+                self.assertGreater(row["cpu_us_per_chunk"], 0)
+
+    def test_every_proxy_thread_is_pinned(self):
+        # Threads inherit their creator's CPUs: the pool thread that starts the workers must be pinned too.
+        require(hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task"),
+                "Linux CPU affinity and /proc to pin the proxy's threads")
+        import bench_proxy
+        cpu = min(os.sched_getaffinity(0))
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        proxy_process = bench_proxy.ProxyProcess(upstream.server.server_address[1], cpu)
+        self.addCleanup(proxy_process.stop)
+        threads = os.listdir(f"/proc/{proxy_process.process.pid}/task")
+        self.assertGreaterEqual(len(threads), 3)  # main, connection pool, stream supervisor
+        for thread in threads:
+            self.assertEqual(os.sched_getaffinity(int(thread)), {cpu}, f"thread {thread}")
 
 
 # --------------------------------------------------------------------------
