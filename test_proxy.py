@@ -544,6 +544,21 @@ class SSEDecoderTest(unittest.TestCase):
 # POST /message: streaming
 # --------------------------------------------------------------------------
 
+class MessageFrameTest(unittest.TestCase):
+    def test_the_template_writes_what_the_json_encoder_writes(self):
+        texts = ["", "Hel", 'lo "w\u00f6rld"', "\\", "\n\r\t\b\f\x00\x1f\x7f", "\u2028\u2029", "\U0001f600",
+                 "</script>", "{\"content\":1}", "x" * 10000]
+        for text in texts:
+            for timestamp in (0, 1700000000, 2 ** 40):
+                with self.subTest(text=text[:20], timestamp=timestamp):
+                    want = b"event:message\ndata:" + json.dumps(
+                        {"timestamp": timestamp, "content": text}, separators=(",", ":"),
+                        ensure_ascii=False).encode() + b"\n\n"
+                    self.assertEqual(proxy.message_frame(timestamp, text), want)
+                    self.assertEqual(json.loads(proxy.message_frame(timestamp, text)[len(b"event:message\ndata:"):]),
+                                     {"timestamp": timestamp, "content": text})
+
+
 class MessageStreamTest(ProxyTestCase):
     def test_frames_and_headers_match_the_seed(self):
         self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="Hel"),
