@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
-import functools
 import hashlib
 import hmac
 import http.client
