@@ -1647,8 +1647,9 @@ class UpstreamClient:
     def request_headers(self, upstream: Upstream, config: Config, headers: Dict[str, str],
                         length: Optional[int]) -> Dict[str, str]:
         """The client's headers, then the proxy's own, which win whatever their case."""
+        auth_name, auth_value = upstream_auth(upstream)
         own = {"Host": self.host, "User-Agent": f"proxy.py/{__version__}", "Connection": "close",
-               **dict(config.extra_headers), **dict((upstream_auth(upstream),))}
+               **dict(config.extra_headers), auth_name: auth_value}
         if length is not None:
             own["Content-Length"] = str(length)
         if not self.tls:
