@@ -440,7 +440,7 @@ SETTINGS = (
             "tokens per minute per client, counted from the usage the upstream reports; 0: no limit"),
     Setting("max_streams_per_client", ("MAX_STREAMS_PER_CLIENT",), "0", _parse_count,
             "relayed requests one client may have running at once; 0: no limit"),
-    Setting("max_streams", ("MAX_STREAMS",), "1000", _parse_count,
+    Setting("max_streams", ("MAX_STREAMS",), "500", _parse_count,
             "relayed requests running at once in all; 0: no limit"),
     Setting("allowed_models", ("ALLOWED_MODELS",), "", _parse_list,
             "models clients may use, comma list; others get 400; empty: any"),
@@ -1012,11 +1012,32 @@ class Limits:
         """Relayed requests running now."""
         return self._streams
 
-    @contextlib.contextmanager
-    def admit(self, client: str) -> Iterator[None]:
-        """Hold one of the client's stream slots while the request runs, or raise 429/503."""
+    def check(self, client: str) -> None:
+        """At a request's head: count it against the client's rates, and refuse it at once if no slot is free.
+
+        Refusing here costs the client no upload; the slot itself is taken
+        only once the body has arrived (slot()), so a slow body never holds one.
+        """
         with self._lock:
-            state = self._take(client)
+            now = time.monotonic()
+            state = self._state(client, now)
+            self._check_slots(state)
+            if self._tpm:
+                self._check_tokens(state, now)
+            if self._rpm:
+                self._take_request(state, now)
+
+    @contextlib.contextmanager
+    def slot(self, client: str, force: bool = False) -> Iterator[None]:
+        """Hold one of the stream slots while the request is relayed, or raise 429/503.
+
+        force takes it even past a cap: for an upload already streamed to the
+        upstream, whose answer must be relayed whatever the load has become.
+        """
+        with self._lock:
+            state = self._state(client, time.monotonic())
+            if not force:
+                self._check_slots(state)
             self._streams += 1
             state.streams += 1
         try:
@@ -1026,33 +1047,41 @@ class Limits:
                 self._streams -= 1
                 state.streams -= 1
 
-    def _take(self, client: str) -> _ClientState:
-        now = time.monotonic()
+    def _state(self, client: str, now: float) -> _ClientState:
         state = self._clients.get(client)
         if state is None:
             if len(self._clients) >= self.PRUNE_AT:
                 self._prune(now)
             state = self._clients[client] = _ClientState(self._rpm, now)
-        if self._global and self._streams >= self._global:
-            raise Overloaded(f"the proxy is running its limit of {self._global} requests at once "
-                             "(MAX_STREAMS); try again shortly", "streams", headers={"Retry-After": "1"})
+        return state
+
+    def is_full(self) -> bool:
+        """True when every stream slot of the process is taken (MAX_STREAMS)."""
+        return bool(self._global) and self._streams >= self._global
+
+    def overloaded(self) -> Overloaded:
+        """The 503 for a request that finds every stream slot taken."""
+        return Overloaded(f"the proxy is running its limit of {self._global} requests at once "
+                          "(MAX_STREAMS); try again shortly", "streams", headers={"Retry-After": "1"})
+
+    def _check_slots(self, state: _ClientState) -> None:
+        if self.is_full():
+            raise self.overloaded()
         if self._per_client and state.streams >= self._per_client:
             raise TooManyRequests(f"this client already has {state.streams} requests running, its limit "
                                   "(MAX_STREAMS_PER_CLIENT); wait for one to finish", "client_streams",
                                   headers={"Retry-After": "1"})
-        if self._tpm:
-            self._check_tokens(state, now)
-        if self._rpm:
-            # A token bucket: full at rpm tokens, refilled at rpm per minute.
-            state.tokens = min(self._rpm, state.tokens + (now - state.refilled_at) * self._rpm / 60)
-            state.refilled_at = now
-            if state.tokens < 1:
-                wait = math.ceil((1 - state.tokens) * 60 / self._rpm)
-                raise TooManyRequests(f"this client is over its limit of {self._rpm} requests per minute "
-                                      f"(RATE_LIMIT_RPM); retry in {wait} s", "requests_per_minute",
-                                      headers={"Retry-After": str(wait)})
-            state.tokens -= 1
-        return state
+
+    def _take_request(self, state: _ClientState, now: float) -> None:
+        # A token bucket: full at rpm tokens, refilled at rpm per minute.
+        state.tokens = min(self._rpm, state.tokens + (now - state.refilled_at) * self._rpm / 60)
+        state.refilled_at = now
+        if state.tokens < 1:
+            wait = math.ceil((1 - state.tokens) * 60 / self._rpm)
+            raise TooManyRequests(f"this client is over its limit of {self._rpm} requests per minute "
+                                  f"(RATE_LIMIT_RPM); retry in {wait} s", "requests_per_minute",
+                                  headers={"Retry-After": str(wait)})
+        state.tokens -= 1
 
     def record_usage(self, client: str, usage: Optional[Usage]) -> None:
         """Count the tokens the upstream reported for the client against RATE_LIMIT_TPM."""
@@ -1316,7 +1345,7 @@ class WakeableSelector:
         ready = []
         for key, _ in self._selector.select(timeout):
             if key.data is None:
-                _drain_wakeups(self._wake_r)
+                _discard_pending(self._wake_r)
             else:
                 ready.append(key.data)
         return ready
@@ -1327,11 +1356,14 @@ class WakeableSelector:
         self._wake_w.close()
 
 
-def _drain_wakeups(sock: socket.socket) -> None:
-    """Read and drop the bytes that woke a selector."""
+def _discard_pending(sock: socket.socket, limit: int = 65536) -> None:
+    """Read and drop what a non-blocking socket holds, up to limit bytes."""
     try:
-        while sock.recv(4096):
-            pass
+        while limit > 0:
+            data = sock.recv(min(limit, 16384))
+            if not data:
+                return
+            limit -= len(data)
     except OSError:
         pass
 
@@ -1436,7 +1468,7 @@ class Exchange:
         if not self._write_lock.acquire(blocking=False):
             return  # the handler is writing right now, so the stream is not silent
         try:
-            if self.streaming and self.heartbeats and _is_writable(self.client_sock):
+            if self.streaming and self.heartbeats and _is_ready(self.client_sock, writing=True):
                 self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
                 self.bytes_sent += len(HEARTBEAT_FRAME)
         except ClientGone:
@@ -1454,14 +1486,14 @@ class Exchange:
         self.last_write = time.monotonic()
 
 
-def _is_writable(sock: socket.socket) -> bool:
-    """True when a small write will not block."""
+def _is_ready(sock: socket.socket, writing: bool = False) -> bool:
+    """True when a read (or a small write) would not block; a read may find the end of the connection."""
     try:
         if hasattr(select, "poll"):  # select() cannot take descriptors past 1023
             poller = select.poll()
-            poller.register(sock, select.POLLOUT)
+            poller.register(sock, select.POLLOUT if writing else select.POLLIN)
             return bool(poller.poll(0))
-        return bool(select.select([], [sock], [], 0)[1])
+        return bool(select.select([] if writing else [sock], [sock] if writing else [], [], 0)[int(writing)])
     except (OSError, ValueError):
         return False
 
@@ -1538,10 +1570,15 @@ class StreamSupervisor:
                 if self._stopping:
                     return
                 for exchange in ready:
-                    self._check_client(exchange)
+                    # A stream may have ended, and its socket moved on to the
+                    # next request, while select() returned: not ours to touch.
+                    if exchange in self._exchanges:
+                        self._check_client(exchange)
                 self._send_due_heartbeats()
 
     def _check_client(self, exchange: Exchange) -> None:
+        # Never blocks, though the lock is held: the socket is readable and,
+        # while its exchange is tracked, no other thread reads it.
         gone = _is_client_gone(exchange.client_sock)
         if gone is None:
             return
@@ -2383,6 +2420,31 @@ class ClientReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
+class FloodLog:
+    """A log line for something that can come in floods: the first at once, then a count at most every EVERY s.
+
+    Slowloris or a connection flood then costs the log a line per interval,
+    not a line per connection. Not thread-safe: its owner's lock guards it.
+    """
+
+    EVERY = 10.0
+
+    def __init__(self, level: int, message: str):
+        self._level, self._message = level, message  # message: one %d, for the count
+        self._pending = 0
+        self._logged_at = -math.inf
+
+    def count(self, now: float) -> None:
+        self._pending += 1
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Log what was counted, if there is something and the last line is old enough."""
+        if self._pending and now - self._logged_at >= self.EVERY:
+            logger.log(self._level, self._message, self._pending)
+            self._pending, self._logged_at = 0, now
+
+
 class _Waiting:
     """A connection in the pool: what it sent of its next request head, and until when it may wait."""
 
@@ -2404,10 +2466,19 @@ class ConnectionPool:
 
     HEAD_LIMIT = 72 * 1024  # past this http.server answers 414 or 431 itself
     TICK = 0.1              # how often deadlines are checked, in seconds
+    EVICTION_SCAN = 64      # silent-looking connections checked for unread bytes before refusing
 
-    def __init__(self, config: Config, start_request: Callable[[socket.socket, tuple, bytes], None]):
+    def __init__(self, config: Config, start_request: Callable[[socket.socket, tuple, bytes, bool], None],
+                 answers_at_once: Callable[[bytes], bool] = lambda head: False,
+                 on_refused: Callable[[], None] = lambda: None):
         self._config = config
         self._start_request = start_request
+        self._answers_at_once = answers_at_once
+        self._on_refused = on_refused
+        self._refusals = FloodLog(logging.WARNING, "MAX_CONNECTIONS (%d) reached with every connection busy: "
+                                  "%%d new connection(s) got 503" % config.max_connections)
+        self._header_timeouts = FloodLog(logging.INFO, "%%d connection(s) did not finish their request "
+                                         "headers within %gs (HEADER_TIMEOUT) and got 408" % config.header_timeout)
         self._lock = threading.Lock()
         self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
         self._busy = 0
@@ -2419,20 +2490,50 @@ class ConnectionPool:
         self._thread.start()
 
     def accept(self, sock: socket.socket, address) -> None:
-        """Take a new connection, making room at the cap by closing the longest-idle one."""
+        """Take a new connection; at the cap, close the longest-silent one, or refuse with a 503."""
         with self._lock:
             if self._closed:
                 _close_quietly(sock)
                 return
             if len(self._waiting) + self._busy >= self._config.max_connections:
-                idle = next((entry for entry in self._waiting.values() if not entry.head), None)
-                if idle is None:
-                    logger.warning("MAX_CONNECTIONS (%d) reached with no idle connection to close: "
-                                   "refusing %s", self._config.max_connections, address[0])
-                    _close_quietly(sock)
+                silent = self._longest_silent()
+                if silent is None:
+                    self._refuse(sock, address)
                     return
-                self._forget(idle)
+                self._forget(silent)
         self._wait(sock, address, b"")
+
+    def _longest_silent(self) -> Optional[_Waiting]:
+        """The connection that has sent nothing for the longest time, if one of the first few has.
+
+        A connection with request bytes, read or still in the kernel, is
+        never one: closing it would drop a request the client already sent.
+        """
+        looked = 0
+        for entry in self._waiting.values():  # in the order they fell silent
+            if entry.head:
+                continue
+            if not _is_ready(entry.sock):
+                return entry
+            looked += 1
+            if looked >= self.EVICTION_SCAN:
+                break
+        return None
+
+    def _refuse(self, sock: socket.socket, address) -> None:
+        """Tell a connection there is no room, as a short 503, and close it; call with the lock held."""
+        self._on_refused()
+        self._refusals.count(time.monotonic())
+        try:
+            sock.setblocking(False)
+            sock.send(CONNECTIONS_FULL_RESPONSE)
+            # Read what the client sent before closing, so the close is a FIN
+            # and not a reset that could destroy the 503 before it is read.
+            sock.shutdown(socket.SHUT_WR)
+            _discard_pending(sock)
+        except OSError:
+            pass
+        _close_quietly(sock)
 
     def give_back(self, sock: socket.socket, address, read_ahead: bytes) -> None:
         """A worker finished a request on a keep-alive connection: wait for the next one."""
@@ -2477,10 +2578,20 @@ class ConnectionPool:
         if was_empty:  # the pool thread may wait with no timeout; otherwise it ticks
             self._selector.wake()
 
-    def _hand_off(self, sock: socket.socket, address, head: bytes) -> None:
+    def _hand_off(self, sock: socket.socket, address, head: bytes, may_answer_here: bool = False) -> None:
+        """Give a whole request head to a new worker thread, or answer it on this one.
+
+        Health checks, metrics and refusals need no waiting, so the pool's
+        own thread answers them: they never queue for a worker behind the
+        relayed streams. Pipelined requests always get a worker, so that
+        this thread never recurses through a client's pipeline.
+        """
         with self._lock:
             self._busy += 1
-        threading.Thread(target=self._start_request, args=(sock, address, head), daemon=True).start()
+        if may_answer_here and self._answers_at_once(head):
+            self._start_request(sock, address, head, True)
+            return
+        threading.Thread(target=self._start_request, args=(sock, address, head, False), daemon=True).start()
 
     def _forget(self, entry: _Waiting) -> None:
         """Stop waiting on a connection and close it; call with the lock held."""
@@ -2522,22 +2633,29 @@ class ConnectionPool:
                 return
             del self._waiting[entry.sock]
             self._selector.unregister(entry.sock)
-        self._hand_off(entry.sock, entry.address, bytes(entry.head))
+        self._hand_off(entry.sock, entry.address, bytes(entry.head), may_answer_here=True)
 
     def _expire(self, now: float) -> None:
         with self._lock:
             late = [entry for entry in self._waiting.values() if entry.deadline <= now]
             for entry in late:
                 if entry.head:  # a head that never finished: say so, as far as the socket takes it
-                    logger.info('%s "-" 408 request headers not complete within %gs (HEADER_TIMEOUT)',
-                                entry.address[0], self._config.header_timeout)
+                    self._header_timeouts.count(now)
                     try:
                         entry.sock.send(HEADER_TIMEOUT_RESPONSE)
                     except OSError:
                         pass
                 self._forget(entry)
+            self._header_timeouts.flush(now)
+            self._refusals.flush(now)
 
 
+_CONNECTIONS_FULL_BODY = json_bytes({"error": {
+    "message": "the proxy has as many connections as it takes (MAX_CONNECTIONS), all busy; retry shortly",
+    "type": "overloaded_error"}})
+CONNECTIONS_FULL_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(_CONNECTIONS_FULL_BODY), _CONNECTIONS_FULL_BODY))
 _HEADER_TIMEOUT_BODY = json_bytes({"error": {
     "message": "the request headers did not arrive in time (HEADER_TIMEOUT)", "type": "invalid_request_error"}})
 HEADER_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
@@ -2568,14 +2686,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         "/ui/config.json": {"GET": "handle_ui_config"},
     }
 
-    def __init__(self, request, client_address, server, read_ahead: bytes = b""):
+    # Handlers the pool's thread runs itself, never queued behind the streams: they wait on nothing.
+    answered_at_once = frozenset({"handle_healthz", "handle_metrics"})
+    AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on the pool's thread may take to take its answer
+
+    def __init__(self, request, client_address, server, read_ahead: bytes = b"", at_once: bool = False):
         self.read_ahead = read_ahead  # what the connection pool read of the request already
+        self.at_once = at_once        # run by the pool's thread: answer without waiting, or refuse
         self.keep_open = False
         self.leftover = b""
         super().__init__(request, client_address, server)
 
     def setup(self):
-        self.timeout = self.server.config.client_timeout  # each read and write on the connection
+        # Each read and write on the connection; the pool's thread cannot wait long for anyone.
+        self.timeout = self.AT_ONCE_TIMEOUT if self.at_once else self.server.config.client_timeout
         super().setup()
         self.rfile.close()  # reads go through the pool's read-ahead first
         self.rfile = io.BufferedReader(ClientReader(self.connection, self.read_ahead, self.timeout),
@@ -2641,6 +2765,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch
 
+    @classmethod
+    def methods_for(cls, path: str) -> Optional[Dict[str, str]]:
+        """method -> handler name at a path; None when nothing is served there."""
+        methods = cls.routes.get(path)
+        if methods is None and path.startswith(PASSTHROUGH_PREFIX):
+            methods = {method: "handle_passthrough" for method in PASSTHROUGH_METHODS}
+        if methods is None and path.startswith("/ui/"):
+            methods = {"GET": "handle_ui", "HEAD": "handle_ui"}
+        return methods
+
+    @classmethod
+    def handler_name(cls, method: str, path: str) -> Optional[str]:
+        """The name of the handler that serves a method at a path, if any."""
+        return (cls.methods_for(path) or {}).get(method)
+
     @property
     def path_only(self) -> str:
         return self.path.partition("?")[0][:200]
@@ -2649,11 +2788,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.path.startswith("/"):
             raise BadRequest("the request target must be a path such as /v1/models; "
                              "this server is not a forward proxy")
-        methods = self.routes.get(self.path_only)
-        if methods is None and self.path_only.startswith(PASSTHROUGH_PREFIX):
-            methods = {method: "handle_passthrough" for method in PASSTHROUGH_METHODS}
-        if methods is None and self.path_only.startswith("/ui/"):
-            methods = {"GET": "handle_ui", "HEAD": "handle_ui"}
+        methods = self.methods_for(self.path_only)
         if methods is None:
             raise ProxyError(f"nothing is served at {self.path_only}; the API is POST /message "
                              "and the OpenAI API under /v1/, the chat page is at /",
@@ -2673,11 +2808,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             handler()
             return
         self.client_name = self.authenticate()
-        with self.server.limits.admit(self.client_name):
-            try:
-                handler()
-            finally:
-                self.server.limits.record_usage(self.client_name, self.usage)
+        if self.at_once:  # the pool's thread found every slot taken: a relayed request only gets its 503
+            raise self.server.limits.overloaded()
+        self.server.limits.check(self.client_name)
+        try:
+            handler()
+        finally:
+            self.server.limits.record_usage(self.client_name, self.usage)
 
     def authenticate(self) -> str:
         """Who the client is: its key's name, or its address when the proxy has no client keys."""
@@ -2776,7 +2913,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         request = build_chat_request(parse_json_object(self.read_body()), config)
         self.model = request["model"]
         supervisor = self.server.supervisor
-        with supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
+        with self.stream_slot(), supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
             self.exchange = exchange
             supervisor.watch_client(exchange)
             response = self.open_with_retries(exchange, "POST", "/chat/completions", json_bytes(request),
@@ -2800,15 +2937,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         body = self.inspect_body(target) if length and self.needs_body_check() else None
         if body is not None:
             length = len(body)
-        with supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
+        with contextlib.ExitStack() as held, \
+                supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
             self.exchange = exchange
 
-            def body_read():
+            def body_read(force: bool = False):
+                held.enter_context(self.stream_slot(force))
                 self.body_read = True
                 supervisor.watch_client(exchange)  # from here, readable means the client hung up
 
             if body is None and length:
-                body = ClientBody(self.rfile, length, config, body_read)
+                # Streamed on as it arrives: its slot is taken when it has all
+                # arrived, and cannot be refused then, the upstream having it.
+                body = ClientBody(self.rfile, length, config, lambda: body_read(force=True))
             else:
                 body_read()
             response = self.open_with_retries(exchange, self.command, target, body, headers,
@@ -2837,6 +2978,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             relay_passthrough(response, exchange, config, observer, self.strip_usage)
         finally:
             self.usage = observer.finish()
+
+    def stream_slot(self, force: bool = False):
+        """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
+        return self.server.limits.slot(self.client_name, force)
 
     def needs_body_check(self) -> bool:
         """True when the proxy reads this /v1 body before sending it on.
@@ -3160,7 +3305,8 @@ class ProxyServer(http.server.HTTPServer):
         self._idle = threading.Condition()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        self.pool = ConnectionPool(config, self.serve_request)
+        self.pool = ConnectionPool(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
+            "proxy_rate_limit_rejections_total", (("reason", "connections"),)))
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
         self.pool.start()
@@ -3179,15 +3325,29 @@ class ProxyServer(http.server.HTTPServer):
                 self._clients[upstream.base_url] = UpstreamClient(upstream.base_url)
             return self._clients[upstream.base_url]
 
+    def answers_at_once(self, head: bytes) -> bool:
+        """True for a request the pool's thread answers itself: a health check or metrics, or a refusal.
+
+        A relayed request is refused at once when every stream slot is
+        taken; the handler, told it runs on the pool's thread, refuses it
+        even if a slot frees meanwhile.
+        """
+        method, _, rest = head.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        handler = self.RequestHandlerClass.handler_name(method.decode("latin-1"), path.decode("latin-1"))
+        if handler in self.RequestHandlerClass.answered_at_once:
+            return True
+        return handler in self.RequestHandlerClass.relay_handlers and self.limits.is_full()
+
     def process_request(self, request, client_address):
         """Accepted connections wait in the pool, without a thread, for their first request."""
         self.pool.accept(request, client_address)
 
-    def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes) -> None:
-        """A worker thread's job: one request, then the connection goes back to the pool."""
+    def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes, at_once: bool = False) -> None:
+        """A worker thread's job, or the pool's for an answer at once: one request, then back to the pool."""
         handler = None
         try:
-            handler = self.RequestHandlerClass(sock, client_address, self, read_ahead)
+            handler = self.RequestHandlerClass(sock, client_address, self, read_ahead, at_once)
         except Exception:
             self.handle_error(sock, client_address)
         if handler is not None and handler.keep_open:
