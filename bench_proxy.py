@@ -33,6 +33,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# The per-token scenarios measure the relay itself: no limit of the proxy's may refuse a stream.
+UNLIMITED = ("--max-streams", "0")
+
+# overload: more streams than one process can relay well, started within RAMP seconds, with
+# /healthz probed every PROBE_EVERY seconds; the proxy runs with its default limits.
+OVERLOAD = (1500, 60, 0.1, 0.0)  # streams, chunks, gap, think: 6 s streams at 10 chunks/s
+RAMP = 2.0
+PROBE_EVERY = 0.2
+# keepalive: clients each sending requests back to back on one connection for KEEPALIVE_SECONDS.
+KEEPALIVE = (8, 5, 0.0, 0.0)
+KEEPALIVE_SECONDS = 10.0
+
 # name: (streams, chunks per stream, gap between chunks in s, seconds before the first chunk)
 SCENARIOS = {
     "latency": (50, 100, 0.02, 0.0),
@@ -40,6 +52,8 @@ SCENARIOS = {
     "throughput": (20, 2000, 0.0, 0.0),
     "thinking": (2000, 5, 0.1, 30.0),
     "abort": (100, 1000, 0.02, 0.0),  # the clients leave after 10 chunks
+    "overload": OVERLOAD,
+    "keepalive": KEEPALIVE,
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -72,6 +86,9 @@ class Upstream:
         loop = asyncio.get_running_loop()
         while True:
             connection, _ = await loop.sock_accept(self.listener)
+            # As real servers do (Go's net/http by default): without it a kept-alive
+            # connection's next answer waits 40 ms on Nagle and a delayed ACK.
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reader, writer = await asyncio.open_connection(sock=connection)
             task = asyncio.ensure_future(self.serve(reader, writer))
             self.tasks.add(task)
@@ -82,35 +99,44 @@ class Upstream:
         self.listener.close()
 
     async def serve(self, reader, writer):
+        """Answer requests on one connection until the client closes it (keep-alive)."""
         phase = self.phase
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-            await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-            if self.think:
-                await asyncio.sleep(self.think)
-            for index in range(self.chunks):
-                stamp = repr(time.time())
-                event = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
-                         b'"model":"bench","choices":[{"index":0,"delta":{"content":"' + stamp.encode()
-                         + b' "},"finish_reason":null}]}\n\n')
-                writer.write(b"%x\r\n%b\r\n" % (len(event), event))
-                await writer.drain()
-                if reader.at_eof():
-                    raise ConnectionResetError
-                if self.gap:
-                    await asyncio.sleep(self.gap)
-            done = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
-                    b'"model":"bench","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
-                    b"data: [DONE]\n\n")
-            writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
-            await writer.drain()
+            while not reader.at_eof():
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # the client closed between requests
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                await reader.readexactly(length)
+                await self.answer(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             self.closed_early.append((phase, time.monotonic()))
         finally:
             writer.close()
+
+    async def answer(self, reader, writer):
+        """One streamed chat completion."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        if self.think:
+            await asyncio.sleep(self.think)
+        for index in range(self.chunks):
+            stamp = repr(time.time())
+            event = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+                     b'"model":"bench","choices":[{"index":0,"delta":{"content":"' + stamp.encode()
+                     + b' "},"finish_reason":null}]}\n\n')
+            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
+            await writer.drain()
+            if reader.at_eof():
+                raise ConnectionResetError
+            if self.gap:
+                await asyncio.sleep(self.gap)
+        done = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+                b'"model":"bench","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+                b"data: [DONE]\n\n")
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+        await writer.drain()
 
 
 # --------------------------------------------------------------------------
@@ -120,49 +146,143 @@ class Upstream:
 STAMP = re.compile(rb"(\d{10}\.\d+) ")
 
 
-async def stream(port, route, results, leave_after=None, stagger=0.0):
-    """One client: post, read the chunked stream, note each chunk's delay from its stamp."""
-    await asyncio.sleep(random.uniform(0, stagger))
-    started = time.time()
+def request_bytes(route):
+    """A streamed chat completion request, in the shape the route takes."""
     body = (json.dumps({"messages": [{"role": "user", "content": "bench"}]}) if route == "/message"
             else json.dumps({"model": "bench", "stream": True, "messages": [{"role": "user", "content": "b"}],
                              "stream_options": {"include_usage": True}})).encode()
+    return (b"POST %b HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (route.encode(), len(body), body))
+
+
+async def read_head(reader):
+    """The status and the head of a response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head
+
+
+async def read_chunks(reader, writer, results, leave_after=None):
+    """Read a chunked stream to its end, noting each chunk's delay from its stamp and the gaps between chunks.
+
+    Returns the number of chunks, or None when the client left after leave_after.
+    """
+    seen, last = 0, None
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readexactly(2)  # the empty trailer: the connection may take the next request
+            return seen
+        data = await reader.readexactly(size + 2)
+        now = time.time()
+        if last is not None:
+            results["gaps"].append(now - last)
+        last = now
+        for stamp in STAMP.findall(data):
+            results["delays"].append(now - float(stamp))
+            if seen:  # a stream's first chunk also carries the proxy's per-request setup
+                results["steady"].append(now - float(stamp))
+            seen += 1
+        if leave_after and seen >= leave_after:
+            writer.transport.abort()  # the client goes away mid-stream
+            results["chunks"] += seen
+            return None
+
+
+async def stream(port, route, results, leave_after=None, stagger=0.0):
+    """One client: post, read the chunked stream; a 503 is noted as a refusal."""
+    await asyncio.sleep(random.uniform(0, stagger))
+    started = time.time()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST %b HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%b" % (route.encode(), len(body), body))
-        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(request_bytes(route))
+        status, head = await read_head(reader)
         results["ttfb"].append(time.time() - started)
-        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        if status == 503:
+            results["refused"].append(time.time() - started)
+            results["retry_after"] += b"\r\nretry-after:" in head.lower()
+            writer.close()
+            return
+        if status != 200:
             raise ValueError(head.split(b"\r\n", 1)[0].decode())
-        seen = 0
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                break
-            data = await reader.readexactly(size + 2)
-            now = time.time()
-            for stamp in STAMP.findall(data):
-                results["delays"].append(now - float(stamp))
-                if seen:  # a stream's first chunk also carries the proxy's per-request setup
-                    results["steady"].append(now - float(stamp))
-                seen += 1
-            if leave_after and seen >= leave_after:
-                writer.transport.abort()  # the client goes away mid-stream
-                results["chunks"] += seen
-                return
-        results["chunks"] += seen
+        seen = await read_chunks(reader, writer, results, leave_after)
+        if seen is not None:
+            results["chunks"] += seen
+            results["served"] += 1
+            writer.close()
+    except (OSError, ValueError, asyncio.IncompleteReadError) as error:
+        results["errors"].append(repr(error))
+
+
+def new_results():
+    return {"ttfb": [], "delays": [], "steady": [], "gaps": [], "chunks": 0, "served": 0, "errors": [],
+            "refused": [], "retry_after": 0, "latency": []}
+
+
+async def run_clients(port, route, streams, leave_after=None, stagger=0.0):
+    results = new_results()
+    started = time.monotonic()
+    await asyncio.gather(*(stream(port, route, results, leave_after, stagger) for _ in range(streams)))
+    results["seconds"] = time.monotonic() - started
+    return results
+
+
+async def keep_alive_client(port, route, results, until):
+    """One client on one kept-alive connection, sending its next request as soon as the last one ends."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.monotonic() < until:
+            started = time.monotonic()
+            writer.write(request_bytes(route))
+            status, head = await read_head(reader)
+            if status != 200:
+                raise ValueError(head.split(b"\r\n", 1)[0].decode())
+            await read_chunks(reader, writer, results)
+            results["latency"].append(time.monotonic() - started)
         writer.close()
     except (OSError, ValueError, asyncio.IncompleteReadError) as error:
         results["errors"].append(repr(error))
 
 
-async def run_clients(port, route, streams, leave_after=None, stagger=0.0):
-    results = {"ttfb": [], "delays": [], "steady": [], "chunks": 0, "errors": []}
-    started = time.monotonic()
-    await asyncio.gather(*(stream(port, route, results, leave_after, stagger) for _ in range(streams)))
-    results["seconds"] = time.monotonic() - started
-    return results
+def probe(port, seconds):
+    """GET /healthz on a new connection every PROBE_EVERY seconds, as a load balancer does; then /metrics
+    for the number of streams running.
+
+    Runs in a process of its own (--probe), so that its times are not the
+    harness's event loop's, busy with every stream. Prints one JSON object.
+    """
+    latencies, failures, active = [], [], []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            response.read()
+            status = response.status
+            latencies.append(time.monotonic() - started)
+            if status != 200:
+                failures.append(status)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            active.append(int(float(re.search(r"^proxy_active_streams (\S+)$", text, re.M).group(1))))
+            conn.close()
+        except (OSError, http.client.HTTPException) as error:
+            failures.append(repr(error))
+        time.sleep(max(0.0, started + PROBE_EVERY - time.monotonic()))
+    print(json.dumps({"latencies": latencies, "failures": failures, "active": active}))
+
+
+class Prober:
+    """probe() in a subprocess, on the harness's CPU."""
+
+    def __init__(self, port, seconds):
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--probe", str(port),
+                                         str(seconds)], stdout=subprocess.PIPE, text=True)
+
+    def result(self):
+        out, _ = self.process.communicate(timeout=120)
+        return json.loads(out)
 
 
 # --------------------------------------------------------------------------
@@ -172,13 +292,12 @@ async def run_clients(port, route, streams, leave_after=None, stagger=0.0):
 class ProxyProcess:
     """proxy.py in a subprocess, pinned to a CPU, read through /proc and its /metrics."""
 
-    def __init__(self, upstream_port, cpu):
+    def __init__(self, upstream_port, cpu, args=UNLIMITED):
         # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", "--api-key", "bench",
-             "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "10000",
-             "--max-streams", "0"],
+             "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "10000", *args],
             stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 30
         found = None
@@ -231,10 +350,83 @@ class ProxyProcess:
 # --------------------------------------------------------------------------
 
 def percentile(values, share):
-    return statistics.quantiles(values, n=100)[share - 1] if len(values) >= 2 else (values or [0])[0]
+    if len(values) < 2:
+        return (values or [0])[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[share - 1]
 
 
-async def scenario(name, route, cpus):
+def ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+async def overload(route, cpus, proxy_args):
+    """More streams than the proxy can relay well: who is served, at what pace, and who is refused how."""
+    streams, chunks, gap, think = OVERLOAD
+    upstream = Upstream()
+    upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
+    upstream_port = await upstream.start()
+    random.seed(streams)
+    direct = await run_clients(upstream_port, route if route != "/message" else "/v1/chat/completions",
+                               streams, stagger=RAMP)
+    upstream.phase = "proxy"
+    proxy = ProxyProcess(upstream_port, cpus[0] if cpus else None, proxy_args)
+    try:
+        await run_clients(proxy.port, route, 1)
+        prober = Prober(proxy.port, RAMP + chunks * gap)
+        random.seed(streams)
+        via = await run_clients(proxy.port, route, streams, stagger=RAMP)
+        probed = prober.result()
+        latencies, failures = probed["latencies"], probed["failures"]
+        return {"scenario": "overload", "route": route, "streams": streams, "served": via["served"],
+                "gap_p99_ms": ms(percentile(via["gaps"], 99)), "direct_gap_p99_ms": ms(percentile(direct["gaps"], 99)),
+                "gap_max_ms": ms(max(via["gaps"], default=None)),
+                "refused": len(via["refused"]), "with_retry_after": via["retry_after"],
+                "refusal_p99_ms": ms(percentile(via["refused"], 99)) if via["refused"] else None,
+                "refusal_max_ms": ms(max(via["refused"], default=None)),
+                "unanswered": len(via["errors"]),
+                "healthz_p50_ms": ms(percentile(latencies, 50)), "healthz_p99_ms": ms(percentile(latencies, 99)),
+                "healthz_max_ms": ms(max(latencies, default=None)), "healthz_failed": len(failures),
+                "active_max": max(probed["active"], default=None),
+                "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1),
+                "sample_error": (via["errors"] or [None])[0]}
+    finally:
+        proxy.stop()
+        upstream.close()
+
+
+async def keepalive(route, cpus, proxy_args):
+    """Clients sending requests back to back on kept-alive connections: each request's time."""
+    clients, chunks, gap, think = KEEPALIVE
+    upstream = Upstream()
+    upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
+    upstream_port = await upstream.start()
+    direct = new_results()
+    until = time.monotonic() + KEEPALIVE_SECONDS
+    direct_route = route if route != "/message" else "/v1/chat/completions"
+    await asyncio.gather(*(keep_alive_client(upstream_port, direct_route, direct, until) for _ in range(clients)))
+    proxy = ProxyProcess(upstream_port, cpus[0] if cpus else None, proxy_args)
+    try:
+        via = new_results()
+        until = time.monotonic() + KEEPALIVE_SECONDS
+        await asyncio.gather(*(keep_alive_client(proxy.port, route, via, until) for _ in range(clients)))
+        return {"scenario": "keepalive", "route": route, "clients": clients, "requests": len(via["latency"]),
+                "direct_requests": len(direct["latency"]), "errors": len(via["errors"]),
+                "p50_ms": ms(percentile(via["latency"], 50)), "p99_ms": ms(percentile(via["latency"], 99)),
+                "max_ms": ms(max(via["latency"], default=None)),
+                "direct_p50_ms": ms(percentile(direct["latency"], 50)),
+                "direct_max_ms": ms(max(direct["latency"], default=None)),
+                "sample_error": (via["errors"] or [None])[0]}
+    finally:
+        proxy.stop()
+        upstream.close()
+
+
+async def scenario(name, route, cpus, proxy_args=()):
+    """One scenario on one route: direct, then through the proxy."""
+    if name == "overload":
+        return await overload(route, cpus, proxy_args)
+    if name == "keepalive":
+        return await keepalive(route, cpus, (*UNLIMITED, *proxy_args))
     streams, chunks, gap, think = SCENARIOS[name]
     upstream = Upstream()
     upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
@@ -246,7 +438,7 @@ async def scenario(name, route, cpus):
     random.seed(streams)
     direct = await run_clients(upstream_port, direct_route, streams, leave_after, gap)
     upstream.phase = "proxy"
-    proxy = ProxyProcess(upstream_port, cpus[0] if cpus else None)
+    proxy = ProxyProcess(upstream_port, cpus[0] if cpus else None, (*UNLIMITED, *proxy_args))
     try:
         await run_clients(proxy.port, route, 1)  # warm: every thread the proxy keeps is running
         baseline = (proxy.status("Threads"), proxy.sockets())
@@ -256,7 +448,7 @@ async def scenario(name, route, cpus):
         left_at = time.monotonic()  # every client has left (abort) or finished
         cpu = proxy.cpu_seconds() - cpu_before
         row = {"scenario": name, "route": route, "streams": streams, "chunks": via["chunks"],
-               "errors": len(via["errors"]) + len(direct["errors"]),
+               "errors": sum(len(r["errors"]) + len(r["refused"]) for r in (via, direct)),
                "ttfb_ms": round(statistics.median(via["ttfb"]) * 1000, 2) if via["ttfb"] else None,
                "p50_ms": round(percentile(via["delays"], 50) * 1000, 3),
                "p99_ms": round(percentile(via["delays"], 99) * 1000, 3),
@@ -273,21 +465,37 @@ async def scenario(name, route, cpus):
             closed = [t for phase, t in upstream.closed_early if phase == "proxy" and t - left_at <= 1.0]
             row["upstreams_closed"] = f"{len(closed)}/{streams}"
             row["threads_sockets"] = f"{baseline} -> {(proxy.status('Threads'), proxy.sockets())}"
-        row["sample_error"] = (via["errors"] or direct["errors"] or [None])[0]
+        row["sample_error"] = (via["errors"] or direct["errors"] or via["refused"] or [None])[0]
         return row
     finally:
         proxy.stop()
         upstream.close()
 
 
+TABLES = (
+    ("per token", ("scenario", "route", "streams", "chunks", "errors", "ttfb_ms", "added_p50_ms", "added_p99_ms",
+                   "added_p99_after_first_ms", "cpu_us_per_chunk", "chunks_per_s", "peak_rss_mb",
+                   "upstreams_closed", "threads_sockets")),
+    ("overload", ("route", "streams", "served", "gap_p99_ms", "direct_gap_p99_ms", "gap_max_ms", "refused",
+                  "with_retry_after", "refusal_p99_ms", "refusal_max_ms", "unanswered", "healthz_p50_ms",
+                  "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "active_max", "peak_rss_mb")),
+    ("keepalive", ("route", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
+                   "direct_p50_ms", "direct_max_ms")),
+)
+
+
 def print_table(rows):
-    columns = ("scenario", "route", "streams", "chunks", "errors", "ttfb_ms", "added_p50_ms", "added_p99_ms",
-               "added_p99_after_first_ms",
-               "cpu_us_per_chunk", "chunks_per_s", "peak_rss_mb", "upstreams_closed", "threads_sockets")
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    """One table for the per-token scenarios, one each for overload and keepalive."""
+    for title, columns in TABLES:
+        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive") else "per token")
+                == title]
+        if not kind:
+            continue
+        widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in kind)) for c in columns}
+        print(f"\n{title}")
+        print("  ".join(c.ljust(widths[c]) for c in columns))
+        for row in kind:
+            print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
 def startup_ms():
@@ -312,11 +520,16 @@ def startup_ms():
 
 
 def main():
+    if sys.argv[1:2] == ["--probe"]:
+        probe(int(sys.argv[2]), float(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description="Measure proxy.py against the direct path.")
     parser.add_argument("scenarios", nargs="*", metavar="scenario",
                         help=f"any of {', '.join(SCENARIOS)}; default: all")
     parser.add_argument("--route", choices=ROUTES, help="default: both")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument("--proxy-arg", action="append", default=[], metavar="FLAG",
+                        help="an extra flag for proxy.py, e.g. --proxy-arg=--max-lag=0 (repeatable)")
     args = parser.parse_args()
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
@@ -330,7 +543,7 @@ def main():
     rows = []
     for name in args.scenarios or list(SCENARIOS):
         for route in ([args.route] if args.route else ROUTES):
-            rows.append(asyncio.run(scenario(name, route, cpus)))
+            rows.append(asyncio.run(scenario(name, route, cpus, args.proxy_arg)))
             if args.json:
                 print(json.dumps(rows[-1]), flush=True)
     start = startup_ms()
