@@ -153,6 +153,7 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         fake = self.server.fake
+        fake.heads.append(self.path)  # before the body, which a proxy may still be streaming
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         received = Received(self.command, self.path, self.headers, body)
         with fake.lock:
@@ -229,6 +230,7 @@ class FakeUpstream:
     def __init__(self, tls_files=None):
         self.script = Script(steps=reply("Hello", " world"))
         self.requests = []
+        self.heads = []  # the paths of requests whose head has arrived, body or not
         self.sent_at = []
         self.lock = threading.Lock()
         self.disconnected = threading.Event()
@@ -341,12 +343,13 @@ class ProxyTestCase(unittest.TestCase):
     """Starts a fake upstream and a proxy on port 0 for each test."""
 
     config_overrides = {}
+    server_class = proxy.ProxyServer
 
     def setUp(self):
         self.upstream = FakeUpstream().start()
         self.addCleanup(self.upstream.close)
         self.config = make_config(base_url=self.upstream.base_url, **self.config_overrides)
-        self.server = proxy.ProxyServer(self.config)
+        self.server = self.server_class(self.config)
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.addCleanup(self.stop_server)
         self.port = self.server.server_port
@@ -1047,6 +1050,167 @@ class ConcurrencyTest(ProxyTestCase):
         for number, frames in results.items():
             self.assertEqual(self.contents(frames), [""] + [f"c{number}-{i}" for i in range(5)] + [""])
             self.assertEqual(frames[-1][0], "done")
+
+
+# --------------------------------------------------------------------------
+# Under load: keep-alive clients, slow bodies, the stream cap, the connection cap
+# --------------------------------------------------------------------------
+
+def json_completion(text="ok"):
+    return json_script({"id": "chatcmpl-1", "object": "chat.completion", "created": CREATED, "model": "m",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop"}]})
+
+
+def v1_chat(stream, text="Hi"):
+    return json.dumps({"model": "m", "stream": stream, "messages": [{"role": "user", "content": text}]}).encode()
+
+
+class KeepAliveLoadTest(ProxyTestCase):
+    config_overrides = {"heartbeat_interval": 0.2}
+    CLIENTS = 8
+    SECONDS = 10.0
+
+    def script(self, received):
+        body = received.body.decode()
+        if "hold" in body:  # the stream a client leaves during the load
+            return Script(steps=[chunk(role="assistant", content=""), HANG])
+        if received.path.endswith("/chat/completions") and '"stream": false' in body:
+            return json_completion()
+        return Script(steps=reply("ok"))
+
+    def keep_alive_client(self, number, until, times, errors):
+        """One connection, requests back to back: /message and /v1, streamed and JSON, in turn."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        requests = (("/message", chat_body(), {}),
+                    ("/v1/chat/completions", v1_chat(True), {"Content-Type": "application/json"}),
+                    ("/v1/chat/completions", v1_chat(False), {"Content-Type": "application/json"}))
+        try:
+            turn = number
+            while time.monotonic() < until:
+                path, body, headers = requests[turn % len(requests)]
+                turn += 1
+                started = time.monotonic()
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                times.append(time.monotonic() - started)
+                if response.status != 200 or response.will_close:
+                    errors.append(f"client {number} {path}: {response.status} {data[:200]!r}")
+                    return
+        except (OSError, http.client.HTTPException) as error:
+            errors.append(f"client {number}: {error!r} after {len(times)} requests in all")
+        finally:
+            conn.close()
+
+    def test_back_to_back_requests_never_stall_and_streams_stay_watched(self):
+        self.upstream.script = self.script
+        times, errors = [], []
+        until = time.monotonic() + self.SECONDS
+        clients = [threading.Thread(target=self.keep_alive_client, args=(n, until, times, errors))
+                   for n in range(self.CLIENTS)]
+        for client in clients:
+            client.start()
+        self.assertTrue(wait_until(lambda: len(times) >= 50, 5.0), f"only {len(times)} requests in 5 s")
+        # Meanwhile a stream waits on a silent upstream: it gets heartbeats, and when
+        # its client leaves, its upstream is closed at once.
+        sock = self.raw_socket()
+        body = chat_body("hold")
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        received = b""
+        while received.count(b": keep-alive") < 3:
+            data = sock.recv(4096)
+            self.assertTrue(data, "the held stream ended")
+            received += data
+        sock.close()
+        self.assertTrue(self.upstream.disconnected.wait(1.0), "the upstream was not hung up on within 1 s")
+        for client in clients:
+            client.join(self.SECONDS + 10)
+        self.assertEqual(errors, [])
+        self.assertGreater(len(times), 200, "the clients hardly ran")
+        slowest = max(times)
+        self.assertLess(slowest, 0.5, f"the slowest of {len(times)} requests took {slowest:.3f} s; want < 0.5 s")
+
+
+class SlowBodyTest(ProxyTestCase):
+    config_overrides = {"max_streams": 2, "body_timeout": 2.0}
+
+    def test_bodies_still_arriving_hold_no_stream_slot(self):
+        self.upstream.script = lambda received: (json_script({"text": "heard"}) if "transcriptions" in received.path
+                                                 else Script(steps=reply("quick")))
+        trickling = []
+        for _ in range(10):  # ten times MAX_STREAMS of /message bodies that have not arrived
+            sock = self.raw_socket()
+            sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+            trickling.append(sock)
+        upload = self.raw_socket()  # and an upload, streamed to the upstream as it arrives
+        first, rest = b"--b\r\n", b"x" * 32 + b"\r\n--b--\r\n"
+        upload.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                       b"boundary=b\r\nContent-Length: %d\r\n\r\n%b" % (len(first + rest), first))
+        self.assertTrue(wait_until(lambda: self.upstream.heads), "the upload never reached the upstream")
+        for _ in range(3):
+            frames = parse_frames(self.post_message().read().decode())
+            self.assertEqual(self.contents(frames), ["", "quick", ""])
+        # The upload's body completes: it is relayed, whatever the cap.
+        upload.sendall(rest)
+        response = http.client.HTTPResponse(upload)
+        response.begin()
+        self.assertEqual((response.status, json.loads(response.read())), (200, {"text": "heard"}))
+        # The trickling ones are bounded by BODY_TIMEOUT.
+        response = http.client.HTTPResponse(trickling[0])
+        response.begin()
+        self.assert_json_error(response, 408, "BODY_TIMEOUT")
+
+
+class _ServedByRecorder(proxy.ProxyServer):
+    """The proxy, noting which thread serves each request: the pool's own, or a worker."""
+
+    def __init__(self, *args, **kwargs):
+        self.served_by = []
+        super().__init__(*args, **kwargs)
+
+    def serve_request(self, sock, client_address, read_ahead, at_once=False):
+        target = read_ahead.split(b" ", 2)[1].decode()
+        self.served_by.append((target, threading.current_thread().name))
+        super().serve_request(sock, client_address, read_ahead, at_once)
+
+
+class ConnectionFloodTest(ProxyTestCase):
+    config_overrides = {"max_connections": 3, "header_timeout": 5.0}
+
+    def mid_head(self):
+        """Connections in the pool that sent part of a request head (the pool's own bookkeeping)."""
+        return sum(1 for entry in list(self.server.pool._waiting.values()) if entry.head)
+
+    def test_connections_mid_request_are_kept_and_newcomers_get_503(self):
+        partial = [self.raw_socket() for _ in range(3)]
+        for sock in partial:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        self.assertTrue(wait_until(lambda: self.mid_head() == 3))
+        with self.assertLogs("proxy", "WARNING") as logs:
+            for _ in range(5):
+                response = self.send_raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                self.assert_json_error(response, 503, "MAX_CONNECTIONS")
+                self.assertEqual(response.getheader("Retry-After"), "1")
+        self.assertEqual(len(logs.records), 1, [r.getMessage() for r in logs.records])  # a flood is one line
+        self.assertIn("1 new connection(s) got 503", logs.records[0].getMessage())
+        for sock in partial:  # none of them was evicted
+            sock.sendall(b"\r\n")
+            self.assertIn(b"200 OK", sock.recv(4096))
+
+
+class SlowlorisLogTest(ProxyTestCase):
+    config_overrides = {"header_timeout": 0.3}
+
+    def test_header_timeouts_are_counted_not_logged_one_by_one(self):
+        with self.assertLogs("proxy", "INFO") as logs:
+            slow = [self.raw_socket() for _ in range(20)]
+            for sock in slow:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            for sock in slow:
+                self.assertIn(b"408 Request Timeout", sock.recv(4096))
+        lines = [r.getMessage() for r in logs.records if "HEADER_TIMEOUT" in r.getMessage()]
+        self.assertEqual(len(lines), 1, lines)
 
 
 class Http10ClientTest(ProxyTestCase):
@@ -1822,6 +1986,36 @@ class GlobalStreamCapTest(StreamCapTestCase):
         self.finish(reader, hold)
         self.upstream.script = lambda received: json_script({"data": []})
         self.assertEqual(self.request("GET", "/v1/models", headers=bearer(BOB_KEY)).status, 200)
+
+
+class StreamCapLoadTest(StreamCapTestCase):
+    config_overrides = {"max_streams": 2}
+    server_class = _ServedByRecorder
+
+    def test_at_the_cap_refusals_health_and_metrics_never_wait_for_a_worker(self):
+        first, hold_first = self.open_stream(ALICE_KEY)
+        second, hold_second = self.open_stream(ALICE_KEY)
+        refused = self.post_message()
+        error = self.assert_json_error(refused, 503, "MAX_STREAMS")
+        self.assertEqual(error["type"], "overloaded_error")
+        self.assertEqual(refused.getheader("Retry-After"), "1")
+        refused_v1 = self.request("POST", "/v1/chat/completions", v1_chat(True), {"Content-Type": "application/json"})
+        self.assert_json_error(refused_v1, 503, "MAX_STREAMS")
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        self.assertEqual(self.request("GET", "/metrics").status, 200)
+        hold_first.set()
+        self.finish(second, hold_second)
+        self.assertEqual(parse_frames(first.rest())[-1][0], "done")
+        pool = "connection-pool"
+        by_target = {}
+        for target, name in self.server.served_by:
+            by_target.setdefault(target, []).append(name)
+        self.assertEqual(by_target["/healthz"], [pool])
+        self.assertEqual(by_target["/metrics"], [pool])
+        self.assertEqual(by_target["/v1/chat/completions"], [pool])
+        self.assertEqual(by_target["/message"][2], pool, by_target["/message"])  # the refused one
+        self.assertNotIn(pool, by_target["/message"][:2])  # the relayed ones had workers
+        self.assertEqual(len(self.upstream.requests), 2)
 
 
 class SpendGuardTest(ProxyTestCase):
