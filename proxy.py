@@ -75,6 +75,11 @@ import urllib.request
 from http import HTTPStatus
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+try:
+    import resource  # Unix only: the open-file limit
+except ImportError:
+    resource = None
+
 __version__ = "0.1.0"
 
 logger = logging.getLogger("proxy")
@@ -3408,6 +3413,30 @@ class ProxyServer(http.server.HTTPServer):
         self.supervisor.stop()
 
 
+def raise_open_file_limit(max_connections: int) -> Optional[str]:
+    """Raise the soft open-file limit to what MAX_CONNECTIONS needs, as far as the hard one allows.
+
+    Go's runtime does the same at start. Many hosts set a soft limit of
+    1024, which would refuse connections long before MAX_CONNECTIONS.
+    Returns a warning when the limit stays too low.
+    """
+    if resource is None:
+        return None
+    needed = 2 * max_connections + 256  # a client and an upstream socket per connection, and spares
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target >= needed:
+        return None
+    return (f"the open-file limit is {target}, less than the {needed} that MAX_CONNECTIONS "
+            f"{max_connections} needs; raise it (ulimit -n) or lower MAX_CONNECTIONS")
+
+
 def configure_logging(log_format: str) -> None:
     """Log to stderr: text lines, or JSON lines for a log shipper."""
     handler = logging.StreamHandler(sys.stderr)
@@ -3458,6 +3487,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     for level, line in startup_lines(config, server.server_port, bool(server.ui)):
         logger.log(level, line)
+    too_few_files = raise_open_file_limit(config.max_connections)
+    if too_few_files:
+        logger.warning("%s", too_few_files)
     try:
         return serve_until_signal(server)
     finally:

@@ -3095,11 +3095,17 @@ class BenchmarkSmokeTest(unittest.TestCase):
 class ProxyProcess:
     """python proxy.py in a subprocess, with its stderr collected line by line."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, open_files=None):
         base_env = {k: v for k, v in os.environ.items() if k not in ("OA_API_KEY", "OPENAI_API_KEY")}
+
+        def limit_open_files():  # in the child, before proxy.py starts: (soft, hard)
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", *args],
-            env={**base_env, **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            env={**base_env, **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            preexec_fn=limit_open_files if open_files else None)
         self.lines = queue.Queue()
         self.log = []
         threading.Thread(target=self._collect, daemon=True).start()
@@ -3139,8 +3145,8 @@ class ProxyProcess:
 
 
 class ProcessTest(unittest.TestCase):
-    def start(self, *args, env=None):
-        process = ProxyProcess(*args, env=env)
+    def start(self, *args, env=None, open_files=None):
+        process = ProxyProcess(*args, env=env, open_files=open_files)
         self.addCleanup(process.kill)
         return process
 
@@ -3153,6 +3159,18 @@ class ProcessTest(unittest.TestCase):
     def assert_refuses_connections(self, port):
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    def test_open_file_limit_is_raised_for_max_connections_or_a_warning_says_so(self):
+        require(os.path.exists("/proc/self/limits"), "Linux's /proc, to read a process's open-file limit")
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        needed = 2 * 2048 + 256  # the default MAX_CONNECTIONS, a client and an upstream socket each
+        require(hard == resource.RLIM_INFINITY or hard >= needed, f"a hard open-file limit of {needed}")
+        raised = self.start("--demo", open_files=(1024, hard))
+        with open(f"/proc/{raised.process.pid}/limits") as limits:
+            self.assertRegex(limits.read(), rf"Max open files\s+{needed}\s")
+        short = self.start("--demo", open_files=(1024, 1500))
+        short.wait_for_line(r"WARNING the open-file limit is 1500, less than the 4352 that MAX_CONNECTIONS 2048 needs")
 
     def test_quick_start_demo_streams_and_sigint_exits_0(self):
         process = self.start("--demo")
