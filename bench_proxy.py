@@ -18,6 +18,7 @@ library only.
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -45,6 +46,12 @@ PROBE_EVERY = 0.2
 KEEPALIVE = (8, 5, 0.0, 0.0)
 KEEPALIVE_SECONDS = 10.0
 
+# flood: attackers hold connections the cheap way for FLOOD_SECONDS each, more of them than the
+# proxy's default MAX_CONNECTIONS (2048), while a new client posts to /message every PROBE_EVERY s.
+FLOODS = ("slowloris", "slowbody", "connections")
+FLOOD_ATTACKERS = 3000
+FLOOD_SECONDS = 60.0
+
 # name: (streams, chunks per stream, gap between chunks in s, seconds before the first chunk)
 SCENARIOS = {
     "latency": (50, 100, 0.02, 0.0),
@@ -54,6 +61,7 @@ SCENARIOS = {
     "abort": (100, 1000, 0.02, 0.0),  # the clients leave after 10 chunks
     "overload": OVERLOAD,
     "keepalive": KEEPALIVE,
+    "flood": (FLOOD_ATTACKERS, 5, 0.01, 0.0),
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -188,27 +196,35 @@ async def read_chunks(reader, writer, results, leave_after=None):
             return None
 
 
+@contextlib.asynccontextmanager
+async def connection(port):
+    """A connection to a loopback port, closed however the block ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
 async def stream(port, route, results, leave_after=None, stagger=0.0):
     """One client: post, read the chunked stream; a 503 is noted as a refusal."""
     await asyncio.sleep(random.uniform(0, stagger))
     started = time.time()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request_bytes(route))
-        status, head = await read_head(reader)
-        results["ttfb"].append(time.time() - started)
-        if status == 503:
-            results["refused"].append(time.time() - started)
-            results["retry_after"] += b"\r\nretry-after:" in head.lower()
-            writer.close()
-            return
-        if status != 200:
-            raise ValueError(head.split(b"\r\n", 1)[0].decode())
-        seen = await read_chunks(reader, writer, results, leave_after)
-        if seen is not None:
-            results["chunks"] += seen
-            results["served"] += 1
-            writer.close()
+        async with connection(port) as (reader, writer):
+            writer.write(request_bytes(route))
+            status, head = await read_head(reader)
+            results["ttfb"].append(time.time() - started)
+            if status == 503:
+                results["refused"].append(time.time() - started)
+                results["retry_after"] += b"\r\nretry-after:" in head.lower()
+                return
+            if status != 200:
+                raise ValueError(head.split(b"\r\n", 1)[0].decode())
+            seen = await read_chunks(reader, writer, results, leave_after)
+            if seen is not None:
+                results["chunks"] += seen
+                results["served"] += 1
     except (OSError, ValueError, asyncio.IncompleteReadError) as error:
         results["errors"].append(repr(error))
 
@@ -229,16 +245,15 @@ async def run_clients(port, route, streams, leave_after=None, stagger=0.0):
 async def keep_alive_client(port, route, results, until):
     """One client on one kept-alive connection, sending its next request as soon as the last one ends."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while time.monotonic() < until:
-            started = time.monotonic()
-            writer.write(request_bytes(route))
-            status, head = await read_head(reader)
-            if status != 200:
-                raise ValueError(head.split(b"\r\n", 1)[0].decode())
-            await read_chunks(reader, writer, results)
-            results["latency"].append(time.monotonic() - started)
-        writer.close()
+        async with connection(port) as (reader, writer):
+            while time.monotonic() < until:
+                started = time.monotonic()
+                writer.write(request_bytes(route))
+                status, head = await read_head(reader)
+                if status != 200:
+                    raise ValueError(head.split(b"\r\n", 1)[0].decode())
+                await read_chunks(reader, writer, results)
+                results["latency"].append(time.monotonic() - started)
     except (OSError, ValueError, asyncio.IncompleteReadError) as error:
         results["errors"].append(repr(error))
 
@@ -273,11 +288,41 @@ def probe(port, seconds):
     print(json.dumps({"latencies": latencies, "failures": failures, "active": active}))
 
 
+def probe_message(port, seconds):
+    """POST /message on a new connection every PROBE_EVERY seconds, as a new client would; print the outcomes.
+
+    Each outcome is "served" (the whole stream), "503" (with Retry-After),
+    another status, or "no answer" (reset, closed or timed out with no HTTP reply).
+    """
+    outcomes, times = [], []
+    body = json.dumps({"messages": [{"role": "user", "content": "probe"}]})
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/message", body=body)
+            response = conn.getresponse()
+            text = response.read()
+            conn.close()
+            if response.status == 200 and text.rstrip().endswith(b"}") and b"event:done" in text:
+                outcomes.append("served")
+            elif response.status == 503 and response.getheader("Retry-After"):
+                outcomes.append("503")
+            else:
+                outcomes.append(str(response.status))
+            times.append(time.monotonic() - started)
+        except (OSError, http.client.HTTPException):
+            outcomes.append("no answer")
+        time.sleep(max(0.0, started + PROBE_EVERY - time.monotonic()))
+    print(json.dumps({"outcomes": outcomes, "times": times}))
+
+
 class Prober:
     """probe() in a subprocess, on the harness's CPU."""
 
-    def __init__(self, port, seconds):
-        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--probe", str(port),
+    def __init__(self, port, seconds, kind="--probe"):
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), kind, str(port),
                                          str(seconds)], stdout=subprocess.PIPE, text=True)
 
     def result(self):
@@ -314,6 +359,12 @@ class ProxyProcess:
             # its creator's CPUs, and the proxy's workers are started by its pool thread.
             for thread in os.listdir(f"/proc/{self.process.pid}/task"):
                 os.sched_setaffinity(int(thread), {cpu})
+
+    def log_lines(self):
+        """Lines the proxy has logged so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return sum(1 for _ in self.log)
 
     def cpu_seconds(self):
         """The proxy's process_cpu_seconds_total: to the microsecond, where /proc counts 10 ms ticks."""
@@ -421,6 +472,66 @@ async def keepalive(route, cpus, proxy_args):
         upstream.close()
 
 
+async def attacker(kind, port, until):
+    """One attacker, holding a connection as cheaply as its kind allows and coming back when cut off.
+
+    slowloris: a request head trickled a header line every 2 s; slowbody: a
+    /message body trickled a byte every 2 s; connections: requests back to
+    back on a kept-alive connection, as wrk does.
+    """
+    await asyncio.sleep(random.uniform(0, min(2.0, until - time.monotonic())))
+    while time.monotonic() < until:
+        try:
+            async with connection(port) as (reader, writer):
+                if kind == "connections":
+                    while time.monotonic() < until:
+                        writer.write(b"GET /healthz HTTP/1.1\r\nHost: flood\r\n\r\n")
+                        _, head = await read_head(reader)
+                        await reader.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+                    continue
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: flood\r\n" if kind == "slowloris" else
+                             b"POST /message HTTP/1.1\r\nHost: flood\r\nContent-Length: 1000\r\n\r\n{")
+                while time.monotonic() < until and not reader.at_eof():
+                    await asyncio.sleep(min(2.0, max(0.0, until - time.monotonic())))
+                    writer.write(b"X-Slow: 1\r\n" if kind == "slowloris" else b" ")
+                    await writer.drain()
+        except (OSError, ValueError, AttributeError, asyncio.IncompleteReadError):
+            await asyncio.sleep(0.5)  # cut off or refused: come back, as an attacker does
+
+
+async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
+    """Each flood for `seconds` against the proxy's defaults: are new clients served or told 503?"""
+    rows = []
+    for kind in FLOODS:
+        upstream = Upstream()
+        upstream.chunks, upstream.gap = 5, 0.01
+        upstream_port = await upstream.start()
+        proxy = ProxyProcess(upstream_port, cpus[0] if cpus else None, ("--max-connections", "2048", *proxy_args))
+        try:
+            log_before = proxy.log_lines()
+            until = time.monotonic() + seconds
+            attackers = [asyncio.ensure_future(attacker(kind, proxy.port, until)) for _ in range(FLOOD_ATTACKERS)]
+            settle = min(3.0, seconds / 4)  # the attackers are in
+            await asyncio.sleep(settle)
+            prober = Prober(proxy.port, seconds - settle, "--probe-message")
+            while prober.process.poll() is None:
+                await asyncio.sleep(0.2)
+            probed = prober.result()
+            await asyncio.gather(*attackers)
+            outcomes = probed["outcomes"]
+            rows.append({"scenario": "flood", "route": "/message", "flood": kind, "attackers": FLOOD_ATTACKERS,
+                         "seconds": seconds, "probes": len(outcomes), "served": outcomes.count("served"),
+                         "told_503": outcomes.count("503"), "no_answer": outcomes.count("no answer"),
+                         "other": len(outcomes) - sum(outcomes.count(o) for o in ("served", "503", "no answer")),
+                         "probe_p99_ms": ms(percentile(probed["times"], 99)) if probed["times"] else None,
+                         "log_lines": proxy.log_lines() - log_before,
+                         "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1)})
+        finally:
+            proxy.stop()
+            upstream.close()
+    return rows
+
+
 async def scenario(name, route, cpus, proxy_args=()):
     """One scenario on one route: direct, then through the proxy."""
     if name == "overload":
@@ -481,14 +592,16 @@ TABLES = (
                   "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "active_max", "peak_rss_mb")),
     ("keepalive", ("route", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
                    "direct_p50_ms", "direct_max_ms")),
+    ("flood", ("flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
+               "probe_p99_ms", "log_lines", "peak_rss_mb")),
 )
 
 
 def print_table(rows):
-    """One table for the per-token scenarios, one each for overload and keepalive."""
+    """One table for the per-token scenarios, one each for overload, keepalive and flood."""
     for title, columns in TABLES:
-        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive") else "per token")
-                == title]
+        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood")
+                                    else "per token") == title]
         if not kind:
             continue
         widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in kind)) for c in columns}
@@ -519,15 +632,28 @@ def startup_ms():
     return None if elapsed is None else round(elapsed, 1)
 
 
+def raise_open_file_limit():
+    """Both ends of every connection live on this machine: take all the open files the hard limit allows."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main():
-    if sys.argv[1:2] == ["--probe"]:
-        probe(int(sys.argv[2]), float(sys.argv[3]))
+    if sys.argv[1:2] in (["--probe"], ["--probe-message"]):
+        (probe if sys.argv[1] == "--probe" else probe_message)(int(sys.argv[2]), float(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description="Measure proxy.py against the direct path.")
     parser.add_argument("scenarios", nargs="*", metavar="scenario",
                         help=f"any of {', '.join(SCENARIOS)}; default: all")
     parser.add_argument("--route", choices=ROUTES, help="default: both")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS,
+                        help=f"how long each flood runs (default {FLOOD_SECONDS:g})")
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="FLAG",
                         help="an extra flag for proxy.py, e.g. --proxy-arg=--max-lag=0 (repeatable)")
     args = parser.parse_args()
@@ -541,11 +667,17 @@ def main():
     else:
         cpus, note = [], "one CPU: the proxy, the upstream and the clients share it"
     rows = []
+    raise_open_file_limit()
     for name in args.scenarios or list(SCENARIOS):
-        for route in ([args.route] if args.route else ROUTES):
-            rows.append(asyncio.run(scenario(name, route, cpus, args.proxy_arg)))
-            if args.json:
-                print(json.dumps(rows[-1]), flush=True)
+        if name == "flood":  # one route: the floods are about connections, not relaying
+            new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
+        else:
+            new_rows = [asyncio.run(scenario(name, route, cpus, args.proxy_arg))
+                        for route in ([args.route] if args.route else ROUTES)]
+        rows.extend(new_rows)
+        if args.json:
+            for row in new_rows:
+                print(json.dumps(row), flush=True)
     start = startup_ms()
     if args.json:
         print(json.dumps({"startup_ms": start, "pinning": note}))

@@ -3072,6 +3072,27 @@ class BenchmarkSmokeTest(unittest.TestCase):
                 self.assertEqual((row["errors"], row["chunks"]), (0, 15), row["sample_error"])
                 self.assertGreater(row["cpu_us_per_chunk"], 0)
 
+    def patch(self, module, **values):
+        for name, value in values.items():
+            self.addCleanup(setattr, module, name, getattr(module, name))
+            setattr(module, name, value)
+
+    def test_tiny_overload_keepalive_and_flood(self):
+        import bench_proxy
+        self.patch(bench_proxy, OVERLOAD=(6, 5, 0.2, 0.0), RAMP=0.05, KEEPALIVE=(2, 3, 0.0, 0.0),
+                   KEEPALIVE_SECONDS=0.5, FLOOD_ATTACKERS=20)
+        row = asyncio.run(bench_proxy.overload("/message", [], ("--max-streams", "3")))
+        self.assertEqual((row["served"], row["refused"], row["with_retry_after"], row["unanswered"]), (3, 3, 3, 0), row)
+        self.assertEqual(row["healthz_failed"], 0)
+        self.assertGreater(row["healthz_p50_ms"], 0)
+        row = asyncio.run(bench_proxy.keepalive("/v1/chat/completions", [], ()))
+        self.assertEqual(row["errors"], 0, row["sample_error"])
+        self.assertGreater(row["requests"], 2)
+        for row in asyncio.run(bench_proxy.flood([], ("--max-connections", "10"), seconds=1.5)):
+            with self.subTest(flood=row["flood"]):
+                self.assertGreater(row["probes"], 0)
+                self.assertEqual(row["served"] + row["told_503"], row["probes"], row)
+
     def test_every_proxy_thread_is_pinned(self):
         # Threads inherit their creator's CPUs: the pool thread that starts the workers must be pinned too.
         require(hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task"),
