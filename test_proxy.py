@@ -3079,7 +3079,7 @@ class BenchmarkSmokeTest(unittest.TestCase):
 
     def test_tiny_overload_keepalive_and_flood(self):
         import bench_proxy
-        self.patch(bench_proxy, OVERLOAD=(6, 5, 0.2, 0.0), RAMP=0.05, KEEPALIVE=(2, 3, 0.0, 0.0),
+        self.patch(bench_proxy, OVERLOAD=(6, 5, 0.1, 0.0), RAMP=0.05, KEEPALIVE=(2, 3, 0.0, 0.0),
                    KEEPALIVE_SECONDS=0.5, FLOOD_ATTACKERS=20)
         row = asyncio.run(bench_proxy.overload("/message", [], ("--max-streams", "3")))
         self.assertEqual((row["served"], row["refused"], row["with_retry_after"], row["unanswered"]), (3, 3, 3, 0), row)
@@ -3088,7 +3088,7 @@ class BenchmarkSmokeTest(unittest.TestCase):
         row = asyncio.run(bench_proxy.keepalive("/v1/chat/completions", [], ()))
         self.assertEqual(row["errors"], 0, row["sample_error"])
         self.assertGreater(row["requests"], 2)
-        for row in asyncio.run(bench_proxy.flood([], ("--max-connections", "10"), seconds=1.5)):
+        for row in asyncio.run(bench_proxy.flood([], ("--max-connections", "10"), seconds=1.0)):
             with self.subTest(flood=row["flood"]):
                 self.assertGreater(row["probes"], 0)
                 self.assertEqual(row["served"] + row["told_503"], row["probes"], row)
