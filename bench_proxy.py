@@ -14,6 +14,13 @@ pinned to one CPU and this process to another. Streams start at random
 points within one gap between chunks, as independent clients do. The
 proxy's CPU time comes from its process_cpu_seconds_total metric. Standard
 library only.
+
+Under load: `overload` starts more streams than one process relays well,
+with the proxy's own limits on and /healthz probed from a process of its
+own; `keepalive` times requests sent back to back on kept-alive
+connections; `flood` holds connections by slowloris, slow bodies and a
+connection flood while a new client posts to /message, and counts the
+answers it gets.
 """
 
 import argparse
@@ -410,9 +417,9 @@ def ms(seconds):
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-async def overload(route, cpus, proxy_args):
+async def overload(route, cpus, proxy_args, shape=None):
     """More streams than the proxy can relay well: who is served, at what pace, and who is refused how."""
-    streams, chunks, gap, think = OVERLOAD
+    streams, chunks, gap, think = shape or OVERLOAD
     upstream = Upstream()
     upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
     upstream_port = await upstream.start()
@@ -532,10 +539,10 @@ async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
     return rows
 
 
-async def scenario(name, route, cpus, proxy_args=()):
+async def scenario(name, route, cpus, proxy_args=(), shape=None):
     """One scenario on one route: direct, then through the proxy."""
     if name == "overload":
-        return await overload(route, cpus, proxy_args)
+        return await overload(route, cpus, proxy_args, shape or OVERLOAD)
     if name == "keepalive":
         return await keepalive(route, cpus, (*UNLIMITED, *proxy_args))
     streams, chunks, gap, think = SCENARIOS[name]
@@ -652,10 +659,15 @@ def main():
                         help=f"any of {', '.join(SCENARIOS)}; default: all")
     parser.add_argument("--route", choices=ROUTES, help="default: both")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument("--overload-streams", type=int, default=OVERLOAD[0],
+                        help=f"streams the overload scenario starts (default {OVERLOAD[0]})")
+    parser.add_argument("--overload-rate", type=float, default=1 / OVERLOAD[2],
+                        help=f"chunks a second in each of its streams (default {1 / OVERLOAD[2]:g}); "
+                             "with the streams, a way to size MAX_STREAMS for a machine")
     parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS,
                         help=f"how long each flood runs (default {FLOOD_SECONDS:g})")
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="FLAG",
-                        help="an extra flag for proxy.py, e.g. --proxy-arg=--max-lag=0 (repeatable)")
+                        help="an extra flag for proxy.py, e.g. --proxy-arg=--max-streams=0 (repeatable)")
     args = parser.parse_args()
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
@@ -668,11 +680,13 @@ def main():
         cpus, note = [], "one CPU: the proxy, the upstream and the clients share it"
     rows = []
     raise_open_file_limit()
+    seconds = OVERLOAD[1] * OVERLOAD[2]  # each stream lasts as long at any rate
+    shape = (args.overload_streams, round(seconds * args.overload_rate), 1 / args.overload_rate, 0.0)
     for name in args.scenarios or list(SCENARIOS):
         if name == "flood":  # one route: the floods are about connections, not relaying
             new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
         else:
-            new_rows = [asyncio.run(scenario(name, route, cpus, args.proxy_arg))
+            new_rows = [asyncio.run(scenario(name, route, cpus, args.proxy_arg, shape))
                         for route in ([args.route] if args.route else ROUTES)]
         rows.extend(new_rows)
         if args.json:

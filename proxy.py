@@ -22,6 +22,13 @@ Design decisions:
   hangs up, even while the upstream is still thinking, and shuts the upstream
   socket at once so nobody pays for tokens nobody reads. It also writes
   `: keep-alive` comments through long silences, only ever between frames.
+  It touches a client socket only while that socket's stream is running,
+  and never waits on one, so keep-alive clients cannot stall it.
+- Overload is refused, not spread: past MAX_STREAMS a relayed request gets
+  503 at once. Health checks, metrics and those refusals are answered by the
+  pool thread itself, never queued behind the streams for a worker. A
+  request takes its stream slot only once its body is in, so slow bodies are
+  bounded by BODY_TIMEOUT and MAX_CONNECTIONS, not by the slots.
 - Errors before the response head get their real status and an OpenAI-style
   JSON error; errors after it get an `event:error` frame (or, under /v1, a
   `data: {"error": ...}` event) and a clean end of the chunked body. A
@@ -2503,7 +2510,7 @@ class ConnectionPool:
             if len(self._waiting) + self._busy >= self._config.max_connections:
                 silent = self._longest_silent()
                 if silent is None:
-                    self._refuse(sock, address)
+                    self._refuse(sock)
                     return
                 self._forget(silent)
         self._wait(sock, address, b"")
@@ -2525,7 +2532,7 @@ class ConnectionPool:
                 break
         return None
 
-    def _refuse(self, sock: socket.socket, address) -> None:
+    def _refuse(self, sock: socket.socket) -> None:
         """Tell a connection there is no room, as a short 503, and close it; call with the lock held."""
         self._on_refused()
         self._refusals.count(time.monotonic())
@@ -2638,7 +2645,8 @@ class ConnectionPool:
                 return
             del self._waiting[entry.sock]
             self._selector.unregister(entry.sock)
-        self._hand_off(entry.sock, entry.address, bytes(entry.head), may_answer_here=True)
+        whole = bool(_HEAD_END.search(entry.head))  # only a whole head can be answered here: the rest could wait
+        self._hand_off(entry.sock, entry.address, bytes(entry.head), may_answer_here=whole)
 
     def _expire(self, now: float) -> None:
         with self._lock:
