@@ -3156,6 +3156,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.fail(error)
             self.log_exchange()
             return False
+        if self.at_once:  # answered without its body: no 100 asks the client to send one (RFC 9110, 10.1.1)
+            return True
         return super().handle_expect_100()
 
     def has_unread_body(self) -> bool:

@@ -1151,7 +1151,7 @@ class SlowBodyTest(ProxyTestCase):
         for _ in range(3):
             frames = parse_frames(self.post_message().read().decode())
             self.assertEqual(self.contents(frames), ["", "quick", ""])
-        # The upload's body completes: it is relayed, whatever the cap.
+        # The upload's body completes: it takes its slot now, and is relayed.
         upload.sendall(rest)
         response = http.client.HTTPResponse(upload)
         response.begin()
@@ -2001,6 +2001,9 @@ class StreamCapLoadTest(StreamCapTestCase):
         self.assertEqual(refused.getheader("Retry-After"), "1")
         refused_v1 = self.request("POST", "/v1/chat/completions", v1_chat(True), {"Content-Type": "application/json"})
         self.assert_json_error(refused_v1, 503, "MAX_STREAMS")
+        sock = self.raw_socket()  # a client that waits for 100 Continue gets its 503 instead
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 30\r\n\r\n")
+        self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 503 "))  # no 100 Continue before it
         self.assertEqual(self.request("GET", "/healthz").status, 200)
         self.assertEqual(self.request("GET", "/metrics").status, 200)
         hold_first.set()
@@ -2013,7 +2016,7 @@ class StreamCapLoadTest(StreamCapTestCase):
         self.assertEqual(by_target["/healthz"], [pool])
         self.assertEqual(by_target["/metrics"], [pool])
         self.assertEqual(by_target["/v1/chat/completions"], [pool])
-        self.assertEqual(by_target["/message"][2], pool, by_target["/message"])  # the refused one
+        self.assertEqual(by_target["/message"][2:], [pool, pool], by_target["/message"])  # the refused ones
         self.assertNotIn(pool, by_target["/message"][:2])  # the relayed ones had workers
         self.assertEqual(len(self.upstream.requests), 2)
 
