@@ -1197,6 +1197,8 @@ class ConnectionFloodTest(ProxyTestCase):
         for sock in partial:  # none of them was evicted
             sock.sendall(b"\r\n")
             self.assertIn(b"200 OK", sock.recv(4096))
+        metrics = self.request("GET", "/metrics").read().decode()  # idle now: one makes room for this
+        self.assertIn('proxy_rate_limit_rejections_total{reason="connections"} 5\n', metrics)
 
 
 class SlowlorisLogTest(ProxyTestCase):
