@@ -289,6 +289,20 @@ def parse_frames(text):
     return frames
 
 
+class _AnyTimestamp(int):
+    """Equal to any whole number of seconds within a minute of now: a frame's timestamp."""
+
+    def __eq__(self, other):
+        return isinstance(other, int) and abs(other - time.time()) < 60
+
+    __hash__ = int.__hash__
+
+
+def seed_frame(content="", **fields):
+    """What a done or error frame's data holds: the seed's timestamp and content, then its own fields."""
+    return {"timestamp": _AnyTimestamp(0), "content": content, **fields}
+
+
 class FrameReader:
     """Reads an SSE response frame by frame as the bytes arrive."""
 
@@ -554,9 +568,11 @@ class MessageFrameTest(unittest.TestCase):
         for text in texts:
             for timestamp in (0, 1700000000, 2 ** 40):
                 with self.subTest(text=text[:20], timestamp=timestamp):
-                    want = b"event:message\ndata:" + json.dumps(
-                        {"timestamp": timestamp, "content": text}, separators=(",", ":"),
-                        ensure_ascii=False).encode() + b"\n\n"
+                    data = json.dumps({"timestamp": timestamp, "content": text}, separators=(",", ":"),
+                                      ensure_ascii=False)
+                    # U+2028 and U+2029 escaped as Go's encoder writes them (see SeedClientTest)
+                    data = data.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+                    want = b"event:message\ndata:" + data.encode() + b"\n\n"
                     self.assertEqual(proxy.message_frame(timestamp, text), want)
                     self.assertEqual(json.loads(proxy.message_frame(timestamp, text)[len(b"event:message\ndata:"):]),
                                      {"timestamp": timestamp, "content": text})
@@ -578,9 +594,12 @@ class MessageStreamTest(ProxyTestCase):
                 'event:message\ndata:{"timestamp":1700000000,"content":"Hel"}\n\n'
                 'event:message\ndata:{"timestamp":1700000000,"content":"lo \\"w\u00f6rld\\""}\n\n'
                 'event:message\ndata:{"timestamp":1700000000,"content":""}\n\n'
-                'event:done\ndata:{"finish_reason":"stop","usage":'
+                'event:done\ndata:{"timestamp":%d,"content":"","finish_reason":"stop","usage":'
                 '{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n')
-        self.assertEqual(response.read().decode("utf-8"), want)
+        before = int(time.time())
+        text = response.read().decode("utf-8")
+        # The done frame is stamped when it is written, as the seed stamped its frames.
+        self.assertIn(text, [want % stamp for stamp in range(before, int(time.time()) + 1)])
 
     def test_upstream_gets_the_key_the_model_and_the_options(self):
         body = chat_body("Hi", temperature=0.5, top_p=0.9, max_tokens=20, stop=["x"], seed=7, model="gpt-4o")
@@ -626,7 +645,7 @@ class MessageStreamTest(ProxyTestCase):
         self.upstream.script = Script(steps=[body[i:i + 1] for i in range(len(body))])
         frames = parse_frames(self.post_message().read().decode("utf-8"))
         self.assertEqual(self.contents(frames), ["", "caf\u00e9 \u20ac \U0001F600", "two", ""])
-        self.assertEqual(frames[-1], ("done", {"finish_reason": "stop", "usage": None}))
+        self.assertEqual(frames[-1], ("done", seed_frame(finish_reason="stop", usage=None)))
 
     def test_one_megabyte_content(self):
         big = "y" * (1024 * 1024)
@@ -638,7 +657,7 @@ class MessageStreamTest(ProxyTestCase):
         self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="ok"),
                                              chunk(finish="length")])
         frames = parse_frames(self.post_message().read().decode("utf-8"))
-        self.assertEqual(frames[-1], ("done", {"finish_reason": "length", "usage": None}))
+        self.assertEqual(frames[-1], ("done", seed_frame(finish_reason="length", usage=None)))
 
     def test_connection_is_reused_after_a_stream(self):
         conn = self.connect()
@@ -666,11 +685,11 @@ class MessageValidationTest(ProxyTestCase):
             (b'{"messages": "hi"}', "'messages' must be a list"),
             (b'{"messages": []}', "'messages' is empty"),
             (b'{"messages": ["hi"]}', "messages[0] must be an object"),
-            (b'{"messages": [{"content": "hi"}]}', "messages[0].role"),
-            (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role"),
-            (b'{"messages": [{"role": "user"}]}', "messages[0] has no 'content'"),
-            (b'{"messages": [{"role": "user", "content": 5}]}', "messages[0].content must be a string"),
-            (chat_body(stream=True), "unknown field 'stream'"),
+            (b'{"messages": [{"content": "hi"}]}', "messages[0].role must be a string"),
+            (b'{"messages": [{"role": ["user"], "content": "hi"}]}', "messages[0].role must be a string"),
+            (b'{"messages": [{"role": {}, "content": "hi"}]}', "messages[0].role must be a string"),
+            (chat_body(stream=False), "always streams"),
+            (chat_body(stream="yes"), "'stream' must be true"),
             (chat_body(temperature="hot"), "'temperature'"),
             (chat_body(top_p=2), "'top_p'"),
             (chat_body(max_tokens=0), "'max_tokens'"),
@@ -733,6 +752,118 @@ class MessageValidationTest(ProxyTestCase):
 # --------------------------------------------------------------------------
 # Upstream failures
 # --------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------
+# The Go original's clients, unchanged
+# --------------------------------------------------------------------------
+
+JS_LINE = re.compile(r"data:([^\n\r\u2028\u2029]*)")  # /data:(.*)/gm: JavaScript's `.` stops at these too
+
+
+def seed_ui_reply(body: str) -> str:
+    """The reply text as the Go original's demo UI builds it from a /message body.
+
+    Every match of /data:(.*)/gm is JSON.parse'd and its .content appended;
+    a frame without one appends the text "undefined", as JavaScript would.
+    """
+    text = ""
+    for data in JS_LINE.findall(body):
+        content = json.loads(data).get("content")
+        text += "undefined" if content is None else str(content)
+    return text
+
+
+class SeedClientTest(ProxyTestCase):
+    """Streams read exactly as the original's UI and hand-written seed clients read them."""
+
+    config_overrides = {"heartbeat_interval": 0.1}
+
+    def read_as_the_seed_ui(self, steps):
+        self.upstream.script = Script(steps=steps)
+        body = self.post_message().read().decode("utf-8")
+        for data in JS_LINE.findall(body):  # a seed-style client: json.loads(data)["content"] on each
+            frame = json.loads(data)
+            self.assertIsInstance(frame["content"], str)
+            self.assertIsInstance(frame["timestamp"], int)
+        return body, seed_ui_reply(body)
+
+    def test_a_normal_stream(self):
+        body, text = self.read_as_the_seed_ui(reply("Hello", " world", usage=False))
+        self.assertEqual(text, "Hello world")
+        self.assertEqual(parse_frames(body)[-1], ("done", seed_frame(finish_reason="stop", usage=None)))
+
+    def test_a_stream_with_usage(self):
+        body, text = self.read_as_the_seed_ui(reply("Hello", " world"))
+        self.assertEqual(text, "Hello world")
+        self.assertEqual(parse_frames(body)[-1][1]["usage"]["total_tokens"], 5)
+
+    def test_a_stream_broken_mid_way_gives_the_partial_reply(self):
+        body, text = self.read_as_the_seed_ui([chunk(role="assistant", content=""), chunk(content="Hel"),
+                                               chunk(content="lo"), ABORT])
+        self.assertEqual(text, "Hello")
+        event, data = parse_frames(body)[-1]
+        self.assertEqual(event, "error")
+        self.assertEqual(data["content"], "")
+        self.assertEqual(data["error"]["type"], "upstream_error")
+
+    def test_an_error_object_mid_stream_gives_the_partial_reply(self):
+        body, text = self.read_as_the_seed_ui([chunk(role="assistant", content=""), chunk(content="Part"),
+                                               sse({"error": {"message": "overloaded", "type": "server_error"}})])
+        self.assertEqual(text, "Part")
+        self.assertEqual(parse_frames(body)[-1][1]["error"]["message"], "overloaded")
+
+    def test_a_stream_with_heartbeats(self):
+        body, text = self.read_as_the_seed_ui([chunk(role="assistant", content=""), chunk(content="slow"), 0.35,
+                                               chunk(content=" thought"), chunk(finish="stop"), DONE])
+        self.assertIn(": keep-alive", body)
+        self.assertEqual(text, "slow thought")
+
+    def test_line_and_paragraph_separators_do_not_split_a_frame(self):
+        words = "one\u2028two\u2029three\nfour"
+        body, text = self.read_as_the_seed_ui(reply(words, usage=False))
+        self.assertEqual(text, words)
+        self.assertNotIn("\u2028", body)  # escaped as \u2028, as Go's encoder does
+
+    def test_fields_the_seed_ignored_are_accepted_and_not_sent_on(self):
+        body = chat_body("Hi", stream=True, user="user-7", conversation_id={"app": 1}, model="gpt-4o")
+        response = self.post_message(body)
+        self.assertEqual(seed_ui_reply(response.read().decode()), "Hello world")
+        self.assertEqual(response.getheader("X-Proxy-Ignored-Fields"), "user, conversation_id")
+        sent = self.upstream.requests[0].json()
+        self.assertEqual(sorted(sent), ["messages", "model", "stream", "stream_options"])
+        self.assertEqual(sent["model"], "gpt-4o")
+
+    def test_every_message_openai_takes_passes_unchanged(self):
+        messages = [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Weather?"},
+                                                        {"type": "image_url", "image_url": {"url": "data:,x"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "critic", "content": "a role not invented yet", "extra": [1, 2]},
+        ]
+        response = self.post_message(json.dumps({"messages": messages}).encode())
+        self.assertEqual(response.status, 200)
+        response.read()
+        self.assertEqual(self.upstream.requests[0].json()["messages"], messages)
+
+    def test_the_original_uis_exact_request(self):
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": ""}]}).encode()
+        response = self.post_message(body, headers={"Content-Type": "text/event-stream"})
+        self.assertEqual(seed_ui_reply(response.read().decode()), "Hello world")
+        self.assertEqual(self.upstream.requests[0].json()["messages"][-1], {"role": "assistant", "content": ""})
+
+    def test_the_upstreams_own_400_comes_back(self):
+        self.upstream.script = json_script({"error": {"message": "Invalid parameter: messages with role 'tool' "
+                                                      "must be a response to a preceding message with 'tool_calls'.",
+                                                      "type": "invalid_request_error", "param": "messages.[0].role"}},
+                                           status=400)
+        response = self.post_message(json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode())
+        error = self.assert_json_error(response, 400, "must be a response to a preceding message")
+        self.assertEqual(error["param"], "messages.[0].role")
+
 
 class UpstreamErrorTest(ProxyTestCase):
     config_overrides = {"idle_timeout": 0.5}
