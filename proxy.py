@@ -2256,19 +2256,53 @@ DEMO_GREETING = "Hello from the proxy.py demo. Send a message and it comes back 
 
 
 def demo_reply_words(messages) -> List[str]:
-    """The demo's reply: the last user message, split into words that keep their spaces."""
-    text = ""
+    """The demo's reply: the last user message (chat messages, or a Responses API input), word by word.
+
+    The words keep their spaces, so that they join back into the text.
+    """
+    text = messages if isinstance(messages, str) else ""
     for message in messages if isinstance(messages, list) else []:
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
-            if isinstance(content, list):
-                content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+            if isinstance(content, list):  # content parts: text, or input_text in the Responses API
+                content = " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
             text = content if isinstance(content, str) else ""
     return re.findall(r"\S+\s*", text) or re.findall(r"\S+\s*", DEMO_GREETING)
 
 
+def demo_response_events(words: List[str], model: str) -> List[Tuple[str, dict]]:
+    """The Responses API's events for a text reply, from response.created to response.completed.
+
+    Each payload is whole except `sequence_number`, which the writer adds.
+    """
+    text = "".join(words)
+    response = {"id": "resp_demo", "object": "response", "created_at": int(time.time()), "model": model,
+                "status": "in_progress", "output": [], "error": None, "incomplete_details": None,
+                "instructions": None, "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0,
+                "tool_choice": "auto", "tools": [], "top_p": 1.0, "usage": None}
+    item = {"id": "msg_demo", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": "msg_demo", "output_index": 0, "content_index": 0}
+    done_part = {**part, "text": text}
+    done_item = {**item, "status": "completed", "content": [done_part]}
+    usage = {"input_tokens": len(words), "output_tokens": len(words), "total_tokens": 2 * len(words),
+             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    return ([("response.created", {"response": response}), ("response.in_progress", {"response": response}),
+             ("response.output_item.added", {"output_index": 0, "item": item}),
+             ("response.content_part.added", {**at, "part": part})]
+            + [("response.output_text.delta", {**at, "delta": word}) for word in words]
+            + [("response.output_text.done", {**at, "text": text}),
+               ("response.content_part.done", {**at, "part": done_part}),
+               ("response.output_item.done", {"output_index": 0, "item": done_item}),
+               ("response.completed", {"response": {**response, "status": "completed", "output": [done_item],
+                                                    "usage": usage}})])
+
+
+DEMO_SERVES = "the demo upstream serves GET /v1/models, POST /v1/chat/completions and POST /v1/responses"
+
+
 class _DemoHandler(http.server.BaseHTTPRequestHandler):
-    """Speaks just enough of the OpenAI chat completions API for the demo."""
+    """Speaks just enough of the OpenAI chat completions and Responses APIs for the demo."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -2279,26 +2313,25 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
             request = json.loads(self.rfile.read(length) or b"{}")
         except ValueError:
             request = None
-        if self.path.partition("?")[0] != "/v1/chat/completions" or not isinstance(request, dict):
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": {
-                "message": "the demo upstream serves GET /v1/models and POST /v1/chat/completions",
-                "type": "invalid_request_error"}})
+        path = self.path.partition("?")[0]
+        if path not in ("/v1/chat/completions", "/v1/responses") or not isinstance(request, dict):
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": {"message": DEMO_SERVES, "type": "invalid_request_error"}})
             return
-        words = demo_reply_words(request.get("messages"))
         model = request.get("model") if isinstance(request.get("model"), str) else DEFAULT_MODEL
         try:
-            if request.get("stream"):
+            if path == "/v1/responses":
+                self._respond(demo_reply_words(request.get("input")), model, bool(request.get("stream")))
+            elif request.get("stream"):
+                words = demo_reply_words(request.get("messages"))
                 self._stream(words, model, bool((request.get("stream_options") or {}).get("include_usage")))
             else:
-                self._send_json(HTTPStatus.OK, self._completion(words, model))
+                self._send_json(HTTPStatus.OK, self._completion(demo_reply_words(request.get("messages")), model))
         except OSError:
             self.close_connection = True  # the proxy hung up: its client left
 
     def do_GET(self):
         if self.path.partition("?")[0] != "/v1/models":
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": {
-                "message": "the demo upstream serves GET /v1/models and POST /v1/chat/completions",
-                "type": "invalid_request_error"}})
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": {"message": DEMO_SERVES, "type": "invalid_request_error"}})
             return
         self._send_json(HTTPStatus.OK, {"object": "list", "data": [
             {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "proxy.py demo"}]})
@@ -2330,6 +2363,23 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
         if include_usage:
             self._send_event({**base, "choices": [], "usage": self._usage(words)})
         self.wfile.write(encode_chunk(b"data: [DONE]\n\n") + CHUNKED_END)
+
+    def _respond(self, words: List[str], model: str, stream: bool) -> None:
+        """POST /v1/responses: the whole response object, or its events paced like a model's."""
+        events = demo_response_events(words, model)
+        if not stream:
+            self._send_json(HTTPStatus.OK, events[-1][1]["response"])
+            return
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for number, (name, payload) in enumerate(events):
+            if name == "response.output_text.delta":
+                time.sleep(self.server.word_delay)
+            frame = {"type": name, "sequence_number": number, **payload}
+            self.wfile.write(encode_chunk(b"event: " + name.encode() + b"\ndata: " + json_bytes(frame) + b"\n\n"))
+        self.wfile.write(CHUNKED_END)
 
     def _send_event(self, payload: dict) -> None:
         self.wfile.write(encode_chunk(b"data: " + json_bytes(payload) + b"\n\n"))

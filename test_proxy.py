@@ -1949,6 +1949,50 @@ const OpenAI = require('openai');
 """
 
 
+class DemoSdkTest(unittest.TestCase):
+    """openai-python against the proxy in --demo mode: the Responses API works with no key, as chat does."""
+
+    def setUp(self):
+        require(openai is not None, "the openai Python package")
+        demo = proxy.DemoUpstream(word_delay=0.001)
+        demo.start()
+        self.addCleanup(demo.close)
+        config = make_config(base_url=demo.base_url, api_key="demo-key-not-secret")  # as --demo sets them
+        server = proxy.ProxyServer(config)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(server.close)
+        self.addCleanup(server.shutdown)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused",
+                                    max_retries=0, http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(self.client.close)
+
+    def test_streamed_responses_have_openais_event_sequence(self):
+        words = ["Streams ", "word ", "by ", "word"]
+        stream = self.client.responses.create(model="gpt-4o-mini", input="".join(words), stream=True)
+        events = list(stream)
+        self.assertEqual([event.type for event in events],
+                         ["response.created", "response.in_progress", "response.output_item.added",
+                          "response.content_part.added"] + ["response.output_text.delta"] * len(words)
+                         + ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                            "response.completed"])
+        self.assertEqual([event.sequence_number for event in events], list(range(len(events))))
+        self.assertEqual([e.delta for e in events if e.type == "response.output_text.delta"], words)
+        completed = events[-1].response
+        self.assertEqual((completed.status, completed.output_text), ("completed", "".join(words)))
+        self.assertEqual(completed.usage.total_tokens, 2 * len(words))
+
+    def test_whole_response_from_input_items(self):
+        response = self.client.responses.create(model="gpt-4o-mini", input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "from input items"}]}])
+        self.assertEqual((response.status, response.output_text), ("completed", "from input items"))
+        self.assertEqual(response.usage.output_tokens, 3)
+
+    def test_chat_still_streams(self):
+        stream = self.client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                     messages=[{"role": "user", "content": "chat too"}])
+        self.assertEqual("".join(part.choices[0].delta.content or "" for part in stream if part.choices), "chat too")
+
+
 class NodeSdkTest(ProxyTestCase):
     """The openai npm package, run by node, streaming through the proxy."""
 
