@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """bench_proxy.py: what proxy.py costs per token, measured against the direct path.
 
-Run:  python bench_proxy.py                 (every scenario, both routes)
-      python bench_proxy.py latency abort   (some of them)
-      python bench_proxy.py --json          (for machines)
+Run:  python3 bench_proxy.py                 (every scenario, both routes)
+      python3 bench_proxy.py latency abort   (some of them)
+      python3 bench_proxy.py --json          (for machines)
 
 One asyncio loop plays the upstream (chat.completion.chunk events, HTTP/1.1
 chunked, each chunk stamped with its send time) and every client. proxy.py
@@ -619,7 +619,7 @@ def print_table(rows):
 
 
 def startup_ms():
-    """How soon `python proxy.py` answers /healthz after it is started."""
+    """How soon `python3 proxy.py` answers /healthz after it is started."""
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "proxy.py"), "--demo", "--port", "0"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -698,7 +698,7 @@ def main():
     else:
         print(note)
         print_table(rows)
-        print(f"start-up: /healthz answers {start} ms after `python proxy.py` starts")
+        print(f"start-up: /healthz answers {start} ms after `python3 proxy.py` starts")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ The API key stays on the server; browsers and apps get the reply token by
 token as Server-Sent Events. Python 3.9+ standard library only.
 
 Run:
-    OA_API_KEY=sk-... python proxy.py      # or: python proxy.py --demo
+    OA_API_KEY=sk-... python3 proxy.py      # or: python3 proxy.py --demo
     curl -N localhost:8080/message -d '{"messages":[{"role":"user","content":"Hi"}]}'
 
 Every setting is an environment variable with a matching flag (the flag wins);
-`python proxy.py --help` lists them with their defaults.
+`python3 proxy.py --help` lists them with their defaults.
 
 Design decisions:
 - A thread per running request, not per connection: between requests, and

@@ -1,6 +1,6 @@
 """Tests for proxy.py: real loopback sockets, a scriptable fake upstream, no mocks.
 
-Run: python -m unittest -v test_proxy
+Run: python3 -m unittest -v test_proxy
 """
 
 import asyncio
@@ -3018,6 +3018,32 @@ class BrowserChatTest(BrowserTestCase):
                 path = os.path.join(SCREENSHOTS, f"ui-{name}.png")
                 page.screenshot(path=path)
                 self.assertGreater(os.path.getsize(path), 5000)
+
+
+class BrowserDemoTest(BrowserTestCase):
+    """The chat page in front of the real --demo upstream: what the README's quick start shows."""
+
+    def setUp(self):
+        demo = proxy.DemoUpstream(word_delay=0.01)
+        demo.start()
+        self.addCleanup(demo.close)
+        self.config = make_config(base_url=demo.base_url, api_key="demo-key-not-secret", demo=True)
+        self.server = proxy.ProxyServer(self.config)
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(self.stop_server)
+        self.port = self.server.server_port
+
+    def test_the_demo_echoes_word_by_word_and_the_quick_start_screenshot(self):
+        text = "Hello from the **demo**: your words stream back one by one, `code` and all."
+        page = self.open_page(1280, 600)
+        self.send(page, text)
+        self.wait_for_reply(page, "Hello from the demo: your words stream back one by one, code and all.")
+        self.wait_for_stats(page)
+        self.assertEqual(page.inner_text(".message.assistant:last-of-type .body strong"), "demo")
+        path = os.path.join(SCREENSHOTS, "quick-start-demo.png")  # docs/screenshot.png is a copy of it
+        page.screenshot(path=path)
+        self.assertGreater(os.path.getsize(path), 5000)
+        self.assertEqual(self.page_errors, [])
 
 
 class BrowserSettingsTest(BrowserTestCase):
