@@ -815,7 +815,7 @@ def build_chat_request(body: dict, config: Config) -> dict:
     if body.get("stream") is False:
         raise BadRequest("POST /message always streams: leave 'stream' out or send true "
                          "(for a whole answer, use POST /v1/chat/completions)")
-    if body.get("stream") not in (None, True):
+    if body.get("stream") is not None and body["stream"] is not True:
         raise BadRequest(f"'stream' must be true (POST /message always streams); got {json_type_name(body['stream'])}")
     if "messages" not in body:
         raise BadRequest("'messages' is required: a list of {\"role\": ..., \"content\": ...} objects")

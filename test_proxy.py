@@ -690,6 +690,7 @@ class MessageValidationTest(ProxyTestCase):
             (b'{"messages": [{"role": {}, "content": "hi"}]}', "messages[0].role must be a string"),
             (chat_body(stream=False), "always streams"),
             (chat_body(stream="yes"), "'stream' must be true"),
+            (chat_body(stream=1), "'stream' must be true"),
             (chat_body(temperature="hot"), "'temperature'"),
             (chat_body(top_p=2), "'top_p'"),
             (chat_body(max_tokens=0), "'max_tokens'"),
