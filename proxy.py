@@ -758,6 +758,9 @@ def parse_json_object(body: bytes) -> dict:
     except json.JSONDecodeError as error:
         raise BadRequest(f"the request body is not valid JSON: {error.msg} "
                          f"at line {error.lineno} column {error.colno}") from None
+    except RecursionError:
+        raise BadRequest("the request body nests arrays or objects too deeply (the parser's limit is "
+                         "about 1,000 levels)") from None
     except ValueError as error:
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
     if not isinstance(value, dict):
@@ -1181,18 +1184,36 @@ UPSTREAM_ERROR_KINDS = {"upstream_unreachable": "connect", "upstream_timeout": "
                         "upstream_auth_error": "status", "upstream_error": "protocol"}
 
 
+_UNSAFE_IN_LOG = re.compile("[\x00-\x20\"\x7f-\x9f\u2028\u2029]")
+LOG_VALUE_LIMIT = 200  # characters of one client- or upstream-supplied value in a text log line
+
+
+def log_value(value) -> str:
+    """A value for a text log line: "-" for none; control characters, spaces and quotes escaped; bounded.
+
+    A client's model name or an upstream's request id can hold a newline or
+    a `key=value`: escaped, it cannot forge a line or a field.
+    """
+    if value is None or value == "":
+        return "-"
+    text = str(value)[:LOG_VALUE_LIMIT]
+    return _UNSAFE_IN_LOG.sub(lambda match: "\\x%02x" % ord(match.group()) if ord(match.group()) < 256
+                              else "\\u%04x" % ord(match.group()), text)
+
+
 def format_access_line(record: dict) -> str:
     """The text form of an access record."""
     def seconds(value):
         return "-" if value is None else f"{value:.3f}s"
     tokens = (f"{record['prompt_tokens']}/{record['completion_tokens']}"
               if record["prompt_tokens"] is not None else "-")
-    return (f'{record["address"]} "{record["method"]} {record["path"]}" {record["status"] or "-"} '
+    return (f'{record["address"]} "{log_value(record["method"])} {log_value(record["path"])}" '
+            f'{record["status"] or "-"} '
             f'{seconds(record["duration"])} ttfb={seconds(record["ttfb"])} ttft={seconds(record["ttft"])} '
-            f'frames={record["frames"]} bytes={record["bytes"]} client={record["client"] or "-"} '
-            f'model={record["model"] or "-"} tokens={tokens} request_id={record["request_id"] or "-"} '
-            f'error={record["error"] or "-"} client_left={"yes" if record["client_left"] else "no"} '
-            f'upstream={record["upstream"] or "-"} attempts={record["attempts"]}')
+            f'frames={record["frames"]} bytes={record["bytes"]} client={log_value(record["client"])} '
+            f'model={log_value(record["model"])} tokens={tokens} request_id={log_value(record["request_id"])} '
+            f'error={log_value(record["error"])} client_left={"yes" if record["client_left"] else "no"} '
+            f'upstream={log_value(record["upstream"])} attempts={record["attempts"]}')
 
 
 class JsonLogFormatter(logging.Formatter):

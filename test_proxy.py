@@ -866,6 +866,30 @@ class SeedClientTest(ProxyTestCase):
         self.assertEqual(error["param"], "messages.[0].role")
 
 
+class HostileBodyTest(ProxyTestCase):
+    def test_json_nested_too_deep_is_400_not_500(self):
+        deep = "[" * 100000 + "]" * 100000
+        for path, body in (("/message", '{"messages": ' + deep + "}"),
+                           ("/v1/chat/completions", '{"model": "m", "messages": ' + deep + "}")):
+            with self.subTest(path=path):
+                response = self.request("POST", path, body.encode(), {"Content-Type": "application/json"})
+                self.assert_json_error(response, 400, "nests arrays or objects too deeply")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_a_model_name_cannot_forge_a_log_line(self):
+        self.upstream.script = lambda received: json_completion()
+        forged = "gpt-4o\n2026-01-01 00:00:00,000 INFO 10.0.0.1 \"POST /message\" 200 model=x"
+        with self.assertLogs("proxy", "INFO") as logs:
+            for path, body in (("/v1/chat/completions", json.dumps({"model": forged, "messages": []})),
+                               ("/message", json.dumps({"model": forged, "messages": [{"role": "user"}]}))):
+                self.request("POST", path, body.encode(), {"Content-Type": "application/json"}).read()
+        lines = [record.getMessage() for record in logs.records]
+        self.assertEqual(len(lines), 2, lines)
+        for line in lines:
+            self.assertNotIn("\n", line)
+            self.assertIn('model=gpt-4o\\x0a2026-01-01\\x2000:00:00,000\\x20INFO', line)
+
+
 class UpstreamErrorTest(ProxyTestCase):
     config_overrides = {"idle_timeout": 0.5}
 
