@@ -2668,6 +2668,7 @@ class ConnectionPool:
         return len(self._waiting)
 
     def _wait(self, sock: socket.socket, address, read_ahead: bytes) -> None:
+        read_ahead = read_ahead.lstrip(b"\r\n")  # as a client's CRLF after a body (RFC 9112, 2.2)
         if _HEAD_END.search(read_ahead):  # a pipelined request is already here whole
             self._hand_off(sock, address, read_ahead)
             return
@@ -2732,8 +2733,11 @@ class ConnectionPool:
             if not data:
                 self._forget(entry)
                 return
-            if not entry.head:  # the header clock starts at a request's first byte
-                entry.deadline = time.monotonic() + self._config.header_timeout
+            if not entry.head:
+                data = data.lstrip(b"\r\n")  # empty lines before a request line are ignored (RFC 9112, 2.2)
+                if not data:
+                    return  # still idle: its idle deadline stands
+                entry.deadline = time.monotonic() + self._config.header_timeout  # the header clock starts
             entry.head += data
             if not (_HEAD_END.search(entry.head) or len(entry.head) > self.HEAD_LIMIT):
                 return

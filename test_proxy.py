@@ -1125,6 +1125,26 @@ class ConnectionPoolTest(ProxyTestCase):
         self.assertLess(first, second)
         self.assertIn(b'{"status":"ok"}', received[first:second])
 
+    def test_empty_lines_before_a_request_line_are_ignored(self):
+        sock = self.raw_socket()
+        body = chat_body()
+        sock.sendall(b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", sock.recv(4096))
+        # An old client's CRLF after a body, then its next request on the same connection.
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b\r\n" % (len(body), body))
+        received = b""
+        while b"event:done" not in received:
+            data = sock.recv(65536)
+            self.assertTrue(data, f"connection closed after {received!r}")
+            received += data
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b'{"status":"ok"}' not in received:
+            data = sock.recv(65536)
+            self.assertTrue(data, "connection closed before the second health check")
+            received += data
+        self.assertIn(b"HTTP/1.1 200 OK", received)
+
     def test_idle_keep_alive_connections_are_closed(self):
         conn = self.connect()
         self.addCleanup(conn.close)
