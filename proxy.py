@@ -1269,7 +1269,10 @@ class Metrics:
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
                "proxy_time_to_first_token_seconds": TTFT_BUCKETS}
 
-    def __init__(self):
+    def __init__(self, known_models: frozenset = frozenset()):
+        # Models that may be a label: any other a client names counts as "other",
+        # so that clients cannot make the series grow without bound.
+        self._known_models = known_models
         self._lock = threading.Lock()
         self._values: Dict[Tuple[str, tuple], float] = collections.defaultdict(float)
         self._histograms: Dict[Tuple[str, tuple], List[float]] = {}
@@ -1302,13 +1305,18 @@ class Metrics:
             self.inc("proxy_upstream_errors_total", (("kind", kind),))
         for token_kind in ("prompt", "completion"):
             if access[f"{token_kind}_tokens"]:
-                self.inc("proxy_tokens_total", (("model", access["model"] or "unknown"),
+                self.inc("proxy_tokens_total", (("model", self._model_label(access["model"])),
                                                 ("client", access["client"] or "unknown"),
                                                 ("kind", token_kind)), access[f"{token_kind}_tokens"])
         if cancelled_upstream:
             self.inc("proxy_client_disconnects_total")
         if rejected_by:
             self.inc("proxy_rate_limit_rejections_total", (("reason", rejected_by),))
+
+    def _model_label(self, model: Optional[str]) -> str:
+        if not model:
+            return "unknown"
+        return model if model in self._known_models else "other"
 
     def render(self, gauges: Dict[str, float]) -> str:
         """The exposition text."""
@@ -3414,7 +3422,7 @@ class ProxyServer(http.server.HTTPServer):
         self.config = config
         self.supervisor = StreamSupervisor(config.heartbeat_interval)
         self.limits = Limits(config)
-        self.metrics = Metrics()
+        self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model} - {""}))
         self.ui = load_ui(UI_DIR)
         self._breakers: Dict[str, Breaker] = {}
         self._clients: Dict[str, UpstreamClient] = {}

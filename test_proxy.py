@@ -2711,6 +2711,18 @@ class MetricsTest(ProxyTestCase):
         self.assertTrue(self.server.wait_idle(5))
         self.post_message(headers=bearer(ALICE_KEY)).read()  # the fifth in a minute: over RATE_LIMIT_RPM
 
+    def test_a_model_label_is_a_configured_model_or_other(self):
+        self.upstream.script = lambda received: json_script({
+            "id": "c", "object": "chat.completion", "created": CREATED, "model": "x", "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        for number in range(3):  # three made-up models: one series between them
+            self.request("POST", "/v1/chat/completions", json.dumps({"model": f"made-up-{number}"}).encode(),
+                         {"Content-Type": "application/json", **bearer(ALICE_KEY)}).read()
+        self.assertTrue(self.server.wait_idle(5))  # each request is counted once its handler ends
+        text = self.scrape()
+        self.assertNotIn("made-up", text)
+        self.assertIn('proxy_tokens_total{model="other",client="alice",kind="prompt"} 3', text)
+
     def scrape(self):
         response = self.request("GET", "/metrics")
         self.assertEqual(response.status, 200)
