@@ -346,11 +346,16 @@ class ProxyProcess:
 
     def __init__(self, upstream_port, cpu, args=UNLIMITED):
         # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.
-        self.log = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", "--api-key", "bench",
-             "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "10000", *args],
-            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        # The proxy appends to it and this reads it through a file of its own: a shared file offset
+        # let a seek here send the proxy's next line over its first ones.
+        fd, self.log_path = tempfile.mkstemp(prefix="bench-proxy-", suffix=".log")
+        os.close(fd)
+        with open(self.log_path, "a") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", "--api-key", "bench",
+                 "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "4096", *args],
+                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        self.log = open(self.log_path)
         deadline = time.monotonic() + 30
         found = None
         while found is None and time.monotonic() < deadline and self.process.poll() is None:
@@ -358,8 +363,13 @@ class ProxyProcess:
             self.log.seek(0)
             found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", self.log.read())
         if found is None:
+            code = self.process.poll()
             self.process.kill()
-            raise RuntimeError("proxy.py did not start listening within 30 s")
+            self.log.seek(0)
+            said = self.log.read()[-2000:]
+            self.log.close()
+            os.remove(self.log_path)
+            raise RuntimeError(f"proxy.py did not start listening within 30 s (exit status {code}); it said: {said}")
         self.port = int(found.group(1))
         if cpu is not None:
             # Every thread, not just the main one: a thread started later inherits
@@ -369,7 +379,6 @@ class ProxyProcess:
 
     def log_lines(self):
         """Lines the proxy has logged so far."""
-        self.log.flush()
         self.log.seek(0)
         return sum(1 for _ in self.log)
 
@@ -401,6 +410,7 @@ class ProxyProcess:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
         self.log.close()
+        os.remove(self.log_path)
 
 
 # --------------------------------------------------------------------------
@@ -525,6 +535,7 @@ async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
                 await asyncio.sleep(0.2)
             probed = prober.result()
             await asyncio.gather(*attackers)
+            await asyncio.sleep(0.1)  # the attackers' sockets close on the loop's next turns, before the proxy stops
             outcomes = probed["outcomes"]
             rows.append({"scenario": "flood", "route": "/message", "flood": kind, "attackers": FLOOD_ATTACKERS,
                          "seconds": seconds, "probes": len(outcomes), "served": outcomes.count("served"),

@@ -2560,12 +2560,22 @@ class FloodLog:
 
 
 class _Waiting:
-    """A connection in the pool: what it sent of its next request head, and until when it may wait."""
+    """A connection in the pool: what it sent of its next request head, since when it waits, and until when."""
 
-    __slots__ = ("sock", "address", "head", "deadline")
+    __slots__ = ("sock", "address", "head", "since", "deadline")
 
-    def __init__(self, sock: socket.socket, address, head: bytes, deadline: float):
-        self.sock, self.address, self.head, self.deadline = sock, address, bytearray(head), deadline
+    def __init__(self, sock: socket.socket, address, head: bytes, since: float, deadline: float):
+        self.sock, self.address, self.head = sock, address, bytearray(head)
+        self.since, self.deadline = since, deadline
+
+
+class _Closing:
+    """A refused connection, read until the client has sent its request and hung up, or until deadline."""
+
+    __slots__ = ("sock", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
 
 
 class ConnectionPool:
@@ -2581,6 +2591,9 @@ class ConnectionPool:
     HEAD_LIMIT = 72 * 1024  # past this http.server answers 414 or 431 itself
     TICK = 0.1              # how often deadlines are checked, in seconds
     EVICTION_SCAN = 64      # silent-looking connections checked for unread bytes before refusing
+    EVICTION_GRACE = 0.5    # seconds a connection must have been silent before it can be closed for another
+    LINGER = 2.0            # seconds a refused connection is read, its 503 sent, before it is closed
+    LINGER_LIMIT = 1024     # refused connections read at once; past it, they are closed at once
 
     def __init__(self, config: Config, start_request: Callable[[socket.socket, tuple, bytes, bool], None],
                  answers_at_once: Callable[[bytes], bool] = lambda head: False,
@@ -2595,6 +2608,7 @@ class ConnectionPool:
                                          "headers within %gs (HEADER_TIMEOUT) and got 408" % config.header_timeout)
         self._lock = threading.Lock()
         self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
+        self._closing: Dict[socket.socket, _Closing] = {}
         self._busy = 0
         self._closed = False
         self._selector = WakeableSelector()
@@ -2622,9 +2636,14 @@ class ConnectionPool:
 
         A connection with request bytes, read or still in the kernel, is
         never one: closing it would drop a request the client already sent.
+        Nor is one silent for less than EVICTION_GRACE: a client that has just
+        connected, or just had its answer, has had no time to send a request.
         """
         looked = 0
+        too_recent = time.monotonic() - self.EVICTION_GRACE
         for entry in self._waiting.values():  # in the order they fell silent
+            if entry.since > too_recent:
+                break  # and so are all after it
             if entry.head:
                 continue
             if not _is_ready(entry.sock):
@@ -2641,13 +2660,38 @@ class ConnectionPool:
         try:
             sock.setblocking(False)
             sock.send(CONNECTIONS_FULL_RESPONSE)
-            # Read what the client sent before closing, so the close is a FIN
-            # and not a reset that could destroy the 503 before it is read.
             sock.shutdown(socket.SHUT_WR)
-            _discard_pending(sock)
         except OSError:
-            pass
-        _close_quietly(sock)
+            _close_quietly(sock)
+            return
+        if len(self._closing) >= self.LINGER_LIMIT:
+            _discard_pending(sock)
+            _close_quietly(sock)
+            return
+        # Closed once the client's request is read and it hangs up (or LINGER
+        # passes): closing with its bytes unread would send a reset, which
+        # can destroy the 503 before the client reads it (RFC 9112, 9.6).
+        entry = self._closing[sock] = _Closing(sock, time.monotonic() + self.LINGER)
+        self._selector.register(sock, entry)
+
+    def _drain(self, entry: _Closing) -> None:
+        """Read and drop what a refused connection sent; close it when the client hangs up."""
+        try:
+            data = entry.sock.recv(CLIENT_READ_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            with self._lock:
+                self._stop_lingering(entry)
+
+    def _stop_lingering(self, entry: _Closing) -> None:
+        """Close a refused connection; call with the lock held."""
+        if self._closing.get(entry.sock) is entry:
+            del self._closing[entry.sock]
+            self._selector.unregister(entry.sock)
+            _close_quietly(entry.sock)
 
     def give_back(self, sock: socket.socket, address, read_ahead: bytes) -> None:
         """A worker finished a request on a keep-alive connection: wait for the next one."""
@@ -2667,6 +2711,8 @@ class ConnectionPool:
             self._closed = True
             for entry in list(self._waiting.values()):
                 self._forget(entry)
+            for closing in list(self._closing.values()):
+                self._stop_lingering(closing)
         self._selector.wake()
         self._thread.join(timeout=5)
 
@@ -2688,7 +2734,7 @@ class ConnectionPool:
                 return
             sock.setblocking(False)
             was_empty = not self._waiting
-            entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now + timeout)
+            entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now, now + timeout)
             self._selector.register(sock, entry)
         if was_empty:  # the pool thread may wait with no timeout; otherwise it ticks
             self._selector.wake()
@@ -2720,9 +2766,12 @@ class ConnectionPool:
             with self._lock:
                 if self._closed:
                     break
-                timeout = max(0.0, next_tick - time.monotonic()) if self._waiting else None
+                timeout = max(0.0, next_tick - time.monotonic()) if self._waiting or self._closing else None
             for entry in self._selector.select(timeout):
-                self._read(entry)
+                if isinstance(entry, _Closing):
+                    self._drain(entry)
+                else:
+                    self._read(entry)
             if time.monotonic() >= next_tick:
                 self._expire(time.monotonic())
                 next_tick = time.monotonic() + self.TICK
@@ -2765,6 +2814,8 @@ class ConnectionPool:
                     except OSError:
                         pass
                 self._forget(entry)
+            for closing in [closing for closing in self._closing.values() if closing.deadline <= now]:
+                self._stop_lingering(closing)
             self._header_timeouts.flush(now)
             self._refusals.flush(now)
 
