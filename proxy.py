@@ -2043,10 +2043,11 @@ class EventSplitter:
     (a heartbeat, an error event) lands between events.
     """
 
-    def __init__(self):
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES):
         self._buffer = bytearray()
         self._scan_from = 0    # bytes before this hold no unexamined line end
         self._line_start = 0   # where the line being read began
+        self._max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> List[bytes]:
         """The whole events (bytes as they came) that this chunk completes."""
@@ -2059,13 +2060,21 @@ class EventSplitter:
             if match.start() == self._line_start:  # an empty line ends an event
                 ends.append(match.end())
             self._line_start = self._scan_from = match.end()
+        # What is left holds no line end but a final CR: the next read scans only its own bytes.
+        self._scan_from = max(self._scan_from, len(buffer) - (buffer[-1:] == b"\r"))
         if not ends:
+            self._check_size()
             return []
         events = [bytes(buffer[start:end]) for start, end in zip([0] + ends[:-1], ends)]
         del buffer[:ends[-1]]
         self._line_start -= ends[-1]
         self._scan_from -= ends[-1]
+        self._check_size()
         return events
+
+    def _check_size(self) -> None:
+        if len(self._buffer) > self._max_event_bytes:
+            raise UpstreamBadResponse(f"the upstream sent an event of more than {self._max_event_bytes} bytes")
 
     def rest(self) -> bytes:
         """What is held at the end of the stream, to relay as it is."""

@@ -1503,6 +1503,13 @@ class EventSplitterTest(unittest.TestCase):
             with self.subTest(pieces=pieces):
                 self.assertEqual(self.split(pieces), (want, rest))
 
+    def test_an_event_that_never_ends_is_an_error_at_the_cap(self):
+        splitter = proxy.EventSplitter(max_event_bytes=4096)
+        self.assertEqual(splitter.feed(b"data: a\n\n" + b"x" * 4000), [b"data: a\n\n"])
+        with self.assertRaisesRegex(proxy.UpstreamBadResponse, "more than 4096 bytes"):
+            for _ in range(10):
+                splitter.feed(b"y" * 50)
+
     def test_bytes_are_untouched_whatever_the_split(self):
         stream = b"".join(reply("caf\u00e9", "b")) + b": c\r\n\r\nevent: e\rdata: 1\r\r"
         for size in (1, 2, 3, 7, 64):
@@ -1713,6 +1720,16 @@ class PassthroughStreamingTest(ProxyTestCase):
         body = response.read()  # a clean chunked end
         self.assertTrue(body.startswith(chunk(content="a") + b'data: {"error":'), body)
         self.assertNotIn(b'"choices": [', body[len(chunk(content="a")):])
+
+    def test_an_event_that_never_ends_gets_an_error_event_at_16_mib(self):
+        piece = b"x" * (1024 * 1024)
+        self.upstream.script = Script(steps=[b"data: {\"a\": 1}\n\n", b"data: "] + [piece] * 17)
+        response = self.request("POST", "/v1/chat/completions", v1_chat(True), {"Content-Type": "application/json"})
+        body = response.read()
+        self.assertLess(len(body), 1000, f"{len(body)} bytes relayed")  # the unfinished event is dropped
+        self.assertTrue(body.startswith(b"data: {\"a\": 1}\n\n"), body[:100])
+        self.assertIn(b'data: {"error"', body)
+        self.assertIn(b"more than 16777216 bytes", body)
 
     def test_clean_end_after_an_unfinished_event_relays_its_bytes_as_they_are(self):
         self.upstream.script = Script(steps=[chunk(content="a"), b"data: [DONE]\n"])
