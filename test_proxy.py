@@ -883,6 +883,7 @@ class HostileBodyTest(ProxyTestCase):
             for path, body in (("/v1/chat/completions", json.dumps({"model": forged, "messages": []})),
                                ("/message", json.dumps({"model": forged, "messages": [{"role": "user"}]}))):
                 self.request("POST", path, body.encode(), {"Content-Type": "application/json"}).read()
+            self.assertTrue(self.server.wait_idle(5))  # each access line is written once its handler ends
         lines = [record.getMessage() for record in logs.records]
         self.assertEqual(len(lines), 2, lines)
         for line in lines:
