@@ -2540,7 +2540,12 @@ class ClientReader(io.RawIOBase):
             if left <= 0:
                 raise socket.timeout("deadline passed")
             self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
+        try:
+            return self._sock.recv_into(buffer)
+        except socket.timeout:
+            raise  # the caller's to answer (408)
+        except OSError:  # a reset: the client left, which is no error of the proxy's or the upstream's
+            raise ClientGone() from None
 
 
 class FloodLog:
@@ -3555,8 +3560,8 @@ class ProxyServer(http.server.HTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout)):
-            logger.debug("connection from %s ended: %s", client_address[0], error)
+        if isinstance(error, (ConnectionError, socket.timeout, ClientGone)):
+            logger.debug("connection from %s ended: %r", client_address[0], error)
         else:
             logger.exception("unexpected error serving %s", client_address[0])
 

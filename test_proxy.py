@@ -876,6 +876,30 @@ class HostileBodyTest(ProxyTestCase):
                 self.assert_json_error(response, 400, "nests arrays or objects too deeply")
         self.assertEqual(self.upstream.requests, [])
 
+    def test_a_client_that_resets_mid_body_is_a_client_left_line_not_an_error(self):
+        body = chat_body()
+        heads = (b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body),
+                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body),
+                 b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                 b"boundary=b\r\nContent-Length: %d\r\n\r\n" % len(body))
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            for head in heads:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+                sock.sendall(head + body[:10])
+                self.assertTrue(wait_until(lambda: not self.server.wait_idle(0)))  # its handler reads the body
+                sock.close()
+                self.assertTrue(self.server.wait_idle(5))
+        records = [(record.levelname, record.getMessage()) for record in logs.records]
+        self.assertEqual([r for r in records if r[0] not in ("INFO", "DEBUG")], [])
+        self.assertFalse([r for r in logs.records if r.exc_info], "a traceback was logged")
+        access = [message for level, message in records if '"POST /' in message]
+        self.assertEqual(len(access), 3, records)
+        for line in access:
+            self.assertIn("client_left=yes", line)
+            self.assertNotRegex(line, r'" 5\d\d ')
+
     def test_a_model_name_cannot_forge_a_log_line(self):
         self.upstream.script = lambda received: json_completion()
         forged = "gpt-4o\n2026-01-01 00:00:00,000 INFO 10.0.0.1 \"POST /message\" 200 model=x"
