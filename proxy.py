@@ -2583,6 +2583,16 @@ class _Waiting:
         self.since, self.deadline = since, deadline
 
 
+def _recv_ready(sock: socket.socket) -> Optional[bytes]:
+    """What a readable non-blocking socket holds; b"" when the client hung up, None when nothing came after all."""
+    try:
+        return sock.recv(CLIENT_READ_BUFFER)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:  # a reset is a hang-up
+        return b""
+
+
 class _Closing:
     """A refused connection, read until the client has sent its request and hung up, or until deadline."""
 
@@ -2690,13 +2700,7 @@ class ConnectionPool:
 
     def _drain(self, entry: _Closing) -> None:
         """Read and drop what a refused connection sent; close it when the client hangs up."""
-        try:
-            data = entry.sock.recv(CLIENT_READ_BUFFER)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if _recv_ready(entry.sock) == b"":
             with self._lock:
                 self._stop_lingering(entry)
 
@@ -2792,12 +2796,9 @@ class ConnectionPool:
         self._selector.close()
 
     def _read(self, entry: _Waiting) -> None:
-        try:
-            data = entry.sock.recv(CLIENT_READ_BUFFER)
-        except (BlockingIOError, InterruptedError):
+        data = _recv_ready(entry.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         with self._lock:
             if self._waiting.get(entry.sock) is not entry:
                 return
