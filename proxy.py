@@ -55,6 +55,7 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import functools
 import hashlib
 import hmac
 import http.client
@@ -869,9 +870,19 @@ def upstreams(config: Config) -> List[Upstream]:
     return found
 
 
+@functools.lru_cache(maxsize=8)
 def secrets_of(config: Config) -> Tuple[str, ...]:
-    """Every upstream key: none may ever reach a client or a log line."""
-    return tuple(key for key in (config.api_key, config.fallback_api_key) if key)
+    """Every key and password the proxy knows: none may ever reach a client or a log line.
+
+    The upstream keys, the client keys, the metrics token, and the password
+    of any forward proxy in HTTP(S)_PROXY; longest first, so that a key that
+    holds another is masked whole.
+    """
+    found = {config.api_key, config.fallback_api_key, config.metrics_token}
+    found.update(key for _, key in config.proxy_api_keys)
+    for url in urllib.request.getproxies().values():
+        found.add(urllib.parse.urlsplit(url if "://" in url else "http://" + url).password)
+    return tuple(sorted((secret for secret in found if secret), key=len, reverse=True))
 
 
 def upstream_auth(upstream: Upstream) -> Tuple[str, str]:
@@ -904,15 +915,23 @@ def returned_response_headers(headers) -> List[Tuple[str, str]]:
 def upstream_target(request_target: str) -> str:
     """Map /v1/<rest>?<query> to the path and query to append to OPENAI_BASE_URL.
 
-    The result always starts with "/" and holds no dot segments, so joined to
-    the base URL it stays on the upstream's host, under the base's path.
+    The result always starts with "/" and, even once decoded, holds no dot
+    segment, empty segment or separator inside a segment: joined to the base
+    URL it stays under the base's path, whether or not an upstream (or a
+    proxy in front of it) decodes %2F or takes "\\" for "/".
     """
     path, _, query = request_target.partition("?")
     if not re.fullmatch(r"[\x21-\x7e]*", request_target):
         raise BadRequest("the path must be printable ASCII; percent-encode anything else")
-    segments = path[len(PASSTHROUGH_PREFIX) - 1:].split("/")
-    if any(urllib.parse.unquote(segment) in (".", "..") for segment in segments):
-        raise BadRequest("the path must not contain '.' or '..' segments")
+    if "\\" in path:
+        raise BadRequest("the path must not contain a backslash")
+    segments = path[len(PASSTHROUGH_PREFIX):].split("/")
+    for number, segment in enumerate(segments, start=1):
+        decoded = urllib.parse.unquote(segment)
+        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+            raise BadRequest("no part of the path may be '.' or '..' or hold an encoded '/' or '\\'")
+        if not decoded and number < len(segments):
+            raise BadRequest("the path must not contain an empty segment ('//')")
     return path[len(PASSTHROUGH_PREFIX) - 1:] + ("?" + query if query else "")
 
 
@@ -926,12 +945,44 @@ def allowed_methods(methods) -> str:
 _KEY_LIKE = re.compile(r"\b[sr]k-[A-Za-z0-9_*.-]{6,}|\bBearer\s+[A-Za-z0-9_*.~+/=-]{8,}|\b[0-9A-Fa-f]{32,}\b")
 
 
-def mask_secrets(text: str, secrets) -> str:
+# Whitespace, or its JSON escape, that an echo may have put inside a key: the fragments are masked too.
+_GAP = r"(?:\s|\\[nrt])*"
+SPLIT_SECRET_MIN = 8  # secrets this long or longer are also found split by whitespace
+
+
+@functools.lru_cache(maxsize=8)
+def _secrets_pattern(secrets: Tuple[str, ...]) -> Optional[re.Pattern]:
+    """One pattern for every secret, in any letter case, whole or split by whitespace."""
+    parts = [_GAP.join(map(re.escape, secret)) if len(secret) >= SPLIT_SECRET_MIN else re.escape(secret)
+             for secret in secrets if secret]
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+
+
+def mask_known_secrets(text: str, secrets: Tuple[str, ...]) -> str:
+    """Text with the configured keys and passwords masked, and nothing else changed."""
+    pattern = _secrets_pattern(secrets)
+    return text if pattern is None else pattern.sub("[redacted]", text)
+
+
+def mask_secrets(text: str, secrets: Tuple[str, ...]) -> str:
     """Upstream error text with the keys, and anything that looks like a key, masked."""
-    for secret in (secrets,) if isinstance(secrets, str) else secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return _KEY_LIKE.sub("[redacted]", text)
+    return _KEY_LIKE.sub("[redacted]", mask_known_secrets(text, secrets))
+
+
+def mask_bytes(data: bytes, secrets: Tuple[str, ...]) -> bytes:
+    """A body of any type with the keys, and anything that looks like a key, masked; other bytes kept."""
+    text = data.decode("latin-1")  # one character a byte: any body survives the round trip
+    masked = mask_secrets(text, secrets)
+    return data if masked == text else masked.encode("latin-1")
+
+
+def mask_error(error: ProxyError, secrets: Tuple[str, ...]) -> ProxyError:
+    """The error with every text in it masked: its message, detail and headers may quote the upstream."""
+    error.message = mask_secrets(error.message, secrets)
+    error.detail = {name: mask_secrets(value, secrets) if isinstance(value, str) else value
+                    for name, value in error.detail.items()}
+    error.headers = {name: mask_known_secrets(value, secrets) for name, value in error.headers.items()}
+    return error
 
 
 # --------------------------------------------------------------------------
@@ -1673,8 +1724,40 @@ class StreamSupervisor:
 # Upstream
 # --------------------------------------------------------------------------
 
+class _UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, but every interim 1xx is skipped, not only 100 (RFC 9110, 15.2).
+
+    103 Early Hints is not the answer: taken as final, it would be relayed
+    and the real one dropped. 101 is refused: the proxy never asks to switch.
+    """
+
+    MAX_INTERIM = 16   # interim responses skipped before the upstream is given up on
+    MAX_LINES = 100    # header lines of one, as http.client bounds a final head
+
+    def _read_status(self):
+        for _ in range(self.MAX_INTERIM):
+            version, status, reason = super()._read_status()
+            if status == HTTPStatus.SWITCHING_PROTOCOLS:
+                raise http.client.HTTPException("the upstream switched protocols (101) unasked")
+            if not 100 <= status < 200:
+                return version, status, reason
+            self._skip_head()
+        raise http.client.HTTPException(f"the upstream sent over {self.MAX_INTERIM} interim (1xx) responses")
+
+    def _skip_head(self) -> None:
+        for _ in range(self.MAX_LINES):
+            line = self.fp.readline(65537)
+            if len(line) > 65536:
+                raise http.client.LineTooLong("interim header line")
+            if line in (b"\r\n", b"\n", b""):
+                return
+        raise http.client.HTTPException(f"an interim response had over {self.MAX_LINES} header lines")
+
+
 class _UpstreamConnectionMixin:
     """Connect within the connect timeout, then allow the idle timeout for every read."""
+
+    response_class = _UpstreamResponse
 
     def __init__(self, *args, exchange: Exchange, idle_timeout: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -1792,7 +1875,7 @@ def open_upstream(config: Config, upstream: Upstream, client: UpstreamClient, ex
         connection.close()
         exchange.raise_if_cancelled()
         raise UpstreamBadResponse(f"the upstream at {client.host} closed the connection without a valid answer "
-                                  f"({_describe_os_error(error)})") from None
+                                  f"({_describe_os_error(error)[:LOG_VALUE_LIMIT]})") from None
     except BaseException:
         connection.close()
         raise
@@ -1896,10 +1979,10 @@ class Breaker:
                 self._open_until = time.monotonic() + self._cooldown
 
 
-def read_upstream_error(response: http.client.HTTPResponse) -> dict:
-    """The OpenAI error object of an upstream error response, read up to a bound."""
+def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, ...]) -> dict:
+    """The OpenAI error object of an upstream error response, read up to a bound, keys masked."""
     try:
-        raw = response.read(UPSTREAM_ERROR_BODY_LIMIT)
+        raw = mask_bytes(response.read(UPSTREAM_ERROR_BODY_LIMIT), secrets)  # masked before any cut
     except (http.client.HTTPException, OSError):
         raw = b""
     try:
@@ -1923,7 +2006,7 @@ def check_upstream_response(response: http.client.HTTPResponse, config: Config) 
             raise UpstreamBadResponse(f"the upstream answered {status} with {content_type} instead of an "
                                       "event stream; check OPENAI_BASE_URL")
         return
-    error = read_upstream_error(response)
+    error = read_upstream_error(response, secrets_of(config))
     if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
         # Upstream auth errors quote part of the key: none of their text is passed on.
         raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
@@ -2200,21 +2283,24 @@ def check_passthrough_response(response: http.client.HTTPResponse) -> None:
 
 
 def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Optional[bytes]:
-    """A small upstream error body with key-like text masked, or None to relay the body as it is."""
-    content_type = response.headers.get_content_type()
-    if response.status < 400 or not (content_type == "application/json" or content_type.startswith("text/")):
+    """An upstream error body (any type) with key-like text masked, or None for a success to relay as it is.
+
+    An error body is read whole to be masked, so it is bounded: one over the
+    bound is a 502, never relayed unchecked.
+    """
+    if response.status < 400:
         return None
+    too_big = UpstreamBadResponse(f"the upstream answered {response.status} with an error body over "
+                                  f"{UPSTREAM_ERROR_BODY_LIMIT} bytes; it is not relayed unchecked for keys")
     if response.length is not None and response.length > UPSTREAM_ERROR_BODY_LIMIT:
-        return None
+        raise too_big
     try:
         raw = response.read(UPSTREAM_ERROR_BODY_LIMIT + 1)
     except (http.client.HTTPException, OSError):
         raise UpstreamBadResponse("the upstream connection broke while it sent an error") from None
     if len(raw) > UPSTREAM_ERROR_BODY_LIMIT:
-        raise UpstreamBadResponse(f"the upstream sent an error body over {UPSTREAM_ERROR_BODY_LIMIT} bytes")
-    text = raw.decode("utf-8", "replace")
-    masked = mask_secrets(text, secrets_of(config))
-    return raw if masked == text else masked.encode("utf-8")
+        raise too_big
+    return mask_bytes(raw, secrets_of(config))
 
 
 def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
@@ -2500,6 +2586,35 @@ def ui_config(config: Config) -> dict:
 
 CLIENT_READ_BUFFER = 65536
 _HEAD_END = re.compile(rb"\n\r?\n")  # http.server also takes bare LF line ends
+HEAD_LIMIT = 72 * 1024  # bytes of a request head: its line and header fields
+
+# RFC 9112 grammar, strictly: a token, a request line, a field line (RFC 9110, 5.5 and 5.6.2).
+_TOKEN_BYTES = _TOKEN.pattern.encode()
+_REQUEST_LINE = re.compile(_TOKEN_BYTES + rb" [\x21-\x7e]+( HTTP/[0-9]\.[0-9])?")
+_FIELD_LINE = re.compile(_TOKEN_BYTES + rb":[\t\x20-\x7e\x80-\xff]*")
+
+
+def check_head(head: bytes) -> None:
+    """Raise BadRequest (431 for size) unless the request head is well formed under RFC 9112.
+
+    http.server is lenient where smuggling lives: a line it cannot read ends
+    its header block early, so later headers (Content-Length too) are lost
+    and the body is read as a second request. A strict parser refuses the
+    whole head instead, as nginx and h11 do. Lines may end in CRLF or LF.
+    """
+    end = _HEAD_END.search(head)
+    if end is None or end.start() > HEAD_LIMIT:
+        raise BadRequest(f"the request head is larger than {HEAD_LIMIT // 1024} KiB",
+                         status=HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in head[:end.start()].split(b"\n")]
+    if not _REQUEST_LINE.fullmatch(lines[0]):
+        raise BadRequest("the request line must be METHOD SP TARGET SP HTTP/1.1, in visible ASCII")
+    for number, line in enumerate(lines[1:], start=2):
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest(f"header line {number} is folded (obs-fold); send each header on one line")
+        if not _FIELD_LINE.fullmatch(line):
+            raise BadRequest(f"header line {number} is malformed: it must be a name (a token, no spaces) "
+                             "and a colon, then a value without CR, LF or NUL")
 
 
 class ClientReader(io.RawIOBase):
@@ -2612,7 +2727,6 @@ class ConnectionPool:
     longest-idle connection makes room for a new one.
     """
 
-    HEAD_LIMIT = 72 * 1024  # past this http.server answers 414 or 431 itself
     TICK = 0.1              # how often deadlines are checked, in seconds
     EVICTION_SCAN = 64      # silent-looking connections checked for unread bytes before refusing
     EVICTION_GRACE = 0.5    # seconds a connection must have been silent before it can be closed for another
@@ -2811,7 +2925,7 @@ class ConnectionPool:
                     return  # still idle: its idle deadline stands
                 entry.deadline = time.monotonic() + self._config.header_timeout  # the header clock starts
             entry.head += data
-            if not (_HEAD_END.search(entry.head) or len(entry.head) > self.HEAD_LIMIT):
+            if not (_HEAD_END.search(entry.head) or len(entry.head) > HEAD_LIMIT):
                 return
             del self._waiting[entry.sock]
             self._selector.unregister(entry.sock)
@@ -2905,6 +3019,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def version_string(self):
         return self.server_version  # the Server header does not advertise the Python version
+
+    def parse_request(self):
+        """http.server's parse, then the strict one: a malformed head is a 400 and the connection closes."""
+        if not super().parse_request():
+            return False
+        try:
+            check_head(self.read_ahead)
+        except BadRequest as error:
+            self.send_error(error.status, error.message)
+            return False
+        return True
 
     # ---- routing and the error boundary
 
@@ -3018,6 +3143,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def fail(self, error: ProxyError):
         """Tell the client what went wrong, in whatever form the response still allows."""
+        mask_error(error, secrets_of(self.server.config))  # its text may quote the upstream
         self.error_type = error.type
         if isinstance(error, TooManyRequests):
             self.rejected_by = error.reason
@@ -3107,7 +3233,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             response = self.open_with_retries(exchange, "POST", "/chat/completions", json_bytes(request),
                                               {"Content-Type": "application/json", "Accept": "text/event-stream"},
                                               None, config.retries)
-            self.upstream_request_id = response.headers.get("x-request-id")
+            self.upstream_request_id = mask_known_secrets(response.headers.get("x-request-id") or "",
+                                                          secrets_of(config))
             self.upstream_status = response.status
             try:
                 check_upstream_response(response, config)
@@ -3150,7 +3277,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def relay_answer(self, response: http.client.HTTPResponse, exchange: Exchange):
         """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
         config = self.server.config
-        self.upstream_request_id = response.headers.get("x-request-id")
+        self.upstream_request_id = mask_known_secrets(response.headers.get("x-request-id") or "",
+                                                      secrets_of(config))
         self.upstream_status = response.status
         check_passthrough_response(response)
         error_body = masked_error_body(response, config)
@@ -3399,9 +3527,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def write_passthrough_head(self, response: http.client.HTTPResponse, length: Optional[int] = None) -> str:
         """The upstream's status and headers; returns the framing of the body that follows."""
-        self.send_response(response.status, response.reason)
+        self.send_response(response.status)  # the standard reason: the upstream's own might quote a key
+        secrets = secrets_of(self.server.config)
         for name, value in returned_response_headers(response.headers):
-            self.send_header(name, value)
+            self.send_header(name, mask_known_secrets(value, secrets))
         if response.headers.get_content_type() == "text/event-stream" and "X-Accel-Buffering" not in response.headers:
             self.send_header("X-Accel-Buffering", "no")
         if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):

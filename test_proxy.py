@@ -19,6 +19,7 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import struct
 import subprocess
@@ -915,6 +916,94 @@ class HostileBodyTest(ProxyTestCase):
             self.assertIn('model=gpt-4o\\x0a2026-01-01\\x2000:00:00,000\\x20INFO', line)
 
 
+def read_until_closed(sock, limit=5.0):
+    """Everything the proxy sends until it closes the connection (a timeout fails the test)."""
+    sock.settimeout(limit)
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+
+
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d\d\d ")
+SMUGGLED = b"GET /v1/models?smuggled=B HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class StrictHeadTest(ProxyTestCase):
+    """Heads a strict HTTP/1.1 parser refuses: 400, the connection closed, nothing sent upstream."""
+
+    MALFORMED = {
+        "no colon": b"X-No-Colon\r\n",
+        "space before the colon": b"Transfer-Encoding : chunked\r\n",
+        "space inside a name": b"X Bad: y\r\n",
+        "name not a token": b"X(A): 1\r\n",
+        "empty name": b": y\r\n",
+        "NUL in a value": b"X-A: 1\x002\r\n",
+        "bare CR in a value": b"X-A: 1\r2\r\n",
+        "bare CR ending a line": b"X-A: 1\rX-B: 2\r\n",
+        "control character in a value": b"X-A: 1\x0b2\r\n",
+        "obs-fold": b"X-A: 1\r\n Authorization: Bearer evil\r\n",
+        "obs-fold with a tab": b"X-A: 1\r\n\tmore\r\n",
+    }
+
+    def send_head(self, head, body=b""):
+        sock = self.raw_socket()
+        sock.sendall(head + body)
+        return read_until_closed(sock)
+
+    def assert_refused(self, answer, status=400, *words):
+        self.assertEqual(len(STATUS_LINE.findall(answer)), 1, answer[:300])
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head)
+        self.assertIn(b"Connection: close", head)
+        message = json.loads(body)["error"]["message"]
+        for word in words:
+            self.assertIn(word, message)
+
+    def test_malformed_field_lines_are_400_and_reach_nothing(self):
+        for case, line in self.MALFORMED.items():
+            for method, path in (("GET", b"/v1/models"), ("POST", b"/message")):
+                with self.subTest(case=case, path=path):
+                    head = b"%s %s HTTP/1.1\r\nHost: x\r\n%bContent-Length: 0\r\n\r\n" % (
+                        method.encode(), path, line)
+                    self.assert_refused(self.send_head(head), 400, "header line")
+        self.assertEqual(self.upstream.heads, [])
+
+    def test_a_request_hidden_in_a_body_is_never_sent_upstream(self):
+        for bad in (b"X-Bad : y", b"X-Bad", b"X-A: 1\r\n Authorization: Bearer evil"):
+            with self.subTest(bad=bad):
+                head = (b"POST /v1/files HTTP/1.1\r\nHost: x\r\n%b\r\nContent-Length: %d\r\n\r\n"
+                        % (bad, len(SMUGGLED)))
+                self.assert_refused(self.send_head(head, SMUGGLED), 400)
+        self.assertEqual(self.upstream.heads, [])
+
+    def test_malformed_request_lines_are_400(self):
+        for line in (b"GET /v1/mo\x01dels HTTP/1.1", b"GET  /v1/models HTTP/1.1", b"GET /v1/models\tHTTP/1.1",
+                     b"G(T /v1/models HTTP/1.1", b"GET /v1/caf\xc3\xa9 HTTP/1.1"):
+            with self.subTest(line=line):
+                answer = self.send_head(line + b"\r\nHost: x\r\n\r\n")
+                self.assertRegex(answer[:12], rb"HTTP/1\.[01] 4\d\d")
+                self.assertEqual(len(STATUS_LINE.findall(answer)), 1, answer[:300])
+        self.assertEqual(self.upstream.heads, [])
+
+    def test_a_head_over_the_limit_is_431(self):
+        fields = b"".join(b"X-Filler-%d: %s\r\n" % (number, b"a" * 1000) for number in range(80))
+        self.assert_refused(self.send_head(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n"), 431,
+                            "72 KiB")
+
+    def test_well_formed_edge_cases_are_served(self):
+        self.upstream.script = json_script({"data": []})
+        for head in (b"GET /v1/models HTTP/1.1\nHost: x\nConnection: close\n\n",
+                     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Tab:\tva\tlue\t\r\nX-Empty:\r\n"
+                     b"X-Latin: caf\xe9\r\nConnection: close\r\n\r\n"):
+            with self.subTest(head=head):
+                answer = self.send_head(head)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        self.assertEqual(len(self.upstream.heads), 2)
+
+
 class UpstreamErrorTest(ProxyTestCase):
     config_overrides = {"idle_timeout": 0.5}
 
@@ -975,6 +1064,151 @@ class UpstreamErrorTest(ProxyTestCase):
                                       body=json.dumps({"error": {"message": f"bad header {TEST_KEY}"}}).encode())
         response = self.post_message()
         self.assertNotIn(TEST_KEY.encode(), response.read())
+
+
+# Secrets that look like no key pattern, so that only masking by value can catch them.
+ECHO_UPSTREAM_KEY = "Zq7vX2mP9wK4rT8yL3nB6cD1"
+ECHO_CLIENT_KEY = "Hj5kM8pQ2sV6xZ9aC4eG7iL0"
+ECHO_METRICS_TOKEN = "Wn3bR7tY1uO5pA9sD2fG6hJ4"
+ECHO_SECRETS = (ECHO_UPSTREAM_KEY, ECHO_CLIENT_KEY, ECHO_METRICS_TOKEN)
+
+
+def echo_answer(mode: str) -> bytes:
+    """A raw upstream answer that quotes the secrets in one place; see KeyEchoTest."""
+    key, client, token = ECHO_SECRETS
+    every = f"{key} {client} {token}"
+
+    def answer(status_line, content_type, body, *fields):
+        head = [status_line, f"Content-Type: {content_type}", f"Content-Length: {len(body)}", *fields]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+    json_error = json.dumps({"error": {"message": every}}).encode()
+    return {
+        "reason": lambda: answer(f"HTTP/1.1 400 {every}", "application/json", json_error),
+        "headers": lambda: answer("HTTP/1.1 200 OK", "application/json", b"{}", f"X-Request-Id: {key}",
+                                  f"X-Echo: {every}", f"Openai-Organization: {key.lower()}"),
+        "problem": lambda: answer("HTTP/1.1 400 Bad Request", "application/problem+json",
+                                  json.dumps({"detail": every}).encode()),
+        "octet": lambda: answer("HTTP/1.1 400 Bad Request", "application/octet-stream",
+                                b"\x00\xff" + every.encode() + b"\x00"),
+        "big": lambda: answer("HTTP/1.1 400 Bad Request", "text/plain", b"x" * 100000 + every.encode()),
+        "big-chunked": lambda: (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n"
+                                + b"".join(b"%x\r\n%b\r\n" % (len(piece), piece)
+                                           for piece in (b"x" * 50000, b"x" * 50000, every.encode()))
+                                + b"0\r\n\r\n"),
+        "split-json": lambda: answer("HTTP/1.1 400 Bad Request", "application/json", json.dumps(
+            {"error": {"message": f"{key[:9]}\n{key[9:]} {client[:12]} {client[12:]} {token[:3]}\t{token[3:]}",
+                       "param": key, "code": client}}).encode()),
+        "split-text": lambda: answer("HTTP/1.1 500 Internal Server Error", "text/plain",
+                                     f"{key[:12]}\n  {key[12:]} {client.upper()} {token[:20]}\r\n{token[20:]}".encode()),
+        "bad-status": lambda: f"HTTP/1.1 {every}\r\n\r\n".encode(),
+        "stream-error": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                 b'data: {"error": {"message": "%b"}}\n\n' % every.encode()),
+        "early-hints": lambda: (b"HTTP/1.1 100 Continue\r\n\r\n"
+                                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                                b"HTTP/1.1 102 Processing\r\n\r\n"
+                                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                + chunk("Hi", role="assistant") + chunk(finish="stop") + b"data: [DONE]\n\n"),
+        "endless-hints": lambda: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 40,
+        "switching": lambda: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    }[mode]()
+
+
+class _EchoHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline(65537)
+            if not line:
+                return
+            head += line
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        self.rfile.read(int(length.group(1)) if length else 0)
+        self.wfile.write(echo_answer(self.server.mode))
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class RawUpstreamTestCase(ProxyTestCase):
+    """A proxy in front of an upstream that answers with raw bytes from echo_answer(mode)."""
+
+    config_overrides = {"api_key": ECHO_UPSTREAM_KEY, "metrics_token": ECHO_METRICS_TOKEN,
+                        "proxy_api_keys": (("alice", ECHO_CLIENT_KEY),)}
+
+    def setUp(self):
+        super().setUp()
+        self.echo = _EchoServer(("127.0.0.1", 0), _EchoHandler)
+        self.echo.mode = "headers"
+        threading.Thread(target=self.echo.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(self.echo.server_close)
+        self.addCleanup(self.echo.shutdown)
+        self.server.config = dataclasses.replace(
+            self.config, base_url=f"http://127.0.0.1:{self.echo.server_address[1]}/v1")
+
+    def exchange(self, mode, method, path, body=b""):
+        """The raw bytes the client gets for a request while the upstream answers in `mode`."""
+        self.echo.mode = mode
+        sock = self.raw_socket()
+        sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+                     % (method.encode(), path.encode(), ECHO_CLIENT_KEY.encode(), len(body), body))
+        return read_until_closed(sock)
+
+
+
+class KeyEchoTest(RawUpstreamTestCase):
+    """An upstream that quotes the proxy's secrets everywhere it can: none reaches a client or the log."""
+
+    def assert_no_secret(self, text):
+        flat = re.sub(r"\s|\\[nrt]", "", text).lower()
+        for secret in ECHO_SECRETS:
+            for start in range(len(secret) - 5):
+                self.assertNotIn(secret[start:start + 6].lower(), flat, f"a piece of {secret} got through")
+
+    def test_no_secret_reaches_a_client_or_the_log(self):
+        want = {"/v1/models": {"reason": 400, "headers": 200, "problem": 400, "octet": 400, "big": 502,
+                               "big-chunked": 502, "split-json": 400, "split-text": 500, "bad-status": 502,
+                               "stream-error": 200},
+                "/message": {"reason": 400, "headers": 502, "problem": 400, "split-json": 400, "split-text": 502,
+                             "bad-status": 502, "big": 400, "stream-error": 200}}
+        got = []
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            for path, modes in want.items():
+                method, body = ("GET", b"") if path.startswith("/v1") else ("POST", chat_body())
+                for mode, status in modes.items():
+                    with self.subTest(path=path, mode=mode):
+                        answer = self.exchange(mode, method, path, body)
+                        self.assertRegex(answer[:13], rb"HTTP/1\.1 %d " % status)
+                        self.assert_no_secret(answer.decode("latin-1"))
+                        got.append(answer)
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", got[0])  # the standard reason, not the upstream's
+        self.assertIn(b"\x00\xff[redacted]", got[3])  # a binary body keeps its other bytes
+        self.assertTrue(any(b"X-Request-Id: [redacted]" in answer for answer in got))
+        self.assert_no_secret("\n".join(logs.output))
+        self.assertIn("request_id=[redacted]", "\n".join(logs.output))
+
+
+class InterimResponseTest(RawUpstreamTestCase):
+    def test_interim_responses_are_skipped_not_relayed_as_the_answer(self):
+        for path, method, body in (("/v1/chat/completions", "POST", v1_chat(True)),
+                                   ("/message", "POST", chat_body())):
+            with self.subTest(path=path):
+                answer = self.exchange("early-hints", method, path, body)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:100])
+                self.assertEqual(len(STATUS_LINE.findall(answer)), 1)
+                self.assertIn(b"Hi", answer)
+                self.assertNotIn(b"style.css", answer)
+
+    def test_endless_interim_responses_and_a_101_are_a_502(self):
+        for mode in ("endless-hints", "switching"):
+            with self.subTest(mode=mode):
+                answer = self.exchange(mode, "GET", "/v1/models")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer[:100])
 
 
 class MidStreamErrorTest(ProxyTestCase):
@@ -1781,8 +2015,17 @@ class PathSafetyTest(ProxyTestCase):
                 self.assert_json_error(self.send_raw(attempt), 400)
         self.assertEqual(self.upstream.requests, [])
 
+    def test_encoded_separators_and_dot_segments_are_refused(self):
+        for path in ("/v1/%2E%2E%2F%2E%2E%2Fdecoy", "/v1/..%2f..%2fdecoy", "/v1//host/v1/models",
+                     "/v1/models/..\\..\\decoy", "/v1/models%2F..%2Fadmin", "/v1/models/%5C%5Cdecoy",
+                     "/v1/models/%2e", "/v1/files//content"):
+            with self.subTest(path=path):
+                head = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+                self.assert_json_error(self.send_raw(head), 400, "path")
+        self.assertEqual(self.upstream.requests, [])
+
     def test_odd_paths_stay_on_the_upstream_host(self):
-        for path in ("//evil.example/x", "/@evil.example/x", "/models%2F..%2Fadmin"):
+        for path in ("/@evil.example/x", "/models/", "/files/file-1/content?purpose=a%2Fb"):
             with self.subTest(path=path):
                 self.upstream.script = json_script({})
                 response = self.request("GET", "/v1" + path, headers={"Host": "evil.example"})
