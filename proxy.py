@@ -1009,8 +1009,18 @@ TOKEN_CAP_FIELDS = {
 }
 
 
+def check_field_type(name: str, value, kind: type, want: str) -> None:
+    """A BadRequest naming the field and the type it needs, unless the value is of it or null."""
+    if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        return
+    got = json.dumps(value) if _is_number(value) else json_type_name(value)
+    raise BadRequest(f"'{name}' must be {want}; got {got}", detail={"param": name})
+
+
 def check_model(model, config: Config) -> None:
     """Refuse a model outside ALLOWED_MODELS."""
+    if config.allowed_models:
+        check_field_type("model", model, str, "a string")
     if config.allowed_models and model not in config.allowed_models:
         raise BadRequest(f"model {json.dumps(model)} is not allowed by this proxy; use one of: "
                          f"{', '.join(config.allowed_models)}", detail={"param": "model"})
@@ -1025,7 +1035,8 @@ def cap_output_tokens(body: dict, api: str, cap: int) -> bool:
         return True
     changed = False
     for field in present:
-        if _is_whole(body[field]) and body[field] > cap:
+        check_field_type(field, body[field], int, "a whole number")
+        if body[field] > cap:
             body[field] = cap
             changed = True
     return changed
@@ -1043,7 +1054,11 @@ def guard_json_request(api: str, body: dict, config: Config) -> bool:
 def ask_for_usage(body: dict) -> bool:
     """Make a streamed chat completion report its usage (BerriAI/litellm#5632); True if the client had not asked."""
     options = body.get("stream_options")
-    if body.get("stream") is not True or (options is not None and not isinstance(options, dict)):
+    check_field_type("stream", body.get("stream"), bool, "true or false")
+    check_field_type("stream_options", options, dict, "an object")
+    if isinstance(options, dict):
+        check_field_type("stream_options.include_usage", options.get("include_usage"), bool, "true or false")
+    if body.get("stream") is not True:
         return False
     if options and options.get("include_usage") is True:
         return False
@@ -1267,6 +1282,26 @@ def format_access_line(record: dict) -> str:
             f'upstream={log_value(record["upstream"])} attempts={record["attempts"]}')
 
 
+LOG_LINE_LIMIT = 16384  # characters of one log line (or of one field of a JSON line), traceback included
+
+
+def bounded(text: str) -> str:
+    """Text cut to LOG_LINE_LIMIT, saying so: no single line can fill a disk."""
+    if len(text) <= LOG_LINE_LIMIT:
+        return text
+    return f"{text[:LOG_LINE_LIMIT]} [{len(text) - LOG_LINE_LIMIT} more characters cut]"
+
+
+class TextLogFormatter(logging.Formatter):
+    """The text log: time, level and message, bounded."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return bounded(super().format(record))
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: the access record's fields, or the message of any other line."""
 
@@ -1275,12 +1310,13 @@ class JsonLogFormatter(logging.Formatter):
         line = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "level": record.levelname.lower()}
         access = getattr(record, "access", None)
-        if access is not None:
-            line.update(access)
+        if access is not None:  # client- and upstream-supplied values bounded, as in the text line
+            line.update((name, value[:LOG_VALUE_LIMIT] if isinstance(value, str) else value)
+                        for name, value in access.items())
         else:
-            line["message"] = record.getMessage()
+            line["message"] = bounded(record.getMessage())
             if record.exc_info:
-                line["traceback"] = self.formatException(record.exc_info)
+                line["traceback"] = bounded(self.formatException(record.exc_info))
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -2663,6 +2699,25 @@ class ClientReader(io.RawIOBase):
             raise ClientGone() from None
 
 
+class ClientWriter(io.BufferedIOBase):
+    """A client socket as http.server's wfile: a write the client broke (reset, closed, or stopped
+    reading past the timeout) raises ClientGone, the client's doing, not the proxy's error."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            self._sock.sendall(data)
+        except OSError:
+            raise ClientGone() from None
+        return len(data)
+
+
 class FloodLog:
     """A log line for something that can come in floods: the first at once, then a count at most every EVERY s.
 
@@ -3003,6 +3058,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()  # reads go through the pool's read-ahead first
         self.rfile = io.BufferedReader(ClientReader(self.connection, self.read_ahead, self.timeout),
                                        CLIENT_READ_BUFFER)
+        self.wfile = ClientWriter(self.connection)
 
     def handle(self):
         """Serve one request; the connection pool holds the connection until the next."""
@@ -3157,7 +3213,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.exchange.end()
             else:
                 self.send_json(error.status, error.to_json(), error.headers)
-        except (ClientGone, OSError):
+        except ClientGone:
             self.close_connection = True
             self.client_left = True
 
@@ -3394,7 +3450,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         then = f"retrying in {wait:.2f}s" if wait is not None else "no more retries on it"
         logger.warning('%s "%s %s" attempt %d to the %s upstream failed (%s); %s', self.client_address[0],
-                       self.command, self.path_only, attempt + 1, upstream.name, outcome, then)
+                       self.command, log_value(self.path_only), attempt + 1, upstream.name, outcome, then)
 
     def answer_preflight(self, methods: Dict[str, str]):
         """OPTIONS: the CORS preflight (Fetch standard); an origin not allowed gets no allow headers."""
@@ -3461,7 +3517,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return False
         if self.at_once:  # answered without its body: no 100 asks the client to send one (RFC 9110, 10.1.1)
             return True
-        return super().handle_expect_100()
+        try:
+            return super().handle_expect_100()
+        except ClientGone:
+            self.start_request()
+            self.client_left = True
+            self.log_exchange()
+            return False
 
     def has_unread_body(self) -> bool:
         """True when request body bytes may still sit on the connection."""
@@ -3555,8 +3617,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             text = f"{text}: {explain}"
         try:
             self.send_json(code, {"error": {"message": text, "type": "invalid_request_error"}})
-        except OSError:
-            pass
+        except ClientGone:
+            self.client_left = True
         self.log_exchange()
 
     # ---- logging
@@ -3760,7 +3822,7 @@ def configure_logging(log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextLogFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 

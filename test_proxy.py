@@ -13,6 +13,7 @@ import http.server
 import json
 import logging
 import os
+import pathlib
 import queue
 import re
 import select
@@ -877,6 +878,25 @@ class HostileBodyTest(ProxyTestCase):
                 self.assert_json_error(response, 400, "nests arrays or objects too deeply")
         self.assertEqual(self.upstream.requests, [])
 
+    def test_fields_the_proxy_reads_must_have_their_type(self):
+        self.server.config = dataclasses.replace(self.config, allowed_models=("m",), max_tokens=100)
+        cases = (({"model": ["m"]}, "'model' must be a string; got an array"),
+                 ({"model": "m", "max_tokens": "100000"}, "'max_tokens' must be a whole number; got a string"),
+                 ({"model": "m", "max_completion_tokens": 1e9}, "'max_completion_tokens' must be a whole number; "
+                                                                "got 1000000000.0"),
+                 ({"model": "m", "max_tokens": True}, "'max_tokens' must be a whole number; got a boolean"),
+                 ({"model": "m", "stream": "yes"}, "'stream' must be true or false; got a string"),
+                 ({"model": "m", "stream": True, "stream_options": "x"}, "'stream_options' must be an object"),
+                 ({"model": "m", "stream": True, "stream_options": {"include_usage": 1}},
+                  "'stream_options.include_usage' must be true or false; got 1"))
+        for fields, message in cases:
+            with self.subTest(fields=fields):
+                body = json.dumps({**fields, "messages": [{"role": "user", "content": "Hi"}]}).encode()
+                response = self.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                error = self.assert_json_error(response, 400, message)
+                self.assertEqual(error["param"], message.split("'")[1])
+        self.assertEqual(self.upstream.requests, [])
+
     def test_a_client_that_resets_mid_body_is_a_client_left_line_not_an_error(self):
         body = chat_body()
         heads = (b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body),
@@ -1002,6 +1022,28 @@ class StrictHeadTest(ProxyTestCase):
                 answer = self.send_head(head)
                 self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
         self.assertEqual(len(self.upstream.heads), 2)
+
+
+class LogBoundTest(ProxyTestCase):
+    def test_every_log_line_is_bounded_in_both_formats(self):
+        self.upstream.script = lambda received: json_completion()
+        huge = "m" * 300000
+        with self.assertLogs("proxy", "INFO") as logs:
+            self.request("POST", "/v1/chat/completions", json.dumps({"model": huge, "messages": []}).encode(),
+                         {"Content-Type": "application/json"}).read()
+            self.assertTrue(self.server.wait_idle(5))
+        try:
+            raise ValueError("x" * 300000)
+        except ValueError:
+            failure = logging.LogRecord("proxy", logging.ERROR, __file__, 1, "bug: %s", ("y" * 300000,),
+                                        sys.exc_info())
+        for formatter in (proxy.TextLogFormatter(), proxy.JsonLogFormatter()):
+            for record in logs.records + [failure]:
+                with self.subTest(formatter=type(formatter).__name__, message=record.msg[:20]):
+                    line = formatter.format(record)
+                    self.assertLess(len(line), 3 * proxy.LOG_LINE_LIMIT)
+                    if type(formatter) is proxy.JsonLogFormatter:
+                        json.loads(line)  # still one whole JSON object
 
 
 class UpstreamErrorTest(ProxyTestCase):
@@ -1292,6 +1334,82 @@ class ClientDisconnectTest(ProxyTestCase):
         sock = self.start_stream()
         self.assertTrue(wait_until(lambda: self.upstream.requests), "the request never reached the upstream")
         self.assert_upstream_closed_after(sock, baseline)
+
+
+def reset(sock):
+    """Close a socket with a TCP reset, as a crashed client or a middlebox would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class ClientResetTest(ProxyTestCase):
+    """A client that resets at any point is one client_left line at INFO: no ERROR, no traceback, no 5xx."""
+
+    def setUp(self):
+        super().setUp()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "big.js"), "w") as file:
+            file.write("//" + "x" * (8 << 20) + "\n")  # more than any socket buffers hold
+        self.server.ui = proxy.load_ui(pathlib.Path(folder))
+
+    def send(self, head, body=b""):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the proxy's writes block soon
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", self.port))
+        sock.sendall(head + body)
+        return sock
+
+    def reset_while_the_proxy_writes_a_file(self):
+        sock = self.send(b"GET /ui/big.js HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", sock.recv(1024))  # it is writing, and cannot finish: 8 MiB
+        reset(sock)
+
+    def reset_while_the_upstream_is_awaited(self, head, body):
+        self.upstream.script = Script(hold_headers=True)
+        count = len(self.upstream.requests)
+        sock = self.send(head, body)
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) > count))
+        reset(sock)
+        self.assertTrue(self.upstream.disconnected.wait(2))
+        self.upstream.disconnected.clear()
+
+    def reset_mid_stream(self, head, body, marker):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="a"), HANG])
+        sock = self.send(head, body)
+        received = b""
+        while marker not in received:
+            data = sock.recv(4096)
+            self.assertTrue(data, "stream ended early")
+            received += data
+        reset(sock)
+        self.assertTrue(self.upstream.disconnected.wait(2))
+        self.upstream.disconnected.clear()
+
+    def test_resets_at_every_point_are_client_left_lines(self):
+        message = chat_body()
+        message_head = b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(message)
+        v1 = v1_chat(True)
+        v1_head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(v1))
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            self.reset_while_the_proxy_writes_a_file()
+            self.assertTrue(wait_until(lambda: self.server.wait_idle(0)))
+            self.reset_while_the_upstream_is_awaited(message_head, message)
+            self.reset_while_the_upstream_is_awaited(v1_head, v1)
+            self.reset_mid_stream(message_head, message, b'"content":"a"')
+            self.reset_mid_stream(v1_head, v1, b'"content": "a"')
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertFalse([record for record in logs.records if record.levelno >= logging.WARNING or record.exc_info],
+                         logs.output)
+        access = [record.getMessage() for record in logs.records if hasattr(record, "access")]
+        self.assertEqual(len(access), 5, access)
+        for line in access:
+            self.assertIn("client_left=yes", line)
+        metrics = self.server.metrics.render({})
+        self.assertNotRegex(metrics, r'proxy_requests_total\{[^}]*status="5')
+        self.assertIn("proxy_client_disconnects_total 4", metrics)
 
 
 class HeartbeatTest(ProxyTestCase):
