@@ -5,6 +5,7 @@ Run: python3 -m unittest -v test_proxy
 
 import asyncio
 import base64
+import concurrent.futures
 import dataclasses
 import datetime
 import email.utils
@@ -15,6 +16,7 @@ import logging
 import os
 import pathlib
 import queue
+import random
 import re
 import select
 import shutil
@@ -3247,6 +3249,174 @@ class JsonLogTest(unittest.TestCase):
         for secret in (TEST_KEY, ALICE_KEY, "secret-prompt-text", "secret-reply-text"):
             self.assertNotIn(secret, text)
         self.assertTrue(any("listening on" in r.get("message", "") for r in records))
+
+
+# --------------------------------------------------------------------------
+# Fuzzing: mutated requests and randomly typed bodies against a running proxy
+# --------------------------------------------------------------------------
+
+FUZZ_FIELDS = ("model", "messages", "role", "content", "stream", "stream_options", "include_usage", "max_tokens",
+               "max_completion_tokens", "max_output_tokens", "temperature", "top_p", "seed", "stop", "n", "input",
+               "tools", "name", "user")
+FUZZ_SCALARS = (None, True, False, 0, -1, 1, 2.5, 10 ** 30, -1e308, "", "m", "user", "gpt-4o-mini", "\u2028",
+                "\x00", "a\r\nb", "\"", "x" * 300)
+FUZZ_INSERTS = (b"\r", b"\n", b"\r\n", b"\x00", b" ", b":", b"\t", b"\r\n ", b"%", b"%2F", b"%2e%2e", b"..", b"/",
+                b"\\", b"\xff", b"\xc3\xa9", b'"', b"{", b"[", b"9" * 20, b"-1", b"Transfer-Encoding: chunked\r\n",
+                b"Content-Length: 5\r\n", b"Content-Length: 99999999999\r\n", b"Expect: 100-continue\r\n",
+                b"Connection: keep-alive\r\n", b"0\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n")
+
+
+def fuzz_value(rng, depth=0):
+    """A JSON value of a random type, nested a little, with field names the proxy reads."""
+    roll = rng.random()
+    if depth < 3 and roll < 0.15:
+        return [fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if depth < 3 and roll < 0.3:
+        return {rng.choice(FUZZ_FIELDS): fuzz_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    return rng.choice(FUZZ_SCALARS)
+
+
+def fuzz_body(rng) -> bytes:
+    """A JSON object with randomly typed fields, often with a plausible messages list."""
+    body = {name: fuzz_value(rng) for name in rng.sample(FUZZ_FIELDS, rng.randint(0, 6))}
+    if rng.random() < 0.6:
+        body["messages"] = [{"role": fuzz_value(rng) if rng.random() < 0.3 else "user",
+                             "content": fuzz_value(rng) if rng.random() < 0.3 else "Hi"}
+                            for _ in range(rng.randint(0, 3))]
+    return json.dumps(body).encode()
+
+
+def fuzz_json_request(rng) -> bytes:
+    path = rng.choice((b"/message", b"/v1/chat/completions", b"/v1/responses", b"/v1/embeddings",
+                       b"/v1/completions"))
+    body = fuzz_body(rng)
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%b" % (path, len(body), body))
+
+
+def fuzz_seeds():
+    """Well-formed requests of every kind the proxy serves, to mutate."""
+    chat = chat_body()
+    v1 = v1_chat(True)
+    form = (b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--b\r\n"
+            b"Content-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--b--\r\n")
+    json_head = b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+    return [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"x\"\r\n\r\n",
+        b"GET /ui/app.js HTTP/1.0\r\n\r\n",
+        b"OPTIONS /message HTTP/1.1\r\nHost: x\r\nOrigin: http://a\r\nAccess-Control-Request-Method: POST\r\n\r\n",
+        b"POST /message HTTP/1.1\r\nHost: x\r\n" + json_head % len(chat) + b"\r\n" + chat,
+        b"POST /message HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + json_head % len(chat) + b"\r\n" + chat,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + json_head % len(v1) + b"\r\n" + v1,
+        b"GET /v1/models?limit=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(form), form),
+    ]
+
+
+def fuzz_mutate(rng, data: bytes) -> bytes:
+    """A few random edits: a byte changed, bytes inserted, removed, repeated, or the end cut."""
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        where = rng.randrange(len(data) + 1)
+        edit = rng.randrange(5)
+        if edit == 0 and data:
+            data[min(where, len(data) - 1)] = rng.randrange(256)
+        elif edit == 1:
+            data[where:where] = rng.choice(FUZZ_INSERTS)
+        elif edit == 2:
+            del data[where:where + rng.randint(1, 16)]
+        elif edit == 3:
+            start = rng.randrange(len(data) + 1)
+            data[where:where] = data[start:start + rng.randint(1, 32)]
+        else:
+            del data[where:]
+    return bytes(data)
+
+
+RESPONSE_STATUS = re.compile(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3}) ")
+
+
+class FuzzTest(ProxyTestCase):
+    """Thousands of seeded, mutated requests: every answer is HTTP below 500 (501 and 505 aside), the log
+    holds no traceback, and a long stream running meanwhile arrives intact."""
+
+    SEED = 15
+    COUNT = 3000
+    WORKERS = 8
+    config_overrides = {"allowed_models": ("m", "gpt-4o-mini"), "max_tokens": 100, "max_connections": 256}
+
+    def setUp(self):
+        super().setUp()
+        self.long_words = [f"w{number} " for number in range(300)]
+        steps = reply(*self.long_words)
+        self.upstream.script = lambda received: Script(
+            steps=[step for word in steps for step in (word, 0.004)] if b"LONG-STREAM" in received.body
+            else reply("Hello", " world"))
+
+    def answer(self, request: bytes, end: str) -> bytes:
+        """Send a request and read the answer; `end` says how the client ends its side:
+        "close" (its request says so), "half" (a half-close), or "reset" (it resets, reading nothing)."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        try:
+            try:
+                sock.sendall(request)
+                if end == "half":  # the proxy sees the end at once: no request waits out a timeout
+                    sock.shutdown(socket.SHUT_WR)
+            except OSError:  # the proxy answered and closed before taking it all: its answer is still there
+                pass
+            if end == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return b""
+            return read_until_closed(sock, 10)
+        except ConnectionResetError:
+            return b""
+        finally:
+            sock.close()
+
+    def run_long_stream(self, frames):
+        conn = self.connect(timeout=30)
+        try:
+            conn.request("POST", "/message", chat_body("LONG-STREAM"))
+            frames.extend(parse_frames(conn.getresponse().read().decode()))
+        finally:
+            conn.close()
+
+    def test_mutated_requests_never_reach_a_5xx_or_a_traceback(self):
+        rng = random.Random(self.SEED)
+        seeds = fuzz_seeds()
+        requests = []
+        for _ in range(self.COUNT):
+            roll = rng.random()
+            if roll < 0.3:
+                requests.append((fuzz_json_request(rng), "close"))
+            elif roll < 0.4:
+                requests.append((rng.choice(seeds), "reset"))
+            else:
+                requests.append((fuzz_mutate(rng, rng.choice(seeds)), "half"))
+        crashes = []
+        previous_hook, threading.excepthook = threading.excepthook, crashes.append
+        self.addCleanup(setattr, threading, "excepthook", previous_hook)
+        long_frames = []
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            long_stream = threading.Thread(target=self.run_long_stream, args=(long_frames,))
+            long_stream.start()
+            with concurrent.futures.ThreadPoolExecutor(self.WORKERS) as pool:
+                answers = list(pool.map(lambda item: self.answer(*item), requests))
+            long_stream.join(30)
+            self.assertTrue(self.server.wait_idle(10))
+        bad = [(request[:120], answer[:200]) for (request, _), answer in zip(requests, answers)
+               for status in RESPONSE_STATUS.findall(answer) if int(status) >= 500 and int(status) not in (501, 505)]
+        self.assertEqual(bad[:5], [], f"{len(bad)} answers were a 5xx")
+        self.assertGreater(sum(1 for answer in answers if RESPONSE_STATUS.match(answer)), self.COUNT // 2)
+        self.assertFalse([record.getMessage()[:300] for record in logs.records
+                          if record.exc_info or record.levelno >= logging.ERROR])
+        self.assertEqual(crashes, [])
+        self.assertEqual("".join(self.contents(long_frames)), "".join(self.long_words))
+        self.assertEqual(long_frames[-1][0], "done")
 
 
 # --------------------------------------------------------------------------
