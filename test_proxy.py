@@ -246,7 +246,7 @@ class FakeUpstream:
             context.load_cert_chain(*tls_files)
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
             self.scheme = "https"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
 
     @property
     def base_url(self):
@@ -368,7 +368,7 @@ class ProxyTestCase(unittest.TestCase):
         self.addCleanup(self.upstream.close)
         self.config = make_config(base_url=self.upstream.base_url, **self.config_overrides)
         self.server = self.server_class(self.config)
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
         self.addCleanup(self.stop_server)
         self.port = self.server.server_port
 
@@ -1187,7 +1187,7 @@ class RawUpstreamTestCase(ProxyTestCase):
         super().setUp()
         self.echo = _EchoServer(("127.0.0.1", 0), _EchoHandler)
         self.echo.mode = "headers"
-        threading.Thread(target=self.echo.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(target=self.echo.serve_forever, args=(0.01,), daemon=True).start()
         self.addCleanup(self.echo.server_close)
         self.addCleanup(self.echo.shutdown)
         self.server.config = dataclasses.replace(
@@ -2423,7 +2423,7 @@ class DemoSdkTest(unittest.TestCase):
         self.addCleanup(demo.close)
         config = make_config(base_url=demo.base_url, api_key="demo-key-not-secret")  # as --demo sets them
         server = proxy.ProxyServer(config)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
         self.addCleanup(server.close)
         self.addCleanup(server.shutdown)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused",
@@ -3345,7 +3345,7 @@ class FuzzTest(ProxyTestCase):
     holds no traceback, and a long stream running meanwhile arrives intact."""
 
     SEED = 15
-    COUNT = 3000
+    COUNT = 2400
     WORKERS = 8
     config_overrides = {"allowed_models": ("m", "gpt-4o-mini"), "max_tokens": 100, "max_connections": 256}
 
@@ -3673,7 +3673,7 @@ class BrowserDemoTest(BrowserTestCase):
         self.addCleanup(demo.close)
         self.config = make_config(base_url=demo.base_url, api_key="demo-key-not-secret", demo=True)
         self.server = proxy.ProxyServer(self.config)
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
         self.addCleanup(self.stop_server)
         self.port = self.server.server_port
 
@@ -3939,7 +3939,7 @@ class BenchmarkSmokeTest(unittest.TestCase):
         row = asyncio.run(bench_proxy.keepalive("/v1/chat/completions", [], ()))
         self.assertEqual(row["errors"], 0, row["sample_error"])
         self.assertGreater(row["requests"], 2)
-        for row in asyncio.run(bench_proxy.flood([], ("--max-connections", "10"), seconds=0.8)):
+        for row in asyncio.run(bench_proxy.flood([], ("--max-connections", "10"), seconds=0.5)):
             with self.subTest(flood=row["flood"]):
                 self.assertGreater(row["probes"], 0)
                 self.assertEqual(row["served"] + row["told_503"], row["probes"], row)
