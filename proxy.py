@@ -1356,10 +1356,13 @@ class Metrics:
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
                "proxy_time_to_first_token_seconds": TTFT_BUCKETS}
 
+    CLIENT_LABELS = 100  # client addresses that may be a label (without client keys); later ones are "other"
+
     def __init__(self, known_models: frozenset = frozenset()):
         # Models that may be a label: any other a client names counts as "other",
         # so that clients cannot make the series grow without bound.
         self._known_models = known_models
+        self._clients: set = set()  # the client labels in use
         self._lock = threading.Lock()
         self._values: Dict[Tuple[str, tuple], float] = collections.defaultdict(float)
         self._histograms: Dict[Tuple[str, tuple], List[float]] = {}
@@ -1393,12 +1396,22 @@ class Metrics:
         for token_kind in ("prompt", "completion"):
             if access[f"{token_kind}_tokens"]:
                 self.inc("proxy_tokens_total", (("model", self._model_label(access["model"])),
-                                                ("client", access["client"] or "unknown"),
+                                                ("client", self._client_label(access["client"])),
                                                 ("kind", token_kind)), access[f"{token_kind}_tokens"])
         if cancelled_upstream:
             self.inc("proxy_client_disconnects_total")
         if rejected_by:
             self.inc("proxy_rate_limit_rejections_total", (("reason", rejected_by),))
+
+    def _client_label(self, client: Optional[str]) -> str:
+        """A client's name (or address) as a label, the first CLIENT_LABELS of them; the rest are "other"."""
+        if not client:
+            return "unknown"
+        with self._lock:
+            if client not in self._clients and len(self._clients) >= self.CLIENT_LABELS:
+                return "other"
+            self._clients.add(client)
+        return client
 
     def _model_label(self, model: Optional[str]) -> str:
         if not model:

@@ -2806,6 +2806,26 @@ class ClientByAddressTest(ProxyTestCase):
         self.assertEqual(self.request("GET", "/v1/models").status, 200)
         self.assert_json_error(self.request("GET", "/v1/models"), 429, "RATE_LIMIT_RPM")
 
+    def test_addresses_as_metric_labels_are_bounded(self):
+        self.server.metrics.CLIENT_LABELS = 3
+        self.upstream.script = lambda received: json_script({
+            "id": "c", "object": "chat.completion", "created": CREATED, "model": "x", "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        for number in range(2, 8):  # six addresses, each its own client
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
+                                              source_address=(f"127.0.0.{number}", 0))
+            self.addCleanup(conn.close)
+            conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m"}).encode(),
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            self.assertEqual(response.status, 200)
+        self.assertTrue(self.server.wait_idle(5))
+        text = self.server.metrics.render({})
+        labels = set(re.findall(r'proxy_tokens_total\{model="[^"]*",client="([^"]*)"', text))
+        self.assertEqual(labels, {"127.0.0.2", "127.0.0.3", "127.0.0.4", "other"})
+        self.assertIn('client="other",kind="prompt"} 3', text)
+
 
 # --------------------------------------------------------------------------
 # Health, CORS, logging
