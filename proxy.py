@@ -951,17 +951,21 @@ SPLIT_SECRET_MIN = 8  # secrets this long or longer are also found split by whit
 
 
 @functools.lru_cache(maxsize=8)
-def _secrets_pattern(secrets: Tuple[str, ...]) -> Optional[re.Pattern]:
-    """One pattern for every secret, in any letter case, whole or split by whitespace."""
+def _secrets_pattern(secrets: Tuple[str, ...]) -> Tuple[Optional[re.Pattern], int]:
+    """One pattern for every secret, in any letter case, whole or split by whitespace; and the shortest's length."""
     parts = [_GAP.join(map(re.escape, secret)) if len(secret) >= SPLIT_SECRET_MIN else re.escape(secret)
              for secret in secrets if secret]
-    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+    if not parts:
+        return None, 0
+    return re.compile("|".join(parts), re.IGNORECASE), min(len(secret) for secret in secrets if secret)
 
 
 def mask_known_secrets(text: str, secrets: Tuple[str, ...]) -> str:
     """Text with the configured keys and passwords masked, and nothing else changed."""
-    pattern = _secrets_pattern(secrets)
-    return text if pattern is None else pattern.sub("[redacted]", text)
+    pattern, shortest = _secrets_pattern(secrets)
+    if pattern is None or len(text) < shortest:  # too short to hold one: most header values are
+        return text
+    return pattern.sub("[redacted]", text)
 
 
 def mask_secrets(text: str, secrets: Tuple[str, ...]) -> str:
@@ -3302,9 +3306,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             response = self.open_with_retries(exchange, "POST", "/chat/completions", json_bytes(request),
                                               {"Content-Type": "application/json", "Accept": "text/event-stream"},
                                               None, config.retries)
-            self.upstream_request_id = mask_known_secrets(response.headers.get("x-request-id") or "",
-                                                          secrets_of(config))
-            self.upstream_status = response.status
+            self.note_upstream_answer(response)
             try:
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
@@ -3346,9 +3348,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def relay_answer(self, response: http.client.HTTPResponse, exchange: Exchange):
         """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
         config = self.server.config
-        self.upstream_request_id = mask_known_secrets(response.headers.get("x-request-id") or "",
-                                                      secrets_of(config))
-        self.upstream_status = response.status
+        self.note_upstream_answer(response)
         check_passthrough_response(response)
         error_body = masked_error_body(response, config)
         if error_body is not None:
@@ -3363,6 +3363,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             relay_passthrough(response, exchange, config, observer, self.strip_usage)
         finally:
             self.usage = observer.finish()
+
+    def note_upstream_answer(self, response: http.client.HTTPResponse):
+        """What the access log keeps of the upstream's answer: its status, and its request id masked."""
+        request_id = response.headers.get("x-request-id")
+        self.upstream_request_id = request_id and mask_known_secrets(request_id, secrets_of(self.server.config))
+        self.upstream_status = response.status
 
     def stream_slot(self, force: bool = False):
         """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
