@@ -252,6 +252,8 @@ class Config:
     cors_origins: Tuple[str, ...]  # allowed browser origins; ("*",) allows any
     connect_timeout: float       # seconds to connect to the upstream
     idle_timeout: float          # seconds the upstream may stay silent
+    upstream_keepalive: int      # idle connections kept per upstream; 0: a new connection per request
+    upstream_keepalive_timeout: float  # seconds an idle upstream connection is kept
     heartbeat_interval: float    # seconds of stream silence before a keep-alive comment
     drain_timeout: float         # seconds running streams get after SIGTERM/SIGINT
     client_timeout: float        # seconds an idle connection is kept, and a client may take to accept a write
@@ -426,6 +428,10 @@ SETTINGS = (
             "seconds to connect to the upstream"),
     Setting("idle_timeout", ("IDLE_TIMEOUT",), "300", _parse_positive_float,
             "seconds the upstream may stay silent before the request fails"),
+    Setting("upstream_keepalive", ("UPSTREAM_KEEPALIVE",), "64", _parse_count,
+            "idle connections kept open to each upstream for later requests; 0: a new connection each time"),
+    Setting("upstream_keepalive_timeout", ("UPSTREAM_KEEPALIVE_TIMEOUT",), "30", _parse_positive_float,
+            "seconds an idle upstream connection is kept before it is closed"),
     Setting("heartbeat_interval", ("HEARTBEAT_INTERVAL",), "15", _parse_positive_float,
             "seconds of silence on a stream before a ': keep-alive' comment is sent"),
     Setting("drain_timeout", ("DRAIN_TIMEOUT",), "30", _parse_positive_float,
@@ -1283,7 +1289,8 @@ def format_access_line(record: dict) -> str:
             f'frames={record["frames"]} bytes={record["bytes"]} client={log_value(record["client"])} '
             f'model={log_value(record["model"])} tokens={tokens} request_id={log_value(record["request_id"])} '
             f'error={log_value(record["error"])} client_left={"yes" if record["client_left"] else "no"} '
-            f'upstream={log_value(record["upstream"])} attempts={record["attempts"]}')
+            f'upstream={log_value(record["upstream"])} attempts={record["attempts"]} '
+            f'reused={ {True: "yes", False: "no", None: "-"}[record["upstream_reused"]] }')
 
 
 LOG_LINE_LIMIT = 16384  # characters of one log line (or of one field of a JSON line), traceback included
@@ -1355,6 +1362,10 @@ class Metrics:
         ("proxy_upstream_attempts_total", "counter",
          "Upstream attempts by upstream and outcome: answered, or the retryable failure (429, 5xx, connect, "
          "timeout, protocol)."),
+        ("proxy_upstream_connections_opened_total", "counter", "Connections opened to each upstream."),
+        ("proxy_upstream_connections_reused_total", "counter",
+         "Requests sent on a kept-alive connection to each upstream."),
+        ("proxy_upstream_idle_connections", "gauge", "Kept-alive connections to each upstream waiting for a request."),
         ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
     )
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
@@ -1422,12 +1433,12 @@ class Metrics:
             return "unknown"
         return model if model in self._known_models else "other"
 
-    def render(self, gauges: Dict[str, float]) -> str:
-        """The exposition text."""
+    def render(self, gauges: Dict) -> str:
+        """The exposition text; gauges maps a name, or a (name, labels) pair, to a value read now."""
         with self._lock:
             values = dict(self._values)
             histograms = {key: list(counts) for key, counts in self._histograms.items()}
-        values.update({(name, ()): value for name, value in gauges.items()})
+        values.update({key if isinstance(key, tuple) else (key, ()): value for key, value in gauges.items()})
         lines = []
         for name, kind, help_text in self.FAMILIES:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
@@ -1580,15 +1591,20 @@ class Exchange:
         if self.cancelled.is_set():
             _shutdown_quietly(sock)
 
+    def detach_upstream(self) -> bool:
+        """Forget the upstream socket, so that a late cancel() cannot cut it; False if cancelled already."""
+        with self._upstream_lock:
+            self._upstream_sock = None
+            return self.cancel_reason is None
+
     def cancel(self, reason: str) -> None:
         """Stop the exchange from another thread: the upstream socket is shut at once."""
         with self._upstream_lock:
             if self.cancel_reason is None:
                 self.cancel_reason = reason
-            sock = self._upstream_sock
-        self.cancelled.set()
-        if sock is not None:
-            _shutdown_quietly(sock)
+            self.cancelled.set()
+            if self._upstream_sock is not None:  # under the lock: once detached, the socket may serve another
+                _shutdown_quietly(self._upstream_sock)
 
     def raise_if_cancelled(self) -> None:
         """Turn a cancellation into the exception its reason calls for."""
@@ -1787,6 +1803,12 @@ class _UpstreamResponse(http.client.HTTPResponse):
     MAX_INTERIM = 16   # interim responses skipped before the upstream is given up on
     MAX_LINES = 100    # header lines of one, as http.client bounds a final head
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connection: Optional[http.client.HTTPConnection] = None  # set once the head is read
+        self.reused = False   # it came on a kept-alive connection
+        self.spoiled = False  # its stream reported an error: its connection is not kept
+
     def _read_status(self):
         for _ in range(self.MAX_INTERIM):
             version, status, reason = super()._read_status()
@@ -1808,27 +1830,114 @@ class _UpstreamResponse(http.client.HTTPResponse):
 
 
 class _UpstreamConnectionMixin:
-    """Connect within the connect timeout, then allow the idle timeout for every read."""
+    """Connect within the connect timeout, then allow the idle timeout for every read.
+
+    `pool` is where the connection goes back to when its response was read
+    to its end; `returned_at` is when it last did.
+    """
 
     response_class = _UpstreamResponse
 
-    def __init__(self, *args, exchange: Exchange, idle_timeout: float, **kwargs):
+    def __init__(self, *args, pool: "UpstreamPool", idle_timeout: float, **kwargs):
         super().__init__(*args, **kwargs)
-        self._exchange = exchange
+        self.pool = pool
+        self.returned_at = 0.0
         self._idle_timeout = idle_timeout
 
     def connect(self):
         super().connect()
         self.sock.settimeout(self._idle_timeout)
-        self._exchange.attach_upstream(self.sock)
 
 
 class _UpstreamHTTPConnection(_UpstreamConnectionMixin, http.client.HTTPConnection):
-    """http.client's connection, with the proxy's timeouts and cancellation."""
+    """http.client's connection, with the proxy's timeouts and its pool."""
 
 
 class _UpstreamHTTPSConnection(_UpstreamConnectionMixin, http.client.HTTPSConnection):
-    """The TLS one, likewise."""
+    """The TLS one, likewise, resuming the pool's last TLS session where it can (one round trip less)."""
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)  # TCP, and the forward proxy's tunnel if any
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host,
+                                              session=self.pool.tls_session)
+        self.sock.settimeout(self._idle_timeout)
+
+
+def _is_quiet(sock: socket.socket) -> bool:
+    """True for an idle upstream socket with nothing to read: the upstream neither closed it nor wrote to it."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return False
+    return not _is_ready(sock)
+
+
+class UpstreamPool:
+    """The idle keep-alive connections to one upstream, the most recently returned used first.
+
+    A connection is taken for one request and given back only once its
+    response was read to its end; one that the upstream closed (or wrote to)
+    while idle is readable, and is closed instead of used, without a round
+    trip. The counts are for /metrics.
+    """
+
+    def __init__(self):
+        self._idle: List[http.client.HTTPConnection] = []  # the most recently returned last
+        self._lock = threading.Lock()
+        self.opened = 0
+        self.reused = 0
+        self.tls_session: Optional[ssl.SSLSession] = None
+
+    def take(self, now: float, keepalive_timeout: float) -> Optional[http.client.HTTPConnection]:
+        """An idle connection still fit to use, or None."""
+        unfit = []
+        try:
+            with self._lock:
+                while self._idle:
+                    connection = self._idle.pop()
+                    if now - connection.returned_at < keepalive_timeout and _is_quiet(connection.sock):
+                        self.reused += 1
+                        return connection
+                    unfit.append(connection)
+                return None
+        finally:
+            for connection in unfit:
+                connection.close()
+
+    def count_opened(self) -> None:
+        with self._lock:
+            self.opened += 1
+
+    def keep_session(self, sock: socket.socket) -> None:
+        """Keep a TLS connection's session for the next new connection to resume; call once it has answered
+        (TLS 1.3 sends its session ticket after the handshake)."""
+        if isinstance(sock, ssl.SSLSocket) and sock.session is not None:
+            self.tls_session = sock.session
+
+    def give_back(self, connection: http.client.HTTPConnection, now: float, keep: int) -> None:
+        """Keep a connection whose response was read to its end, while fewer than `keep` are idle."""
+        with self._lock:
+            if len(self._idle) < keep:
+                connection.returned_at = now
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def expire(self, now: float, keepalive_timeout: float) -> None:
+        """Close the connections idle for longer than the keep-alive timeout."""
+        with self._lock:
+            old = [connection for connection in self._idle if now - connection.returned_at >= keepalive_timeout]
+            self._idle = [connection for connection in self._idle if connection not in old]
+        for connection in old:
+            connection.close()
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
 
 
 def _forward_proxy_for(parts: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
@@ -1842,7 +1951,7 @@ def _forward_proxy_for(parts: urllib.parse.SplitResult) -> Optional[urllib.parse
 
 
 class UpstreamClient:
-    """How to reach one upstream, worked out once: its address, any forward proxy, one TLS context.
+    """How to reach one upstream, worked out once: its address, any forward proxy, one TLS context, a pool.
 
     Building a urllib opener per request cost about 80 µs, and a TLS context
     per connection milliseconds (it loads the CA certificates). Requests only
@@ -1858,6 +1967,7 @@ class UpstreamClient:
         self.address = (parts.hostname, parts.port or (443 if self.tls else 80))
         self.url_prefix = ""  # an HTTP forward proxy takes the absolute URL
         self.proxy_headers: Dict[str, str] = {}
+        self.pool = UpstreamPool()
         proxy = _forward_proxy_for(parts)
         if proxy is not None:
             if proxy.username is not None and proxy.password is not None:
@@ -1870,22 +1980,34 @@ class UpstreamClient:
             self.tunnel = None
 
     def connect(self, exchange: Exchange, config: Config) -> http.client.HTTPConnection:
-        """A new connection to the upstream (or its forward proxy), attached to the exchange."""
-        args = {"timeout": config.connect_timeout, "exchange": exchange, "idle_timeout": config.idle_timeout}
+        """A new connection to the upstream (or its forward proxy), or the ProxyError of the failure."""
+        args = {"timeout": config.connect_timeout, "pool": self.pool, "idle_timeout": config.idle_timeout}
         if self.tls:
             connection = _UpstreamHTTPSConnection(*self.address, context=self.context, **args)
             if self.tunnel:
                 connection.set_tunnel(*self.tunnel, headers=self.proxy_headers)
         else:
             connection = _UpstreamHTTPConnection(*self.address, **args)
-        connection.connect()
+        try:
+            connection.connect()
+        except socket.timeout:
+            connection.close()
+            exchange.raise_if_cancelled()
+            raise UpstreamTimeout(f"could not connect to the upstream at {self.host} "
+                                  f"within {config.connect_timeout:g} s") from None
+        except OSError as error:
+            connection.close()
+            exchange.raise_if_cancelled()
+            raise UpstreamUnreachable(f"could not reach the upstream at {self.host}: "
+                                      f"{_describe_os_error(error)}") from None
+        self.pool.count_opened()
         return connection
 
     def request_headers(self, upstream: Upstream, config: Config, headers: Dict[str, str],
                         length: Optional[int]) -> Dict[str, str]:
         """The client's headers, then the proxy's own, which win whatever their case."""
         auth_name, auth_value = upstream_auth(upstream)
-        own = {"Host": self.host, "User-Agent": f"proxy.py/{__version__}", "Connection": "close",
+        own = {"Host": self.host, "User-Agent": f"proxy.py/{__version__}",
                **dict(config.extra_headers), auth_name: auth_value}
         if length is not None:
             own["Content-Length"] = str(length)
@@ -1895,31 +2017,44 @@ class UpstreamClient:
         return {**{name: value for name, value in headers.items() if name.lower() not in taken}, **own}
 
 
+class _StaleConnection(Exception):
+    """A kept-alive connection failed before a byte of the response: the upstream had closed it."""
+
+
 def open_upstream(config: Config, upstream: Upstream, client: UpstreamClient, exchange: Exchange, method: str,
                   target: str, body, headers: Dict[str, str], length: Optional[int] = None) -> http.client.HTTPResponse:
     """Send a request to the upstream's base URL + target; return the response whatever its status.
 
     body is bytes, None, or a reader of exactly `length` bytes that is
-    streamed to the upstream as it is read.
+    streamed to the upstream as it is read. A kept-alive connection is used
+    when there is one and the body could be sent twice; if the upstream had
+    closed it, the request goes once more on a new connection, whatever
+    RETRIES says: it never reached the upstream. The response's `reused`
+    says which connection answered.
     """
+    url = client.url_prefix + client.path + target
+    headers = client.request_headers(upstream, config, headers, length)
+    if body is None or isinstance(body, bytes):
+        connection = client.pool.take(time.monotonic(), config.upstream_keepalive_timeout)
+        if connection is not None:
+            try:
+                return _send(connection, True, client, config, exchange, method, url, body, headers)
+            except _StaleConnection:
+                logger.debug("a kept-alive connection to %s had been closed by the upstream; "
+                             "sending the request on a new one", client.host)
+    connection = client.connect(exchange, config)
+    return _send(connection, False, client, config, exchange, method, url, body, headers)
+
+
+def _send(connection: http.client.HTTPConnection, reused: bool, client: UpstreamClient, config: Config,
+          exchange: Exchange, method: str, url: str, body, headers: Dict[str, str]) -> http.client.HTTPResponse:
+    """One request on one connection, its failures told as the ProxyError they are (or _StaleConnection)."""
+    sock = connection.sock
+    exchange.attach_upstream(sock)
     try:
-        connection = client.connect(exchange, config)
-    except socket.timeout:
-        exchange.raise_if_cancelled()
-        raise UpstreamTimeout(f"could not connect to the upstream at {client.host} "
-                              f"within {config.connect_timeout:g} s") from None
-    except OSError as error:
-        exchange.raise_if_cancelled()
-        raise UpstreamUnreachable(f"could not reach the upstream at {client.host}: {_describe_os_error(error)}") from None
-    try:
-        try:
-            connection.request(method, client.url_prefix + client.path + target, body,
-                               client.request_headers(upstream, config, headers, length))
-        except OSError as error:
-            exchange.raise_if_cancelled()
-            raise UpstreamUnreachable(f"could not reach the upstream at {client.host}: "
-                                      f"{_describe_os_error(error)}") from None
+        connection.request(method, url, body, headers)
         response = connection.getresponse()
+        client.pool.keep_session(sock)
     except socket.timeout:
         connection.close()
         exchange.raise_if_cancelled()
@@ -1927,15 +2062,59 @@ def open_upstream(config: Config, upstream: Upstream, client: UpstreamClient, ex
     except (http.client.HTTPException, OSError) as error:
         connection.close()
         exchange.raise_if_cancelled()
+        if reused and isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            raise _StaleConnection() from None
         raise UpstreamBadResponse(f"the upstream at {client.host} closed the connection without a valid answer "
                                   f"({_describe_os_error(error)[:LOG_VALUE_LIMIT]})") from None
     except BaseException:
         connection.close()
         raise
-    if connection.sock is not None:  # the response owns the socket from here: closing it closes the connection
-        connection.sock.close()
-        connection.sock = None
+    response.connection, response.reused = connection, reused
     return response
+
+
+UPSTREAM_DRAIN_BYTES = 65536  # what is still read of a response after the proxy is done with it, to keep its connection
+UPSTREAM_DRAIN_TIMEOUT = 1.0  # seconds that may take
+
+
+def release_upstream(response: http.client.HTTPResponse, exchange: Exchange, config: Config, clean: bool) -> None:
+    """Done with an upstream response: its connection goes back to its pool if it can carry another request.
+
+    It can when the response was read to its end (a little is still read,
+    such as the end of a stream after [DONE]), nobody said Connection:
+    close, and the exchange ended cleanly: a stream the client left, a
+    broken or timed-out body or an error are never reused.
+    """
+    connection = response.connection
+    keep = clean and not response.spoiled and not response.will_close and config.upstream_keepalive > 0
+    if keep and not response.isclosed():
+        _drain(response, connection)
+    keep = keep and response.isclosed() and connection.sock is not None and exchange.detach_upstream()
+    response.close()
+    if keep:
+        connection.pool.give_back(connection, time.monotonic(), config.upstream_keepalive)
+    else:
+        connection.close()
+
+
+def _drain(response: http.client.HTTPResponse, connection: http.client.HTTPConnection) -> None:
+    """Read what is left of a response, a little and briefly, so that its connection can be kept."""
+    if connection.sock is None:
+        return
+    timeout = connection.sock.gettimeout()
+    connection.sock.settimeout(UPSTREAM_DRAIN_TIMEOUT)
+    try:
+        left = UPSTREAM_DRAIN_BYTES
+        while left > 0 and not response.isclosed():
+            chunk = response.read1(left)
+            if not chunk:
+                break
+            left -= len(chunk)
+    except (http.client.HTTPException, OSError, ValueError):
+        pass  # it is closed then
+    finally:
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
 
 
 def _describe_os_error(error) -> str:
@@ -2221,9 +2400,14 @@ class EventSplitter:
 _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
 
 
+def reports_error(events: bytes) -> bool:
+    """True for whole SSE events of which one reports an error (an "error" key, or event: error)."""
+    return b"error" in events and bool(_ERROR_KEY.search(events))  # the substring test is the fast path
+
+
 def mask_error_events(events: bytes, secrets) -> bytes:
     """Whole SSE events with key-like text masked in those that report an error."""
-    if b"error" not in events or not _ERROR_KEY.search(events):  # the substring test is the fast path
+    if not reports_error(events):
         return events
     text = events.decode("utf-8", "replace")
     masked = mask_secrets(text, secrets)
@@ -2375,8 +2559,12 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
             events = []
             for event in splitter.feed(chunk):
                 first_output = observer.see_event(event) or first_output
-                if not (strip_usage and b'"usage"' in event and is_usage_only_event(event)):
-                    events.append(mask_error_events(event, secrets))
+                if strip_usage and b'"usage"' in event and is_usage_only_event(event):
+                    continue
+                if reports_error(event):
+                    response.spoiled = True  # its connection is not kept: the upstream had trouble
+                    event = mask_error_events(event, secrets)
+                events.append(event)
             chunk = b"".join(events)
         if chunk:
             exchange.send(chunk)
@@ -3118,6 +3306,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.upstream_request_id: Optional[str] = None
         self.strip_usage = False  # the proxy asked for usage the client did not ask for
         self.upstream_name: Optional[str] = None  # which upstream answered
+        self.upstream_reused: Optional[bool] = None  # whether on a kept-alive connection
         self.attempts = 0
         self.upstream_status: Optional[int] = None
         self.error_type: Optional[str] = None
@@ -3284,7 +3473,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ProxyError("GET /metrics is served to loopback clients only; set METRICS_TOKEN to read it "
                              "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
         body = self.server.metrics.render({"proxy_active_streams": self.server.limits.active(),
-                                           "process_cpu_seconds_total": time.process_time()}).encode()
+                                           "process_cpu_seconds_total": time.process_time(),
+                                           **self.server.upstream_connection_counts()}).encode()
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -3306,13 +3496,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             response = self.open_with_retries(exchange, "POST", "/chat/completions", json_bytes(request),
                                               {"Content-Type": "application/json", "Accept": "text/event-stream"},
                                               None, config.retries)
-            self.note_upstream_answer(response)
-            try:
+            with self.relaying(response, exchange):
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
                 self.usage = relay_chat_as_messages(response, exchange, config)
-            finally:
-                response.close()
 
     def handle_passthrough(self):
         """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
@@ -3340,15 +3527,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 body_read()
             response = self.open_with_retries(exchange, self.command, target, body, headers,
                                               length if body is not None else None, config.v1_retries)
-            try:
+            with self.relaying(response, exchange):
                 self.relay_answer(response, exchange)
-            finally:
-                response.close()
+
+    @contextlib.contextmanager
+    def relaying(self, response: http.client.HTTPResponse, exchange: Exchange) -> Iterator[None]:
+        """Relay an upstream answer; then its connection is kept for another request, or closed if anything failed."""
+        self.note_upstream_answer(response)
+        clean = False
+        try:
+            yield
+            clean = True
+        finally:
+            release_upstream(response, exchange, self.server.config, clean)
 
     def relay_answer(self, response: http.client.HTTPResponse, exchange: Exchange):
         """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
         config = self.server.config
-        self.note_upstream_answer(response)
         check_passthrough_response(response)
         error_body = masked_error_body(response, config)
         if error_body is not None:
@@ -3365,10 +3560,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.usage = observer.finish()
 
     def note_upstream_answer(self, response: http.client.HTTPResponse):
-        """What the access log keeps of the upstream's answer: its status, and its request id masked."""
+        """What the access log keeps of the upstream's answer: its status, request id (masked), connection."""
         request_id = response.headers.get("x-request-id")
         self.upstream_request_id = request_id and mask_known_secrets(request_id, secrets_of(self.server.config))
         self.upstream_status = response.status
+        self.upstream_reused = response.reused
 
     def stream_slot(self, force: bool = False):
         """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
@@ -3414,45 +3610,50 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         config = self.server.config
         resendable = body is None or isinstance(body, bytes)
         last = None  # the upstream and the failure of the last attempt
-        for upstream in upstreams(config):
-            breaker = self.server.breaker_for(upstream, config)
-            if not breaker.allows():
-                continue
-            for attempt in range(retries + 1 if resendable else 1):
-                payload = body_for(upstream, body)
-                self.attempts += 1
-                try:
-                    exchange.raise_if_cancelled()
-                    response = open_upstream(config, upstream, self.server.client_for(upstream), exchange,
-                                             method, target, payload, headers,
-                                             len(payload) if isinstance(payload, bytes) else length)
-                except RETRYABLE_ERRORS as error:
-                    failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
-                except BaseException:
-                    breaker.abandon()
-                    raise
-                else:
-                    if response.status not in RETRYABLE_STATUSES:
-                        breaker.succeeded()
-                        self.record_attempt(upstream, "answered")
-                        self.upstream_name = upstream.name
-                        return response
-                    failure, reason = response, str(response.status)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                breaker.failed()
-                if last is not None and isinstance(last[1], http.client.HTTPResponse):
-                    last[1].close()
-                last = (upstream, failure)
-                wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
-                again = attempt < retries and resendable and wait <= config.retry_max_wait
-                self.record_attempt(upstream, reason, attempt, wait if again else None)
-                if not again:
+        try:
+            for upstream in upstreams(config):
+                breaker = self.server.breaker_for(upstream, config)
+                if not breaker.allows():
+                    continue
+                for attempt in range(retries + 1 if resendable else 1):
+                    payload = body_for(upstream, body)
+                    self.attempts += 1
+                    try:
+                        exchange.raise_if_cancelled()
+                        response = open_upstream(config, upstream, self.server.client_for(upstream), exchange,
+                                                 method, target, payload, headers,
+                                                 len(payload) if isinstance(payload, bytes) else length)
+                    except RETRYABLE_ERRORS as error:
+                        failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
+                    except BaseException:
+                        breaker.abandon()
+                        raise
+                    else:
+                        if response.status not in RETRYABLE_STATUSES:
+                            breaker.succeeded()
+                            self.record_attempt(upstream, "answered")
+                            self.upstream_name = upstream.name
+                            return response
+                        failure, reason = response, str(response.status)
+                        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    breaker.failed()
+                    if last is not None and isinstance(last[1], http.client.HTTPResponse):
+                        release_upstream(last[1], exchange, config, clean=False)
+                    last = (upstream, failure)
+                    wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
+                    again = attempt < retries and resendable and wait <= config.retry_max_wait
+                    self.record_attempt(upstream, reason, attempt, wait if again else None)
+                    if not again:
+                        break
+                    if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
+                        breaker.abandon()
+                        exchange.raise_if_cancelled()
+                if not resendable:
                     break
-                if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
-                    breaker.abandon()
-                    exchange.raise_if_cancelled()
-            if not resendable:
-                break
+        except BaseException:  # a failed attempt's answer still holds its connection
+            if last is not None and isinstance(last[1], http.client.HTTPResponse):
+                release_upstream(last[1], exchange, config, clean=False)
+            raise
         if last is None:
             wait = min(self.server.breaker_for(u, config).retry_in() for u in upstreams(config))
             raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "
@@ -3665,6 +3866,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             "completion_tokens": self.usage.completion if self.usage else None,
             "request_id": self.upstream_request_id,
             "upstream": self.upstream_name,
+            "upstream_reused": self.upstream_reused,
             "attempts": self.attempts,
             "upstream_status": self.upstream_status,
             "error": self.error_type,
@@ -3728,6 +3930,27 @@ class ProxyServer(http.server.HTTPServer):
                 self._clients[upstream.base_url] = UpstreamClient(upstream.base_url)
             return self._clients[upstream.base_url]
 
+    def upstream_connection_counts(self) -> Dict[Tuple[str, tuple], float]:
+        """The connection metrics of each upstream's pool, by the upstream's name."""
+        counts: Dict[Tuple[str, tuple], float] = {}
+        seen = set()
+        for upstream in upstreams(self.config):
+            if upstream.base_url in seen:  # a fallback on the same base URL shares the primary's pool
+                continue
+            seen.add(upstream.base_url)
+            pool, labels = self.client_for(upstream).pool, (("upstream", upstream.name),)
+            counts[("proxy_upstream_connections_opened_total", labels)] = pool.opened
+            counts[("proxy_upstream_connections_reused_total", labels)] = pool.reused
+            counts[("proxy_upstream_idle_connections", labels)] = pool.idle()
+        return counts
+
+    def service_actions(self):
+        """Between accepts (each poll interval): close upstream connections idle past their keep-alive timeout."""
+        with self._upstream_state_lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            client.pool.expire(time.monotonic(), self.config.upstream_keepalive_timeout)
+
     def answers_at_once(self, head: bytes) -> bool:
         """True for a request the pool's thread answers itself: a health check or metrics, or a refusal.
 
@@ -3759,10 +3982,17 @@ class ProxyServer(http.server.HTTPServer):
             self.pool.done(sock)
 
     def close(self) -> None:
-        """Stop listening and close every connection between requests."""
+        """Stop listening and close every connection between requests, the clients' and the upstreams'."""
         self.server_close()
         self.pool.close()
         self.supervisor.stop()
+        self.close_upstream_connections()
+
+    def close_upstream_connections(self) -> None:
+        with self._upstream_state_lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            client.pool.close()
 
     def server_bind(self):
         """Bind without HTTPServer's reverse DNS lookup, which can hang on a host without DNS."""
@@ -3809,6 +4039,7 @@ class ProxyServer(http.server.HTTPServer):
             logger.warning("drain timeout: ended %d stream(s) with an error frame", cut)
         self.wait_idle(5)
         self.supervisor.stop()
+        self.close_upstream_connections()
 
 
 def raise_open_file_limit(max_connections: int) -> Optional[str]:
