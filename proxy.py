@@ -2080,21 +2080,27 @@ UPSTREAM_DRAIN_TIMEOUT = 1.0  # seconds that may take
 def release_upstream(response: http.client.HTTPResponse, exchange: Exchange, config: Config, clean: bool) -> None:
     """Done with an upstream response: its connection goes back to its pool if it can carry another request.
 
-    It can when the response was read to its end (a little is still read,
-    such as the end of a stream after [DONE]), nobody said Connection:
-    close, and the exchange ended cleanly: a stream the client left, a
-    broken or timed-out body or an error are never reused.
+    It can when the response was read to its end (after a clean relay a
+    little more is read, such as the end of a stream after [DONE]), nobody
+    said Connection: close, the client stayed, and the stream reported no
+    error: a stream the client left, a broken or timed-out body or an error
+    event are never reused. An error answer read whole is fine.
     """
     connection = response.connection
-    keep = clean and not response.spoiled and not response.will_close and config.upstream_keepalive > 0
-    if keep and not response.isclosed():
+    keep = not response.spoiled and not response.will_close and config.upstream_keepalive > 0
+    if keep and clean and not _read_to_end(response):
         _drain(response, connection)
-    keep = keep and response.isclosed() and connection.sock is not None and exchange.detach_upstream()
+    keep = keep and _read_to_end(response) and connection.sock is not None and exchange.detach_upstream()
     response.close()
     if keep:
         connection.pool.give_back(connection, time.monotonic(), config.upstream_keepalive)
     else:
         connection.close()
+
+
+def _read_to_end(response: http.client.HTTPResponse) -> bool:
+    """True once nothing of the response is left on its connection (read1 leaves a sized body's end open)."""
+    return response.isclosed() or response.length == 0
 
 
 def _drain(response: http.client.HTTPResponse, connection: http.client.HTTPConnection) -> None:
@@ -2105,7 +2111,7 @@ def _drain(response: http.client.HTTPResponse, connection: http.client.HTTPConne
     connection.sock.settimeout(UPSTREAM_DRAIN_TIMEOUT)
     try:
         left = UPSTREAM_DRAIN_BYTES
-        while left > 0 and not response.isclosed():
+        while left > 0 and not _read_to_end(response):
             chunk = response.read1(left)
             if not chunk:
                 break
@@ -2336,6 +2342,9 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
                     frames.append(frame)
                 if translator.done:
                     break
+        except ProxyError:  # the upstream reported an error: its connection is not kept
+            response.spoiled = True
+            raise
         finally:  # frames before a failing event still reach the client, before its error frame
             if frames:
                 exchange.send(b"".join(frames), count=len(frames))

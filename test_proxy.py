@@ -99,6 +99,7 @@ class Script:
     body: bytes = None
     hold_headers: bool = False  # answer nothing; wait for the proxy to hang up
     hang_up: bool = False       # close the connection at once, answering nothing (a reset)
+    close_after: bool = False   # close the connection after the response, without saying so first
 
 
 @dataclasses.dataclass
@@ -107,6 +108,7 @@ class Received:
     path: str
     headers: http.client.HTTPMessage
     body: bytes
+    port: int = 0  # the proxy's end of the connection it came on
 
     def json(self):
         return json.loads(self.body)
@@ -151,15 +153,33 @@ class _FakeUpstreamServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
+    def shutdown_request(self, request):
+        try:
+            port = request.getpeername()[1]
+        except OSError:
+            port = None
+        super().shutdown_request(request)
+        with self.fake.lock:  # once closed: the proxy can see the end now
+            self.fake.closed.append(port)
+
 
 class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        fake = self.server.fake
+        with fake.lock:
+            fake.connections.append(self.client_address[1])
+            if isinstance(self.connection, ssl.SSLSocket):
+                fake.tls_resumed.append(self.connection.session_reused)
+
 
     def do_POST(self):
         fake = self.server.fake
         fake.heads.append(self.path)  # before the body, which a proxy may still be streaming
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        received = Received(self.command, self.path, self.headers, body)
+        received = Received(self.command, self.path, self.headers, body, self.client_address[1])
         with fake.lock:
             fake.requests.append(received)
         script = fake.script(received) if callable(fake.script) else fake.script
@@ -186,6 +206,7 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(script.body)))
             self.end_headers()
             self.wfile.write(script.body)
+            self.close_connection = self.close_connection or script.close_after
             return
         sized = "Content-Length" in script.headers  # steps are then the raw body, in pieces
         if not sized:
@@ -208,6 +229,8 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
                 return
         if not sized:
             self.wfile.write(b"0\r\n\r\n")
+        if script.close_after:
+            self.close_connection = True
 
     def wait_for_hangup(self, limit=30.0):
         """Block until the proxy closes this connection (bounded), and record it."""
@@ -235,6 +258,9 @@ class FakeUpstream:
         self.script = Script(steps=reply("Hello", " world"))
         self.requests = []
         self.heads = []  # the paths of requests whose head has arrived, body or not
+        self.connections = []  # the proxy's port of each connection accepted
+        self.closed = []       # ... and of each that ended
+        self.tls_resumed = []  # for TLS: whether each connection resumed a session
         self.sent_at = []
         self.lock = threading.Lock()
         self.disconnected = threading.Event()
@@ -1842,6 +1868,15 @@ class TlsUpstreamTest(unittest.TestCase):
         conn.close()
         self.assertTrue(self.upstream.disconnected.wait(1.0), "the TLS upstream was not hung up on within 1 s")
 
+    def test_a_new_connection_resumes_the_tls_session(self):
+        process = self.start_proxy(trust_cert=True)
+        self.upstream.script = in_turn(Script(headers={"Content-Type": "text/event-stream", "Connection": "close"},
+                                              steps=reply("one")), Script(steps=reply("two")))
+        for want in ("one", "two"):
+            frames = parse_frames(self.post(process.port).read().decode())
+            self.assertEqual("".join(d["content"] for e, d in frames if e == "message"), want)
+        self.assertEqual(self.upstream.tls_resumed, [False, True])
+
     def test_untrusted_certificate_is_502_not_a_silent_downgrade(self):
         process = self.start_proxy(trust_cert=False)
         response = self.post(process.port)
@@ -2185,8 +2220,9 @@ class UpstreamShapeTest(ProxyTestCase):
         saved = {name: os.environ.pop(name, None) for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")}
         os.environ["HTTP_PROXY"] = f"http://user:pa%20ss@127.0.0.1:{self.upstream.server.server_address[1]}"
         try:
-            response = self.request("GET", "/v1/models?limit=2")
-            response.read()
+            for _ in range(2):
+                response = self.request("GET", "/v1/models?limit=2")
+                response.read()
         finally:
             for name, value in saved.items():
                 os.environ.pop(name, None)
@@ -2198,12 +2234,196 @@ class UpstreamShapeTest(ProxyTestCase):
         self.assertEqual(sent.headers["Host"], "api.example.test")
         self.assertEqual(sent.headers["Proxy-Authorization"], "Basic " + base64.b64encode(b"user:pa ss").decode())
         self.assertEqual(sent.headers["Authorization"], f"Bearer {TEST_KEY}")
+        self.assertEqual(len(self.upstream.connections), 1)  # the connection to the forward proxy is kept too
 
     def test_bad_auth_and_extra_header_settings(self):
         for env in ({"OA_AUTH_HEADER": "bad header"}, {"OA_EXTRA_HEADERS": "X-Title: x"},
                     {"OA_EXTRA_HEADERS": '{"X-A": "line\\nbreak"}'}, {"OA_EXTRA_HEADERS": '{"X-A": 1}'}):
             with self.subTest(env=env), self.assertRaises(proxy.ConfigError):
                 proxy.load_config([], {"OA_API_KEY": "k", **env})
+
+
+# --------------------------------------------------------------------------
+# Upstream connections kept alive
+# --------------------------------------------------------------------------
+
+STALE_LINE = "had been closed by the upstream"
+
+
+class UpstreamKeepAliveTest(ProxyTestCase):
+    """Kept-alive upstream connections: reused, never carrying anything over, closed whenever in doubt."""
+
+    def upstream_pool(self):
+        return self.server.client_for(proxy.upstreams(self.server.config)[0]).pool
+
+    def message(self, text="Hi"):
+        response = self.post_message(chat_body(text))
+        frames = parse_frames(response.read().decode())
+        return response.status, "".join(self.contents(frames))
+
+    def models(self, headers=None):
+        response = self.request("GET", "/v1/models", headers=headers)
+        response.read()
+        return response.status
+
+    def hold_stream(self, release):
+        """A /message stream the upstream ends when `release` is set; returns its thread."""
+        count = len(self.upstream.requests)
+        thread = threading.Thread(target=self.message)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        self.addCleanup(release.set)
+        self.assertTrue(wait_until(lambda: len(self.upstream.requests) > count))
+        return thread
+
+    def test_sequential_requests_share_one_connection(self):
+        self.upstream.script = lambda received: (json_script({"data": []}) if received.path.endswith("/models")
+                                                 else Script(steps=reply("Hi")))
+        with self.assertLogs("proxy", "INFO") as logs:
+            for _ in range(3):
+                self.assertEqual(self.message(), (200, "Hi"))
+                self.assertEqual(self.models(), 200)
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(len(self.upstream.connections), 1)
+        self.assertEqual({received.port for received in self.upstream.requests}, set(self.upstream.connections))
+        access = [record.getMessage() for record in logs.records if hasattr(record, "access")]
+        self.assertEqual([line.rpartition(" ")[2] for line in access], ["reused=no"] + ["reused=yes"] * 5)
+        counts = self.server.upstream_connection_counts()
+        primary = (("upstream", "primary"),)
+        self.assertEqual((counts[("proxy_upstream_connections_opened_total", primary)],
+                          counts[("proxy_upstream_connections_reused_total", primary)],
+                          counts[("proxy_upstream_idle_connections", primary)]), (1, 5, 1))
+
+    def test_the_most_recently_returned_connection_goes_first(self):
+        first, second = threading.Event(), threading.Event()
+        held = [Script(steps=[chunk(role="assistant", content=""), event] + reply("x")[1:]) for event in (first, second)]
+        self.upstream.script = in_turn(*held, Script(steps=reply("Hi")))
+        threads = [self.hold_stream(first), self.hold_stream(second)]
+        ports = [received.port for received in self.upstream.requests]
+        for event, thread, idle in ((first, threads[0], 1), (second, threads[1], 2)):
+            event.set()
+            thread.join(10)
+            self.assertTrue(wait_until(lambda: self.upstream_pool().idle() == idle))
+        self.assertEqual(self.message(), (200, "Hi"))
+        self.assertEqual(self.upstream.requests[-1].port, ports[1])
+        self.assertEqual(len(self.upstream.connections), 2)
+
+    def test_nothing_of_one_request_reaches_the_next_on_its_connection(self):
+        self.upstream.script = json_script({"data": []})
+        self.assertEqual(self.models({"X-Private": "alice-only", "OpenAI-Organization": "org-a",
+                                      "Authorization": "Bearer client-a"}), 200)
+        self.assertEqual(self.models({"OpenAI-Organization": "org-b"}), 200)
+        first, second = self.upstream.requests
+        self.assertEqual(first.port, second.port)
+        self.assertEqual(first.headers["X-Private"], "alice-only")
+        self.assertIsNone(second.headers["X-Private"])
+        self.assertEqual(second.headers.get_all("OpenAI-Organization"), ["org-b"])
+        for received in (first, second):
+            self.assertEqual(received.headers.get_all("Authorization"), [f"Bearer {TEST_KEY}"])
+
+    def test_a_connection_the_client_left_is_closed_not_reused(self):
+        self.upstream.script = in_turn(Script(steps=[chunk(role="assistant", content=""), chunk(content="a"), HANG]),
+                                       Script(steps=reply("Hi")))
+        sock = self.raw_socket()
+        body = chat_body()
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        received = b""
+        while b'"content":"a"' not in received:
+            data = sock.recv(4096)
+            self.assertTrue(data, "stream ended early")
+            received += data
+        sock.close()
+        self.assertTrue(self.upstream.disconnected.wait(1.0), "the upstream was not hung up on within 1 s")
+        self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(self.message(), (200, "Hi"))
+        self.assertEqual(len(self.upstream.connections), 2)
+
+    def test_a_connection_the_upstream_closed_while_idle_is_not_used(self):
+        self.upstream.script = in_turn(Script(steps=reply("one"), close_after=True), Script(steps=reply("two")))
+        self.assertEqual(self.message(), (200, "one"))
+        self.assertTrue(wait_until(lambda: self.upstream.closed))
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            self.assertEqual(self.message(), (200, "two"))
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertFalse([line for line in logs.output if STALE_LINE in line])
+        self.assertEqual(len(self.upstream.connections), 2)
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def test_a_reused_connection_closed_under_the_request_is_retried_once_on_a_new_one(self):
+        self.assertEqual(self.config.retries, 0)
+        for route in ("/message", "/v1"):
+            with self.subTest(route=route):
+                self.upstream.script = in_turn(Script(steps=reply("one")), Script(hang_up=True),
+                                               Script(steps=reply("two")))
+                self.assertEqual(self.message(), (200, "one"))
+                with self.assertLogs("proxy", "DEBUG") as logs:
+                    if route == "/message":
+                        self.assertEqual(self.message(), (200, "two"))
+                    else:
+                        self.assertEqual(self.models(), 200)
+                self.assertTrue([line for line in logs.output if STALE_LINE in line])
+        self.upstream.script = Script(hang_up=True)  # on a new connection it is the upstream's failure: a 502
+        self.upstream_pool().close()
+        with self.assertLogs("proxy", "WARNING"):
+            self.assert_json_error(self.post_message(), 502)
+
+    def test_connection_close_from_the_upstream_is_honoured(self):
+        self.upstream.script = in_turn(Script(headers={"Content-Type": "text/event-stream", "Connection": "close"},
+                                              steps=reply("one")), Script(steps=reply("two")))
+        self.assertEqual(self.message(), (200, "one"))
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            self.assertEqual(self.message(), (200, "two"))
+        self.assertFalse([line for line in logs.output if STALE_LINE in line])
+        self.assertEqual(len(self.upstream.connections), 2)
+
+    def test_failures_are_followed_by_good_requests_on_new_connections(self):
+        error_event = (b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+        start = [chunk(role="assistant", content="")]
+        failures = (("/v1/chat/completions", Script(steps=start + [ABORT])),  # a body broken off
+                    ("/v1/chat/completions", Script(steps=start + [error_event, DONE])),  # an error mid-stream
+                    ("/message", Script(steps=start + [error_event, DONE])),
+                    ("/v1/chat/completions", Script(steps=start + [1.0])))  # silent past IDLE_TIMEOUT
+        self.server.config = dataclasses.replace(self.config, idle_timeout=0.3)
+        for number, (path, failure) in enumerate(failures, start=1):
+            with self.subTest(path=path, failure=number):
+                self.upstream.script = in_turn(failure, Script(steps=reply("Hi")))
+                response = self.request("POST", path, v1_chat(True), {"Content-Type": "application/json"})
+                try:
+                    response.read()
+                except http.client.IncompleteRead:
+                    pass  # the broken body, left incomplete
+                self.assertTrue(self.server.wait_idle(5))
+                self.assertEqual(self.message(), (200, "Hi"))
+                self.assertEqual(len(self.upstream.connections), number + 1)  # the failed one was not kept
+        self.upstream.script = in_turn(json_script({"error": {"message": "nope", "type": "invalid_request_error"}},
+                                                   status=400), Script(steps=reply("Hi")))
+        self.assertEqual(self.post_message().status, 400)  # an error answer read to its end: kept
+        self.assertEqual(self.message(), (200, "Hi"))
+        self.assertEqual(len(self.upstream.connections), len(failures) + 1)
+
+    def test_idle_connections_are_closed_after_the_keepalive_timeout(self):
+        self.server.config = dataclasses.replace(self.config, upstream_keepalive_timeout=0.2)
+        self.assertEqual(self.message(), (200, "Hello world"))
+        self.assertEqual(self.upstream_pool().idle(), 1)
+        self.assertTrue(wait_until(lambda: self.upstream.closed, 3), "the idle connection was never closed")
+        self.assertEqual(self.upstream_pool().idle(), 0)
+
+    def test_no_more_than_upstream_keepalive_are_kept(self):
+        for keep, want_idle in ((1, 1), (0, 0)):
+            with self.subTest(keep=keep):
+                self.server.config = dataclasses.replace(self.config, upstream_keepalive=keep)
+                self.upstream_pool().close()
+                first, second = threading.Event(), threading.Event()
+                self.upstream.script = in_turn(*[Script(steps=[chunk(role="assistant", content=""), event]
+                                                        + reply("x")[1:]) for event in (first, second)],
+                                               Script(steps=reply("Hi")))
+                threads = [self.hold_stream(first), self.hold_stream(second)]
+                first.set()
+                second.set()
+                for thread in threads:
+                    thread.join(10)
+                self.assertTrue(self.server.wait_idle(5))
+                self.assertEqual(self.upstream_pool().idle(), want_idle)
 
 
 class PassthroughMemoryTest(unittest.TestCase):
@@ -3183,6 +3403,11 @@ class MetricsTest(ProxyTestCase):
                      'proxy_request_duration_seconds_count{route="/message"} 4',
                      'proxy_time_to_first_token_seconds_count{route="/message"} 1'):
             self.assertIn(line + "\n", text)
+        opened, sent = len(self.upstream.connections), len(self.upstream.requests)  # as the upstream saw them
+        for line in (f'proxy_upstream_connections_opened_total{{upstream="primary"}} {opened}',
+                     f'proxy_upstream_connections_reused_total{{upstream="primary"}} {sent - opened}',
+                     'proxy_upstream_idle_connections{upstream="primary"} 0'):  # the last one was timed out
+            self.assertIn(line + "\n", text)
         self.assertNotIn(ALICE_KEY, text)
         self.assertNotIn(TEST_KEY, text)
 
@@ -3206,6 +3431,9 @@ class MetricsTest(ProxyTestCase):
         self.assertEqual(families["proxy_requests"].type, "counter")
         self.assertEqual(families["proxy_active_streams"].type, "gauge")
         self.assertEqual(families["process_cpu_seconds"].type, "counter")
+        self.assertEqual(families["proxy_upstream_connections_opened"].type, "counter")
+        self.assertEqual(families["proxy_upstream_connections_reused"].type, "counter")
+        self.assertEqual(families["proxy_upstream_idle_connections"].type, "gauge")
         duration = families["proxy_request_duration_seconds"]
         self.assertEqual(duration.type, "histogram")
         buckets = [s for s in duration.samples if s.name.endswith("_bucket") and s.labels["route"] == "/message"]
@@ -3257,11 +3485,11 @@ class JsonLogTest(unittest.TestCase):
         access = next(r for r in records if r.get("path") == "/message")
         self.assertEqual({k: access[k] for k in ("address", "client", "method", "path", "model", "status", "frames",
                                                  "prompt_tokens", "completion_tokens", "request_id", "error",
-                                                 "client_left", "level")},
+                                                 "client_left", "upstream_reused", "level")},
                          {"address": "127.0.0.1", "client": "alice", "method": "POST", "path": "/message",
                           "model": "gpt-4o-mini", "status": 200, "frames": 4, "prompt_tokens": 3,
                           "completion_tokens": 2, "request_id": "req_42", "error": None, "client_left": False,
-                          "level": "info"})
+                          "upstream_reused": False, "level": "info"})
         for name in ("time", "bytes", "duration", "ttfb", "ttft"):
             self.assertIsNotNone(access[name], name)
         self.assertTrue(access["time"].endswith("Z"))
