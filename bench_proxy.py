@@ -33,6 +33,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,14 @@ FLOODS = ("slowloris", "slowbody", "connections")
 FLOOD_ATTACKERS = 3000
 FLOOD_SECONDS = 60.0
 
+# rtt: an HTTPS upstream DELAY seconds away each way (a new connection's first bytes wait one round
+# trip more, as TCP's handshake does), RTT_SEQUENTIAL requests one after another, then two waves of
+# RTT_WAVE streams at once; short streams, for the time to the first byte is what a round trip costs.
+RTT = (2, 5, 0.0, 0.0)
+RTT_DELAY = 0.010
+RTT_SEQUENTIAL = 20
+RTT_WAVE = 50
+
 # name: (streams, chunks per stream, gap between chunks in s, seconds before the first chunk)
 SCENARIOS = {
     "latency": (50, 100, 0.02, 0.0),
@@ -69,6 +78,7 @@ SCENARIOS = {
     "overload": OVERLOAD,
     "keepalive": KEEPALIVE,
     "flood": (FLOOD_ATTACKERS, 5, 0.01, 0.0),
+    "rtt": RTT,
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -81,10 +91,12 @@ ROUTES = ("/message", "/v1/chat/completions")
 class Upstream:
     """An OpenAI-like streaming server: a script per request, and a count of streams cut short."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.chunks, self.gap, self.think = 0, 0.0, 0.0
+        self.tls = tls          # an ssl.SSLContext to serve HTTPS with, or None
         self.phase = "direct"   # which run a request belongs to
         self.closed_early = []  # (phase, monotonic time) of each stream whose reader went away
+        self.connections = 0    # connections accepted
 
     async def start(self):
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -104,14 +116,25 @@ class Upstream:
             # As real servers do (Go's net/http by default): without it a kept-alive
             # connection's next answer waits 40 ms on Nagle and a delayed ACK.
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader, writer = await asyncio.open_connection(sock=connection)
-            task = asyncio.ensure_future(self.serve(reader, writer))
+            self.connections += 1
+            task = asyncio.ensure_future(self.serve_connection(connection))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     def close(self):
         self.accepting.cancel()
         self.listener.close()
+
+    async def serve_connection(self, connection):
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=65536)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=connection, ssl=self.tls)
+        except (OSError, ssl.SSLError):
+            connection.close()
+            return
+        await self.serve(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def serve(self, reader, writer):
         """Answer requests on one connection until the client closes it (keep-alive)."""
@@ -344,7 +367,7 @@ class Prober:
 class ProxyProcess:
     """proxy.py in a subprocess, pinned to a CPU, read through /proc and its /metrics."""
 
-    def __init__(self, upstream_port, cpu, args=UNLIMITED):
+    def __init__(self, upstream_port, cpu, args=UNLIMITED, base_url=None, env=None):
         # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.
         # The proxy appends to it and this reads it through a file of its own: a shared file offset
         # let a seek here send the proxy's next line over its first ones.
@@ -353,8 +376,8 @@ class ProxyProcess:
         with open(self.log_path, "a") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", "--api-key", "bench",
-                 "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "4096", *args],
-                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+                 "--base-url", base_url or f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "4096",
+                 *args], stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})})
         self.log = open(self.log_path)
         deadline = time.monotonic() + 30
         found = None
@@ -550,12 +573,137 @@ async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
     return rows
 
 
+class Relay:
+    """A network in between: every byte is held `delay` seconds each way, and a new connection's first
+    bytes wait one round trip more (TCP's handshake). Order is kept; nothing is lost."""
+
+    def __init__(self, target_port, delay):
+        self.target_port, self.delay = target_port, delay
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.relay, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    def close(self):
+        self.server.close()
+
+    async def relay(self, client_reader, client_writer):
+        ready_at = time.monotonic() + 2 * self.delay  # the handshake's round trip
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_writer.close()
+            return
+        for writer in (client_writer, upstream_writer):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.gather(self.pump(client_reader, upstream_writer, ready_at),
+                                 self.pump(upstream_reader, client_writer, ready_at), return_exceptions=True)
+        except asyncio.CancelledError:  # the run is over with the connection still kept alive
+            client_writer.close()
+            upstream_writer.close()
+
+    async def pump(self, reader, writer, ready_at):
+        """Bytes from one side to the other, each piece `delay` after it arrived (and not before ready_at)."""
+        queue = asyncio.Queue()
+
+        async def deliver():
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        delivering = asyncio.ensure_future(deliver())
+        try:
+            while True:
+                data = await reader.read(65536)
+                await queue.put((max(time.monotonic() + self.delay, ready_at), data))
+                if not data:
+                    break
+        except OSError:
+            await queue.put((0.0, b""))
+        await delivering
+
+
+async def timed_requests(port, route, count, tls=None):
+    """`count` requests one after another on one kept-alive connection: the time to each first byte."""
+    times = []
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    try:
+        for _ in range(count):
+            started = time.monotonic()
+            writer.write(request_bytes(route))
+            status, head = await read_head(reader)
+            times.append(time.monotonic() - started)
+            if status != 200:
+                raise ValueError(head.split(b"\r\n", 1)[0].decode())
+            await read_chunks(reader, writer, new_results())
+    finally:
+        writer.close()
+    return times
+
+
+async def rtt(route, cpus, proxy_args):
+    """Time to the first byte with an upstream a network away: connections kept or opened anew."""
+    folder = tempfile.mkdtemp(prefix="bench-rtt-")
+    cert_file, key_file = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    from test_proxy import TEST_CERT, TEST_CERT_KEY  # a self-signed certificate for 127.0.0.1, test material
+    with open(cert_file, "w") as cert, open(key_file, "w") as key:
+        cert.write(TEST_CERT)
+        key.write(TEST_CERT_KEY)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert_file, key_file)
+    client_tls = ssl.create_default_context(cafile=cert_file)
+    upstream = Upstream(server_tls)
+    upstream.chunks, upstream.gap, upstream.think = RTT[1], RTT[2], RTT[3]
+    relay = Relay(await upstream.start(), RTT_DELAY)
+    relay_port = await relay.start()
+    proxy = ProxyProcess(None, cpus[0] if cpus else None, (*UNLIMITED, *proxy_args),
+                         base_url=f"https://127.0.0.1:{relay_port}/v1", env={"SSL_CERT_FILE": cert_file})
+    try:
+        opened = upstream.connections
+        direct = await timed_requests(relay_port, "/v1/chat/completions", RTT_SEQUENTIAL, client_tls)
+        direct_opened = upstream.connections - opened
+        opened = upstream.connections
+        via = await timed_requests(proxy.port, route, RTT_SEQUENTIAL)
+        via_opened = upstream.connections - opened
+        waves = []
+        for _ in range(2):
+            opened = upstream.connections
+            results = await run_clients(proxy.port, route, RTT_WAVE)
+            waves.append((results, upstream.connections - opened))
+        errors = sum(len(results["errors"]) for results, _ in waves)
+        return {"scenario": "rtt", "route": route, "rtt_ms": ms(2 * RTT_DELAY), "sequential": RTT_SEQUENTIAL,
+                "direct_p50_ms": ms(percentile(direct, 50)), "ttfb_p50_ms": ms(percentile(via, 50)),
+                "ttfb_p99_ms": ms(percentile(via, 99)),
+                "added_p50_ms": ms(percentile(via, 50) - percentile(direct, 50)),
+                "direct_opened": direct_opened, "opened": via_opened, "wave": RTT_WAVE,
+                "wave1_p50_ms": ms(percentile(waves[0][0]["ttfb"], 50)),
+                "wave2_p50_ms": ms(percentile(waves[1][0]["ttfb"], 50)),
+                "wave2_p99_ms": ms(percentile(waves[1][0]["ttfb"], 99)),
+                "wave1_opened": waves[0][1], "wave2_opened": waves[1][1], "errors": errors,
+                "sample_error": next((r["errors"][0] for r, _ in waves if r["errors"]), None)}
+    finally:
+        proxy.stop()
+        relay.close()
+        upstream.close()
+        for name in (cert_file, key_file):
+            os.remove(name)
+        os.rmdir(folder)
+
+
 async def scenario(name, route, cpus, proxy_args=(), shape=None):
     """One scenario on one route: direct, then through the proxy."""
     if name == "overload":
         return await overload(route, cpus, proxy_args, shape or OVERLOAD)
     if name == "keepalive":
         return await keepalive(route, cpus, (*UNLIMITED, *proxy_args))
+    if name == "rtt":
+        return await rtt(route, cpus, proxy_args)
     streams, chunks, gap, think = SCENARIOS[name]
     upstream = Upstream()
     upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
@@ -612,13 +760,16 @@ TABLES = (
                    "direct_p50_ms", "direct_max_ms")),
     ("flood", ("flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
                "probe_p99_ms", "log_lines", "peak_rss_mb")),
+    ("rtt", ("route", "rtt_ms", "sequential", "direct_p50_ms", "ttfb_p50_ms", "ttfb_p99_ms", "added_p50_ms",
+             "direct_opened", "opened", "wave", "wave1_p50_ms", "wave2_p50_ms", "wave2_p99_ms", "wave1_opened",
+             "wave2_opened", "errors")),
 )
 
 
 def print_table(rows):
     """One table for the per-token scenarios, one each for overload, keepalive and flood."""
     for title, columns in TABLES:
-        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood")
+        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt")
                                     else "per token") == title]
         if not kind:
             continue

@@ -4175,6 +4175,15 @@ class BenchmarkSmokeTest(unittest.TestCase):
             self.addCleanup(setattr, module, name, getattr(module, name))
             setattr(module, name, value)
 
+    def test_a_tiny_rtt_run_keeps_its_upstream_connection(self):
+        import bench_proxy
+        self.patch(bench_proxy, RTT_SEQUENTIAL=4, RTT_WAVE=3, RTT_DELAY=0.002)
+        row = asyncio.run(bench_proxy.rtt("/v1/chat/completions", [], ()))
+        self.assertEqual(row["errors"], 0, row["sample_error"])
+        self.assertEqual((row["direct_opened"], row["opened"]), (1, 1), row)  # four requests, one connection
+        self.assertLessEqual(row["wave1_opened"] + row["wave2_opened"], 3 + 1, row)
+        self.assertGreater(row["direct_p50_ms"], 2 * 2)  # the relay's delay is there: two ways, 2 ms each
+
     def test_tiny_overload_keepalive_and_flood(self):
         import bench_proxy
         self.patch(bench_proxy, OVERLOAD=(6, 5, 0.1, 0.0), RAMP=0.05, KEEPALIVE=(2, 3, 0.0, 0.0),
