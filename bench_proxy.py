@@ -21,6 +21,11 @@ own; `keepalive` times requests sent back to back on kept-alive
 connections; `flood` holds connections by slowloris, slow bodies and a
 connection flood while a new client posts to /message, and counts the
 answers it gets.
+
+Far away: `rtt` puts an HTTPS upstream behind a relay that holds every byte
+10 ms each way (and a new connection's first bytes a round trip more), and
+times the first byte of requests sent one after another and in two waves,
+counting the connections the upstream accepts.
 """
 
 import argparse
