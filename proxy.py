@@ -2098,6 +2098,13 @@ def release_upstream(response: http.client.HTTPResponse, exchange: Exchange, con
         connection.close()
 
 
+def let_go_of(outcome: Optional[tuple], exchange: Exchange, config: Config) -> None:
+    """Done with a failed attempt's answer (of an (upstream, response or error) pair), if any: an error
+    answer read to its end keeps its connection."""
+    if outcome is not None and isinstance(outcome[1], http.client.HTTPResponse):
+        release_upstream(outcome[1], exchange, config, clean=True)
+
+
 def _read_to_end(response: http.client.HTTPResponse) -> bool:
     """True once nothing of the response is left on its connection (read1 leaves a sized body's end open)."""
     return response.isclosed() or response.length == 0
@@ -3619,50 +3626,45 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         config = self.server.config
         resendable = body is None or isinstance(body, bytes)
         last = None  # the upstream and the failure of the last attempt
-        try:
-            for upstream in upstreams(config):
-                breaker = self.server.breaker_for(upstream, config)
-                if not breaker.allows():
-                    continue
-                for attempt in range(retries + 1 if resendable else 1):
-                    payload = body_for(upstream, body)
-                    self.attempts += 1
-                    try:
-                        exchange.raise_if_cancelled()
-                        response = open_upstream(config, upstream, self.server.client_for(upstream), exchange,
-                                                 method, target, payload, headers,
-                                                 len(payload) if isinstance(payload, bytes) else length)
-                    except RETRYABLE_ERRORS as error:
-                        failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
-                    except BaseException:
-                        breaker.abandon()
-                        raise
-                    else:
-                        if response.status not in RETRYABLE_STATUSES:
-                            breaker.succeeded()
-                            self.record_attempt(upstream, "answered")
-                            self.upstream_name = upstream.name
-                            return response
-                        failure, reason = response, str(response.status)
-                        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    breaker.failed()
-                    if last is not None and isinstance(last[1], http.client.HTTPResponse):
-                        release_upstream(last[1], exchange, config, clean=False)
-                    last = (upstream, failure)
-                    wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
-                    again = attempt < retries and resendable and wait <= config.retry_max_wait
-                    self.record_attempt(upstream, reason, attempt, wait if again else None)
-                    if not again:
-                        break
-                    if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
-                        breaker.abandon()
-                        exchange.raise_if_cancelled()
-                if not resendable:
+        for upstream in upstreams(config):
+            breaker = self.server.breaker_for(upstream, config)
+            if not breaker.allows():
+                continue
+            for attempt in range(retries + 1 if resendable else 1):
+                let_go_of(last, exchange, config)  # this attempt's outcome replaces the last one's
+                payload = body_for(upstream, body)
+                self.attempts += 1
+                try:
+                    exchange.raise_if_cancelled()
+                    response = open_upstream(config, upstream, self.server.client_for(upstream), exchange,
+                                             method, target, payload, headers,
+                                             len(payload) if isinstance(payload, bytes) else length)
+                except RETRYABLE_ERRORS as error:
+                    failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
+                except BaseException:
+                    breaker.abandon()
+                    raise
+                else:
+                    if response.status not in RETRYABLE_STATUSES:
+                        breaker.succeeded()
+                        self.record_attempt(upstream, "answered")
+                        self.upstream_name = upstream.name
+                        return response
+                    failure, reason = response, str(response.status)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                breaker.failed()
+                last = (upstream, failure)
+                wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
+                again = attempt < retries and resendable and wait <= config.retry_max_wait
+                self.record_attempt(upstream, reason, attempt, wait if again else None)
+                if not again:
                     break
-        except BaseException:  # a failed attempt's answer still holds its connection
-            if last is not None and isinstance(last[1], http.client.HTTPResponse):
-                release_upstream(last[1], exchange, config, clean=False)
-            raise
+                if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
+                    breaker.abandon()
+                    let_go_of(last, exchange, config)
+                    exchange.raise_if_cancelled()
+            if not resendable:
+                break
         if last is None:
             wait = min(self.server.breaker_for(u, config).retry_in() for u in upstreams(config))
             raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "

@@ -153,6 +153,10 @@ class _FakeUpstreamServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a proxy may reset a kept-alive connection
+            super().handle_error(request, client_address)
+
     def shutdown_request(self, request):
         try:
             port = request.getpeername()[1]
@@ -693,7 +697,8 @@ class MessageStreamTest(ProxyTestCase):
         conn = self.connect()
         first = parse_frames(self.post_message(conn=conn).read().decode())
         second = parse_frames(self.post_message(conn=conn).read().decode())
-        self.assertEqual(first, second)
+        self.assertEqual([(event, {**data, "timestamp": 0}) for event, data in first],
+                         [(event, {**data, "timestamp": 0}) for event, data in second])  # a second may tick between
         self.assertEqual(first[-1][0], "done")
         health = self.request("GET", "/healthz", conn=conn)
         self.assertEqual(json.loads(health.read()), {"status": "ok"})
@@ -2402,10 +2407,10 @@ class UpstreamKeepAliveTest(ProxyTestCase):
         self.assertEqual(len(self.upstream.connections), len(failures) + 1)
 
     def test_idle_connections_are_closed_after_the_keepalive_timeout(self):
-        self.server.config = dataclasses.replace(self.config, upstream_keepalive_timeout=0.2)
+        self.server.config = dataclasses.replace(self.config, upstream_keepalive_timeout=1.0)
         self.assertEqual(self.message(), (200, "Hello world"))
         self.assertEqual(self.upstream_pool().idle(), 1)
-        self.assertTrue(wait_until(lambda: self.upstream.closed, 3), "the idle connection was never closed")
+        self.assertTrue(wait_until(lambda: self.upstream.closed, 5), "the idle connection was never closed")
         self.assertEqual(self.upstream_pool().idle(), 0)
 
     def test_no_more_than_upstream_keepalive_are_kept(self):
