@@ -1924,8 +1924,9 @@ class UpstreamPool:
     def expire(self, now: float, keepalive_timeout: float) -> None:
         """Close the connections idle for longer than the keep-alive timeout."""
         with self._lock:
+            fresh = [connection for connection in self._idle if now - connection.returned_at < keepalive_timeout]
             old = [connection for connection in self._idle if now - connection.returned_at >= keepalive_timeout]
-            self._idle = [connection for connection in self._idle if connection not in old]
+            self._idle = fresh
         for connection in old:
             connection.close()
 
