@@ -2075,7 +2075,7 @@ def _send(connection: http.client.HTTPConnection, reused: bool, client: Upstream
 
 
 UPSTREAM_DRAIN_BYTES = 65536  # what is still read of a response after the proxy is done with it, to keep its connection
-UPSTREAM_DRAIN_TIMEOUT = 1.0  # seconds that may take
+UPSTREAM_DRAIN_TIMEOUT = 0.25  # seconds that may take: the end of a body is normally in flight already
 
 
 def release_upstream(response: http.client.HTTPResponse, exchange: Exchange, config: Config, clean: bool) -> None:
@@ -2335,7 +2335,8 @@ class ChatToMessages:
 
 def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange,
                            config: Config) -> Optional[Usage]:
-    """Relay an upstream chat completion stream as event:message frames; return its usage."""
+    """Relay an upstream chat completion stream as event:message frames, done frame included; return its
+    usage. The caller ends the response."""
     decoder = SSEDecoder()
     translator = ChatToMessages(secrets_of(config))
     while not translator.done:
@@ -2363,7 +2364,6 @@ def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchang
     if not translator.done and translator.finish_reason is None:
         raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
     exchange.send(done_frame(translator.finish_reason or "stop", translator.usage))
-    exchange.end()
     return parse_usage(translator.usage)
 
 
@@ -2559,7 +2559,8 @@ def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Opt
 
 def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
                       observer: StreamObserver, strip_usage: bool = False) -> None:
-    """Relay the upstream's body as it arrives, bytes untouched; event streams event by event.
+    """Relay the upstream's body as it arrives, bytes untouched; event streams event by event. The caller
+    ends the response.
 
     strip_usage drops the usage-only chunk the proxy asked for on the client's behalf.
     """
@@ -2593,7 +2594,6 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
     if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
         raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
                                   "before the end of its body")
-    exchange.end()
 
 
 def body_timeout_error(config: Config) -> ProxyError:
@@ -3549,7 +3549,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     @contextlib.contextmanager
     def relaying(self, response: http.client.HTTPResponse, exchange: Exchange) -> Iterator[None]:
-        """Relay an upstream answer; then its connection is kept for another request, or closed if anything failed."""
+        """Relay an upstream answer, then end the response to the client.
+
+        The upstream connection is kept for another request (or closed if
+        anything failed) before the client sees the end, so that a client
+        sending its next request at once finds the connection free.
+        """
         self.note_upstream_answer(response)
         clean = False
         try:
@@ -3557,6 +3562,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             clean = True
         finally:
             release_upstream(response, exchange, self.server.config, clean)
+        exchange.end()
 
     def relay_answer(self, response: http.client.HTTPResponse, exchange: Exchange):
         """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
@@ -3566,7 +3572,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if error_body is not None:
             exchange.begin(lambda: self.write_passthrough_head(response, len(error_body)), heartbeats=False)
             exchange.send(error_body)
-            exchange.end()
             return
         is_event_stream = response.headers.get_content_type() == "text/event-stream"
         exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)

@@ -2264,17 +2264,19 @@ class UpstreamKeepAliveTest(ProxyTestCase):
     def message(self, text="Hi"):
         response = self.post_message(chat_body(text))
         frames = parse_frames(response.read().decode())
+        self.assertTrue(self.server.wait_idle(5))  # its connection is back once the handler is done with it
         return response.status, "".join(self.contents(frames))
 
     def models(self, headers=None):
         response = self.request("GET", "/v1/models", headers=headers)
         response.read()
+        self.assertTrue(self.server.wait_idle(5))
         return response.status
 
     def hold_stream(self, release):
         """A /message stream the upstream ends when `release` is set; returns its thread."""
         count = len(self.upstream.requests)
-        thread = threading.Thread(target=self.message)
+        thread = threading.Thread(target=lambda: self.post_message().read())
         thread.start()
         self.addCleanup(thread.join, 10)
         self.addCleanup(release.set)
@@ -2403,6 +2405,7 @@ class UpstreamKeepAliveTest(ProxyTestCase):
         self.upstream.script = in_turn(json_script({"error": {"message": "nope", "type": "invalid_request_error"}},
                                                    status=400), Script(steps=reply("Hi")))
         self.assertEqual(self.post_message().status, 400)  # an error answer read to its end: kept
+        self.assertTrue(self.server.wait_idle(5))
         self.assertEqual(self.message(), (200, "Hi"))
         self.assertEqual(len(self.upstream.connections), len(failures) + 1)
 
