@@ -48,6 +48,10 @@ except ImportError:
     text_string_to_metric_families = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The proxy's log goes nowhere unless a test asserts on it (assertLogs): a passing run prints nothing of it.
+logging.getLogger("proxy").addHandler(logging.NullHandler())
+logging.getLogger("proxy").propagate = False
 TEST_KEY = "sk-test-0123456789abcdef"
 CREATED = 1700000000
 
@@ -4004,12 +4008,14 @@ class NginxTest(ProxyTestCase):
         self.assertTrue(wait_until(lambda: self.nginx_answers()), "nginx did not start")
 
     def nginx_answers(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.nginx_port, timeout=2)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.nginx_port, timeout=2)
             conn.request("GET", "/healthz")
             return conn.getresponse().status == 200
         except OSError:
             return False
+        finally:
+            conn.close()
 
     def stop_nginx(self):
         self.nginx.terminate()
