@@ -798,21 +798,34 @@ def _validate_message(index: int, message) -> None:
         raise BadRequest(f"{where}.role must be a string such as \"user\"; got {json_type_name(message.get('role'))}")
 
 
+def _is_stop(value) -> bool:
+    """A stop sequence: a string, or a list of 1 to 4 strings."""
+    return isinstance(value, str) or (isinstance(value, list) and 1 <= len(value) <= 4
+                                      and all(isinstance(item, str) for item in value))
+
+
+# /message's optional fields: the test each value must pass, and what it must be.
+MESSAGE_OPTIONS = {
+    "model": (lambda value: isinstance(value, str) and bool(value.strip()), "a non-empty string"),
+    "temperature": (lambda value: _is_number(value) and 0 <= value <= 2, "a number from 0 to 2"),
+    "top_p": (lambda value: _is_number(value) and 0 <= value <= 1, "a number from 0 to 1"),
+    "max_tokens": (lambda value: _is_whole(value) and value >= 1, "a whole number of at least 1"),
+    "seed": (_is_whole, "a whole number"),
+    "stop": (_is_stop, "a string or a list of 1 to 4 strings"),
+}
+
+
+def _shown(value) -> str:
+    """A JSON value as an error message quotes it: short."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _validate_option(name: str, value) -> None:
     """Check one optional /message field (null counts as absent)."""
-    if name == "model" and not (isinstance(value, str) and value.strip()):
-        raise BadRequest("'model' must be a non-empty string")
-    if name == "temperature" and not (_is_number(value) and 0 <= value <= 2):
-        raise BadRequest(f"'temperature' must be a number from 0 to 2; got {json.dumps(value)}")
-    if name == "top_p" and not (_is_number(value) and 0 <= value <= 1):
-        raise BadRequest(f"'top_p' must be a number from 0 to 1; got {json.dumps(value)}")
-    if name == "max_tokens" and not (_is_whole(value) and value >= 1):
-        raise BadRequest(f"'max_tokens' must be a whole number of at least 1; got {json.dumps(value)}")
-    if name == "seed" and not _is_whole(value):
-        raise BadRequest(f"'seed' must be a whole number; got {json.dumps(value)}")
-    if name == "stop" and not (isinstance(value, str) or (
-            isinstance(value, list) and 1 <= len(value) <= 4 and all(isinstance(s, str) for s in value))):
-        raise BadRequest("'stop' must be a string or a list of 1 to 4 strings")
+    accepts, want = MESSAGE_OPTIONS[name]
+    if not accepts(value):
+        raise BadRequest(f"'{name}' must be {want}; got {_shown(value)}")
 
 
 def ignored_message_fields(body: dict) -> List[str]:
