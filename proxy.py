@@ -2587,26 +2587,36 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
         if splitter is None:
             observer.see_bytes(chunk)
         else:
-            events = []
-            for event in splitter.feed(chunk):
-                first_output = observer.see_event(event) or first_output
-                if strip_usage and b'"usage"' in event and is_usage_only_event(event):
-                    continue
-                if reports_error(event):
-                    response.spoiled = True  # its connection is not kept: the upstream had trouble
-                    event = mask_error_events(event, secrets)
-                events.append(event)
-            chunk = b"".join(events)
+            chunk, first_output = _events_to_relay(splitter.feed(chunk), response, observer, strip_usage, secrets)
         if chunk:
             exchange.send(chunk)
         if first_output:
             exchange.mark_first_token()
     rest = splitter.rest() if splitter is not None else b""
     if rest:  # the upstream ended cleanly after bytes that end no event: relay them as they are
-        exchange.send(mask_error_events(rest, secrets_of(config)))
+        exchange.send(mask_error_events(rest, secrets))
     if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
         raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
                                   "before the end of its body")
+
+
+def _events_to_relay(events: List[bytes], response: http.client.HTTPResponse, observer: StreamObserver,
+                     strip_usage: bool, secrets: Tuple[str, ...]) -> Tuple[bytes, bool]:
+    """Whole events as they go to the client, and whether one of them carried model output.
+
+    An event that reports an error is masked, and spoils the response's
+    connection for reuse: the upstream had trouble.
+    """
+    relayed, first_output = [], False
+    for event in events:
+        first_output = observer.see_event(event) or first_output
+        if strip_usage and b'"usage"' in event and is_usage_only_event(event):
+            continue
+        if reports_error(event):
+            response.spoiled = True
+            event = mask_error_events(event, secrets)
+        relayed.append(event)
+    return b"".join(relayed), first_output
 
 
 def body_timeout_error(config: Config) -> ProxyError:
