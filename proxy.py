@@ -880,7 +880,7 @@ def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[
 Upstream = collections.namedtuple("Upstream", "name base_url api_key auth_header model")
 
 
-def upstreams(config: Config) -> List[Upstream]:
+def configured_upstreams(config: Config) -> List[Upstream]:
     """The upstreams in the order to try them: the primary, then the fallback if there is one."""
     found = [Upstream("primary", config.base_url, config.api_key, config.auth_header, "")]
     if config.fallback_base_url:
@@ -2195,9 +2195,10 @@ def body_for(upstream: Upstream, body):
 class Breaker:
     """Takes an upstream out after consecutive retryable failures; after a cool-down, one request tries it."""
 
-    def __init__(self, threshold: int, cooldown: float):
+    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic):
         self._threshold = threshold
         self._cooldown = cooldown
+        self._clock = clock
         self._lock = threading.Lock()
         self._failures = 0
         self._open_until = 0.0
@@ -2208,7 +2209,7 @@ class Breaker:
         with self._lock:
             if not self._threshold or self._failures < self._threshold:
                 return True
-            if time.monotonic() < self._open_until or self._trying:
+            if self._clock() < self._open_until or self._trying:
                 return False
             self._trying = True
             return True
@@ -2219,7 +2220,7 @@ class Breaker:
             return bool(self._threshold) and self._failures >= self._threshold and not self._trying
 
     def retry_in(self) -> float:
-        return max(0.0, self._open_until - time.monotonic())
+        return max(0.0, self._open_until - self._clock())
 
     def succeeded(self) -> None:
         with self._lock:
@@ -2235,7 +2236,152 @@ class Breaker:
             self._failures += 1
             self._trying = False
             if self._threshold and self._failures >= self._threshold:
-                self._open_until = time.monotonic() + self._cooldown
+                self._open_until = self._clock() + self._cooldown
+
+
+UpstreamRequest = collections.namedtuple("UpstreamRequest", "method target body headers length")
+
+
+class Attempts:
+    """A request's upstream attempts: how many were made, which upstream answered, and a report of each
+    outcome (the handler's, for its metrics and log)."""
+
+    def __init__(self, report: Callable[[Upstream, str, int, Optional[float]], None]):
+        self.count = 0
+        self.upstream_name: Optional[str] = None
+        self.report = report
+
+
+class Upstreams:
+    """The upstream layer: how to reach each upstream (its connector and pool), its breaker, and the retry
+    policy, behind one call that opens a response or raises a ProxyError.
+
+    `wait(exchange, seconds)` waits between attempts and returns True if the
+    client left meanwhile; `clock` is the breakers' time. Tests pass their own.
+    """
+
+    def __init__(self, wait: Optional[Callable[[Exchange, float], bool]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self._wait = wait or (lambda exchange, seconds: exchange.cancelled.wait(seconds))
+        self._clock = clock
+        self._connectors: Dict[str, UpstreamClient] = {}
+        self._breakers: Dict[str, Breaker] = {}
+        self._lock = threading.Lock()
+
+    def connector(self, upstream: Upstream) -> UpstreamClient:
+        """How to reach an upstream, worked out on its first request and kept (by base URL)."""
+        with self._lock:
+            if upstream.base_url not in self._connectors:
+                self._connectors[upstream.base_url] = UpstreamClient(upstream.base_url)
+            return self._connectors[upstream.base_url]
+
+    def breaker(self, upstream: Upstream, config: Config) -> Breaker:
+        """The circuit breaker of an upstream, by its base URL."""
+        with self._lock:
+            if upstream.base_url not in self._breakers:
+                self._breakers[upstream.base_url] = Breaker(config.breaker_threshold, config.breaker_cooldown,
+                                                            self._clock)
+            return self._breakers[upstream.base_url]
+
+    def open(self, config: Config, exchange: Exchange, request: UpstreamRequest, retries: int,
+             attempts: Attempts) -> http.client.HTTPResponse:
+        """Open the request, retrying retryable failures and falling back, before any byte is sent.
+
+        A body streamed from the client cannot be sent twice, so it gets one
+        attempt. The response returned may still be an error: the last one.
+        """
+        resendable = request.body is None or isinstance(request.body, bytes)
+        last = None  # the upstream and the failure of the last attempt
+        for upstream in configured_upstreams(config):
+            breaker = self.breaker(upstream, config)
+            if not breaker.allows():
+                continue
+            last, answered = self._try(upstream, breaker, config, exchange, request,
+                                       retries if resendable else 0, last, attempts)
+            if answered or not resendable:
+                break
+        return self._outcome(config, last, attempts)
+
+    def _try(self, upstream: Upstream, breaker: Breaker, config: Config, exchange: Exchange,
+             request: UpstreamRequest, retries: int, last: Optional[tuple], attempts: Attempts) -> Tuple[tuple, bool]:
+        """Up to 1 + retries attempts on one upstream: the last outcome, and whether it was an answer to keep."""
+        for attempt in range(retries + 1):
+            let_go_of(last, exchange, config)  # this attempt's outcome replaces the last one's
+            answer, failure, reason, retry_after = self._attempt(upstream, breaker, config, exchange, request, attempts)
+            if answer is not None:
+                breaker.succeeded()
+                attempts.report(upstream, "answered", attempt, None)
+                return (upstream, answer), True
+            breaker.failed()
+            last = (upstream, failure)
+            wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
+            again = attempt < retries and wait <= config.retry_max_wait
+            attempts.report(upstream, reason, attempt, wait if again else None)
+            if not again:
+                break
+            if self._wait(exchange, wait):  # the client left during the wait: no more attempts
+                breaker.abandon()
+                let_go_of(last, exchange, config)
+                exchange.raise_if_cancelled()
+        return last, False
+
+    def _attempt(self, upstream: Upstream, breaker: Breaker, config: Config, exchange: Exchange,
+                 request: UpstreamRequest, attempts: Attempts) -> tuple:
+        """One attempt: (answer, None, None, None) for an answer to keep, else (None, failure, reason, Retry-After)."""
+        payload = body_for(upstream, request.body)
+        attempts.count += 1
+        try:
+            exchange.raise_if_cancelled()
+            response = open_upstream(config, upstream, self.connector(upstream), exchange, request.method,
+                                     request.target, payload, request.headers,
+                                     len(payload) if isinstance(payload, bytes) else request.length)
+        except RETRYABLE_ERRORS as error:
+            return None, error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
+        except BaseException:
+            breaker.abandon()
+            raise
+        if response.status not in RETRYABLE_STATUSES:
+            return response, None, None, None
+        return None, response, str(response.status), parse_retry_after(response.headers.get("Retry-After"))
+
+    def _outcome(self, config: Config, last: Optional[tuple], attempts: Attempts) -> http.client.HTTPResponse:
+        """The answer kept, or the last failure: an error answer is returned, an error raised."""
+        if last is None:
+            wait = min(self.breaker(upstream, config).retry_in() for upstream in configured_upstreams(config))
+            raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "
+                                f"{math.ceil(wait)} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        attempts.upstream_name = last[0].name
+        if isinstance(last[1], ProxyError):
+            raise last[1]
+        return last[1]
+
+    def connection_counts(self, config: Config) -> Dict[Tuple[str, tuple], float]:
+        """The connection metrics of each upstream's pool, by the upstream's name."""
+        counts: Dict[Tuple[str, tuple], float] = {}
+        seen = set()
+        for upstream in configured_upstreams(config):
+            if upstream.base_url in seen:  # a fallback on the same base URL shares the primary's pool
+                continue
+            seen.add(upstream.base_url)
+            pool, labels = self.connector(upstream).pool, (("upstream", upstream.name),)
+            counts[("proxy_upstream_connections_opened_total", labels)] = pool.opened
+            counts[("proxy_upstream_connections_reused_total", labels)] = pool.reused
+            counts[("proxy_upstream_idle_connections", labels)] = pool.idle()
+        return counts
+
+    def expire_idle(self, config: Config) -> None:
+        """Close upstream connections idle past their keep-alive timeout."""
+        with self._lock:
+            connectors = list(self._connectors.values())
+        for connector in connectors:
+            connector.pool.expire(time.monotonic(), config.upstream_keepalive_timeout)
+
+    def close(self) -> None:
+        """Close every idle upstream connection."""
+        with self._lock:
+            connectors = list(self._connectors.values())
+        for connector in connectors:
+            connector.pool.close()
 
 
 def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, ...]) -> dict:
@@ -3345,9 +3491,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.model: Optional[str] = None
         self.upstream_request_id: Optional[str] = None
         self.strip_usage = False  # the proxy asked for usage the client did not ask for
-        self.upstream_name: Optional[str] = None  # which upstream answered
         self.upstream_reused: Optional[bool] = None  # whether on a kept-alive connection
-        self.attempts = 0
+        self.attempts = Attempts(self.record_attempt)  # which upstream answered, after how many
         self.upstream_status: Optional[int] = None
         self.error_type: Optional[str] = None
         self.client_left = False
@@ -3468,9 +3613,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_healthz(self):
         """GET /healthz: 200 while at least one upstream is usable, naming any that are out."""
         config = self.server.config
-        down = [upstream.name for upstream in upstreams(config)
-                if self.server.breaker_for(upstream, config).is_down()]
-        if len(down) == len(upstreams(config)):
+        down = [upstream.name for upstream in configured_upstreams(config)
+                if self.server.upstreams.breaker(upstream, config).is_down()]
+        if len(down) == len(configured_upstreams(config)):
             self.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down})
         else:
             self.send_json(HTTPStatus.OK, {"status": "ok", **({"upstreams_down": down} if down else {})})
@@ -3514,7 +3659,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
         body = self.server.metrics.render({"proxy_active_streams": self.server.limits.active(),
                                            "process_cpu_seconds_total": time.process_time(),
-                                           **self.server.upstream_connection_counts()}).encode()
+                                           **self.server.upstreams.connection_counts(self.server.config)}).encode()
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -3533,9 +3678,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         with self.stream_slot(), supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
             self.exchange = exchange
             supervisor.watch_client(exchange)
-            response = self.open_with_retries(exchange, "POST", "/chat/completions", json_bytes(request),
-                                              {"Content-Type": "application/json", "Accept": "text/event-stream"},
-                                              None, config.retries)
+            response = self.server.upstreams.open(config, exchange, UpstreamRequest(
+                "POST", "/chat/completions", json_bytes(request),
+                {"Content-Type": "application/json", "Accept": "text/event-stream"}, None), config.retries, self.attempts)
             with self.relaying(response, exchange):
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
@@ -3565,8 +3710,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 body = ClientBody(self.rfile, length, config, lambda: body_read(force=True))
             else:
                 body_read()
-            response = self.open_with_retries(exchange, self.command, target, body, headers,
-                                              length if body is not None else None, config.v1_retries)
+            response = self.server.upstreams.open(config, exchange, UpstreamRequest(
+                self.command, target, body, headers, length if body is not None else None),
+                config.v1_retries, self.attempts)
             with self.relaying(response, exchange):
                 self.relay_answer(response, exchange)
 
@@ -3644,64 +3790,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if api == "/chat/completions" and ask_for_usage(body):
             self.strip_usage = changed = True
         return json_bytes(body) if changed else raw
-
-    def open_with_retries(self, exchange: Exchange, method: str, target: str, body, headers: Dict[str, str],
-                          length: Optional[int], retries: int) -> http.client.HTTPResponse:
-        """Open the upstream request, retrying retryable failures and falling back, before any byte is sent.
-
-        A body streamed from the client cannot be sent twice, so it gets one
-        attempt. The response returned may still be an error: the last one.
-        """
-        config = self.server.config
-        resendable = body is None or isinstance(body, bytes)
-        last = None  # the upstream and the failure of the last attempt
-        for upstream in upstreams(config):
-            breaker = self.server.breaker_for(upstream, config)
-            if not breaker.allows():
-                continue
-            for attempt in range(retries + 1 if resendable else 1):
-                let_go_of(last, exchange, config)  # this attempt's outcome replaces the last one's
-                payload = body_for(upstream, body)
-                self.attempts += 1
-                try:
-                    exchange.raise_if_cancelled()
-                    response = open_upstream(config, upstream, self.server.client_for(upstream), exchange,
-                                             method, target, payload, headers,
-                                             len(payload) if isinstance(payload, bytes) else length)
-                except RETRYABLE_ERRORS as error:
-                    failure, reason, retry_after = error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
-                except BaseException:
-                    breaker.abandon()
-                    raise
-                else:
-                    if response.status not in RETRYABLE_STATUSES:
-                        breaker.succeeded()
-                        self.record_attempt(upstream, "answered")
-                        self.upstream_name = upstream.name
-                        return response
-                    failure, reason = response, str(response.status)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                breaker.failed()
-                last = (upstream, failure)
-                wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
-                again = attempt < retries and resendable and wait <= config.retry_max_wait
-                self.record_attempt(upstream, reason, attempt, wait if again else None)
-                if not again:
-                    break
-                if exchange.cancelled.wait(wait):  # the client left during the wait: no more attempts
-                    breaker.abandon()
-                    let_go_of(last, exchange, config)
-                    exchange.raise_if_cancelled()
-            if not resendable:
-                break
-        if last is None:
-            wait = min(self.server.breaker_for(u, config).retry_in() for u in upstreams(config))
-            raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "
-                                f"{math.ceil(wait)} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        self.upstream_name = last[0].name
-        if isinstance(last[1], ProxyError):
-            raise last[1]
-        return last[1]
 
     def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None):
         """Count an upstream attempt; log a failed one with what happens next."""
@@ -3905,9 +3993,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             "prompt_tokens": self.usage.prompt if self.usage else None,
             "completion_tokens": self.usage.completion if self.usage else None,
             "request_id": self.upstream_request_id,
-            "upstream": self.upstream_name,
+            "upstream": self.attempts.upstream_name,
             "upstream_reused": self.upstream_reused,
-            "attempts": self.attempts,
+            "attempts": self.attempts.count,
             "upstream_status": self.upstream_status,
             "error": self.error_type,
             "client_left": self.client_left,
@@ -3942,9 +4030,7 @@ class ProxyServer(http.server.HTTPServer):
         self.limits = Limits(config)
         self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model} - {""}))
         self.ui = load_ui(UI_DIR)
-        self._breakers: Dict[str, Breaker] = {}
-        self._clients: Dict[str, UpstreamClient] = {}
-        self._upstream_state_lock = threading.Lock()
+        self.upstreams = Upstreams()
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
@@ -3956,40 +4042,9 @@ class ProxyServer(http.server.HTTPServer):
         self.supervisor.start()
         self.pool.start()
 
-    def breaker_for(self, upstream: Upstream, config: Config) -> Breaker:
-        """The circuit breaker of an upstream, by its base URL."""
-        with self._upstream_state_lock:
-            if upstream.base_url not in self._breakers:
-                self._breakers[upstream.base_url] = Breaker(config.breaker_threshold, config.breaker_cooldown)
-            return self._breakers[upstream.base_url]
-
-    def client_for(self, upstream: Upstream) -> UpstreamClient:
-        """How to reach an upstream, worked out on its first request and kept."""
-        with self._upstream_state_lock:
-            if upstream.base_url not in self._clients:
-                self._clients[upstream.base_url] = UpstreamClient(upstream.base_url)
-            return self._clients[upstream.base_url]
-
-    def upstream_connection_counts(self) -> Dict[Tuple[str, tuple], float]:
-        """The connection metrics of each upstream's pool, by the upstream's name."""
-        counts: Dict[Tuple[str, tuple], float] = {}
-        seen = set()
-        for upstream in upstreams(self.config):
-            if upstream.base_url in seen:  # a fallback on the same base URL shares the primary's pool
-                continue
-            seen.add(upstream.base_url)
-            pool, labels = self.client_for(upstream).pool, (("upstream", upstream.name),)
-            counts[("proxy_upstream_connections_opened_total", labels)] = pool.opened
-            counts[("proxy_upstream_connections_reused_total", labels)] = pool.reused
-            counts[("proxy_upstream_idle_connections", labels)] = pool.idle()
-        return counts
-
     def service_actions(self):
         """Between accepts (each poll interval): close upstream connections idle past their keep-alive timeout."""
-        with self._upstream_state_lock:
-            clients = list(self._clients.values())
-        for client in clients:
-            client.pool.expire(time.monotonic(), self.config.upstream_keepalive_timeout)
+        self.upstreams.expire_idle(self.config)
 
     def answers_at_once(self, head: bytes) -> bool:
         """True for a request the pool's thread answers itself: a health check or metrics, or a refusal.
@@ -4026,13 +4081,7 @@ class ProxyServer(http.server.HTTPServer):
         self.server_close()
         self.pool.close()
         self.supervisor.stop()
-        self.close_upstream_connections()
-
-    def close_upstream_connections(self) -> None:
-        with self._upstream_state_lock:
-            clients = list(self._clients.values())
-        for client in clients:
-            client.pool.close()
+        self.upstreams.close()
 
     def server_bind(self):
         """Bind without HTTPServer's reverse DNS lookup, which can hang on a host without DNS."""
@@ -4079,7 +4128,7 @@ class ProxyServer(http.server.HTTPServer):
             logger.warning("drain timeout: ended %d stream(s) with an error frame", cut)
         self.wait_idle(5)
         self.supervisor.stop()
-        self.close_upstream_connections()
+        self.upstreams.close()
 
 
 def raise_open_file_limit(max_connections: int) -> Optional[str]:

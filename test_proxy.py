@@ -2263,7 +2263,7 @@ class UpstreamKeepAliveTest(ProxyTestCase):
     """Kept-alive upstream connections: reused, never carrying anything over, closed whenever in doubt."""
 
     def upstream_pool(self):
-        return self.server.client_for(proxy.upstreams(self.server.config)[0]).pool
+        return self.server.upstreams.connector(proxy.configured_upstreams(self.server.config)[0]).pool
 
     def message(self, text="Hi"):
         response = self.post_message(chat_body(text))
@@ -2299,7 +2299,7 @@ class UpstreamKeepAliveTest(ProxyTestCase):
         self.assertEqual({received.port for received in self.upstream.requests}, set(self.upstream.connections))
         access = [record.getMessage() for record in logs.records if hasattr(record, "access")]
         self.assertEqual([line.rpartition(" ")[2] for line in access], ["reused=no"] + ["reused=yes"] * 5)
-        counts = self.server.upstream_connection_counts()
+        counts = self.server.upstreams.connection_counts(self.server.config)
         primary = (("upstream", "primary"),)
         self.assertEqual((counts[("proxy_upstream_connections_opened_total", primary)],
                           counts[("proxy_upstream_connections_reused_total", primary)],
@@ -3164,20 +3164,24 @@ class RetryAfterTest(unittest.TestCase):
 
 class BreakerTest(unittest.TestCase):
     def test_opens_lets_one_request_try_and_closes(self):
-        breaker = proxy.Breaker(threshold=2, cooldown=0.2)
+        now = [100.0]
+        breaker = proxy.Breaker(threshold=2, cooldown=30, clock=lambda: now[0])
         breaker.failed()
         self.assertTrue(breaker.allows())
         breaker.failed()
         self.assertFalse(breaker.allows())
         self.assertTrue(breaker.is_down())
-        time.sleep(0.25)  # the cool-down is a duration: nothing to wait on but the clock
+        self.assertEqual(breaker.retry_in(), 30)
+        now[0] += 29.9
+        self.assertFalse(breaker.allows())  # still cooling down
+        now[0] += 0.2
         self.assertTrue(breaker.allows())   # the one trial request
         self.assertFalse(breaker.allows())  # and no other meanwhile
         breaker.abandon()                   # the trial's client left: no verdict
         self.assertTrue(breaker.allows())   # so another request may try
         breaker.failed()                    # the trial failed: out for another cool-down
         self.assertFalse(breaker.allows())
-        time.sleep(0.25)
+        now[0] += 30.1
         self.assertTrue(breaker.allows())
         breaker.succeeded()
         self.assertTrue(breaker.allows() and breaker.allows())  # closed: everyone again
@@ -3209,13 +3213,14 @@ class RetryTest(ProxyTestCase):
         self.assertIn('proxy_upstream_attempts_total{upstream="primary",outcome="answered"} 1\n', metrics)
 
     def test_retry_after_is_honoured(self):
+        waits = []
+        self.server.upstreams = proxy.Upstreams(wait=lambda exchange, seconds: waits.append(seconds))
         self.upstream.script = in_turn(json_script({"error": {"message": "slow down"}}, status=429,
-                                                   headers={"Retry-After": "1"}), Script(steps=reply("ok")))
-        started = time.monotonic()
+                                                   headers={"Retry-After": "7"}), Script(steps=reply("ok")))
         frames = parse_frames(self.post_message().read().decode())
         self.assertEqual(frames[-1][0], "done")
         self.assertEqual(len(self.upstream.requests), 2)
-        self.assertTrue(0.9 <= time.monotonic() - started < 2.5, time.monotonic() - started)
+        self.assertEqual(waits, [7.0])  # the retry waited what the upstream asked for
 
     def test_a_retry_after_past_the_limit_is_returned_at_once(self):
         self.upstream.script = json_script({"error": {"message": "quota"}}, status=429, headers={"Retry-After": "3600"})
@@ -3298,6 +3303,8 @@ class FallbackTest(ProxyTestCase):
         self.assertEqual(self.contents(frames), ["", "from the fallback", ""])
 
     def test_breaker_opens_and_closes(self):
+        now = [1000.0]
+        self.server.upstreams = proxy.Upstreams(clock=lambda: now[0])
         self.upstream.script = OVERLOADED
         self.post_message().read()  # two failures on the primary: its breaker opens
         self.assertEqual(len(self.upstream.requests), 2)
@@ -3308,7 +3315,7 @@ class FallbackTest(ProxyTestCase):
         self.assertEqual(self.contents(frames), ["", "from the fallback", ""])
         self.assertEqual(len(self.upstream.requests), 2)  # skipped while open
         self.upstream.script = Script(steps=reply("primary is back"))
-        time.sleep(0.6)  # the cool-down is a duration: nothing to wait on but the clock
+        now[0] += self.server.config.breaker_cooldown + 0.1  # the cool-down passes
         frames = parse_frames(self.post_message().read().decode())
         self.assertEqual(self.contents(frames), ["", "primary is back", ""])  # one trial request, and closed
         self.assertEqual(json.loads(self.request("GET", "/healthz").read()), {"status": "ok"})
