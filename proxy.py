@@ -3419,20 +3419,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"proxy.py/{__version__}"
     disable_nagle_algorithm = True  # a small frame leaves at once, not after a delayed ACK
 
-    # Handlers that spend the upstream key: they need a client key, and count against the limits.
-    relay_handlers = frozenset({"handle_message", "handle_passthrough"})
-
-    # path -> method -> handler method name
-    routes = {
-        "/message": {"POST": "handle_message"},
-        "/healthz": {"GET": "handle_healthz", "HEAD": "handle_healthz"},
-        "/metrics": {"GET": "handle_metrics"},
-        "/": {"GET": "handle_ui", "HEAD": "handle_ui"},
-        "/ui/config.json": {"GET": "handle_ui_config"},
-    }
-
-    # Handlers the pool's thread runs itself, never queued behind the streams: they wait on nothing.
-    answered_at_once = frozenset({"handle_healthz", "handle_metrics"})
     AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on the pool's thread may take to take its answer
 
     def __init__(self, request, client_address, server, read_ahead: bytes = b"", at_once: bool = False):
@@ -3523,21 +3509,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch
 
-    @classmethod
-    def methods_for(cls, path: str) -> Optional[Dict[str, str]]:
-        """method -> handler name at a path; None when nothing is served there."""
-        methods = cls.routes.get(path)
-        if methods is None and path.startswith(PASSTHROUGH_PREFIX):
-            methods = {method: "handle_passthrough" for method in PASSTHROUGH_METHODS}
-        if methods is None and path.startswith("/ui/"):
-            methods = {"GET": "handle_ui", "HEAD": "handle_ui"}
-        return methods
-
-    @classmethod
-    def handler_name(cls, method: str, path: str) -> Optional[str]:
-        """The name of the handler that serves a method at a path, if any."""
-        return (cls.methods_for(path) or {}).get(method)
-
     @property
     def path_only(self) -> str:
         return self.path.partition("?")[0][:200]
@@ -3546,31 +3517,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.path.startswith("/"):
             raise BadRequest("the request target must be a path such as /v1/models; "
                              "this server is not a forward proxy")
-        methods = self.methods_for(self.path_only)
-        if methods is None:
+        route = find_route(self.path_only)
+        if route is None:
             raise ProxyError(f"nothing is served at {self.path_only}; the API is POST /message "
                              "and the OpenAI API under /v1/, the chat page is at /",
                              status=HTTPStatus.NOT_FOUND, type="not_found_error")
         if self.command == "OPTIONS":
-            self.answer_preflight(methods)
+            self.answer_preflight(route.methods)
             return
-        if self.command not in methods:
-            allowed = allowed_methods(methods)
+        if self.command not in route.methods:
+            allowed = allowed_methods(route.methods)
             raise ProxyError(f"{self.path_only} does not take {self.command}; use {allowed}",
                              status=HTTPStatus.METHOD_NOT_ALLOWED, type="invalid_request_error",
                              headers={"Allow": allowed})
         if self.server.draining:
             raise ShuttingDown("the proxy is shutting down; send the request again in a moment")
-        handler = getattr(self, methods[self.command])
-        if methods[self.command] not in self.relay_handlers:
-            handler()
+        if not route.relays:
+            route.serve(self)
             return
         self.client_name = self.authenticate()
         if self.at_once:  # the pool's thread found every slot taken: a relayed request only gets its 503
             raise self.server.limits.overloaded()
         self.server.limits.check(self.client_name)
         try:
-            handler()
+            route.serve(self)
         finally:
             self.server.limits.record_usage(self.client_name, self.usage)
 
@@ -3800,7 +3770,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         logger.warning('%s "%s %s" attempt %d to the %s upstream failed (%s); %s', self.client_address[0],
                        self.command, log_value(self.path_only), attempt + 1, upstream.name, outcome, then)
 
-    def answer_preflight(self, methods: Dict[str, str]):
+    def answer_preflight(self, methods: Tuple[str, ...]):
         """OPTIONS: the CORS preflight (Fetch standard); an origin not allowed gets no allow headers."""
         self.send_response(HTTPStatus.NO_CONTENT)
         if is_origin_allowed(self.server.config.cors_origins, self.headers.get("Origin")):
@@ -4015,6 +3985,37 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         logger.debug("%s " + format, self.client_address[0], *args)
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One entry of the route table: where, which methods, and the handler method that serves it."""
+
+    path: str                    # the exact path, or with prefix, what the path starts with
+    methods: Tuple[str, ...]
+    serve: Callable[[ProxyHandler], None]
+    prefix: bool = False
+    relays: bool = False         # spends the upstream key: needs a client key and counts against the limits
+    at_once: bool = False        # waits on nothing: the pool's thread answers it, never queued behind streams
+
+
+ROUTES = (
+    Route("/message", ("POST",), ProxyHandler.handle_message, relays=True),
+    Route(PASSTHROUGH_PREFIX, PASSTHROUGH_METHODS, ProxyHandler.handle_passthrough, prefix=True, relays=True),
+    Route("/healthz", ("GET", "HEAD"), ProxyHandler.handle_healthz, at_once=True),
+    Route("/metrics", ("GET",), ProxyHandler.handle_metrics, at_once=True),
+    Route("/", ("GET", "HEAD"), ProxyHandler.handle_ui),
+    Route("/ui/config.json", ("GET",), ProxyHandler.handle_ui_config),
+    Route("/ui/", ("GET", "HEAD"), ProxyHandler.handle_ui, prefix=True),
+)
+
+
+def find_route(path: str) -> Optional[Route]:
+    """The route that serves a path: an exact entry first, then a prefix entry."""
+    for route in ROUTES:
+        if not route.prefix and path == route.path:
+            return route
+    return next((route for route in ROUTES if route.prefix and path.startswith(route.path)), None)
+
+
 # --------------------------------------------------------------------------
 # Server and main
 # --------------------------------------------------------------------------
@@ -4054,11 +4055,10 @@ class ProxyServer(http.server.HTTPServer):
         even if a slot frees meanwhile.
         """
         method, _, rest = head.partition(b" ")
-        path = rest.partition(b" ")[0].partition(b"?")[0]
-        handler = self.RequestHandlerClass.handler_name(method.decode("latin-1"), path.decode("latin-1"))
-        if handler in self.RequestHandlerClass.answered_at_once:
-            return True
-        return handler in self.RequestHandlerClass.relay_handlers and self.limits.is_full()
+        route = find_route(rest.partition(b" ")[0].partition(b"?")[0].decode("latin-1"))
+        if route is None or method.decode("latin-1") not in route.methods:
+            return False
+        return route.at_once or (route.relays and self.limits.is_full())
 
     def process_request(self, request, client_address):
         """Accepted connections wait in the pool, without a thread, for their first request."""
