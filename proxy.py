@@ -3412,6 +3412,56 @@ HEADER_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: appli
 # Request handler
 # --------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class RequestState:
+    """What one request carries through its life; the error boundary, the limits and the access record read it."""
+
+    attempts: Attempts                      # which upstream answered, after how many
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    first_byte_at: Optional[float] = None
+    exchange: Optional[Exchange] = None     # once the request is relayed
+    status: Optional[int] = None
+    client_name: Optional[str] = None
+    usage: Optional[Usage] = None           # the usage the upstream reported
+    model: Optional[str] = None
+    upstream_request_id: Optional[str] = None
+    strip_usage: bool = False               # the proxy asked for usage the client did not ask for
+    upstream_reused: Optional[bool] = None  # whether on a kept-alive connection
+    upstream_status: Optional[int] = None
+    error_type: Optional[str] = None
+    client_left: bool = False
+    rejected_by: Optional[str] = None       # which of the proxy's limits refused the request
+    bytes_sent: int = 0                     # body bytes of a response written whole (streams count on their exchange)
+    body_read: bool = False                 # nothing of its body is left on the connection
+    ignored_fields: List[str] = dataclasses.field(default_factory=list)  # /message fields not used nor sent on
+
+    def access_record(self, address: str, method: str, path: str) -> dict:
+        """What the access log and the metrics know of the request: never a key, never message text."""
+        exchange = self.exchange
+
+        def since_start(moment):
+            return None if moment is None else round(moment - self.started, 6)
+
+        return {
+            "address": address, "client": self.client_name, "method": method, "path": path,
+            "model": self.model, "status": self.status,
+            "bytes": exchange.bytes_sent if exchange else self.bytes_sent,
+            "duration": round(time.monotonic() - self.started, 6),
+            "ttfb": since_start(self.first_byte_at),
+            "ttft": since_start(exchange.first_token_at if exchange else None),
+            "frames": exchange.frames if exchange else 0,
+            "prompt_tokens": self.usage.prompt if self.usage else None,
+            "completion_tokens": self.usage.completion if self.usage else None,
+            "request_id": self.upstream_request_id,
+            "upstream": self.attempts.upstream_name,
+            "upstream_reused": self.upstream_reused,
+            "attempts": self.attempts.count,
+            "upstream_status": self.upstream_status,
+            "error": self.error_type,
+            "client_left": self.client_left,
+        }
+
+
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     """Routes each request to a short method: parse, validate, open the upstream, relay."""
 
@@ -3467,25 +3517,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # ---- routing and the error boundary
 
     def start_request(self):
-        """Reset what the access log and the error boundary know of the request."""
-        self.started = time.monotonic()
-        self.first_byte_at: Optional[float] = None
-        self.exchange: Optional[Exchange] = None
-        self.status: Optional[int] = None
-        self.client_name: Optional[str] = None
-        self.usage: Optional[Usage] = None  # the usage the upstream reported
-        self.model: Optional[str] = None
-        self.upstream_request_id: Optional[str] = None
-        self.strip_usage = False  # the proxy asked for usage the client did not ask for
-        self.upstream_reused: Optional[bool] = None  # whether on a kept-alive connection
-        self.attempts = Attempts(self.record_attempt)  # which upstream answered, after how many
-        self.upstream_status: Optional[int] = None
-        self.error_type: Optional[str] = None
-        self.client_left = False
-        self.rejected_by: Optional[str] = None  # which of the proxy's limits refused the request
-        self.bytes_sent = 0  # body bytes of a response written whole (streams count on their exchange)
-        self.body_read = False
-        self.ignored_fields: List[str] = []  # /message fields accepted, not used and not sent on
+        """A new record of what the request carries: the access log and the error boundary read it."""
+        self.state = RequestState(Attempts(self.record_attempt))
 
     def dispatch(self):
         """Serve one request; every failure becomes a JSON error or an error frame."""
@@ -3498,7 +3531,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.route()
             except ClientGone:
                 self.close_connection = True
-                self.client_left = True
+                self.state.client_left = True
             except ProxyError as error:
                 self.fail(error)
             except Exception:
@@ -3535,14 +3568,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not route.relays:
             route.serve(self)
             return
-        self.client_name = self.authenticate()
+        self.state.client_name = self.authenticate()
         if self.at_once:  # the pool's thread found every slot taken: a relayed request only gets its 503
             raise self.server.limits.overloaded()
-        self.server.limits.check(self.client_name)
+        self.server.limits.check(self.state.client_name)
         try:
             route.serve(self)
         finally:
-            self.server.limits.record_usage(self.client_name, self.usage)
+            self.server.limits.record_usage(self.state.client_name, self.state.usage)
 
     def authenticate(self) -> str:
         """Who the client is: its key's name, or its address when the proxy has no client keys."""
@@ -3561,22 +3594,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def fail(self, error: ProxyError):
         """Tell the client what went wrong, in whatever form the response still allows."""
         mask_error(error, secrets_of(self.server.config))  # its text may quote the upstream
-        self.error_type = error.type
+        self.state.error_type = error.type
         if isinstance(error, TooManyRequests):
-            self.rejected_by = error.reason
+            self.state.rejected_by = error.reason
         try:
-            if self.exchange is not None and self.exchange.streaming:
-                payload = self.exchange.error_payload(error)
+            if self.state.exchange is not None and self.state.exchange.streaming:
+                payload = self.state.exchange.error_payload(error)
                 if payload is None:  # leave the body incomplete: a clean end would pass for success
                     self.close_connection = True
                     return
-                self.exchange.send(payload)
-                self.exchange.end()
+                self.state.exchange.send(payload)
+                self.state.exchange.end()
             else:
                 self.send_json(error.status, error.to_json(), error.headers)
         except ClientGone:
             self.close_connection = True
-            self.client_left = True
+            self.state.client_left = True
 
     # ---- routes
 
@@ -3610,7 +3643,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.finish_head()
         if not fresh and self.command != "HEAD":
             self.wfile.write(page.body)
-            self.bytes_sent = len(page.body)
+            self.state.bytes_sent = len(page.body)
 
     def handle_ui_config(self):
         """GET /ui/config.json: what the page needs to know of the proxy's settings."""
@@ -3635,26 +3668,26 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.finish_head()
         self.wfile.write(body)
-        self.bytes_sent = len(body)
+        self.state.bytes_sent = len(body)
 
     def handle_message(self):
         """POST /message: the seed's API, a chat completion streamed as event:message frames."""
         config = self.server.config
         body = parse_json_object(self.read_body())
         request = build_chat_request(body, config)
-        self.model = request["model"]
-        self.ignored_fields = ignored_message_fields(body)
+        self.state.model = request["model"]
+        self.state.ignored_fields = ignored_message_fields(body)
         supervisor = self.server.supervisor
         with self.stream_slot(), supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
-            self.exchange = exchange
+            self.state.exchange = exchange
             supervisor.watch_client(exchange)
             response = self.server.upstreams.open(config, exchange, UpstreamRequest(
                 "POST", "/chat/completions", json_bytes(request),
-                {"Content-Type": "application/json", "Accept": "text/event-stream"}, None), config.retries, self.attempts)
+                {"Content-Type": "application/json", "Accept": "text/event-stream"}, None), config.retries, self.state.attempts)
             with self.relaying(response, exchange):
                 check_upstream_response(response, config)
                 exchange.begin(self.write_stream_head, heartbeats=True)
-                self.usage = relay_chat_as_messages(response, exchange, config)
+                self.state.usage = relay_chat_as_messages(response, exchange, config)
 
     def handle_passthrough(self):
         """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
@@ -3667,11 +3700,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             length = len(body)
         with contextlib.ExitStack() as held, \
                 supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
-            self.exchange = exchange
+            self.state.exchange = exchange
 
             def body_read(force: bool = False):
                 held.enter_context(self.stream_slot(force))
-                self.body_read = True
+                self.state.body_read = True
                 supervisor.watch_client(exchange)  # from here, readable means the client hung up
 
             if body is None and length:
@@ -3682,7 +3715,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 body_read()
             response = self.server.upstreams.open(config, exchange, UpstreamRequest(
                 self.command, target, body, headers, length if body is not None else None),
-                config.v1_retries, self.attempts)
+                config.v1_retries, self.state.attempts)
             with self.relaying(response, exchange):
                 self.relay_answer(response, exchange)
 
@@ -3716,20 +3749,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
         observer = StreamObserver()
         try:
-            relay_passthrough(response, exchange, config, observer, self.strip_usage)
+            relay_passthrough(response, exchange, config, observer, self.state.strip_usage)
         finally:
-            self.usage = observer.finish()
+            self.state.usage = observer.finish()
 
     def note_upstream_answer(self, response: http.client.HTTPResponse):
         """What the access log keeps of the upstream's answer: its status, request id (masked), connection."""
         request_id = response.headers.get("x-request-id")
-        self.upstream_request_id = request_id and mask_known_secrets(request_id, secrets_of(self.server.config))
-        self.upstream_status = response.status
-        self.upstream_reused = response.reused
+        self.state.upstream_request_id = request_id and mask_known_secrets(request_id, secrets_of(self.server.config))
+        self.state.upstream_status = response.status
+        self.state.upstream_reused = response.reused
 
     def stream_slot(self, force: bool = False):
         """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
-        return self.server.limits.slot(self.client_name, force)
+        return self.server.limits.slot(self.state.client_name, force)
 
     def needs_body_check(self) -> bool:
         """True when the proxy reads this /v1 body before sending it on.
@@ -3748,17 +3781,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         raw = self.read_body()
         config = self.server.config
         if self.headers.get_content_type() == "multipart/form-data":
-            self.model = multipart_field(raw, self.headers.get("Content-Type", ""), "model")
-            if self.model is not None:
-                check_model(self.model, config)
+            self.state.model = multipart_field(raw, self.headers.get("Content-Type", ""), "model")
+            if self.state.model is not None:
+                check_model(self.state.model, config)
             return raw
         body = parse_json_object(raw)
         if isinstance(body.get("model"), str):
-            self.model = body["model"]
+            self.state.model = body["model"]
         api = target.partition("?")[0]
         changed = guard_json_request(api, body, config)
         if api == "/chat/completions" and ask_for_usage(body):
-            self.strip_usage = changed = True
+            self.state.strip_usage = changed = True
         return json_bytes(body) if changed else raw
 
     def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None):
@@ -3796,7 +3829,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if len(body) < length:
             raise BadRequest(f"the request body ended after {len(body)} of the {length} bytes "
                              "its Content-Length announced")
-        self.body_read = True
+        self.state.body_read = True
         return body
 
     def declared_length(self) -> int:
@@ -3839,13 +3872,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return super().handle_expect_100()
         except ClientGone:
             self.start_request()
-            self.client_left = True
+            self.state.client_left = True
             self.log_exchange()
             return False
 
     def has_unread_body(self) -> bool:
         """True when request body bytes may still sit on the connection."""
-        if self.body_read:
+        if self.state.body_read:
             return False
         if self.headers.get("Transfer-Encoding"):
             return True
@@ -3854,7 +3887,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # ---- writing the response
 
     def send_response(self, code, message=None):
-        self.status = int(code)
+        self.state.status = int(code)
         super().send_response(code, message)
 
     def send_cors_headers(self):
@@ -3870,7 +3903,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # unread body bytes would be taken for the next request
         self.send_header("Connection", "close" if self.close_connection else "keep-alive")
         self.end_headers()
-        self.first_byte_at = time.monotonic()
+        self.state.first_byte_at = time.monotonic()
 
     def send_json(self, status: int, payload: dict, headers: Optional[Dict[str, str]] = None):
         body = json_bytes(payload)
@@ -3882,7 +3915,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.finish_head()
         if self.command != "HEAD":
             self.wfile.write(body)
-            self.bytes_sent = len(body)
+            self.state.bytes_sent = len(body)
 
     def write_stream_head(self) -> str:
         """The head of a /message stream; returns its framing."""
@@ -3890,8 +3923,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")  # nginx: pass frames on unbuffered
-        if self.ignored_fields:  # where a developer sees that a field did nothing
-            names = ", ".join(json.dumps(name)[1:-1] for name in self.ignored_fields)  # ASCII, no CR or LF
+        if self.state.ignored_fields:  # where a developer sees that a field did nothing
+            names = ", ".join(json.dumps(name)[1:-1] for name in self.state.ignored_fields)  # ASCII, no CR or LF
             self.send_header("X-Proxy-Ignored-Fields", names[:IGNORED_FIELDS_HEADER_LIMIT])
         return self.finish_streamed_head()
 
@@ -3927,7 +3960,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Protocol errors found by http.server (bad request line, huge headers) get JSON too."""
         self.start_request()
         self.close_connection = True
-        self.error_type, self.body_read = "protocol_error", True
+        self.state.error_type, self.state.body_read = "protocol_error", True
         if self.request_version == "HTTP/0.9":  # http.server's guess for a bad request line: it would drop the head
             self.request_version = "HTTP/1.0"
         text = message or HTTPStatus(code).phrase
@@ -3936,46 +3969,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             self.send_json(code, {"error": {"message": text, "type": "invalid_request_error"}})
         except ClientGone:
-            self.client_left = True
+            self.state.client_left = True
         self.log_exchange()
 
     # ---- logging
 
-    def access_record(self) -> dict:
-        """What the access log and the metrics know of the request: never a key, never message text."""
-        exchange = self.exchange
-
-        def since_start(moment):
-            return None if moment is None else round(moment - self.started, 6)
-
-        return {
-            "address": self.client_address[0],
-            "client": self.client_name,
-            "method": getattr(self, "command", None) or "-",
-            "path": self.path_only if hasattr(self, "path") else "-",
-            "model": self.model,
-            "status": self.status,
-            "bytes": exchange.bytes_sent if exchange else self.bytes_sent,
-            "duration": round(time.monotonic() - self.started, 6),
-            "ttfb": since_start(self.first_byte_at),
-            "ttft": since_start(exchange.first_token_at if exchange else None),
-            "frames": exchange.frames if exchange else 0,
-            "prompt_tokens": self.usage.prompt if self.usage else None,
-            "completion_tokens": self.usage.completion if self.usage else None,
-            "request_id": self.upstream_request_id,
-            "upstream": self.attempts.upstream_name,
-            "upstream_reused": self.upstream_reused,
-            "attempts": self.attempts.count,
-            "upstream_status": self.upstream_status,
-            "error": self.error_type,
-            "client_left": self.client_left,
-        }
-
     def log_exchange(self):
         """One access line and the metrics for the request that just ended."""
-        record = self.access_record()
-        cancelled_upstream = self.client_left and self.exchange is not None  # an upstream call was open
-        self.server.metrics.record(record, self.rejected_by, cancelled_upstream)
+        record = self.state.access_record(self.client_address[0], getattr(self, "command", None) or "-",
+                                          self.path_only if hasattr(self, "path") else "-")
+        cancelled_upstream = self.state.client_left and self.state.exchange is not None  # an upstream call was open
+        self.server.metrics.record(record, self.state.rejected_by, cancelled_upstream)
         logger.info("%s", format_access_line(record), extra={"access": record})
 
     def log_request(self, code="-", size="-"):
