@@ -646,12 +646,55 @@ SSEEvent = collections.namedtuple("SSEEvent", "event data")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
+class SSELines:
+    """The one place SSE bytes become lines, however the bytes are split: CRLF, LF or CR ends a line
+    (WHATWG HTML 9.2.6). Each byte is scanned once.
+
+    `buffer` holds what is not consumed yet; feed() returns the lines a
+    chunk completes as (start, end of content, end with its line ending)
+    offsets into it. A CR at the very end may be the first half of a CRLF,
+    so it waits for the next chunk.
+    """
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self._scan_from = 0    # bytes before this hold no unexamined line end
+        self._line_start = 0   # where the line being read began
+
+    def feed(self, chunk: bytes) -> List[Tuple[int, int, int]]:
+        buffer = self.buffer
+        buffer += chunk
+        lines = []
+        size, start, scan_from = len(buffer), self._line_start, self._scan_from
+        for match in _LINE_END.finditer(buffer, scan_from):
+            content_end, end = match.span()
+            if end == size and buffer[-1] == 0x0D:
+                break
+            lines.append((start, content_end, end))
+            start = scan_from = end
+        self._line_start = start
+        # What is left holds no line end but a final CR: the next chunk scans only its own bytes.
+        self._scan_from = max(scan_from, size - (buffer[-1:] == b"\r"))
+        return lines
+
+    def consume(self, end: int) -> None:
+        """Drop the bytes before `end`, a line's end: they have been taken."""
+        del self.buffer[:end]
+        self._line_start -= end
+        self._scan_from -= end
+
+    def rest(self) -> bytes:
+        """What is held at the end of the stream."""
+        rest = bytes(self.buffer)
+        self.consume(len(self.buffer))
+        return rest
+
+
 class SSEDecoder:
     """Turns bytes into SSE events however the bytes are split (WHATWG HTML 9.2.6)."""
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES):
-        self._buffer = bytearray()
-        self._scan_from = 0      # bytes before this hold no line end
+        self._lines = SSELines()
         self._event = ""
         self._data: List[bytes] = []
         self._size = 0
@@ -659,27 +702,23 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> List[SSEEvent]:
         """Return the events that this chunk completes."""
-        buffer = self._buffer
-        buffer += chunk
+        lines = self._lines
         events: List[SSEEvent] = []
-        start = 0
-        for match in _LINE_END.finditer(buffer, self._scan_from):
-            if match.end() == len(buffer) and buffer[-1] == 0x0D:
-                break  # a CR at the very end may be the first half of a CRLF
-            self._take_line(bytes(buffer[start:match.start()]), events)
-            start = match.end()
-        del buffer[:start]
-        self._scan_from = max(len(buffer) - 1, 0)
-        if len(buffer) + self._size > self._max_event_bytes:
+        spans = lines.feed(chunk)
+        for start, end, _ in spans:
+            self._take_line(bytes(lines.buffer[start:end]), events)
+        if spans:
+            lines.consume(spans[-1][2])
+        if len(lines.buffer) + self._size > self._max_event_bytes:
             raise UpstreamBadResponse(f"the upstream sent an event over {self._max_event_bytes} bytes")
         return events
 
     def finish(self) -> List[SSEEvent]:
         """At end of stream: the last line and event, even without their blank line."""
         events: List[SSEEvent] = []
-        if self._buffer:
-            self._take_line(bytes(self._buffer).rstrip(b"\r"), events)
-            self._buffer.clear()
+        rest = self._lines.rest()
+        if rest:
+            self._take_line(rest.rstrip(b"\r"), events)
         self._take_line(b"", events)
         return events
 
@@ -2535,42 +2574,23 @@ class EventSplitter:
     """
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES):
-        self._buffer = bytearray()
-        self._scan_from = 0    # bytes before this hold no unexamined line end
-        self._line_start = 0   # where the line being read began
+        self._lines = SSELines()
         self._max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> List[bytes]:
         """The whole events (bytes as they came) that this chunk completes."""
-        buffer = self._buffer
-        buffer += chunk
-        ends = []
-        for match in _LINE_END.finditer(buffer, self._scan_from):
-            if match.end() == len(buffer) and buffer[-1] == 0x0D:
-                break  # a CR at the very end may be the first half of a CRLF
-            if match.start() == self._line_start:  # an empty line ends an event
-                ends.append(match.end())
-            self._line_start = self._scan_from = match.end()
-        # What is left holds no line end but a final CR: the next read scans only its own bytes.
-        self._scan_from = max(self._scan_from, len(buffer) - (buffer[-1:] == b"\r"))
-        if not ends:
-            self._check_size()
-            return []
-        events = [bytes(buffer[start:end]) for start, end in zip([0] + ends[:-1], ends)]
-        del buffer[:ends[-1]]
-        self._line_start -= ends[-1]
-        self._scan_from -= ends[-1]
-        self._check_size()
-        return events
-
-    def _check_size(self) -> None:
-        if len(self._buffer) > self._max_event_bytes:
+        lines = self._lines
+        ends = [end for start, content_end, end in lines.feed(chunk) if start == content_end]  # a blank line
+        events = [bytes(lines.buffer[start:end]) for start, end in zip([0] + ends[:-1], ends)]
+        if ends:
+            lines.consume(ends[-1])
+        if len(lines.buffer) > self._max_event_bytes:
             raise UpstreamBadResponse(f"the upstream sent an event of more than {self._max_event_bytes} bytes")
+        return events
 
     def rest(self) -> bytes:
         """What is held at the end of the stream, to relay as it is."""
-        rest, self._buffer = bytes(self._buffer), bytearray()
-        return rest
+        return self._lines.rest()
 
 
 _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
@@ -2623,11 +2643,11 @@ _USAGE_FIELDS = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)') for
 
 
 def event_payload(event: bytes):
-    """The JSON in a whole SSE event's data lines, or None."""
-    data = b"".join(line.partition(b":")[2].lstrip(b" ") for line in event.splitlines()
-                    if line.startswith(b"data:"))
+    """The JSON in a whole SSE event's data, read by the stream's own rules (SSEDecoder), or None."""
+    decoder = SSEDecoder()
+    events = decoder.feed(event) + decoder.finish()
     try:
-        return json.loads(data)
+        return json.loads(events[0].data) if events else None
     except ValueError:
         return None
 
