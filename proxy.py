@@ -19,7 +19,7 @@ Design decisions:
   the moment it lands; frames completed by one read go out in one chunked
   write, with no buffering of our own.
 - One supervisor thread watches every open stream. It notices a client that
-  hangs up, even while the upstream is still thinking, and shuts the upstream
+  leaves, even while the upstream is still thinking, and shuts the upstream
   socket at once so nobody pays for tokens nobody reads. It also writes
   `: keep-alive` comments through long silences, only ever between frames.
   It touches a client socket only while that socket's stream is running,
@@ -228,8 +228,8 @@ class ShuttingDown(ProxyError):
     type = "server_shutting_down"
 
 
-class ClientGone(Exception):
-    """The client hung up; there is nobody left to write to."""
+class ClientLeft(Exception):
+    """The client left (closed, reset, or stopped reading): there is nobody to write to."""
 
 
 class ConfigError(Exception):
@@ -1664,7 +1664,7 @@ class Exchange:
             return
         if self.cancel_reason == self.SHUTDOWN:
             raise ShuttingDown("the proxy is shutting down and could not wait for this stream to finish")
-        raise ClientGone()
+        raise ClientLeft()
 
     def begin(self, write_head: Callable[[], str], heartbeats: bool) -> None:
         """Write the response head; write_head returns the body's framing."""
@@ -1675,7 +1675,7 @@ class Exchange:
             self.last_write = time.monotonic()
 
     def send(self, data: bytes, count: int = 1) -> None:
-        """Write body bytes as one chunk; raise ClientGone if the client is gone or stuck."""
+        """Write body bytes as one chunk; raise ClientLeft if the client is gone or stuck."""
         with self._write_lock:
             self._write(encode_chunk(data) if self.framing == CHUNKED else data)
             self.frames += count
@@ -1707,7 +1707,7 @@ class Exchange:
             if self.streaming and self.heartbeats and _is_ready(self.client_sock, writing=True):
                 self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
                 self.bytes_sent += len(HEARTBEAT_FRAME)
-        except ClientGone:
+        except ClientLeft:
             pass
         finally:
             self._write_lock.release()
@@ -1718,7 +1718,7 @@ class Exchange:
         except OSError:  # broken pipe, reset, or a client that stopped reading past the timeout
             self.streaming = False
             self.cancel(self.CLIENT_LEFT)
-            raise ClientGone() from None
+            raise ClientLeft() from None
         self.last_write = time.monotonic()
 
 
@@ -1735,7 +1735,7 @@ def _is_ready(sock: socket.socket, writing: bool = False) -> bool:
 
 
 def _is_client_gone(sock: socket.socket) -> Optional[bool]:
-    """Peek at a readable client socket: True if it hung up, False if it sent bytes."""
+    """Peek at a readable client socket: True if the client left, False if it sent bytes."""
     try:
         return sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError, socket.timeout):
@@ -1782,7 +1782,7 @@ class StreamSupervisor:
                 self._selector.unregister(exchange.client_sock)
 
     def watch_client(self, exchange: Exchange) -> None:
-        """Cancel the exchange when its client hangs up; call once the request body is read."""
+        """Cancel the exchange when its client leaves; call once the request body is read."""
         with self._lock:
             if exchange in self._exchanges:
                 self._selector.register(exchange.client_sock, exchange)
@@ -2003,7 +2003,7 @@ def _forward_proxy_for(parts: urllib.parse.SplitResult) -> Optional[urllib.parse
     return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
 
 
-class UpstreamClient:
+class UpstreamConnector:
     """How to reach one upstream, worked out once: its address, any forward proxy, one TLS context, a pool.
 
     Building a urllib opener per request cost about 80 µs, and a TLS context
@@ -2074,7 +2074,7 @@ class _StaleConnection(Exception):
     """A kept-alive connection failed before a byte of the response: the upstream had closed it."""
 
 
-def open_upstream(config: Config, upstream: Upstream, client: UpstreamClient, exchange: Exchange, method: str,
+def open_upstream(config: Config, upstream: Upstream, connector: UpstreamConnector, exchange: Exchange, method: str,
                   target: str, body, headers: Dict[str, str], length: Optional[int] = None) -> http.client.HTTPResponse:
     """Send a request to the upstream's base URL + target; return the response whatever its status.
 
@@ -2085,21 +2085,21 @@ def open_upstream(config: Config, upstream: Upstream, client: UpstreamClient, ex
     RETRIES says: it never reached the upstream. The response's `reused`
     says which connection answered.
     """
-    url = client.url_prefix + client.path + target
-    headers = client.request_headers(upstream, config, headers, length)
+    url = connector.url_prefix + connector.path + target
+    headers = connector.request_headers(upstream, config, headers, length)
     if body is None or isinstance(body, bytes):
-        connection = client.pool.take(time.monotonic(), config.upstream_keepalive_timeout)
+        connection = connector.pool.take(time.monotonic(), config.upstream_keepalive_timeout)
         if connection is not None:
             try:
-                return _send(connection, True, client, config, exchange, method, url, body, headers)
+                return _send(connection, True, connector, config, exchange, method, url, body, headers)
             except _StaleConnection:
                 logger.debug("a kept-alive connection to %s had been closed by the upstream; "
-                             "sending the request on a new one", client.host)
-    connection = client.connect(exchange, config)
-    return _send(connection, False, client, config, exchange, method, url, body, headers)
+                             "sending the request on a new one", connector.host)
+    connection = connector.connect(exchange, config)
+    return _send(connection, False, connector, config, exchange, method, url, body, headers)
 
 
-def _send(connection: http.client.HTTPConnection, reused: bool, client: UpstreamClient, config: Config,
+def _send(connection: http.client.HTTPConnection, reused: bool, connector: UpstreamConnector, config: Config,
           exchange: Exchange, method: str, url: str, body, headers: Dict[str, str]) -> http.client.HTTPResponse:
     """One request on one connection, its failures told as the ProxyError they are (or _StaleConnection)."""
     sock = connection.sock
@@ -2107,17 +2107,17 @@ def _send(connection: http.client.HTTPConnection, reused: bool, client: Upstream
     try:
         connection.request(method, url, body, headers)
         response = connection.getresponse()
-        client.pool.keep_session(sock)
+        connector.pool.keep_session(sock)
     except socket.timeout:
         connection.close()
         exchange.raise_if_cancelled()
-        raise UpstreamTimeout(f"the upstream at {client.host} did not answer within {config.idle_timeout:g} s") from None
+        raise UpstreamTimeout(f"the upstream at {connector.host} did not answer within {config.idle_timeout:g} s") from None
     except (http.client.HTTPException, OSError) as error:
         connection.close()
         exchange.raise_if_cancelled()
         if reused and isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
             raise _StaleConnection() from None
-        raise UpstreamBadResponse(f"the upstream at {client.host} closed the connection without a valid answer "
+        raise UpstreamBadResponse(f"the upstream at {connector.host} closed the connection without a valid answer "
                                   f"({_describe_os_error(error)[:LOG_VALUE_LIMIT]})") from None
     except BaseException:
         connection.close()
@@ -2303,15 +2303,15 @@ class Upstreams:
                  clock: Callable[[], float] = time.monotonic):
         self._wait = wait or (lambda exchange, seconds: exchange.cancelled.wait(seconds))
         self._clock = clock
-        self._connectors: Dict[str, UpstreamClient] = {}
+        self._connectors: Dict[str, UpstreamConnector] = {}
         self._breakers: Dict[str, Breaker] = {}
         self._lock = threading.Lock()
 
-    def connector(self, upstream: Upstream) -> UpstreamClient:
+    def connector(self, upstream: Upstream) -> UpstreamConnector:
         """How to reach an upstream, worked out on its first request and kept (by base URL)."""
         with self._lock:
             if upstream.base_url not in self._connectors:
-                self._connectors[upstream.base_url] = UpstreamClient(upstream.base_url)
+                self._connectors[upstream.base_url] = UpstreamConnector(upstream.base_url)
             return self._connectors[upstream.base_url]
 
     def breaker(self, upstream: Upstream, config: Config) -> Breaker:
@@ -3107,12 +3107,12 @@ class ClientReader(io.RawIOBase):
         except socket.timeout:
             raise  # the caller's to answer (408)
         except OSError:  # a reset: the client left, which is no error of the proxy's or the upstream's
-            raise ClientGone() from None
+            raise ClientLeft() from None
 
 
 class ClientWriter(io.BufferedIOBase):
     """A client socket as http.server's wfile: a write the client broke (reset, closed, or stopped
-    reading past the timeout) raises ClientGone, the client's doing, not the proxy's error."""
+    reading past the timeout) raises ClientLeft, the client's doing, not the proxy's error."""
 
     def __init__(self, sock: socket.socket):
         super().__init__()
@@ -3125,7 +3125,7 @@ class ClientWriter(io.BufferedIOBase):
         try:
             self._sock.sendall(data)
         except OSError:
-            raise ClientGone() from None
+            raise ClientLeft() from None
         return len(data)
 
 
@@ -3165,7 +3165,7 @@ class _Waiting:
 
 
 def _recv_ready(sock: socket.socket) -> Optional[bytes]:
-    """What a readable non-blocking socket holds; b"" when the client hung up, None when nothing came after all."""
+    """What a readable non-blocking socket holds; b"" when the client left, None when nothing came after all."""
     try:
         return sock.recv(CLIENT_READ_BUFFER)
     except (BlockingIOError, InterruptedError):
@@ -3175,7 +3175,7 @@ def _recv_ready(sock: socket.socket) -> Optional[bytes]:
 
 
 class _Closing:
-    """A refused connection, read until the client has sent its request and hung up, or until deadline."""
+    """A refused connection, read until the client has sent its request and left, or until deadline."""
 
     __slots__ = ("sock", "deadline")
 
@@ -3183,7 +3183,7 @@ class _Closing:
         self.sock, self.deadline = sock, deadline
 
 
-class ConnectionPool:
+class ClientConnections:
     """Holds client connections between requests with no thread each, reading request heads.
 
     A connection gets a worker thread only once its whole request head has
@@ -3272,14 +3272,14 @@ class ConnectionPool:
             _discard_pending(sock)
             _close_quietly(sock)
             return
-        # Closed once the client's request is read and it hangs up (or LINGER
+        # Closed once the client's request is read and it leaves (or LINGER
         # passes): closing with its bytes unread would send a reset, which
         # can destroy the 503 before the client reads it (RFC 9112, 9.6).
         entry = self._closing[sock] = _Closing(sock, time.monotonic() + self.LINGER)
         self._selector.register(sock, entry)
 
     def _drain(self, entry: _Closing) -> None:
-        """Read and drop what a refused connection sent; close it when the client hangs up."""
+        """Read and drop what a refused connection sent; close it when the client leaves."""
         if _recv_ready(entry.sock) == b"":
             with self._lock:
                 self._stop_lingering(entry)
@@ -3549,7 +3549,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         with self.server.tracking_request():
             try:
                 self.route()
-            except ClientGone:
+            except ClientLeft:
                 self.close_connection = True
                 self.state.client_left = True
             except ProxyError as error:
@@ -3627,7 +3627,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.state.exchange.end()
             else:
                 self.send_json(error.status, error.to_json(), error.headers)
-        except ClientGone:
+        except ClientLeft:
             self.close_connection = True
             self.state.client_left = True
 
@@ -3725,7 +3725,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             def body_read(force: bool = False):
                 held.enter_context(self.stream_slot(force))
                 self.state.body_read = True
-                supervisor.watch_client(exchange)  # from here, readable means the client hung up
+                supervisor.watch_client(exchange)  # from here, readable means the client left
 
             if body is None and length:
                 # Streamed on as it arrives: its slot is taken when it has all
@@ -3890,7 +3890,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return True
         try:
             return super().handle_expect_100()
-        except ClientGone:
+        except ClientLeft:
             self.start_request()
             self.state.client_left = True
             self.log_exchange()
@@ -3988,7 +3988,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             text = f"{text}: {explain}"
         try:
             self.send_json(code, {"error": {"message": text, "type": "invalid_request_error"}})
-        except ClientGone:
+        except ClientLeft:
             self.state.client_left = True
         self.log_exchange()
 
@@ -4061,11 +4061,11 @@ class ProxyServer(http.server.HTTPServer):
         self._idle = threading.Condition()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        self.pool = ConnectionPool(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
+        self.clients = ClientConnections(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
             "proxy_rate_limit_rejections_total", (("reason", "connections"),)))
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
-        self.pool.start()
+        self.clients.start()
 
     def service_actions(self):
         """Between accepts (each poll interval): close upstream connections idle past their keep-alive timeout."""
@@ -4086,7 +4086,7 @@ class ProxyServer(http.server.HTTPServer):
 
     def process_request(self, request, client_address):
         """Accepted connections wait in the pool, without a thread, for their first request."""
-        self.pool.accept(request, client_address)
+        self.clients.accept(request, client_address)
 
     def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes, at_once: bool = False) -> None:
         """A worker thread's job, or the pool's for an answer at once: one request, then back to the pool."""
@@ -4096,14 +4096,14 @@ class ProxyServer(http.server.HTTPServer):
         except Exception:
             self.handle_error(sock, client_address)
         if handler is not None and handler.keep_open:
-            self.pool.give_back(sock, client_address, handler.leftover)
+            self.clients.give_back(sock, client_address, handler.leftover)
         else:
-            self.pool.done(sock)
+            self.clients.done(sock)
 
     def close(self) -> None:
         """Stop listening and close every connection between requests, the clients' and the upstreams'."""
         self.server_close()
-        self.pool.close()
+        self.clients.close()
         self.supervisor.stop()
         self.upstreams.close()
 
@@ -4114,7 +4114,7 @@ class ProxyServer(http.server.HTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout, ClientGone)):
+        if isinstance(error, (ConnectionError, socket.timeout, ClientLeft)):
             logger.debug("connection from %s ended: %r", client_address[0], error)
         else:
             logger.exception("unexpected error serving %s", client_address[0])
@@ -4141,7 +4141,7 @@ class ProxyServer(http.server.HTTPServer):
         self.draining = True
         self.shutdown()
         self.server_close()  # from here new connections are refused
-        self.pool.close()    # and idle keep-alive ones are closed
+        self.clients.close()    # and idle keep-alive ones are closed
         logger.info("stopping: no new connections; running streams get up to %gs to finish", timeout)
         deadline = time.monotonic() + timeout
         while not force.is_set() and time.monotonic() < deadline:

@@ -1506,7 +1506,7 @@ class SlowClientTest(ProxyTestCase):
         self.assertEqual(self.upstream.requests, [])
 
 
-class ConnectionPoolTest(ProxyTestCase):
+class ClientConnectionsTest(ProxyTestCase):
     config_overrides = {"header_timeout": 0.5, "client_timeout": 0.8}
 
     def test_slowloris_is_cut_at_the_header_deadline_while_others_are_served(self):
@@ -1573,9 +1573,9 @@ class ConnectionCapTest(ProxyTestCase):
     config_overrides = {"max_connections": 10}
 
     def test_at_the_cap_the_longest_idle_connection_makes_room(self):
-        self.server.pool.EVICTION_GRACE = 0.0  # each idle one may go at once: this is about which goes first
+        self.server.clients.EVICTION_GRACE = 0.0  # each idle one may go at once: this is about which goes first
         idle = [self.raw_socket() for _ in range(10)]
-        self.assertTrue(wait_until(lambda: self.server.pool.waiting == 10))
+        self.assertTrue(wait_until(lambda: self.server.clients.waiting == 10))
         self.assertEqual(self.request("GET", "/healthz").status, 200)
         idle[0].settimeout(2)
         self.assertEqual(idle[0].recv(10), b"")  # the oldest idle one was closed
@@ -1583,9 +1583,9 @@ class ConnectionCapTest(ProxyTestCase):
         self.assertIn(b"200 OK", idle[-1].recv(4096))  # the newest still works
 
     def test_a_connection_just_made_is_not_closed_for_another(self):
-        self.server.pool.EVICTION_GRACE = 60.0  # all ten stay too fresh to close, however slow this machine is
+        self.server.clients.EVICTION_GRACE = 60.0  # all ten stay too fresh to close, however slow this machine is
         fresh = [self.raw_socket() for _ in range(10)]
-        self.assertTrue(wait_until(lambda: self.server.pool.waiting == 10))
+        self.assertTrue(wait_until(lambda: self.server.clients.waiting == 10))
         response = self.send_raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assert_json_error(response, 503, "MAX_CONNECTIONS")  # none has been silent for EVICTION_GRACE
         fresh[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1609,7 +1609,7 @@ class ManyIdleConnectionsTest(ProxyTestCase):
             self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         # These connections are all fresh; newcomers may close them for room at once (ConnectionCapTest
         # covers the grace that keeps a just-made connection from being closed).
-        self.server.pool.EVICTION_GRACE = 0.0
+        self.server.clients.EVICTION_GRACE = 0.0
         baseline = threading.active_count()
         sockets = []
         self.addCleanup(lambda: [sock.close() for sock in sockets])
@@ -1783,7 +1783,7 @@ class ConnectionFloodTest(ProxyTestCase):
 
     def mid_head(self):
         """Connections in the pool that sent part of a request head (the pool's own bookkeeping)."""
-        return sum(1 for entry in list(self.server.pool._waiting.values()) if entry.head)
+        return sum(1 for entry in list(self.server.clients._waiting.values()) if entry.head)
 
     def test_connections_mid_request_are_kept_and_newcomers_get_503(self):
         partial = [self.raw_socket() for _ in range(3)]
@@ -1800,7 +1800,7 @@ class ConnectionFloodTest(ProxyTestCase):
         for sock in partial:  # none of them was evicted
             sock.sendall(b"\r\n")
             self.assertIn(b"200 OK", sock.recv(4096))
-        self.server.pool.EVICTION_GRACE = 0.0
+        self.server.clients.EVICTION_GRACE = 0.0
         metrics = self.request("GET", "/metrics").read().decode()  # idle now: one makes room for this
         self.assertIn('proxy_rate_limit_rejections_total{reason="connections"} 5\n', metrics)
 
