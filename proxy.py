@@ -1356,17 +1356,24 @@ def bounded(text: str) -> str:
 
 
 class TextLogFormatter(logging.Formatter):
-    """The text log: time, level and message, bounded."""
+    """The text log: time, level and message, bounded, with the secrets masked (a traceback may quote
+    the upstream)."""
 
-    def __init__(self):
+    def __init__(self, secrets: Tuple[str, ...] = ()):
         super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
-        return bounded(super().format(record))
+        return bounded(mask_known_secrets(super().format(record), self._secrets))
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: the access record's fields, or the message of any other line."""
+    """One JSON object per line: the access record's fields, or the message of any other line; the
+    secrets masked."""
+
+    def __init__(self, secrets: Tuple[str, ...] = ()):
+        super().__init__()
+        self._secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
         when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
@@ -1377,9 +1384,9 @@ class JsonLogFormatter(logging.Formatter):
             line.update((name, value[:LOG_VALUE_LIMIT] if isinstance(value, str) else value)
                         for name, value in access.items())
         else:
-            line["message"] = bounded(record.getMessage())
+            line["message"] = bounded(mask_known_secrets(record.getMessage(), self._secrets))
             if record.exc_info:
-                line["traceback"] = bounded(self.formatException(record.exc_info))
+                line["traceback"] = bounded(mask_known_secrets(self.formatException(record.exc_info), self._secrets))
         return json.dumps(line, ensure_ascii=False)
 
 
@@ -4179,13 +4186,13 @@ def raise_open_file_limit(max_connections: int) -> Optional[str]:
             f"{max_connections} needs; raise it (ulimit -n) or lower MAX_CONNECTIONS")
 
 
-def configure_logging(log_format: str) -> None:
+def configure_logging(log_format: str, secrets: Tuple[str, ...] = ()) -> None:
     """Log to stderr: text lines, or JSON lines for a log shipper."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
+        handler.setFormatter(JsonLogFormatter(secrets))
     else:
-        handler.setFormatter(TextLogFormatter())
+        handler.setFormatter(TextLogFormatter(secrets))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
@@ -4215,7 +4222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         sys.stderr.write(f"proxy.py: {error}\n")
         return 2
-    configure_logging(config.log_format)
+    configure_logging(config.log_format, secrets_of(config))
     demo = None
     if config.demo:
         demo = DemoUpstream()

@@ -1082,6 +1082,19 @@ class LogBoundTest(ProxyTestCase):
                     if type(formatter) is proxy.JsonLogFormatter:
                         json.loads(line)  # still one whole JSON object
 
+    def test_a_traceback_that_quotes_a_secret_is_masked(self):
+        try:
+            raise http.client.BadStatusLine(f"HTTP/1.1 {ECHO_UPSTREAM_KEY}")  # an upstream's echo, in a bug's traceback
+        except http.client.BadStatusLine:
+            failure = logging.LogRecord("proxy", logging.ERROR, __file__, 1, "bug near %s", (ECHO_CLIENT_KEY,),
+                                        sys.exc_info())
+        for formatter in (proxy.TextLogFormatter(ECHO_SECRETS), proxy.JsonLogFormatter(ECHO_SECRETS)):
+            with self.subTest(formatter=type(formatter).__name__):
+                line = formatter.format(failure)
+                self.assertIn("BadStatusLine", line)
+                for secret in ECHO_SECRETS:
+                    self.assertNotIn(secret, line)
+
 
 class UpstreamErrorTest(ProxyTestCase):
     config_overrides = {"idle_timeout": 0.5}
