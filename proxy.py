@@ -2118,7 +2118,8 @@ def _send(connection: http.client.HTTPConnection, reused: bool, connector: Upstr
     except socket.timeout:
         connection.close()
         exchange.raise_if_cancelled()
-        raise UpstreamTimeout(f"the upstream at {connector.host} did not answer within {config.idle_timeout:g} s") from None
+        raise UpstreamTimeout(f"the upstream at {connector.host} did not answer within "
+                              f"{config.idle_timeout:g} s") from None
     except (http.client.HTTPException, OSError) as error:
         connection.close()
         exchange.raise_if_cancelled()
@@ -3638,189 +3639,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.state.client_left = True
 
-    # ---- routes
-
-    def handle_healthz(self):
-        """GET /healthz: 200 while at least one upstream is usable, naming any that are out."""
-        config = self.server.config
-        down = [upstream.name for upstream in configured_upstreams(config)
-                if self.server.upstreams.breaker(upstream, config).is_down()]
-        if len(down) == len(configured_upstreams(config)):
-            self.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down})
-        else:
-            self.send_json(HTTPStatus.OK, {"status": "ok", **({"upstreams_down": down} if down else {})})
-
-    def handle_ui(self):
-        """GET / and /ui/<name>: the chat page's files, by exact name only."""
-        name = "index.html" if self.path_only == "/" else self.path_only[len("/ui/"):]
-        page = self.server.ui.get(name)
-        if page is None:
-            missing = "" if self.server.ui else f"; no ui/ folder was found next to proxy.py ({UI_DIR})"
-            raise ProxyError(f"nothing is served at {self.path_only}{missing}",
-                             status=HTTPStatus.NOT_FOUND, type="not_found_error")
-        fresh = page.etag in (tag.strip() for tag in self.headers.get("If-None-Match", "").split(","))
-        self.send_response(HTTPStatus.NOT_MODIFIED if fresh else HTTPStatus.OK)
-        self.send_header("Content-Type", page.content_type)
-        self.send_header("ETag", page.etag)
-        self.send_header("Cache-Control", "no-cache")  # revalidate each time: a new version shows at once
-        for name, value in UI_SECURITY_HEADERS:
-            self.send_header(name, value)
-        if not fresh:
-            self.send_header("Content-Length", str(len(page.body)))
-        self.finish_head()
-        if not fresh and self.command != "HEAD":
-            self.wfile.write(page.body)
-            self.state.bytes_sent = len(page.body)
-
-    def handle_ui_config(self):
-        """GET /ui/config.json: what the page needs to know of the proxy's settings."""
-        self.send_json(HTTPStatus.OK, ui_config(self.server.config))
-
-    def handle_metrics(self):
-        """GET /metrics: Prometheus text, for METRICS_TOKEN holders or, without one, loopback clients."""
-        token = self.server.config.metrics_token
-        if token:
-            if identify_client(self.headers.get("Authorization"), (("metrics", token),)) is None:
-                raise ProxyError("GET /metrics needs 'Authorization: Bearer <METRICS_TOKEN>'",
-                                 status=HTTPStatus.UNAUTHORIZED, type="invalid_request_error",
-                                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
-        elif not is_loopback_host(self.client_address[0]):
-            raise ProxyError("GET /metrics is served to loopback clients only; set METRICS_TOKEN to read it "
-                             "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
-        body = self.server.metrics.render({"proxy_active_streams": self.server.limits.active(),
-                                           "process_cpu_seconds_total": time.process_time(),
-                                           **self.server.upstreams.connection_counts(self.server.config)}).encode()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.finish_head()
-        self.wfile.write(body)
-        self.state.bytes_sent = len(body)
-
-    def handle_message(self):
-        """POST /message: the seed's API, a chat completion streamed as event:message frames."""
-        config = self.server.config
-        body = parse_json_object(self.read_body())
-        request = build_chat_request(body, config)
-        self.state.model = request["model"]
-        self.state.ignored_fields = ignored_message_fields(body)
-        supervisor = self.server.supervisor
-        with self.stream_slot(), supervisor.tracking(Exchange(self.connection, error_payload=error_frame)) as exchange:
-            self.state.exchange = exchange
-            supervisor.watch_client(exchange)
-            response = self.server.upstreams.open(config, exchange, UpstreamRequest(
-                "POST", "/chat/completions", json_bytes(request),
-                {"Content-Type": "application/json", "Accept": "text/event-stream"}, None), config.retries, self.state.attempts)
-            with self.relaying(response, exchange):
-                check_upstream_response(response, config)
-                exchange.begin(self.write_stream_head, heartbeats=True)
-                self.state.usage = relay_chat_as_messages(response, exchange, config)
-
-    def handle_passthrough(self):
-        """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
-        config, supervisor = self.server.config, self.server.supervisor
-        target = upstream_target(self.path)
-        length = self.declared_length()
-        headers = forwarded_request_headers(self.headers, config)
-        body = self.inspect_body(target) if length and self.needs_body_check() else None
-        if body is not None:
-            length = len(body)
-        with contextlib.ExitStack() as held, \
-                supervisor.tracking(Exchange(self.connection, error_payload=sse_error_event)) as exchange:
-            self.state.exchange = exchange
-
-            def body_read(force: bool = False):
-                held.enter_context(self.stream_slot(force))
-                self.state.body_read = True
-                supervisor.watch_client(exchange)  # from here, readable means the client left
-
-            if body is None and length:
-                # Streamed on as it arrives: its slot is taken when it has all
-                # arrived, and cannot be refused then, the upstream having it.
-                body = ClientBody(self.rfile, length, config, lambda: body_read(force=True))
-            else:
-                body_read()
-            response = self.server.upstreams.open(config, exchange, UpstreamRequest(
-                self.command, target, body, headers, length if body is not None else None),
-                config.v1_retries, self.state.attempts)
-            with self.relaying(response, exchange):
-                self.relay_answer(response, exchange)
-
-    @contextlib.contextmanager
-    def relaying(self, response: http.client.HTTPResponse, exchange: Exchange) -> Iterator[None]:
-        """Relay an upstream answer, then end the response to the client.
-
-        The upstream connection is kept for another request (or closed if
-        anything failed) before the client sees the end, so that a client
-        sending its next request at once finds the connection free.
-        """
-        self.note_upstream_answer(response)
-        clean = False
-        try:
-            yield
-            clean = True
-        finally:
-            release_upstream(response, exchange, self.server.config, clean)
-        exchange.end()
-
-    def relay_answer(self, response: http.client.HTTPResponse, exchange: Exchange):
-        """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
-        config = self.server.config
-        check_passthrough_response(response)
-        error_body = masked_error_body(response, config)
-        if error_body is not None:
-            exchange.begin(lambda: self.write_passthrough_head(response, len(error_body)), heartbeats=False)
-            exchange.send(error_body)
-            return
-        is_event_stream = response.headers.get_content_type() == "text/event-stream"
-        exchange.begin(lambda: self.write_passthrough_head(response), heartbeats=is_event_stream)
-        observer = StreamObserver()
-        try:
-            relay_passthrough(response, exchange, config, observer, self.state.strip_usage)
-        finally:
-            self.state.usage = observer.finish()
-
-    def note_upstream_answer(self, response: http.client.HTTPResponse):
-        """What the access log keeps of the upstream's answer: its status, request id (masked), connection."""
-        request_id = response.headers.get("x-request-id")
-        self.state.upstream_request_id = request_id and mask_known_secrets(request_id, secrets_of(self.server.config))
-        self.state.upstream_status = response.status
-        self.state.upstream_reused = response.reused
-
-    def stream_slot(self, force: bool = False):
-        """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
-        return self.server.limits.slot(self.state.client_name, force)
-
-    def needs_body_check(self) -> bool:
-        """True when the proxy reads this /v1 body before sending it on.
-
-        JSON bodies always are: they name the model (logs, metrics, guards) and
-        a streamed chat completion is asked for its usage. Uploads stream
-        through, unless ALLOWED_MODELS must see their model field.
-        """
-        content_type = self.headers.get_content_type()
-        if content_type == "application/json":
-            return True
-        return content_type == "multipart/form-data" and bool(self.server.config.allowed_models)
-
-    def inspect_body(self, target: str) -> bytes:
-        """Read the whole /v1 body, apply the guards and ask for usage; return what to send on."""
-        raw = self.read_body()
-        config = self.server.config
-        if self.headers.get_content_type() == "multipart/form-data":
-            self.state.model = multipart_field(raw, self.headers.get("Content-Type", ""), "model")
-            if self.state.model is not None:
-                check_model(self.state.model, config)
-            return raw
-        body = parse_json_object(raw)
-        if isinstance(body.get("model"), str):
-            self.state.model = body["model"]
-        api = target.partition("?")[0]
-        changed = guard_json_request(api, body, config)
-        if api == "/chat/completions" and ask_for_usage(body):
-            self.state.strip_usage = changed = True
-        return json_bytes(body) if changed else raw
-
     def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None):
         """Count an upstream attempt; log a failed one with what happens next."""
         self.server.metrics.inc("proxy_upstream_attempts_total", (("upstream", upstream.name), ("outcome", outcome)))
@@ -4016,9 +3834,209 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         logger.debug("%s " + format, self.client_address[0], *args)
 
 
+# --------------------------------------------------------------------------
+# Routes: what each one does with a request the handler has read
+# --------------------------------------------------------------------------
+
+def note_upstream_answer(handler: ProxyHandler, response: http.client.HTTPResponse):
+    """What the access log keeps of the upstream's answer: its status, request id (masked), connection."""
+    request_id = response.headers.get("x-request-id")
+    secrets = secrets_of(handler.server.config)
+    handler.state.upstream_request_id = request_id and mask_known_secrets(request_id, secrets)
+    handler.state.upstream_status = response.status
+    handler.state.upstream_reused = response.reused
+
+
+def stream_slot(handler: ProxyHandler, force: bool = False):
+    """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
+    return handler.server.limits.slot(handler.state.client_name, force)
+
+
+def needs_body_check(handler: ProxyHandler) -> bool:
+    """True when the proxy reads this /v1 body before sending it on.
+
+    JSON bodies always are: they name the model (logs, metrics, guards) and
+    a streamed chat completion is asked for its usage. Uploads stream
+    through, unless ALLOWED_MODELS must see their model field.
+    """
+    content_type = handler.headers.get_content_type()
+    if content_type == "application/json":
+        return True
+    return content_type == "multipart/form-data" and bool(handler.server.config.allowed_models)
+
+
+def inspect_body(handler: ProxyHandler, target: str) -> bytes:
+    """Read the whole /v1 body, apply the guards and ask for usage; return what to send on."""
+    raw = handler.read_body()
+    config = handler.server.config
+    if handler.headers.get_content_type() == "multipart/form-data":
+        handler.state.model = multipart_field(raw, handler.headers.get("Content-Type", ""), "model")
+        if handler.state.model is not None:
+            check_model(handler.state.model, config)
+        return raw
+    body = parse_json_object(raw)
+    if isinstance(body.get("model"), str):
+        handler.state.model = body["model"]
+    api = target.partition("?")[0]
+    changed = guard_json_request(api, body, config)
+    if api == "/chat/completions" and ask_for_usage(body):
+        handler.state.strip_usage = changed = True
+    return json_bytes(body) if changed else raw
+
+
+@contextlib.contextmanager
+def relaying(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange) -> Iterator[None]:
+    """Relay an upstream answer, then end the response to the client.
+
+    The upstream connection is kept for another request (or closed if
+    anything failed) before the client sees the end, so that a client
+    sending its next request at once finds the connection free.
+    """
+    note_upstream_answer(handler, response)
+    clean = False
+    try:
+        yield
+        clean = True
+    finally:
+        release_upstream(response, exchange, handler.server.config, clean)
+    exchange.end()
+
+
+def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange):
+    """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
+    config = handler.server.config
+    check_passthrough_response(response)
+    error_body = masked_error_body(response, config)
+    if error_body is not None:
+        exchange.begin(lambda: handler.write_passthrough_head(response, len(error_body)), heartbeats=False)
+        exchange.send(error_body)
+        return
+    is_event_stream = response.headers.get_content_type() == "text/event-stream"
+    exchange.begin(lambda: handler.write_passthrough_head(response), heartbeats=is_event_stream)
+    observer = StreamObserver()
+    try:
+        relay_passthrough(response, exchange, config, observer, handler.state.strip_usage)
+    finally:
+        handler.state.usage = observer.finish()
+
+
+def serve_healthz(handler: ProxyHandler) -> None:
+    """GET /healthz: 200 while at least one upstream is usable, naming any that are out."""
+    config = handler.server.config
+    down = [upstream.name for upstream in configured_upstreams(config)
+            if handler.server.upstreams.breaker(upstream, config).is_down()]
+    if len(down) == len(configured_upstreams(config)):
+        handler.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down})
+    else:
+        handler.send_json(HTTPStatus.OK, {"status": "ok", **({"upstreams_down": down} if down else {})})
+
+
+def serve_ui(handler: ProxyHandler) -> None:
+    """GET / and /ui/<name>: the chat page's files, by exact name only."""
+    name = "index.html" if handler.path_only == "/" else handler.path_only[len("/ui/"):]
+    page = handler.server.ui.get(name)
+    if page is None:
+        missing = "" if handler.server.ui else f"; no ui/ folder was found next to proxy.py ({UI_DIR})"
+        raise ProxyError(f"nothing is served at {handler.path_only}{missing}",
+                         status=HTTPStatus.NOT_FOUND, type="not_found_error")
+    fresh = page.etag in (tag.strip() for tag in handler.headers.get("If-None-Match", "").split(","))
+    handler.send_response(HTTPStatus.NOT_MODIFIED if fresh else HTTPStatus.OK)
+    handler.send_header("Content-Type", page.content_type)
+    handler.send_header("ETag", page.etag)
+    handler.send_header("Cache-Control", "no-cache")  # revalidate each time: a new version shows at once
+    for name, value in UI_SECURITY_HEADERS:
+        handler.send_header(name, value)
+    if not fresh:
+        handler.send_header("Content-Length", str(len(page.body)))
+    handler.finish_head()
+    if not fresh and handler.command != "HEAD":
+        handler.wfile.write(page.body)
+        handler.state.bytes_sent = len(page.body)
+
+
+def serve_ui_config(handler: ProxyHandler) -> None:
+    """GET /ui/config.json: what the page needs to know of the proxy's settings."""
+    handler.send_json(HTTPStatus.OK, ui_config(handler.server.config))
+
+
+def serve_metrics(handler: ProxyHandler) -> None:
+    """GET /metrics: Prometheus text, for METRICS_TOKEN holders or, without one, loopback clients."""
+    token = handler.server.config.metrics_token
+    if token:
+        if identify_client(handler.headers.get("Authorization"), (("metrics", token),)) is None:
+            raise ProxyError("GET /metrics needs 'Authorization: Bearer <METRICS_TOKEN>'",
+                             status=HTTPStatus.UNAUTHORIZED, type="invalid_request_error",
+                             headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+    elif not is_loopback_host(handler.client_address[0]):
+        raise ProxyError("GET /metrics is served to loopback clients only; set METRICS_TOKEN to read it "
+                         "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
+    server = handler.server
+    body = server.metrics.render({"proxy_active_streams": server.limits.active(),
+                                  "process_cpu_seconds_total": time.process_time(),
+                                  **server.upstreams.connection_counts(server.config)}).encode()
+    handler.send_response(HTTPStatus.OK)
+    handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.finish_head()
+    handler.wfile.write(body)
+    handler.state.bytes_sent = len(body)
+
+
+def serve_message(handler: ProxyHandler) -> None:
+    """POST /message: the seed's API, a chat completion streamed as event:message frames."""
+    config = handler.server.config
+    body = parse_json_object(handler.read_body())
+    request = build_chat_request(body, config)
+    handler.state.model = request["model"]
+    handler.state.ignored_fields = ignored_message_fields(body)
+    supervisor = handler.server.supervisor
+    with stream_slot(handler), supervisor.tracking(Exchange(handler.connection, error_payload=error_frame)) as exchange:
+        handler.state.exchange = exchange
+        supervisor.watch_client(exchange)
+        upstream_request = UpstreamRequest("POST", "/chat/completions", json_bytes(request),
+                                           {"Content-Type": "application/json", "Accept": "text/event-stream"}, None)
+        response = handler.server.upstreams.open(config, exchange, upstream_request, config.retries,
+                                                 handler.state.attempts)
+        with relaying(handler, response, exchange):
+            check_upstream_response(response, config)
+            exchange.begin(handler.write_stream_head, heartbeats=True)
+            handler.state.usage = relay_chat_as_messages(response, exchange, config)
+
+
+def serve_passthrough(handler: ProxyHandler) -> None:
+    """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
+    config, supervisor = handler.server.config, handler.server.supervisor
+    target = upstream_target(handler.path)
+    length = handler.declared_length()
+    headers = forwarded_request_headers(handler.headers, config)
+    body = inspect_body(handler, target) if length and needs_body_check(handler) else None
+    if body is not None:
+        length = len(body)
+    with contextlib.ExitStack() as held, \
+            supervisor.tracking(Exchange(handler.connection, error_payload=sse_error_event)) as exchange:
+        handler.state.exchange = exchange
+
+        def body_read(force: bool = False):
+            held.enter_context(stream_slot(handler, force))
+            handler.state.body_read = True
+            supervisor.watch_client(exchange)  # from here, readable means the client left
+
+        if body is None and length:
+            # Streamed on as it arrives: its slot is taken when it has all
+            # arrived, and cannot be refused then, the upstream having it.
+            body = ClientBody(handler.rfile, length, config, lambda: body_read(force=True))
+        else:
+            body_read()
+        response = handler.server.upstreams.open(config, exchange, UpstreamRequest(
+            handler.command, target, body, headers, length if body is not None else None),
+            config.v1_retries, handler.state.attempts)
+        with relaying(handler, response, exchange):
+            relay_answer(handler, response, exchange)
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """One entry of the route table: where, which methods, and the handler method that serves it."""
+    """One entry of the route table: where, which methods, and the function that serves it."""
 
     path: str                    # the exact path, or with prefix, what the path starts with
     methods: Tuple[str, ...]
@@ -4029,13 +4047,13 @@ class Route:
 
 
 ROUTES = (
-    Route("/message", ("POST",), ProxyHandler.handle_message, relays=True),
-    Route(PASSTHROUGH_PREFIX, PASSTHROUGH_METHODS, ProxyHandler.handle_passthrough, prefix=True, relays=True),
-    Route("/healthz", ("GET", "HEAD"), ProxyHandler.handle_healthz, at_once=True),
-    Route("/metrics", ("GET",), ProxyHandler.handle_metrics, at_once=True),
-    Route("/", ("GET", "HEAD"), ProxyHandler.handle_ui),
-    Route("/ui/config.json", ("GET",), ProxyHandler.handle_ui_config),
-    Route("/ui/", ("GET", "HEAD"), ProxyHandler.handle_ui, prefix=True),
+    Route("/message", ("POST",), serve_message, relays=True),
+    Route(PASSTHROUGH_PREFIX, PASSTHROUGH_METHODS, serve_passthrough, prefix=True, relays=True),
+    Route("/healthz", ("GET", "HEAD"), serve_healthz, at_once=True),
+    Route("/metrics", ("GET",), serve_metrics, at_once=True),
+    Route("/", ("GET", "HEAD"), serve_ui),
+    Route("/ui/config.json", ("GET",), serve_ui_config),
+    Route("/ui/", ("GET", "HEAD"), serve_ui, prefix=True),
 )
 
 
