@@ -163,6 +163,11 @@ class ProxyError(Exception):
         self.headers = headers or {}
         self.detail = detail or {}
 
+    @property
+    def log_type(self) -> str:
+        """The access line's error field."""
+        return self.type
+
     def to_json(self) -> dict:
         """The body clients get: {"error": {"message": ..., "type": ...}}."""
         return {"error": {**self.detail, "message": self.message, "type": self.type}}
@@ -228,8 +233,19 @@ class ShuttingDown(ProxyError):
     type = "server_shutting_down"
 
 
+class ProtocolError(BadRequest):
+    """The request's head breaks HTTP/1.1: nothing of it is trusted, the connection is closed after."""
+
+    log_type = "protocol_error"
+
+
 class ClientLeft(Exception):
     """The client left (closed, reset, or stopped reading): there is nobody to write to."""
+
+
+def _raise(error: BaseException):
+    """Raise an error already made: work for the error boundary that only reports it."""
+    raise error
 
 
 class ConfigError(Exception):
@@ -3553,10 +3569,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served; send HTTP/1.1")
             return
+        self.within_boundary(self.route)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch
+
+    def within_boundary(self, work: Callable[[], None]) -> None:
+        """The one error boundary: run work as one request, whose every failure becomes a JSON error or an
+        error frame, whose client leaving is a client_left line, and which gets one access line."""
         self.start_request()
         with self.server.tracking_request():
             try:
-                self.route()
+                work()
             except ClientLeft:
                 self.close_connection = True
                 self.state.client_left = True
@@ -3567,8 +3590,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.fail(ProxyError("internal error in the proxy; its log has the details"))
             finally:
                 self.log_exchange()
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = dispatch
 
     @property
     def path_only(self) -> str:
@@ -3622,7 +3643,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def fail(self, error: ProxyError):
         """Tell the client what went wrong, in whatever form the response still allows."""
         mask_error(error, secrets_of(self.server.config))  # its text may quote the upstream
-        self.state.error_type = error.type
+        self.state.error_type = error.log_type
         if isinstance(error, TooManyRequests):
             self.state.rejected_by = error.reason
         try:
@@ -3703,29 +3724,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return length
 
     def handle_expect_100(self):
-        """Refuse an oversized body before the client sends it (RFC 9110, 10.1.1)."""
+        """Refuse an oversized body before the client sends it (RFC 9110, 10.1.1), or ask for it."""
         try:
             self.declared_length()
-        except ProxyError as error:
-            self.start_request()
-            self.fail(error)
-            self.log_exchange()
-            return False
-        if self.at_once:  # answered without its body: no 100 asks the client to send one (RFC 9110, 10.1.1)
+            if not self.at_once:  # answered without its body: no 100 asks the client to send one
+                super().handle_expect_100()
             return True
-        try:
-            return super().handle_expect_100()
-        except ClientLeft:
-            self.start_request()
-            self.state.client_left = True
-            self.log_exchange()
+        except (ProxyError, ClientLeft) as error:  # told (or not) through the boundary, as one request
+            self.within_boundary(functools.partial(_raise, error))
             return False
 
     def has_unread_body(self) -> bool:
-        """True when request body bytes may still sit on the connection."""
+        """True when request body bytes may still sit on the connection (unknown, for a head not parsed)."""
         if self.state.body_read:
             return False
-        if self.headers.get("Transfer-Encoding"):
+        if getattr(self, "headers", None) is None or self.headers.get("Transfer-Encoding"):
             return True
         return any(value.strip() != "0" for value in self.headers.get_all("Content-Length") or [])
 
@@ -3802,20 +3815,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return self.finish_streamed_head()
 
     def send_error(self, code, message=None, explain=None):
-        """Protocol errors found by http.server (bad request line, huge headers) get JSON too."""
-        self.start_request()
+        """Protocol errors found by http.server or the strict head check get JSON too, through the boundary;
+        the connection closes, for what follows on it cannot be trusted."""
         self.close_connection = True
-        self.state.error_type, self.state.body_read = "protocol_error", True
         if self.request_version == "HTTP/0.9":  # http.server's guess for a bad request line: it would drop the head
             self.request_version = "HTTP/1.0"
         text = message or HTTPStatus(code).phrase
         if explain and explain != text:
             text = f"{text}: {explain}"
-        try:
-            self.send_json(code, {"error": {"message": text, "type": "invalid_request_error"}})
-        except ClientLeft:
-            self.state.client_left = True
-        self.log_exchange()
+        self.within_boundary(functools.partial(_raise, ProtocolError(text, status=code)))
 
     # ---- logging
 
