@@ -3775,17 +3775,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
             self.state.bytes_sent = len(body)
 
-    def write_stream_head(self) -> str:
-        """The head of a /message stream; returns its framing."""
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")  # nginx: pass frames on unbuffered
-        if self.state.ignored_fields:  # where a developer sees that a field did nothing
-            names = ", ".join(json.dumps(name)[1:-1] for name in self.state.ignored_fields)  # ASCII, no CR or LF
-            self.send_header("X-Proxy-Ignored-Fields", names[:IGNORED_FIELDS_HEADER_LIMIT])
-        return self.finish_streamed_head()
-
     def finish_streamed_head(self) -> str:
         """End a head whose body length is unknown: chunked, or for HTTP/1.0 ended by a close."""
         if self.request_version == "HTTP/1.0":  # HTTP/1.0 cannot take chunked (RFC 9112, 6.1)
@@ -3795,24 +3784,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.finish_head()
         return CHUNKED
-
-    def write_passthrough_head(self, response: http.client.HTTPResponse, length: Optional[int] = None) -> str:
-        """The upstream's status and headers; returns the framing of the body that follows."""
-        self.send_response(response.status)  # the standard reason: the upstream's own might quote a key
-        secrets = secrets_of(self.server.config)
-        for name, value in returned_response_headers(response.headers):
-            self.send_header(name, mask_known_secrets(value, secrets))
-        if response.headers.get_content_type() == "text/event-stream" and "X-Accel-Buffering" not in response.headers:
-            self.send_header("X-Accel-Buffering", "no")
-        if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
-            self.finish_head()
-            return SIZED
-        length = response.length if length is None else length
-        if length is not None:  # the upstream announced a length (or the proxy read it all): send raw bytes
-            self.send_header("Content-Length", str(length))
-            self.finish_head()
-            return SIZED
-        return self.finish_streamed_head()
 
     def send_error(self, code, message=None, explain=None):
         """Protocol errors found by http.server or the strict head check get JSON too, through the boundary;
@@ -3845,6 +3816,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------
 # Routes: what each one does with a request the handler has read
 # --------------------------------------------------------------------------
+
+def write_message_head(handler: ProxyHandler) -> str:
+    """The head of a /message stream; returns its framing."""
+    handler.send_response(HTTPStatus.OK)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("X-Accel-Buffering", "no")  # nginx: pass frames on unbuffered
+    if handler.state.ignored_fields:  # where a developer sees that a field did nothing
+        names = ", ".join(json.dumps(name)[1:-1] for name in handler.state.ignored_fields)  # ASCII, no CR or LF
+        handler.send_header("X-Proxy-Ignored-Fields", names[:IGNORED_FIELDS_HEADER_LIMIT])
+    return handler.finish_streamed_head()
+
+
+def write_passthrough_head(handler: ProxyHandler, response: http.client.HTTPResponse,
+                           length: Optional[int] = None) -> str:
+    """The upstream's status and headers; returns the framing of the body that follows."""
+    handler.send_response(response.status)  # the standard reason: the upstream's own might quote a key
+    secrets = secrets_of(handler.server.config)
+    for name, value in returned_response_headers(response.headers):
+        handler.send_header(name, mask_known_secrets(value, secrets))
+    if response.headers.get_content_type() == "text/event-stream" and "X-Accel-Buffering" not in response.headers:
+        handler.send_header("X-Accel-Buffering", "no")
+    if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+        handler.finish_head()
+        return SIZED
+    length = response.length if length is None else length
+    if length is not None:  # the upstream announced a length (or the proxy read it all): send raw bytes
+        handler.send_header("Content-Length", str(length))
+        handler.finish_head()
+        return SIZED
+    return handler.finish_streamed_head()
+
 
 def note_upstream_answer(handler: ProxyHandler, response: http.client.HTTPResponse):
     """What the access log keeps of the upstream's answer: its status, request id (masked), connection."""
@@ -3916,11 +3919,11 @@ def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exch
     check_passthrough_response(response)
     error_body = masked_error_body(response, config)
     if error_body is not None:
-        exchange.begin(lambda: handler.write_passthrough_head(response, len(error_body)), heartbeats=False)
+        exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), heartbeats=False)
         exchange.send(error_body)
         return
     is_event_stream = response.headers.get_content_type() == "text/event-stream"
-    exchange.begin(lambda: handler.write_passthrough_head(response), heartbeats=is_event_stream)
+    exchange.begin(lambda: write_passthrough_head(handler, response), heartbeats=is_event_stream)
     observer = StreamObserver()
     try:
         relay_passthrough(response, exchange, config, observer, handler.state.strip_usage)
@@ -4007,7 +4010,7 @@ def serve_message(handler: ProxyHandler) -> None:
                                                  handler.state.attempts)
         with relaying(handler, response, exchange):
             check_upstream_response(response, config)
-            exchange.begin(handler.write_stream_head, heartbeats=True)
+            exchange.begin(lambda: write_message_head(handler), heartbeats=True)
             handler.state.usage = relay_chat_as_messages(response, exchange, config)
 
 
