@@ -629,7 +629,7 @@ def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple
 
 
 # --------------------------------------------------------------------------
-# Pure helpers: JSON, SSE decoding, frames, request validation, CORS
+# Pure helpers: JSON, SSE lines and events, /message frames and validation, CORS
 # --------------------------------------------------------------------------
 
 def json_bytes(value) -> bytes:
@@ -932,6 +932,15 @@ def cors_headers(allowed: Tuple[str, ...], origin: Optional[str]) -> List[Tuple[
     return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"), ("Access-Control-Expose-Headers", "*")]
 
 
+def allowed_methods(methods) -> str:
+    """The Allow header for a route: its methods and the CORS preflight."""
+    return ", ".join(sorted(methods) + ["OPTIONS"])
+
+
+# --------------------------------------------------------------------------
+# Pure helpers for the upstream: which ones, the headers and path they get, secrets masked
+# --------------------------------------------------------------------------
+
 Upstream = collections.namedtuple("Upstream", "name base_url api_key auth_header model")
 
 
@@ -1007,11 +1016,6 @@ def upstream_target(request_target: str) -> str:
         if not decoded and number < len(segments):
             raise BadRequest("the path must not contain an empty segment ('//')")
     return path[len(PASSTHROUGH_PREFIX) - 1:] + ("?" + query if query else "")
-
-
-def allowed_methods(methods) -> str:
-    """The Allow header for a route: its methods and the CORS preflight."""
-    return ", ".join(sorted(methods) + ["OPTIONS"])
 
 
 # What API keys look like: sk-... (OpenAI, OpenRouter, Anthropic; also as

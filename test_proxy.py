@@ -3,6 +3,7 @@
 Run: python3 -m unittest -v test_proxy
 """
 
+import ast
 import asyncio
 import base64
 import concurrent.futures
@@ -46,6 +47,10 @@ try:  # test-only: the Prometheus text parser checks GET /metrics
     from prometheus_client.parser import text_string_to_metric_families
 except ImportError:
     text_string_to_metric_families = None
+try:  # test-only: radon measures proxy.py's cyclomatic complexity
+    from radon.complexity import cc_visit
+except ImportError:
+    cc_visit = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -4249,6 +4254,42 @@ class BenchmarkSmokeTest(unittest.TestCase):
         self.assertGreaterEqual(len(threads), 3)  # main, connection pool, stream supervisor
         for thread in threads:
             self.assertEqual(os.sched_getaffinity(int(thread)), {cpu}, f"thread {thread}")
+
+
+# --------------------------------------------------------------------------
+# The shape of proxy.py: small functions, a thin handler
+# --------------------------------------------------------------------------
+
+class ShapeTest(unittest.TestCase):
+    """What a newcomer can hold in their head: no function over 40 lines or of cyclomatic complexity over
+    15, and a request handler of about 300 lines that reads, routes, writes and is the error boundary."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(os.path.join(HERE, "proxy.py"), encoding="utf-8") as source:
+            cls.source = source.read()
+        cls.tree = ast.parse(cls.source)
+
+    def test_no_function_over_40_lines_and_a_thin_handler(self):
+        long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(self.tree)
+                if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 40]
+        self.assertEqual(long, [])
+        handler = next(node for node in self.tree.body if isinstance(node, ast.ClassDef) and node.name == "ProxyHandler")
+        self.assertLessEqual(handler.end_lineno - handler.lineno + 1, 320)
+
+    def test_no_cyclomatic_complexity_over_15(self):
+        require(cc_visit is not None, "radon (its cyclomatic complexity)")
+        blocks = cc_visit(self.source)
+        functions = [block for block in blocks if not hasattr(block, "methods")]
+        functions += [method for block in blocks for method in getattr(block, "methods", [])]
+        self.assertEqual([(block.name, block.complexity) for block in functions if block.complexity > 15], [])
+        self.assertGreater(len(functions), 200)  # it measured the whole file
+
+    def test_routes_are_one_table_of_functions(self):
+        for route in proxy.ROUTES:
+            self.assertTrue(callable(route.serve), route)
+            self.assertIs(proxy.find_route(route.path), route, route.path)
+        self.assertEqual({route.path for route in proxy.ROUTES if route.relays}, {"/message", proxy.PASSTHROUGH_PREFIX})
 
 
 # --------------------------------------------------------------------------
