@@ -300,6 +300,74 @@ class FakeUpstream:
         self.server.server_close()
 
 
+# A second fake upstream, speaking raw bytes: what a well-behaved server cannot send.
+# Secrets that look like no key pattern, so that only masking by value can catch them.
+ECHO_UPSTREAM_KEY = "Zq7vX2mP9wK4rT8yL3nB6cD1"
+ECHO_CLIENT_KEY = "Hj5kM8pQ2sV6xZ9aC4eG7iL0"
+ECHO_METRICS_TOKEN = "Wn3bR7tY1uO5pA9sD2fG6hJ4"
+ECHO_SECRETS = (ECHO_UPSTREAM_KEY, ECHO_CLIENT_KEY, ECHO_METRICS_TOKEN)
+
+
+def echo_answer(mode: str) -> bytes:
+    """A raw upstream answer that quotes the secrets in one place; see KeyEchoTest."""
+    key, client, token = ECHO_SECRETS
+    every = f"{key} {client} {token}"
+
+    def answer(status_line, content_type, body, *fields):
+        head = [status_line, f"Content-Type: {content_type}", f"Content-Length: {len(body)}", *fields]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+    json_error = json.dumps({"error": {"message": every}}).encode()
+    return {
+        "reason": lambda: answer(f"HTTP/1.1 400 {every}", "application/json", json_error),
+        "headers": lambda: answer("HTTP/1.1 200 OK", "application/json", b"{}", f"X-Request-Id: {key}",
+                                  f"X-Echo: {every}", f"Openai-Organization: {key.lower()}"),
+        "problem": lambda: answer("HTTP/1.1 400 Bad Request", "application/problem+json",
+                                  json.dumps({"detail": every}).encode()),
+        "octet": lambda: answer("HTTP/1.1 400 Bad Request", "application/octet-stream",
+                                b"\x00\xff" + every.encode() + b"\x00"),
+        "big": lambda: answer("HTTP/1.1 400 Bad Request", "text/plain", b"x" * 100000 + every.encode()),
+        "big-chunked": lambda: (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n"
+                                + b"".join(b"%x\r\n%b\r\n" % (len(piece), piece)
+                                           for piece in (b"x" * 50000, b"x" * 50000, every.encode()))
+                                + b"0\r\n\r\n"),
+        "split-json": lambda: answer("HTTP/1.1 400 Bad Request", "application/json", json.dumps(
+            {"error": {"message": f"{key[:9]}\n{key[9:]} {client[:12]} {client[12:]} {token[:3]}\t{token[3:]}",
+                       "param": key, "code": client}}).encode()),
+        "split-text": lambda: answer("HTTP/1.1 500 Internal Server Error", "text/plain",
+                                     f"{key[:12]}\n  {key[12:]} {client.upper()} {token[:20]}\r\n{token[20:]}".encode()),
+        "bad-status": lambda: f"HTTP/1.1 {every}\r\n\r\n".encode(),
+        "stream-error": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                 b'data: {"error": {"message": "%b"}}\n\n' % every.encode()),
+        "early-hints": lambda: (b"HTTP/1.1 100 Continue\r\n\r\n"
+                                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                                b"HTTP/1.1 102 Processing\r\n\r\n"
+                                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                + chunk("Hi", role="assistant") + chunk(finish="stop") + b"data: [DONE]\n\n"),
+        "endless-hints": lambda: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 40,
+        "switching": lambda: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    }[mode]()
+
+
+class _EchoHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline(65537)
+            if not line:
+                return
+            head += line
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        self.rfile.read(int(length.group(1)) if length else 0)
+        self.wfile.write(echo_answer(self.server.mode))
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
 # --------------------------------------------------------------------------
 # Clients and helpers
 # --------------------------------------------------------------------------
@@ -396,6 +464,56 @@ def require(available, what):
     raise unittest.SkipTest(f"{what} is not available here; .ci/run installs it")
 
 
+def json_completion(text="ok"):
+    return json_script({"id": "chatcmpl-1", "object": "chat.completion", "created": CREATED, "model": "m",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "stop"}]})
+
+
+def v1_chat(stream, text="Hi"):
+    return json.dumps({"model": "m", "stream": stream, "messages": [{"role": "user", "content": text}]}).encode()
+
+
+def json_script(payload, status=200, headers=None):
+    body = json.dumps(payload).encode()
+    return Script(status=status, headers={"Content-Type": "application/json", **(headers or {})}, body=body)
+
+
+def in_turn(*scripts):
+    """A fake upstream script that answers each request with the next script."""
+    queue = list(scripts)
+    return lambda received: queue.pop(0) if len(queue) > 1 else queue[0]
+
+
+def read_until_closed(sock, limit=5.0):
+    """Everything the proxy sends until it closes the connection (a timeout fails the test)."""
+    sock.settimeout(limit)
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+
+
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d\d\d ")
+SMUGGLED = b"GET /v1/models?smuggled=B HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def reset(sock):
+    """Close a socket with a TCP reset, as a crashed client or a middlebox would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef0"
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
 class ProxyTestCase(unittest.TestCase):
     """Starts a fake upstream and a proxy on port 0 for each test."""
 
@@ -454,6 +572,32 @@ class ProxyTestCase(unittest.TestCase):
 
     def contents(self, frames):
         return [data["content"] for event, data in frames if event == "message"]
+
+
+class RawUpstreamTestCase(ProxyTestCase):
+    """A proxy in front of an upstream that answers with raw bytes from echo_answer(mode)."""
+
+    config_overrides = {"api_key": ECHO_UPSTREAM_KEY, "metrics_token": ECHO_METRICS_TOKEN,
+                        "proxy_api_keys": (("alice", ECHO_CLIENT_KEY),)}
+
+    def setUp(self):
+        super().setUp()
+        self.echo = _EchoServer(("127.0.0.1", 0), _EchoHandler)
+        self.echo.mode = "headers"
+        threading.Thread(target=self.echo.serve_forever, args=(0.01,), daemon=True).start()
+        self.addCleanup(self.echo.server_close)
+        self.addCleanup(self.echo.shutdown)
+        self.server.config = dataclasses.replace(
+            self.config, base_url=f"http://127.0.0.1:{self.echo.server_address[1]}/v1")
+
+    def exchange(self, mode, method, path, body=b""):
+        """The raw bytes the client gets for a request while the upstream answers in `mode`."""
+        self.echo.mode = mode
+        sock = self.raw_socket()
+        sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
+                     % (method.encode(), path.encode(), ECHO_CLIENT_KEY.encode(), len(body), body))
+        return read_until_closed(sock)
 
 
 # --------------------------------------------------------------------------
@@ -978,21 +1122,6 @@ class HostileBodyTest(ProxyTestCase):
             self.assertIn('model=gpt-4o\\x0a2026-01-01\\x2000:00:00,000\\x20INFO', line)
 
 
-def read_until_closed(sock, limit=5.0):
-    """Everything the proxy sends until it closes the connection (a timeout fails the test)."""
-    sock.settimeout(limit)
-    data = b""
-    while True:
-        piece = sock.recv(65536)
-        if not piece:
-            return data
-        data += piece
-
-
-STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d\d\d ")
-SMUGGLED = b"GET /v1/models?smuggled=B HTTP/1.1\r\nHost: x\r\n\r\n"
-
-
 class StrictHeadTest(ProxyTestCase):
     """Heads a strict HTTP/1.1 parser refuses: 400, the connection closed, nothing sent upstream."""
 
@@ -1163,100 +1292,6 @@ class UpstreamErrorTest(ProxyTestCase):
         self.assertNotIn(TEST_KEY.encode(), response.read())
 
 
-# Secrets that look like no key pattern, so that only masking by value can catch them.
-ECHO_UPSTREAM_KEY = "Zq7vX2mP9wK4rT8yL3nB6cD1"
-ECHO_CLIENT_KEY = "Hj5kM8pQ2sV6xZ9aC4eG7iL0"
-ECHO_METRICS_TOKEN = "Wn3bR7tY1uO5pA9sD2fG6hJ4"
-ECHO_SECRETS = (ECHO_UPSTREAM_KEY, ECHO_CLIENT_KEY, ECHO_METRICS_TOKEN)
-
-
-def echo_answer(mode: str) -> bytes:
-    """A raw upstream answer that quotes the secrets in one place; see KeyEchoTest."""
-    key, client, token = ECHO_SECRETS
-    every = f"{key} {client} {token}"
-
-    def answer(status_line, content_type, body, *fields):
-        head = [status_line, f"Content-Type: {content_type}", f"Content-Length: {len(body)}", *fields]
-        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-    json_error = json.dumps({"error": {"message": every}}).encode()
-    return {
-        "reason": lambda: answer(f"HTTP/1.1 400 {every}", "application/json", json_error),
-        "headers": lambda: answer("HTTP/1.1 200 OK", "application/json", b"{}", f"X-Request-Id: {key}",
-                                  f"X-Echo: {every}", f"Openai-Organization: {key.lower()}"),
-        "problem": lambda: answer("HTTP/1.1 400 Bad Request", "application/problem+json",
-                                  json.dumps({"detail": every}).encode()),
-        "octet": lambda: answer("HTTP/1.1 400 Bad Request", "application/octet-stream",
-                                b"\x00\xff" + every.encode() + b"\x00"),
-        "big": lambda: answer("HTTP/1.1 400 Bad Request", "text/plain", b"x" * 100000 + every.encode()),
-        "big-chunked": lambda: (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-                                b"Transfer-Encoding: chunked\r\n\r\n"
-                                + b"".join(b"%x\r\n%b\r\n" % (len(piece), piece)
-                                           for piece in (b"x" * 50000, b"x" * 50000, every.encode()))
-                                + b"0\r\n\r\n"),
-        "split-json": lambda: answer("HTTP/1.1 400 Bad Request", "application/json", json.dumps(
-            {"error": {"message": f"{key[:9]}\n{key[9:]} {client[:12]} {client[12:]} {token[:3]}\t{token[3:]}",
-                       "param": key, "code": client}}).encode()),
-        "split-text": lambda: answer("HTTP/1.1 500 Internal Server Error", "text/plain",
-                                     f"{key[:12]}\n  {key[12:]} {client.upper()} {token[:20]}\r\n{token[20:]}".encode()),
-        "bad-status": lambda: f"HTTP/1.1 {every}\r\n\r\n".encode(),
-        "stream-error": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
-                                 b'data: {"error": {"message": "%b"}}\n\n' % every.encode()),
-        "early-hints": lambda: (b"HTTP/1.1 100 Continue\r\n\r\n"
-                                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
-                                b"HTTP/1.1 102 Processing\r\n\r\n"
-                                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
-                                + chunk("Hi", role="assistant") + chunk(finish="stop") + b"data: [DONE]\n\n"),
-        "endless-hints": lambda: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 40,
-        "switching": lambda: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
-    }[mode]()
-
-
-class _EchoHandler(socketserver.StreamRequestHandler):
-    def handle(self):
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            line = self.rfile.readline(65537)
-            if not line:
-                return
-            head += line
-        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        self.rfile.read(int(length.group(1)) if length else 0)
-        self.wfile.write(echo_answer(self.server.mode))
-
-
-class _EchoServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class RawUpstreamTestCase(ProxyTestCase):
-    """A proxy in front of an upstream that answers with raw bytes from echo_answer(mode)."""
-
-    config_overrides = {"api_key": ECHO_UPSTREAM_KEY, "metrics_token": ECHO_METRICS_TOKEN,
-                        "proxy_api_keys": (("alice", ECHO_CLIENT_KEY),)}
-
-    def setUp(self):
-        super().setUp()
-        self.echo = _EchoServer(("127.0.0.1", 0), _EchoHandler)
-        self.echo.mode = "headers"
-        threading.Thread(target=self.echo.serve_forever, args=(0.01,), daemon=True).start()
-        self.addCleanup(self.echo.server_close)
-        self.addCleanup(self.echo.shutdown)
-        self.server.config = dataclasses.replace(
-            self.config, base_url=f"http://127.0.0.1:{self.echo.server_address[1]}/v1")
-
-    def exchange(self, mode, method, path, body=b""):
-        """The raw bytes the client gets for a request while the upstream answers in `mode`."""
-        self.echo.mode = mode
-        sock = self.raw_socket()
-        sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%b"
-                     % (method.encode(), path.encode(), ECHO_CLIENT_KEY.encode(), len(body), body))
-        return read_until_closed(sock)
-
-
-
 class KeyEchoTest(RawUpstreamTestCase):
     """An upstream that quotes the proxy's secrets everywhere it can: none reaches a client or the log."""
 
@@ -1389,12 +1424,6 @@ class ClientDisconnectTest(ProxyTestCase):
         sock = self.start_stream()
         self.assertTrue(wait_until(lambda: self.upstream.requests), "the request never reached the upstream")
         self.assert_upstream_closed_after(sock, baseline)
-
-
-def reset(sock):
-    """Close a socket with a TCP reset, as a crashed client or a middlebox would."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 class ClientResetTest(ProxyTestCase):
@@ -1677,16 +1706,6 @@ class ConcurrencyTest(ProxyTestCase):
 # Under load: keep-alive clients, slow bodies, the stream cap, the connection cap
 # --------------------------------------------------------------------------
 
-def json_completion(text="ok"):
-    return json_script({"id": "chatcmpl-1", "object": "chat.completion", "created": CREATED, "model": "m",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}]})
-
-
-def v1_chat(stream, text="Hi"):
-    return json.dumps({"model": "m", "stream": stream, "messages": [{"role": "user", "content": text}]}).encode()
-
-
 class KeepAliveLoadTest(ProxyTestCase):
     config_overrides = {"heartbeat_interval": 0.2}
     CLIENTS = 8
@@ -1915,11 +1934,6 @@ class TlsUpstreamTest(unittest.TestCase):
 # --------------------------------------------------------------------------
 # /v1 passthrough
 # --------------------------------------------------------------------------
-
-def json_script(payload, status=200, headers=None):
-    body = json.dumps(payload).encode()
-    return Script(status=status, headers={"Content-Type": "application/json", **(headers or {})}, body=body)
-
 
 class EventSplitterTest(unittest.TestCase):
     def split(self, pieces):
@@ -2729,14 +2743,6 @@ class NodeSdkTest(ProxyTestCase):
 # Client keys and limits
 # --------------------------------------------------------------------------
 
-ALICE_KEY = "alice-key-0123456789abcdef"
-BOB_KEY = "bob-key-0123456789abcdef0"
-
-
-def bearer(key):
-    return {"Authorization": f"Bearer {key}"}
-
-
 class ClientKeyConfigTest(unittest.TestCase):
     def test_key_lists(self):
         config = proxy.load_config([], {"OA_API_KEY": "k", "PROXY_API_KEYS": f"{ALICE_KEY}, bob={BOB_KEY}"})
@@ -3153,12 +3159,6 @@ class AccessLogTest(ProxyTestCase):
 # --------------------------------------------------------------------------
 # Riding out upstream trouble: retries, fallback, breaker
 # --------------------------------------------------------------------------
-
-def in_turn(*scripts):
-    """A fake upstream script that answers each request with the next script."""
-    queue = list(scripts)
-    return lambda received: queue.pop(0) if len(queue) > 1 else queue[0]
-
 
 OVERLOADED = json_script({"error": {"message": "overloaded", "type": "server_error"}}, status=503)
 
