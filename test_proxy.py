@@ -939,10 +939,6 @@ class MessageValidationTest(ProxyTestCase):
 
 
 # --------------------------------------------------------------------------
-# Upstream failures
-# --------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------
 # The Go original's clients, unchanged
 # --------------------------------------------------------------------------
 
@@ -1053,6 +1049,10 @@ class SeedClientTest(ProxyTestCase):
         error = self.assert_json_error(response, 400, "must be a response to a preceding message")
         self.assertEqual(error["param"], "messages.[0].role")
 
+
+# --------------------------------------------------------------------------
+# Hostile input: bodies, heads, paths, resets, logs
+# --------------------------------------------------------------------------
 
 class HostileBodyTest(ProxyTestCase):
     def test_json_nested_too_deep_is_400_not_500(self):
@@ -1229,6 +1229,10 @@ class LogBoundTest(ProxyTestCase):
                 for secret in ECHO_SECRETS:
                     self.assertNotIn(secret, line)
 
+
+# --------------------------------------------------------------------------
+# Upstream failures, and an upstream that echoes secrets
+# --------------------------------------------------------------------------
 
 class UpstreamErrorTest(ProxyTestCase):
     config_overrides = {"idle_timeout": 0.5}
