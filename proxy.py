@@ -1651,7 +1651,7 @@ class Exchange:
         self.framing = CHUNKED       # set by the head: CHUNKED, SIZED (Content-Length) or CLOSE
         # The body is an event stream written whole event by whole event: heartbeats
         # and error events may go between any two writes.
-        self.heartbeats = False
+        self.event_stream = False
         self.cancelled = threading.Event()
         self.cancel_reason: Optional[str] = None
         self.streaming = False       # the response head is out; body bytes may follow
@@ -1693,11 +1693,11 @@ class Exchange:
             raise ShuttingDown("the proxy is shutting down and could not wait for this stream to finish")
         raise ClientLeft()
 
-    def begin(self, write_head: Callable[[], str], heartbeats: bool) -> None:
+    def begin(self, write_head: Callable[[], str], event_stream: bool) -> None:
         """Write the response head; write_head returns the body's framing."""
         with self._write_lock:
             self.framing = write_head()
-            self.heartbeats = heartbeats and self.framing != SIZED  # a comment would break the length
+            self.event_stream = event_stream and self.framing != SIZED  # a comment would break the length
             self.streaming = True
             self.last_write = time.monotonic()
 
@@ -1715,7 +1715,7 @@ class Exchange:
 
     def error_payload(self, error: ProxyError) -> Optional[bytes]:
         """The body bytes that tell the client of a failure, if its body can carry them now."""
-        if self._error_payload is None or not self.heartbeats:
+        if self._error_payload is None or not self.event_stream:
             return None
         return self._error_payload(error)
 
@@ -1731,7 +1731,7 @@ class Exchange:
         if not self._write_lock.acquire(blocking=False):
             return  # the handler is writing right now, so the stream is not silent
         try:
-            if self.streaming and self.heartbeats and _is_ready(self.client_sock, writing=True):
+            if self.streaming and self.event_stream and _is_ready(self.client_sock, writing=True):
                 self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
                 self.bytes_sent += len(HEARTBEAT_FRAME)
         except ClientLeft:
@@ -1857,14 +1857,14 @@ class StreamSupervisor:
         now = time.monotonic()
         # An exchange whose head is not out yet owes no heartbeat for a full
         # interval after it goes out, so waking one interval from now is early enough.
-        due = min(exchange.last_write if exchange.streaming and exchange.heartbeats else now
+        due = min(exchange.last_write if exchange.streaming and exchange.event_stream else now
                   for exchange in self._exchanges)
         return max(0.0, due + self._interval - now)
 
     def _send_due_heartbeats(self) -> None:
         now = time.monotonic()
         for exchange in self._exchanges:
-            if exchange.streaming and exchange.heartbeats and now - exchange.last_write >= self._interval:
+            if exchange.streaming and exchange.event_stream and now - exchange.last_write >= self._interval:
                 exchange.send_heartbeat()
 
 
@@ -2771,7 +2771,7 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
 
     strip_usage drops the usage-only chunk the proxy asked for on the client's behalf.
     """
-    splitter = EventSplitter() if exchange.heartbeats else None
+    splitter = EventSplitter() if exchange.event_stream else None
     secrets = secrets_of(config)
     while True:
         chunk = read_upstream(response, exchange, config)
@@ -3923,11 +3923,11 @@ def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exch
     check_passthrough_response(response)
     error_body = masked_error_body(response, config)
     if error_body is not None:
-        exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), heartbeats=False)
+        exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), event_stream=False)
         exchange.send(error_body)
         return
     is_event_stream = response.headers.get_content_type() == "text/event-stream"
-    exchange.begin(lambda: write_passthrough_head(handler, response), heartbeats=is_event_stream)
+    exchange.begin(lambda: write_passthrough_head(handler, response), event_stream=is_event_stream)
     observer = StreamObserver()
     try:
         relay_passthrough(response, exchange, config, observer, handler.state.strip_usage)
@@ -4014,7 +4014,7 @@ def serve_message(handler: ProxyHandler) -> None:
                                                  handler.state.attempts)
         with relaying(handler, response, exchange):
             check_upstream_response(response, config)
-            exchange.begin(lambda: write_message_head(handler), heartbeats=True)
+            exchange.begin(lambda: write_message_head(handler), event_stream=True)
             handler.state.usage = relay_chat_as_messages(response, exchange, config)
 
 
