@@ -2451,47 +2451,6 @@ class Upstreams:
             connector.pool.close()
 
 
-def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, ...]) -> dict:
-    """The OpenAI error object of an upstream error response, read up to a bound, keys masked."""
-    try:
-        raw = mask_bytes(response.read(UPSTREAM_ERROR_BODY_LIMIT), secrets)  # masked before any cut
-    except (http.client.HTTPException, OSError):
-        raw = b""
-    try:
-        error = json.loads(raw).get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error
-    if isinstance(error, str):
-        return {"message": error}
-    text = raw.decode("utf-8", "replace").strip()[:200]
-    return {"message": text or "no error message"}
-
-
-def check_upstream_response(response: http.client.HTTPResponse, config: Config) -> None:
-    """Raise the ProxyError an upstream answer calls for; return if it is a 2xx event stream."""
-    status = response.status
-    if 200 <= status < 300:
-        content_type = response.headers.get_content_type()
-        if content_type != "text/event-stream":
-            raise UpstreamBadResponse(f"the upstream answered {status} with {content_type} instead of an "
-                                      "event stream; check OPENAI_BASE_URL")
-        return
-    error = read_upstream_error(response, secrets_of(config))
-    if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
-        # Upstream auth errors quote part of the key: none of their text is passed on.
-        raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
-                                  "the operator should check OA_API_KEY", type="upstream_auth_error")
-    message = mask_secrets(error["message"], secrets_of(config))
-    headers = {"Retry-After": response.headers["Retry-After"]} if response.headers.get("Retry-After") else {}
-    if 400 <= status < 500:
-        error_type = error.get("type") if isinstance(error.get("type"), str) else "invalid_request_error"
-        detail = {key: error[key] for key in ("param", "code") if key in error}
-        raise ProxyError(message, status=status, type=error_type, headers=headers, detail=detail)
-    raise UpstreamBadResponse(f"the upstream answered {status}: {message}", headers=headers)
-
-
 # --------------------------------------------------------------------------
 # Relay
 # --------------------------------------------------------------------------
@@ -2734,6 +2693,47 @@ def is_usage_only_event(event: bytes) -> bool:
 def sse_error_event(error: ProxyError) -> bytes:
     """A failure after an OpenAI event stream started, as the SDKs read it (data with an "error" key)."""
     return b"data: " + json_bytes(error.to_json()) + b"\n\n"
+
+
+def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, ...]) -> dict:
+    """The OpenAI error object of an upstream error response, read up to a bound, keys masked."""
+    try:
+        raw = mask_bytes(response.read(UPSTREAM_ERROR_BODY_LIMIT), secrets)  # masked before any cut
+    except (http.client.HTTPException, OSError):
+        raw = b""
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    text = raw.decode("utf-8", "replace").strip()[:200]
+    return {"message": text or "no error message"}
+
+
+def check_upstream_response(response: http.client.HTTPResponse, config: Config) -> None:
+    """Raise the ProxyError an upstream answer calls for; return if it is a 2xx event stream."""
+    status = response.status
+    if 200 <= status < 300:
+        content_type = response.headers.get_content_type()
+        if content_type != "text/event-stream":
+            raise UpstreamBadResponse(f"the upstream answered {status} with {content_type} instead of an "
+                                      "event stream; check OPENAI_BASE_URL")
+        return
+    error = read_upstream_error(response, secrets_of(config))
+    if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
+        # Upstream auth errors quote part of the key: none of their text is passed on.
+        raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
+                                  "the operator should check OA_API_KEY", type="upstream_auth_error")
+    message = mask_secrets(error["message"], secrets_of(config))
+    headers = {"Retry-After": response.headers["Retry-After"]} if response.headers.get("Retry-After") else {}
+    if 400 <= status < 500:
+        error_type = error.get("type") if isinstance(error.get("type"), str) else "invalid_request_error"
+        detail = {key: error[key] for key in ("param", "code") if key in error}
+        raise ProxyError(message, status=status, type=error_type, headers=headers, detail=detail)
+    raise UpstreamBadResponse(f"the upstream answered {status}: {message}", headers=headers)
 
 
 def check_passthrough_response(response: http.client.HTTPResponse) -> None:
