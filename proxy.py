@@ -13,11 +13,11 @@ Every setting is an environment variable with a matching flag (the flag wins);
 
 Design decisions:
 - A thread per running request, not per connection: between requests, and
-  while a request's headers arrive, connections wait in one pool thread, so
-  idle and slow clients cost a socket, not a thread. The upstream is read
-  with read1(), which returns whatever has arrived, so each chunk is relayed
-  the moment it lands; frames completed by one read go out in one chunked
-  write, with no buffering of our own.
+  while a request's headers arrive, connections wait in one thread
+  (ClientConnections), so idle and slow clients cost a socket, not a
+  thread. The upstream is read with read1(), which returns whatever has
+  arrived, so each chunk is relayed the moment it lands; frames completed
+  by one read go out in one chunked write, with no buffering of our own.
 - One supervisor thread watches every open stream. It notices a client that
   leaves, even while the upstream is still thinking, and shuts the upstream
   socket at once so nobody pays for tokens nobody reads. It also writes
@@ -25,8 +25,8 @@ Design decisions:
   It touches a client socket only while that socket's stream is running,
   and never waits on one, so keep-alive clients cannot stall it.
 - Overload is refused, not spread: past MAX_STREAMS a relayed request gets
-  503 at once. Health checks, metrics and those refusals are answered by the
-  pool thread itself, never queued behind the streams for a worker. A
+  503 at once. Health checks, metrics and those refusals are answered by
+  ClientConnections' own thread, never queued behind the streams. A
   request takes its stream slot only once its body is in, so slow bodies are
   bounded by BODY_TIMEOUT and MAX_CONNECTIONS, not by the slots.
 - Errors before the response head get their real status and an OpenAI-style
@@ -42,6 +42,11 @@ Design decisions:
 - Upstream redirects are not followed (they would carry the key elsewhere);
   upstream 401/403 become 502 without the upstream's text, and the key never
   reaches a log line or a response.
+- Request heads are checked as strictly as RFC 9112 asks before anything
+  acts on them: a head another parser could read differently is a 400.
+- Upstream connections are kept alive, pooled per upstream: one goes back
+  only once its response was read to its end, cleanly, with the client
+  still there; a request far from its upstream saves two round trips.
 - --demo starts a real OpenAI-compatible server on loopback inside this
   process, so the demo takes exactly the relay path real traffic takes.
 """
@@ -3362,14 +3367,14 @@ class ClientConnections:
             was_empty = not self._waiting
             entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now, now + timeout)
             self._selector.register(sock, entry)
-        if was_empty:  # the pool thread may wait with no timeout; otherwise it ticks
+        if was_empty:  # the client connections' thread may wait with no timeout; otherwise it ticks
             self._selector.wake()
 
     def _hand_off(self, sock: socket.socket, address, head: bytes, may_answer_here: bool = False) -> None:
         """Give a whole request head to a new worker thread, or answer it on this one.
 
-        Health checks, metrics and refusals need no waiting, so the pool's
-        own thread answers them: they never queue for a worker behind the
+        Health checks, metrics and refusals need no waiting, so this
+        thread answers them itself: they never queue for a worker behind the
         relayed streams. Pipelined requests always get a worker, so that
         this thread never recurses through a client's pipeline.
         """
@@ -3517,26 +3522,26 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"proxy.py/{__version__}"
     disable_nagle_algorithm = True  # a small frame leaves at once, not after a delayed ACK
 
-    AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on the pool's thread may take to take its answer
+    AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on the client connections' thread may take to take its answer
 
     def __init__(self, request, client_address, server, read_ahead: bytes = b"", at_once: bool = False):
-        self.read_ahead = read_ahead  # what the connection pool read of the request already
-        self.at_once = at_once        # run by the pool's thread: answer without waiting, or refuse
+        self.read_ahead = read_ahead  # what ClientConnections read of the request already
+        self.at_once = at_once        # run by the client connections' thread: answer without waiting, or refuse
         self.keep_open = False
         self.leftover = b""
         super().__init__(request, client_address, server)
 
     def setup(self):
-        # Each read and write on the connection; the pool's thread cannot wait long for anyone.
+        # Each read and write on the connection; the client connections' thread cannot wait long for anyone.
         self.timeout = self.AT_ONCE_TIMEOUT if self.at_once else self.server.config.client_timeout
         super().setup()
-        self.rfile.close()  # reads go through the pool's read-ahead first
+        self.rfile.close()  # reads go through the read-ahead of ClientConnections first
         self.rfile = io.BufferedReader(ClientReader(self.connection, self.read_ahead, self.timeout),
                                        CLIENT_READ_BUFFER)
         self.wfile = ClientWriter(self.connection)
 
     def handle(self):
-        """Serve one request; the connection pool holds the connection until the next."""
+        """Serve one request; ClientConnections holds the connection until the next."""
         self.close_connection = True
         self.handle_one_request()
 
@@ -3622,7 +3627,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             route.serve(self)
             return
         self.state.client_name = self.authenticate()
-        if self.at_once:  # the pool's thread found every slot taken: a relayed request only gets its 503
+        if self.at_once:  # the client connections' thread found every slot taken: a relayed request only gets its 503
             raise self.server.limits.overloaded()
         self.server.limits.check(self.state.client_name)
         try:
@@ -4058,7 +4063,7 @@ class Route:
     serve: Callable[[ProxyHandler], None]
     prefix: bool = False
     relays: bool = False         # spends the upstream key: needs a client key and counts against the limits
-    at_once: bool = False        # waits on nothing: the pool's thread answers it, never queued behind streams
+    at_once: bool = False        # waits on nothing: ClientConnections' thread answers it, not a worker
 
 
 ROUTES = (
@@ -4085,7 +4090,7 @@ def find_route(path: str) -> Optional[Route]:
 # --------------------------------------------------------------------------
 
 class ProxyServer(http.server.HTTPServer):
-    """The listening server: holds the config, the connection pool, the stream supervisor and the drain state."""
+    """The listening server: holds the config, the client connections, the stream supervisor and the drain state."""
 
     request_queue_size = 1024   # a burst of connections waits in the kernel instead of being refused
 
@@ -4112,10 +4117,10 @@ class ProxyServer(http.server.HTTPServer):
         self.upstreams.expire_idle(self.config)
 
     def answers_at_once(self, head: bytes) -> bool:
-        """True for a request the pool's thread answers itself: a health check or metrics, or a refusal.
+        """True for a request the client connections' thread answers itself: a health check or metrics, or a refusal.
 
         A relayed request is refused at once when every stream slot is
-        taken; the handler, told it runs on the pool's thread, refuses it
+        taken; the handler, told it runs on the client connections' thread, refuses it
         even if a slot frees meanwhile.
         """
         method, _, rest = head.partition(b" ")
@@ -4129,7 +4134,7 @@ class ProxyServer(http.server.HTTPServer):
         self.clients.accept(request, client_address)
 
     def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes, at_once: bool = False) -> None:
-        """A worker thread's job, or the pool's for an answer at once: one request, then back to the pool."""
+        """A worker thread's job, or ClientConnections' for an answer at once: one request, then back to it."""
         handler = None
         try:
             handler = self.RequestHandlerClass(sock, client_address, self, read_ahead, at_once)
