@@ -3516,23 +3516,24 @@ class RequestState:
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """Routes each request to a short method: parse, validate, open the upstream, relay."""
+    """Reads a request, finds its route and calls it, writes what every route writes alike; the one error
+    boundary. What each route does is in the Routes section."""
 
     protocol_version = "HTTP/1.1"   # keep-alive, and chunked bodies for streams
     server_version = f"proxy.py/{__version__}"
     disable_nagle_algorithm = True  # a small frame leaves at once, not after a delayed ACK
 
-    AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on the client connections' thread may take to take its answer
+    AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on ClientConnections' thread may take to take its answer
 
     def __init__(self, request, client_address, server, read_ahead: bytes = b"", at_once: bool = False):
         self.read_ahead = read_ahead  # what ClientConnections read of the request already
-        self.at_once = at_once        # run by the client connections' thread: answer without waiting, or refuse
+        self.at_once = at_once        # run by ClientConnections' thread: answer without waiting, or refuse
         self.keep_open = False
         self.leftover = b""
         super().__init__(request, client_address, server)
 
     def setup(self):
-        # Each read and write on the connection; the client connections' thread cannot wait long for anyone.
+        # Each read and write on the connection; ClientConnections' thread cannot wait long for anyone.
         self.timeout = self.AT_ONCE_TIMEOUT if self.at_once else self.server.config.client_timeout
         super().setup()
         self.rfile.close()  # reads go through the read-ahead of ClientConnections first
@@ -3627,7 +3628,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             route.serve(self)
             return
         self.state.client_name = self.authenticate()
-        if self.at_once:  # the client connections' thread found every slot taken: a relayed request only gets its 503
+        if self.at_once:  # ClientConnections' thread found every slot taken: a relayed request only gets its 503
             raise self.server.limits.overloaded()
         self.server.limits.check(self.state.client_name)
         try:
