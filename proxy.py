@@ -4267,6 +4267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         demo = DemoUpstream()
         demo.start()
         config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
+    too_few_files = raise_open_file_limit(config.max_connections)  # before the first connection is taken
     try:
         server = ProxyServer(config)
     except OSError as error:
@@ -4275,7 +4276,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     for level, line in startup_lines(config, server.server_port, bool(server.ui)):
         logger.log(level, line)
-    too_few_files = raise_open_file_limit(config.max_connections)
     if too_few_files:
         logger.warning("%s", too_few_files)
     try:
