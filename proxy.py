@@ -1063,13 +1063,12 @@ def mask_bytes(data: bytes, secrets: Tuple[str, ...]) -> bytes:
     return data if masked == text else masked.encode("latin-1")
 
 
-def mask_error(error: ProxyError, secrets: Tuple[str, ...]) -> ProxyError:
-    """The error with every text in it masked: its message, detail and headers may quote the upstream."""
+def mask_error(error: ProxyError, secrets: Tuple[str, ...]) -> None:
+    """Mask every text of the error in place: its message, detail and headers may quote the upstream."""
     error.message = mask_secrets(error.message, secrets)
     error.detail = {name: mask_secrets(value, secrets) if isinstance(value, str) else value
                     for name, value in error.detail.items()}
     error.headers = {name: mask_known_secrets(value, secrets) for name, value in error.headers.items()}
-    return error
 
 
 # --------------------------------------------------------------------------
@@ -1100,7 +1099,7 @@ def check_field_type(name: str, value, kind: type, want: str) -> None:
     """A BadRequest naming the field and the type it needs, unless the value is of it or null."""
     if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
         return
-    got = json.dumps(value) if _is_number(value) else json_type_name(value)
+    got = _shown(value) if _is_number(value) else json_type_name(value)  # a number quoted, kept short
     raise BadRequest(f"'{name}' must be {want}; got {got}", detail={"param": name})
 
 
@@ -2595,11 +2594,7 @@ def reports_error(events: bytes) -> bool:
 
 def mask_error_events(events: bytes, secrets) -> bytes:
     """Whole SSE events with key-like text masked in those that report an error."""
-    if not reports_error(events):
-        return events
-    text = events.decode("utf-8", "replace")
-    masked = mask_secrets(text, secrets)
-    return events if masked == text else masked.encode("utf-8")
+    return mask_bytes(events, secrets) if reports_error(events) else events
 
 
 Usage = collections.namedtuple("Usage", "prompt completion total")
