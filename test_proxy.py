@@ -4316,7 +4316,8 @@ class ProxyProcess:
             preexec_fn=limit_open_files if open_files else None)
         self.lines = queue.Queue()
         self.log = []
-        threading.Thread(target=self._collect, daemon=True).start()
+        self.collector = threading.Thread(target=self._collect, daemon=True)
+        self.collector.start()
         self.port = int(self.wait_for_line(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
 
     def _collect(self):
@@ -4349,6 +4350,7 @@ class ProxyProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+        self.collector.join(5)  # it ends at the end of stderr: closing the pipe under it would break its read
         self.process.stderr.close()
 
 
