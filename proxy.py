@@ -231,6 +231,13 @@ class UpstreamsDown(ProxyError):
     type = "upstream_unavailable"
 
 
+class LimitsUnavailable(ProxyError):
+    """Redis, which holds the shared limits, is unreachable, and REDIS_FAILURE_MODE is closed."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "limits_unavailable"
+
+
 class ShuttingDown(ProxyError):
     """The proxy is draining for a restart and takes no new work."""
 
@@ -290,6 +297,12 @@ class Config:
     rate_limit_tpm: int          # tokens per minute per client, as the upstream reports them; 0: no limit
     max_streams_per_client: int  # relayed requests at once per client; 0: no limit
     max_streams: int             # relayed requests at once in all; 0: no limit
+    token_budget_day: int        # tokens per client per UTC day, as the upstream reports them; 0: no budget
+    token_budget_month: int      # tokens per client per UTC calendar month; 0: no budget
+    redis_url: str               # where per-client limits are shared between copies; empty: in this process
+    redis_timeout: float         # seconds a request may wait on Redis before REDIS_FAILURE_MODE applies
+    redis_failure_mode: str      # "open": each copy limits alone while Redis is out; "closed": 503
+    stream_lease: float          # seconds a dead copy's stream slots stay taken in Redis
     allowed_models: Tuple[str, ...]  # models clients may name; empty: any
     max_tokens: int              # cap on a request's output tokens; 0: no cap
     retries: int                 # retries of a /message request before its first byte
@@ -406,6 +419,61 @@ def _parse_log_format(text: str) -> str:
     return text.strip().lower()
 
 
+def _parse_failure_mode(text: str) -> str:
+    """REDIS_FAILURE_MODE: open or closed."""
+    if text.strip().lower() not in ("open", "closed"):
+        raise ValueError("must be open (serve, each copy enforcing its own limits) or closed (refuse with 503)")
+    return text.strip().lower()
+
+
+RedisAddress = collections.namedtuple("RedisAddress", "tls host port path db username password")
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """redis://[user:password@]host[:port][/db], rediss:// (TLS), or unix://[:password@]/path[?db=N].
+
+    Errors never quote the URL: it may hold the password.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss:// (TLS) or unix:// (a socket path)")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    if parts.scheme == "unix":
+        host, path = "", parts.path
+        db_text = urllib.parse.parse_qs(parts.query).get("db", ["0"])[0]
+        if not path:
+            raise ValueError("needs a socket path, as in unix:///run/redis/redis.sock")
+    else:
+        host, path, db_text = parts.hostname or "", "", parts.path.strip("/") or "0"
+        if not host:
+            raise ValueError("needs a host, as in redis://redis:6379/0")
+    if not db_text.isdigit():
+        raise ValueError("has a database that is not a number (the /N at its end, or ?db=N)")
+    unquote = urllib.parse.unquote
+    return RedisAddress(parts.scheme == "rediss", host, port, path, int(db_text),
+                        unquote(parts.username) if parts.username else "",
+                        unquote(parts.password) if parts.password else "")
+
+
+def describe_redis(address: RedisAddress) -> str:
+    """Where Redis is, for logs and the startup block: never its password."""
+    user = f"{address.username}@" if address.username else ""
+    if address.path:
+        return f"unix://{user}{address.path}?db={address.db}"
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{'rediss' if address.tls else 'redis'}://{user}{host}:{address.port}/{address.db}"
+
+
+def _parse_redis_url(text: str) -> str:
+    """REDIS_URL: checked here, parsed again where it is used."""
+    if text.strip():
+        parse_redis_url(text.strip())
+    return text.strip()
+
+
 def _parse_list(text: str) -> Tuple[str, ...]:
     """A comma list."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -484,6 +552,20 @@ SETTINGS = (
             "relayed requests one client may have running at once; 0: no limit"),
     Setting("max_streams", ("MAX_STREAMS",), "500", _parse_count,
             "relayed requests running at once in all; 0: no limit"),
+    Setting("token_budget_day", ("TOKEN_BUDGET_DAY",), "0", _parse_count,
+            "tokens one client may use per UTC day, counted from the usage the upstream reports; 0: no budget"),
+    Setting("token_budget_month", ("TOKEN_BUDGET_MONTH",), "0", _parse_count,
+            "tokens one client may use per UTC calendar month; 0: no budget"),
+    Setting("redis_url", ("REDIS_URL",), "", _parse_redis_url,
+            "redis://[user:password@]host:port/db, rediss:// for TLS or unix:///path?db=N: per-client limits "
+            "and budgets are kept there, shared by every copy that uses it; unset: in this process only",
+            secret=True),
+    Setting("redis_timeout", ("REDIS_TIMEOUT",), "0.5", _parse_positive_float,
+            "seconds a request may wait on Redis before it counts as unreachable"),
+    Setting("redis_failure_mode", ("REDIS_FAILURE_MODE",), "open", _parse_failure_mode,
+            "while Redis is unreachable: open serves, each copy enforcing its own limits; closed answers 503"),
+    Setting("stream_lease", ("STREAM_LEASE",), "30", _parse_positive_float,
+            "seconds a stream slot held in Redis outlives the copy holding it (a crash); renewed every third"),
     Setting("allowed_models", ("ALLOWED_MODELS",), "", _parse_list,
             "models clients may use, comma list; others get 400; empty: any"),
     Setting("max_tokens", ("MAX_TOKENS",), "0", _parse_count,
@@ -606,6 +688,26 @@ def format_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def has_client_limits(config: Config) -> bool:
+    """True when any per-client limit or budget is set: something for Redis to share."""
+    return any((config.rate_limit_rpm, config.rate_limit_tpm, config.max_streams_per_client,
+                config.token_budget_day, config.token_budget_month))
+
+
+def where_limits_live(config: Config) -> str:
+    """The startup block's line on where per-client limits and budgets are kept."""
+    shares = has_client_limits(config)
+    if not config.redis_url:
+        return ("per-client limits and budgets live in this process: each copy counts alone, and a restart "
+                "forgets them (set REDIS_URL to share them)" if shares else "per-client limits: none set")
+    where = describe_redis(parse_redis_url(config.redis_url))
+    if not shares:
+        return f"REDIS_URL is set ({where}), but no per-client limit or budget is: nothing is kept there"
+    return (f"per-client limits and budgets live in Redis at {where}, shared by every copy using it; "
+            f"stream leases {config.stream_lease:g} s; while Redis is out: {config.redis_failure_mode} "
+            + ("(each copy limits alone)" if config.redis_failure_mode == "open" else "(503)"))
+
+
 def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple[int, str]]:
     """What the proxy says when it starts: (log level, text) pairs."""
     upstream = "built-in demo upstream (no key, no network)" if config.demo else config.base_url
@@ -614,7 +716,8 @@ def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple
                    else "no client keys (PROXY_API_KEYS unset): every client is trusted")
     limits = ", ".join(f"{name} {value}" for name, value in (
         ("RATE_LIMIT_RPM", config.rate_limit_rpm), ("RATE_LIMIT_TPM", config.rate_limit_tpm),
-        ("MAX_STREAMS_PER_CLIENT", config.max_streams_per_client),
+        ("MAX_STREAMS_PER_CLIENT", config.max_streams_per_client), ("TOKEN_BUDGET_DAY", config.token_budget_day),
+        ("TOKEN_BUDGET_MONTH", config.token_budget_month),
         ("MAX_STREAMS", config.max_streams), ("MAX_TOKENS", config.max_tokens)) if value) or "none"
     if config.allowed_models:
         limits += f"; ALLOWED_MODELS {', '.join(config.allowed_models)}"
@@ -624,6 +727,7 @@ def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple
                        + (f"; chat page at {format_url(config.host, port)}/" if has_ui else "")),
         (logging.INFO, f"upstream {upstream}; default model {config.model}"),
         (logging.INFO, f"{client_auth}; limits: {limits}"),
+        (logging.INFO, where_limits_live(config)),
         (logging.INFO, f"log format {config.log_format}; GET /metrics: {metrics}"),
     ]
     if not is_loopback_host(config.host) and not keys:
@@ -962,12 +1066,14 @@ def configured_upstreams(config: Config) -> List[Upstream]:
 def secrets_of(config: Config) -> Tuple[str, ...]:
     """Every key and password the proxy knows: none may ever reach a client or a log line.
 
-    The upstream keys, the client keys, the metrics token, and the password
-    of any forward proxy in HTTP(S)_PROXY; longest first, so that a key that
+    The upstream keys, the client keys, the metrics token, Redis's password
+    and that of any forward proxy in HTTP(S)_PROXY; longest first, so that a key that
     holds another is masked whole.
     """
     found = {config.api_key, config.fallback_api_key, config.metrics_token}
     found.update(key for _, key in config.proxy_api_keys)
+    if config.redis_url:
+        found.add(parse_redis_url(config.redis_url).password)
     for url in urllib.request.getproxies().values():
         found.add(urllib.parse.urlsplit(url if "://" in url else "http://" + url).password)
     return tuple(sorted((secret for secret in found if secret), key=len, reverse=True))
@@ -1072,6 +1178,214 @@ def mask_error(error: ProxyError, secrets: Tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------
+# Redis: a small RESP2 client, for the limits that copies share
+# --------------------------------------------------------------------------
+
+def _close_quietly(sock: socket.socket) -> None:
+    """Close a socket that may already be broken."""
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _describe_os_error(error) -> str:
+    """A short reason for a connection failure, for an error message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+class RedisError(Exception):
+    """Redis answered with an error reply (-ERR ...)."""
+
+
+class RedisUnavailable(Exception):
+    """Redis could not be reached, or did not answer in time, or not in its protocol."""
+
+
+REDIS_MAX_LINE = 65536          # bytes of one reply line
+REDIS_MAX_BULK = 1024 * 1024    # bytes of one bulk reply: the proxy's replies are a few numbers
+
+
+def encode_command(args) -> bytes:
+    """One command as RESP2 sends it: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RedisConnection:
+    """One connection to Redis, authenticated and on its database; a call at a time."""
+
+    def __init__(self, address: RedisAddress, timeout: float):
+        deadline = time.monotonic() + timeout
+        if address.path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(address.path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((address.host, address.port), timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if address.tls:
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=address.host)
+            except (ssl.SSLError, OSError):
+                sock.close()
+                raise
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        try:
+            if address.password:
+                self.call(["AUTH", address.username, address.password] if address.username
+                          else ["AUTH", address.password], deadline)
+            if address.db:
+                self.call(["SELECT", address.db], deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, args, deadline: float):
+        """Send one command and read its reply by the deadline; an error reply raises RedisError."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("no time left")
+        self._sock.settimeout(remaining)
+        self._sock.sendall(encode_command(args))
+        reply = self._read_reply()
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    def _read_reply(self):
+        line = self._file.readline(REDIS_MAX_LINE)
+        if not line.endswith(b"\r\n"):
+            raise RedisUnavailable("the connection ended in the middle of a reply" if len(line) < REDIS_MAX_LINE
+                                   else "a reply line was too long")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode("utf-8", "replace")
+        if kind == b"-":
+            return RedisError(rest.decode("utf-8", "replace"))
+        if kind == b":":
+            return int(rest)
+        if kind in (b"$", b"*") and rest.lstrip(b"-").isdigit():
+            size = int(rest)
+            if size < 0:
+                return None
+            if kind == b"*":
+                return [self._read_reply() for _ in range(min(size, REDIS_MAX_BULK))]
+            if size <= REDIS_MAX_BULK:
+                data = self._file.read(size + 2)
+                if len(data) == size + 2 and data.endswith(b"\r\n"):
+                    return data[:-2]
+        raise RedisUnavailable("Redis sent something that is not a RESP2 reply")
+
+    def close(self) -> None:
+        self._file.close()
+        _close_quietly(self._sock)
+
+
+class RedisScript(collections.namedtuple("RedisScript", "name source sha")):
+    """A Lua script, run with EVALSHA (one round trip) and loaded with EVAL the first time."""
+
+    @classmethod
+    def of(cls, name: str, source: str) -> "RedisScript":
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+class RedisClient:
+    """A small pool of Redis connections; every call has a deadline of REDIS_TIMEOUT.
+
+    A connection that failed in any way is closed, never reused: its next
+    reply could be the answer to the command that timed out.
+    """
+
+    IDLE_KEPT = 16  # idle connections kept for the next calls
+
+    def __init__(self, address: RedisAddress, timeout: float):
+        self.address = address
+        self.timeout = timeout
+        self._idle: List[RedisConnection] = []
+        self._lock = threading.Lock()
+        self.round_trips = 0
+        self.errors = 0
+
+    def call(self, *args):
+        """One command; RedisUnavailable if Redis cannot answer in time, RedisError for its error reply."""
+        deadline = time.monotonic() + self.timeout
+        connection = self._take(deadline)
+        try:
+            reply = connection.call(args, deadline)
+        except RedisError:
+            self._count(trips=1)
+            self._give_back(connection)
+            raise
+        except (OSError, ValueError, RedisUnavailable) as error:
+            self._count(trips=1, errors=1)
+            connection.close()
+            raise RedisUnavailable(_describe_redis_error(error)) from None
+        self._count(trips=1)
+        self._give_back(connection)
+        return reply
+
+    def run(self, script: RedisScript, keys: List[str], args: list):
+        """Run a Lua script atomically: EVALSHA, or EVAL when Redis does not have it yet."""
+        try:
+            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RedisError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+        return self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    def _take(self, deadline: float) -> RedisConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return RedisConnection(self.address, max(0.001, deadline - time.monotonic()))
+        except RedisError as error:  # AUTH or SELECT refused: a setting to fix, not a passing outage
+            self._count(errors=1)
+            raise RedisUnavailable(f"Redis refused the connection's setup: {str(error)[:200]}") from None
+        except (OSError, ValueError, RedisUnavailable) as error:
+            self._count(errors=1)
+            raise RedisUnavailable(_describe_redis_error(error)) from None
+
+    def _give_back(self, connection: RedisConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.IDLE_KEPT:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _count(self, trips: int = 0, errors: int = 0) -> None:
+        with self._lock:
+            self.round_trips += trips
+            self.errors += errors
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+def _describe_redis_error(error: BaseException) -> str:
+    """What went wrong talking to Redis, in a few words (never the password: no command is quoted)."""
+    if isinstance(error, socket.timeout):
+        return "no answer in time (REDIS_TIMEOUT)"
+    if isinstance(error, OSError):
+        return _describe_os_error(error)
+    return str(error)[:200]
+
+
+# --------------------------------------------------------------------------
 # Access control and limits
 # --------------------------------------------------------------------------
 
@@ -1173,49 +1487,380 @@ def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
 
 
 class _ClientState:
-    """One client's rate-limit state."""
+    """One client's limit state in this process."""
 
-    __slots__ = ("tokens", "refilled_at", "streams", "usage")
+    __slots__ = ("tokens", "refilled_at", "streams", "usage", "spent")
 
     def __init__(self, capacity: float, now: float):
         self.tokens = capacity
         self.refilled_at = now
         self.streams = 0
         self.usage: collections.deque = collections.deque()  # (time, tokens) of the last minute
+        self.spent: Dict[str, Tuple[str, int]] = {}  # budget period ("day", "month") -> (which one, tokens)
+
+
+BUDGET_SETTINGS = {"day": "TOKEN_BUDGET_DAY", "month": "TOKEN_BUDGET_MONTH"}
+
+
+def budget_period(period: str, now: float) -> Tuple[str, int]:
+    """The UTC day ("2026-11-26") or calendar month ("2026-11") that now falls in, and whole seconds until it ends."""
+    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        name, end = start.strftime("%Y-%m-%d"), start + datetime.timedelta(days=1)
+    else:
+        start = start.replace(day=1)
+        name, end = start.strftime("%Y-%m"), (start + datetime.timedelta(days=32)).replace(day=1)
+    return name, max(1, math.ceil(end.timestamp() - now))
+
+
+def _duration(seconds: int) -> str:
+    """3 h 20 min, 5 min, 40 s: a wait, for a person."""
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+
+
+def too_many_streams(running: int) -> TooManyRequests:
+    return TooManyRequests(f"this client already has {running} requests running, its limit "
+                           "(MAX_STREAMS_PER_CLIENT); wait for one to finish", "client_streams",
+                           headers={"Retry-After": "1"})
+
+
+def over_rate(limit: int, what: str, setting: str, wait: int, reason: str) -> TooManyRequests:
+    return TooManyRequests(f"this client is over its limit of {limit} {what} per minute ({setting}); "
+                           f"retry in {wait} s", reason, headers={"Retry-After": str(wait)})
+
+
+def over_budget(period: str, budget: int, used: int, now: float) -> TooManyRequests:
+    """429 insufficient_quota, as OpenAI's own: the SDKs raise RateLimitError; Retry-After is the period's end."""
+    reset_in = budget_period(period, now)[1]
+    start = "UTC day" if period == "day" else "calendar month (UTC)"
+    return TooManyRequests(f"this client used {used} tokens, its budget of {budget} a {period} "
+                           f"({BUDGET_SETTINGS[period]}); it resets at the start of the next {start}, in "
+                           f"{_duration(reset_in)}", f"token_budget_{period}", type="insufficient_quota",
+                           detail={"code": "insufficient_quota"}, headers={"Retry-After": str(reset_in)})
+
+
+# The Lua scripts: each decision is one round trip, atomic across every copy.
+# Time is Redis's own (TIME), so the copies' clocks need not agree.
+_NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+_TPM_ENTRY = "tonumber(string.match(entries[i], ':(%d+)$'))"
+
+# KEYS: streams, tokens, requests, day, month. ARGV: MAX_STREAMS_PER_CLIENT, RATE_LIMIT_TPM,
+# RATE_LIMIT_RPM, TOKEN_BUDGET_DAY, TOKEN_BUDGET_MONTH. Returns {} or {reason, running|used|wait}.
+ADMIT_SCRIPT = RedisScript.of("admit", _NOW + """
+local per, tpm, rpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if per > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local running = redis.call('ZCARD', KEYS[1])
+  if running >= per then return {'client_streams', running} end
+end
+for i, reason in ipairs({'token_budget_day', 'token_budget_month'}) do
+  local budget = tonumber(ARGV[3 + i])
+  if budget > 0 then
+    local used = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+    if used >= budget then return {reason, used} end
+  end
+end
+if tpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local used = 0
+  for i = 1, #entries, 2 do used = used + """ + _TPM_ENTRY + """ end
+  for i = 1, #entries, 2 do
+    if used < tpm then break end
+    used = used - """ + _TPM_ENTRY + """
+    if used < tpm then
+      return {'tokens_per_minute', math.max(1, math.ceil((tonumber(entries[i + 1]) + 60000 - now) / 1000))}
+    end
+  end
+end
+if rpm > 0 then
+  local state = redis.call('HMGET', KEYS[3], 'tokens', 'at')
+  local tokens, at = tonumber(state[1]) or rpm, tonumber(state[2]) or now
+  tokens = math.min(rpm, tokens + (now - at) * rpm / 60000)
+  if tokens < 1 then return {'requests_per_minute', math.ceil((1 - tokens) * 60 / rpm)} end
+  redis.call('HSET', KEYS[3], 'tokens', tostring(tokens - 1), 'at', now)
+  redis.call('PEXPIRE', KEYS[3], 60000)
+end
+return {}
+""")
+
+# KEYS: streams. ARGV: MAX_STREAMS_PER_CLIENT, lease, lease milliseconds, force (1 past the cap).
+# Returns -1 when the lease is taken, else how many are running.
+ACQUIRE_SCRIPT = RedisScript.of("acquire", _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[4] ~= '1' then
+  local running = redis.call('ZCARD', KEYS[1])
+  if running >= tonumber(ARGV[1]) then return running end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return -1
+""")
+
+# KEYS: the streams key of each lease. ARGV: lease milliseconds, then the leases.
+# A lease Redis lost (a restart, an outage past its time) is added back: its stream still runs.
+RENEW_SCRIPT = RedisScript.of("renew", _NOW + """
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return #KEYS
+""")
+
+# KEYS: tokens, day, month. ARGV: tokens, entry, count per minute (1/0), day and month key lifetimes (s; 0: none).
+RECORD_SCRIPT = RedisScript.of("record", _NOW + """
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], 61000)
+end
+for i = 2, 3 do
+  if tonumber(ARGV[2 + i]) > 0 then
+    redis.call('INCRBY', KEYS[i], ARGV[1])
+    redis.call('EXPIRE', KEYS[i], ARGV[2 + i])
+  end
+end
+return 1
+""")
+
+
+def redis_client_id(client: str, named: bool) -> str:
+    """How a client is named in Redis keys: its configured name, or a hash of its address, never a key."""
+    return client if named else "ip-" + hashlib.sha256(client.encode()).hexdigest()[:16]
+
+
+class SharedLimits:
+    """The per-client limits kept in Redis, so that every copy sharing it enforces them as one.
+
+    Each decision is one Lua script: one round trip, atomic. A stream slot
+    is a lease in a sorted set, scored by when it expires; a thread renews
+    this copy's leases every third of STREAM_LEASE, so the slots of a copy
+    that dies free themselves. Once Redis fails, requests stop asking it
+    (no request waits on a Redis known to be out); the same thread asks it
+    again each second and takes it back into use when it answers.
+    """
+
+    PREFIX = "proxy.py:"
+
+    def __init__(self, config: Config, redis: RedisClient):
+        self._config = config
+        self.redis = redis
+        self._named = bool(config.proxy_api_keys)
+        self._copy = os.urandom(6).hex()  # names this copy's leases and entries
+        self._serial = iter(range(1, sys.maxsize))  # next() is atomic under the GIL
+        self._lease_ms = int(config.stream_lease * 1000)
+        self._leases: Dict[str, str] = {}  # this copy's running leases -> their streams key
+        self._lease_lock = threading.Lock()  # a release waits for a renewal under way, which could re-add it
+        self._state_lock = threading.Lock()
+        self.down_since: Optional[float] = None
+        self._reason = ""
+        self._stop = threading.Event()
+        self._keeper: Optional[threading.Thread] = None
+
+    def _key(self, client: str, what: str) -> str:
+        # {client} is a hash tag: a client's keys stay on one node of a Redis Cluster
+        return f"{self.PREFIX}{{{redis_client_id(client, self._named)}}}:{what}"
+
+    def _budget_keys(self, client: str, now: float) -> List[str]:
+        return [self._key(client, f"{period}:{budget_period(period, now)[0]}") for period in BUDGET_SETTINGS]
+
+    def admit(self, client: str, now: float) -> None:
+        """Refuse the request (TooManyRequests) if it is over any of its client's limits, counting it if not."""
+        config = self._config
+        keys = [self._key(client, "streams"), self._key(client, "tokens"), self._key(client, "requests"),
+                *self._budget_keys(client, now)]
+        verdict = self._run(ADMIT_SCRIPT, keys, [config.max_streams_per_client, config.rate_limit_tpm,
+                                                 config.rate_limit_rpm, config.token_budget_day,
+                                                 config.token_budget_month])
+        if not verdict:
+            return
+        reason, number = verdict[0].decode(), int(verdict[1])
+        if reason == "client_streams":
+            raise too_many_streams(number)
+        if reason == "requests_per_minute":
+            raise over_rate(config.rate_limit_rpm, "requests", "RATE_LIMIT_RPM", number, reason)
+        if reason == "tokens_per_minute":
+            raise over_rate(config.rate_limit_tpm, "tokens", "RATE_LIMIT_TPM", number, reason)
+        period = reason.rpartition("_")[2]
+        raise over_budget(period, getattr(config, f"token_budget_{period}"), number, now)
+
+    def new_lease(self, client: str) -> str:
+        """A lease for one stream of the client, renewed from now on (even while Redis is out) until released."""
+        lease = f"{self._copy}.{next(self._serial)}"
+        with self._lease_lock:
+            self._leases[lease] = self._key(client, "streams")
+        return lease
+
+    def acquire(self, lease: str, force: bool) -> None:
+        """Take the lease's slot, or raise TooManyRequests when the client has all of its own."""
+        running = self._run(ACQUIRE_SCRIPT, [self._leases[lease]], [
+            self._config.max_streams_per_client, lease, self._lease_ms, int(force)])
+        if running >= 0:
+            raise too_many_streams(running)
+
+    def release(self, lease: str, taken: bool = True) -> None:
+        """Give the slot back (taken: Redis has it); if Redis cannot be told now, the lease expires by itself."""
+        with self._lease_lock:
+            key = self._leases.pop(lease)
+        if taken and self.down_since is None:
+            with contextlib.suppress(RedisUnavailable):
+                self._call("ZREM", key, lease)
+
+    def record(self, client: str, tokens: int, now: float) -> None:
+        """Count the tokens the upstream reported against the client's per-minute rate and budgets."""
+        config = self._config
+        lifetimes = [budget_period(period, now)[1] + 86400 if getattr(config, f"token_budget_{period}") else 0
+                     for period in BUDGET_SETTINGS]
+        entry = f"{self._copy}.{next(self._serial)}:{tokens}"
+        self._run(RECORD_SCRIPT, [self._key(client, "tokens"), *self._budget_keys(client, now)],
+                  [tokens, entry, int(bool(config.rate_limit_tpm)), *lifetimes])
+
+    def renew(self) -> None:
+        """Push back the expiry of every lease this copy holds, and put back any Redis lost."""
+        with self._lease_lock:
+            if self._leases and self.down_since is None:
+                with contextlib.suppress(RedisUnavailable):
+                    self._run(RENEW_SCRIPT, list(self._leases.values()), [self._lease_ms, *self._leases])
+
+    def _run(self, script: RedisScript, keys: List[str], args: list):
+        if self.down_since is not None:
+            raise RedisUnavailable(self._reason)
+        try:
+            return self.redis.run(script, keys, args)
+        except RedisError as error:  # e.g. READONLY, OOM, NOPERM: Redis cannot decide either
+            self._went_down(f"Redis refused {script.name}: {str(error)[:200]}")
+        except RedisUnavailable as error:
+            self._went_down(str(error))
+        raise RedisUnavailable(self._reason)
+
+    def _call(self, *args):
+        try:
+            return self.redis.call(*args)
+        except (RedisError, RedisUnavailable) as error:
+            self._went_down(str(error)[:200])
+            raise RedisUnavailable(self._reason) from None
+
+    def _went_down(self, reason: str) -> None:
+        with self._state_lock:
+            if self.down_since is not None:
+                return
+            self.down_since, self._reason = time.monotonic(), reason
+        mode = ("each copy enforces its own limits until it answers again (REDIS_FAILURE_MODE=open)"
+                if self._config.redis_failure_mode == "open"
+                else "relayed requests get 503 until it answers again (REDIS_FAILURE_MODE=closed)")
+        logger.warning("Redis at %s is unreachable (%s): %s", describe_redis(self.redis.address), reason, mode)
+
+    def _ping(self) -> Optional[str]:
+        """None when Redis answers a PING, else why it did not."""
+        try:
+            self.redis.call("PING")
+        except (RedisError, RedisUnavailable) as error:
+            return str(error)[:200]
+        return None
+
+    def probe(self) -> bool:
+        """Ask a Redis that failed whether it answers again; True once it does."""
+        if self._ping() is not None:
+            return False
+        with self._state_lock:
+            down_since, self.down_since = self.down_since, None
+        if down_since is not None:
+            logger.info("Redis at %s answers again after %.0f s: limits are shared again",
+                        describe_redis(self.redis.address), time.monotonic() - down_since)
+        return True
+
+    def start(self) -> None:
+        """Check Redis once (a warning if it is out), then keep the leases and watch for Redis coming back."""
+        reason = self._ping()
+        if reason is not None:
+            self._went_down(reason)
+        self._keeper = threading.Thread(target=self._keep, name="redis-leases", daemon=True)
+        self._keeper.start()
+
+    def _keep(self) -> None:
+        renew_every = self._config.stream_lease / 3
+        next_renewal = time.monotonic() + renew_every
+        while not self._stop.wait(min(1.0, renew_every)):
+            came_back = self.down_since is not None and self.probe()
+            if came_back or time.monotonic() >= next_renewal:
+                self.renew()
+                next_renewal = time.monotonic() + renew_every
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join(5)
+        self.redis.close()
 
 
 class Limits:
-    """Per-client request rates and concurrency, and the global cap; shared by all threads."""
+    """Per client: request and token rates, requests running and token budgets; in all: MAX_STREAMS.
+
+    Per-client limits are decided in this process, or by Redis when
+    REDIS_URL is set (SharedLimits). While Redis is unreachable, fail-open
+    decides here, for this copy alone, and fail-closed refuses with 503.
+    MAX_STREAMS is always this copy's own: it is about its capacity.
+    Shared by all threads.
+    """
 
     PRUNE_AT = 10000  # client entries kept before idle ones are dropped
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, shared: Optional[SharedLimits] = None, clock: Callable[[], float] = time.time):
+        self._config = config
         self._rpm = config.rate_limit_rpm
         self._tpm = config.rate_limit_tpm
         self._per_client = config.max_streams_per_client
         self._global = config.max_streams
+        self._budgets = {period: getattr(config, f"token_budget_{period}") for period in BUDGET_SETTINGS
+                         if getattr(config, f"token_budget_{period}")}
+        self._shared = shared
+        self._clock = clock  # the wall clock: budgets are per UTC day and month
         self._lock = threading.Lock()
         self._clients: Dict[str, _ClientState] = {}
         self._streams = 0
+        self.unshared = {"served": 0, "refused": 0}  # decisions Redis could not make, by what came of them
 
     def active(self) -> int:
         """Relayed requests running now."""
         return self._streams
 
     def check(self, client: str) -> None:
-        """At a request's head: count it against the client's rates, and refuse it at once if no slot is free.
+        """At a request's head: count it against the client's limits, and refuse it at once if no slot is free.
 
         Refusing here costs the client no upload; the slot itself is taken
         only once the body has arrived (slot()), so a slow body never holds one.
         """
+        if self.is_full():
+            raise self.overloaded()
+        if self._shared is not None:
+            try:
+                self._shared.admit(client, self._clock())
+                return
+            except RedisUnavailable:
+                self._unshared()
         with self._lock:
             now = time.monotonic()
             state = self._state(client, now)
-            self._check_slots(state)
+            refusal = self._slot_refusal(state, per_client=True)
+            if refusal is not None:
+                raise refusal
+            self._check_budgets(state, self._clock())
             if self._tpm:
                 self._check_tokens(state, now)
             if self._rpm:
                 self._take_request(state, now)
+
+    def _unshared(self) -> None:
+        """Redis could not decide: refuse when REDIS_FAILURE_MODE is closed, else decide here."""
+        with self._lock:
+            outcome = "served" if self._config.redis_failure_mode == "open" else "refused"
+            self.unshared[outcome] += 1
+        if outcome == "refused":
+            raise LimitsUnavailable("the store that holds the proxy's limits (Redis) is unreachable, and the "
+                                    "proxy refuses requests it cannot count (REDIS_FAILURE_MODE=closed); "
+                                    "try again shortly", headers={"Retry-After": "2"})
 
     @contextlib.contextmanager
     def slot(self, client: str, force: bool = False) -> Iterator[None]:
@@ -1224,18 +1869,48 @@ class Limits:
         force takes it even past a cap: for an upload already streamed to the
         upstream, whose answer must be relayed whatever the load has become.
         """
-        with self._lock:
-            state = self._state(client, time.monotonic())
-            if not force:
-                self._check_slots(state)
-            self._streams += 1
-            state.streams += 1
+        state, lease = self._take_slot(client, force)
         try:
             yield
         finally:
             with self._lock:
                 self._streams -= 1
                 state.streams -= 1
+            if lease is not None:
+                self._shared.release(lease)
+
+    def _take_slot(self, client: str, force: bool) -> Tuple[_ClientState, Optional[str]]:
+        if not force and self.is_full():
+            raise self.overloaded()
+        lease, decided = None, False
+        if self._shared is not None and self._per_client:
+            lease = self._shared.new_lease(client)
+            try:
+                self._shared.acquire(lease, force)
+                decided = True
+            except RedisUnavailable:
+                self._unshared_slot(lease)
+            except TooManyRequests:
+                self._shared.release(lease, taken=False)
+                raise
+        with self._lock:
+            state = self._state(client, time.monotonic())
+            refusal = None if force else self._slot_refusal(state, per_client=not decided)
+            if refusal is None:
+                self._streams += 1
+                state.streams += 1
+        if refusal is not None:
+            if lease is not None:
+                self._shared.release(lease, taken=decided)
+            raise refusal
+        return state, lease
+
+    def _unshared_slot(self, lease: str) -> None:
+        try:
+            self._unshared()
+        except LimitsUnavailable:
+            self._shared.release(lease, taken=False)
+            raise
 
     def _state(self, client: str, now: float) -> _ClientState:
         state = self._clients.get(client)
@@ -1254,13 +1929,12 @@ class Limits:
         return Overloaded(f"the proxy is running its limit of {self._global} requests at once "
                           "(MAX_STREAMS); try again shortly", "streams", headers={"Retry-After": "1"})
 
-    def _check_slots(self, state: _ClientState) -> None:
+    def _slot_refusal(self, state: _ClientState, per_client: bool) -> Optional[TooManyRequests]:
         if self.is_full():
-            raise self.overloaded()
-        if self._per_client and state.streams >= self._per_client:
-            raise TooManyRequests(f"this client already has {state.streams} requests running, its limit "
-                                  "(MAX_STREAMS_PER_CLIENT); wait for one to finish", "client_streams",
-                                  headers={"Retry-After": "1"})
+            return self.overloaded()
+        if per_client and self._per_client and state.streams >= self._per_client:
+            return too_many_streams(state.streams)
+        return None
 
     def _take_request(self, state: _ClientState, now: float) -> None:
         # A token bucket: full at rpm tokens, refilled at rpm per minute.
@@ -1268,19 +1942,31 @@ class Limits:
         state.refilled_at = now
         if state.tokens < 1:
             wait = math.ceil((1 - state.tokens) * 60 / self._rpm)
-            raise TooManyRequests(f"this client is over its limit of {self._rpm} requests per minute "
-                                  f"(RATE_LIMIT_RPM); retry in {wait} s", "requests_per_minute",
-                                  headers={"Retry-After": str(wait)})
+            raise over_rate(self._rpm, "requests", "RATE_LIMIT_RPM", wait, "requests_per_minute")
         state.tokens -= 1
 
+    def _check_budgets(self, state: _ClientState, wall: float) -> None:
+        for period, budget in self._budgets.items():
+            name, used = state.spent.get(period, ("", 0))
+            if name == budget_period(period, wall)[0] and used >= budget:
+                raise over_budget(period, budget, used, wall)
+
     def record_usage(self, client: str, usage: Optional[Usage]) -> None:
-        """Count the tokens the upstream reported for the client against RATE_LIMIT_TPM."""
-        if not self._tpm or not usage:
+        """Count the tokens the upstream reported for the client against its per-minute rate and budgets."""
+        if not usage or not (self._tpm or self._budgets):
             return
+        wall = self._clock()
         with self._lock:
-            state = self._clients.get(client)
-            if state is not None:
+            state = self._state(client, time.monotonic())
+            if self._tpm:
                 state.usage.append((time.monotonic(), usage.total))
+            for period in self._budgets:
+                name = budget_period(period, wall)[0]
+                spent_name, used = state.spent.get(period, ("", 0))
+                state.spent[period] = (name, (used if spent_name == name else 0) + usage.total)
+        if self._shared is not None:
+            with contextlib.suppress(RedisUnavailable):  # counted in this copy; Redis misses these tokens
+                self._shared.record(client, usage.total, wall)
 
     def _check_tokens(self, state: _ClientState, now: float) -> None:
         while state.usage and state.usage[0][0] <= now - 60:
@@ -1293,15 +1979,51 @@ class Limits:
             if used < self._tpm:
                 break
         wait = max(1, math.ceil(at + 60 - now))
-        raise TooManyRequests(f"this client used its limit of {self._tpm} tokens per minute (RATE_LIMIT_TPM); "
-                              f"retry in {wait} s", "tokens_per_minute", headers={"Retry-After": str(wait)})
+        raise over_rate(self._tpm, "tokens", "RATE_LIMIT_TPM", wait, "tokens_per_minute")
 
     def _prune(self, now: float) -> None:
-        """Forget clients with nothing running and a bucket that has refilled."""
+        """Forget clients with nothing running, a bucket that has refilled, and no budget spent."""
         full_after = 60.0
         for client, state in list(self._clients.items()):
-            if state.streams == 0 and now - state.refilled_at >= full_after and not state.usage:
+            if state.streams == 0 and now - state.refilled_at >= full_after and not state.usage and not state.spent:
                 del self._clients[client]
+
+    def health(self) -> Optional[dict]:
+        """Where the limits live now, for /healthz; None without Redis."""
+        if self._shared is None:
+            return None
+        down_since = self._shared.down_since
+        if down_since is None:
+            return {"limits": "shared in Redis"}
+        return {"limits": f"degraded: Redis unreachable for {time.monotonic() - down_since:.0f} s; " + (
+            "each copy enforces its own limits" if self._config.redis_failure_mode == "open"
+            else "relayed requests are refused")}
+
+    def metric_values(self) -> Dict:
+        """Redis's counters and state for /metrics; empty without Redis."""
+        if self._shared is None:
+            return {}
+        redis = self._shared.redis
+        return {"proxy_redis_up": int(self._shared.down_since is None),
+                "proxy_redis_round_trips_total": redis.round_trips, "proxy_redis_errors_total": redis.errors,
+                **{("proxy_limits_unshared_total", (("outcome", outcome),)): count
+                   for outcome, count in self.unshared.items()}}
+
+    def start(self) -> None:
+        if self._shared is not None:
+            self._shared.start()
+
+    def stop(self) -> None:
+        if self._shared is not None:
+            self._shared.stop()
+
+
+def make_limits(config: Config) -> Limits:
+    """The limits, shared in Redis when REDIS_URL is set and there is a per-client limit to share."""
+    if not (config.redis_url and has_client_limits(config)):
+        return Limits(config)
+    redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout)
+    return Limits(config, SharedLimits(config, redis))
 
 
 # --------------------------------------------------------------------------
@@ -1442,6 +2164,14 @@ class Metrics:
         ("proxy_client_disconnects_total", "counter",
          "Clients that left before their response ended; the upstream request was cancelled."),
         ("proxy_rate_limit_rejections_total", "counter", "Requests refused by the proxy's limits, by reason."),
+        ("proxy_budget_rejections_total", "counter",
+         "Requests refused because their client spent its token budget, by period (day, month)."),
+        ("proxy_redis_up", "gauge", "1 while Redis, which holds the shared limits, answers; 0 while it is out."),
+        ("proxy_redis_round_trips_total", "counter", "Commands sent to Redis and answered or failed."),
+        ("proxy_redis_errors_total", "counter", "Redis connections or commands that failed or timed out."),
+        ("proxy_limits_unshared_total", "counter",
+         "Limit decisions Redis could not make while it was out, by outcome: served (this copy decided "
+         "alone, REDIS_FAILURE_MODE=open) or refused (503, closed)."),
         ("proxy_upstream_attempts_total", "counter",
          "Upstream attempts by upstream and outcome: answered, or the retryable failure (429, 5xx, connect, "
          "timeout, protocol)."),
@@ -1500,6 +2230,8 @@ class Metrics:
             self.inc("proxy_client_disconnects_total")
         if rejected_by:
             self.inc("proxy_rate_limit_rejections_total", (("reason", rejected_by),))
+            if rejected_by.startswith("token_budget_"):
+                self.inc("proxy_budget_rejections_total", (("period", rejected_by[len("token_budget_"):]),))
 
     def _client_label(self, client: Optional[str]) -> str:
         """A client's name (or address) as a label, the first CLIENT_LABELS of them; the rest are "other"."""
@@ -1553,14 +2285,6 @@ class Metrics:
 # --------------------------------------------------------------------------
 # Exchanges and the stream supervisor
 # --------------------------------------------------------------------------
-
-def _close_quietly(sock: socket.socket) -> None:
-    """Close a socket that may already be broken."""
-    try:
-        sock.close()
-    except OSError:
-        pass
-
 
 class WakeableSelector:
     """A selector for socket readability that another thread can wake from its wait."""
@@ -2213,13 +2937,6 @@ def _drain(response: http.client.HTTPResponse, connection: http.client.HTTPConne
     finally:
         if connection.sock is not None:
             connection.sock.settimeout(timeout)
-
-
-def _describe_os_error(error) -> str:
-    """A short reason for a connection failure, for an error message."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
 
 
 # --------------------------------------------------------------------------
@@ -3937,14 +4654,17 @@ def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exch
 
 
 def serve_healthz(handler: ProxyHandler) -> None:
-    """GET /healthz: 200 while at least one upstream is usable, naming any that are out."""
+    """GET /healthz: 200 while at least one upstream is usable, naming any that are out, and Redis if it is."""
     config = handler.server.config
     down = [upstream.name for upstream in configured_upstreams(config)
             if handler.server.upstreams.breaker(upstream, config).is_down()]
+    limits = handler.server.limits.health() or {}
     if len(down) == len(configured_upstreams(config)):
-        handler.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down})
-    else:
-        handler.send_json(HTTPStatus.OK, {"status": "ok", **({"upstreams_down": down} if down else {})})
+        handler.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down, **limits})
+        return
+    degraded = limits.get("limits", "").startswith("degraded")
+    handler.send_json(HTTPStatus.OK, {"status": "degraded" if degraded else "ok",
+                                      **({"upstreams_down": down} if down else {}), **limits})
 
 
 def serve_ui(handler: ProxyHandler) -> None:
@@ -3989,7 +4709,8 @@ def serve_metrics(handler: ProxyHandler) -> None:
     server = handler.server
     body = server.metrics.render({"proxy_active_streams": server.limits.active(),
                                   "process_cpu_seconds_total": time.process_time(),
-                                  **server.upstreams.connection_counts(server.config)}).encode()
+                                  **server.upstreams.connection_counts(server.config),
+                                  **server.limits.metric_values()}).encode()
     handler.send_response(HTTPStatus.OK)
     handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
     handler.send_header("Content-Length", str(len(body)))
@@ -4093,7 +4814,7 @@ class ProxyServer(http.server.HTTPServer):
     def __init__(self, config: Config, handler_class=ProxyHandler):
         self.config = config
         self.supervisor = StreamSupervisor(config.heartbeat_interval)
-        self.limits = Limits(config)
+        self.limits = make_limits(config)
         self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model} - {""}))
         self.ui = load_ui(UI_DIR)
         self.upstreams = Upstreams()
@@ -4107,6 +4828,7 @@ class ProxyServer(http.server.HTTPServer):
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
         self.clients.start()
+        self.limits.start()
 
     def service_actions(self):
         """Between accepts (each poll interval): close upstream connections idle past their keep-alive timeout."""
@@ -4147,6 +4869,7 @@ class ProxyServer(http.server.HTTPServer):
         self.clients.close()
         self.supervisor.stop()
         self.upstreams.close()
+        self.limits.stop()
 
     def server_bind(self):
         """Bind without HTTPServer's reverse DNS lookup, which can hang on a host without DNS."""
@@ -4194,6 +4917,7 @@ class ProxyServer(http.server.HTTPServer):
         self.wait_idle(5)
         self.supervisor.stop()
         self.upstreams.close()
+        self.limits.stop()
 
 
 def raise_open_file_limit(max_connections: int) -> Optional[str]:

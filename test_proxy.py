@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import email.utils
+import hashlib
 import http.client
 import http.server
 import json
@@ -644,6 +645,32 @@ class ConfigTest(unittest.TestCase):
             with self.subTest(env=env), self.assertRaises(proxy.ConfigError) as caught:
                 proxy.load_config([], {"OA_API_KEY": "k", **env})
             self.assertIn(name, str(caught.exception))
+
+    def test_a_bad_redis_url_is_named_without_quoting_its_password(self):
+        cases = [("http://:pw-Zx81@host:6379/0", "must start with redis://"), ("redis://:pw-Zx81@/0", "needs a host"),
+                 ("redis://:pw-Zx81@host:6379/first", "database that is not a number"),
+                 ("unix://:pw-Zx81@?db=1", "needs a socket path"), ("redis://:pw-Zx81@host:99999/0", "bad port")]
+        for url, reason in cases:
+            with self.subTest(reason=reason), self.assertRaises(proxy.ConfigError) as caught:
+                proxy.load_config([], {"OA_API_KEY": "k", "REDIS_URL": url})
+            self.assertIn("REDIS_URL", str(caught.exception))
+            self.assertIn(reason, str(caught.exception))
+            self.assertNotIn("pw-Zx81", str(caught.exception))
+        with self.assertRaises(proxy.ConfigError) as caught:
+            proxy.load_config([], {"OA_API_KEY": "k", "REDIS_FAILURE_MODE": "maybe"})
+        self.assertIn("REDIS_FAILURE_MODE must be open", str(caught.exception))
+
+    def test_the_startup_block_says_where_limits_live_and_never_shows_the_redis_password(self):
+        def where(**settings):
+            lines = [text for _, text in proxy.startup_lines(make_config(**settings), 8080)]
+            return "\n".join(lines)
+        self.assertIn("per-client limits: none set", where())
+        self.assertIn("live in this process: each copy counts alone, and a restart forgets them",
+                      where(token_budget_day=5))
+        shared = where(rate_limit_rpm=5, redis_url="rediss://proxy:pw-Zx81qq@redis.internal:6380/2")
+        self.assertIn("live in Redis at rediss://proxy@redis.internal:6380/2, shared by every copy", shared)
+        self.assertNotIn("pw-Zx81qq", shared)
+        self.assertIn("nothing is kept there", where(redis_url="redis://redis:6379/0"))
 
     def test_startup_lines_warn_on_non_loopback(self):
         config = make_config(host="0.0.0.0")
@@ -2845,6 +2872,41 @@ class RateLimitTest(ProxyTestCase):
         self.assertEqual(len(self.upstream.requests), 3)
 
 
+class BudgetPeriodTest(unittest.TestCase):
+    def at(self, text):
+        return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc).timestamp()
+
+    def test_a_utc_day_and_a_calendar_month_and_the_seconds_until_each_ends(self):
+        self.assertEqual(proxy.budget_period("day", self.at("2026-02-28T12:00:00")), ("2026-02-28", 43200))
+        self.assertEqual(proxy.budget_period("month", self.at("2026-12-31T23:59:59")), ("2026-12", 1))
+        self.assertEqual(proxy.budget_period("month", self.at("2028-02-15T00:00:00")), ("2028-02", 15 * 86400))
+        self.assertEqual(proxy.budget_period("day", self.at("2026-03-01T00:00:00")), ("2026-03-01", 86400))
+
+
+class TokenBudgetTest(ProxyTestCase):
+    """Without Redis, budgets are counted in the process (and a restart forgets them)."""
+
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY), ("bob", BOB_KEY)), "token_budget_month": 6}
+
+    def test_a_client_over_its_monthly_budget_gets_insufficient_quota_until_the_month_ends(self):
+        for _ in range(2):  # 5 tokens each: the second starts under the budget and ends over it
+            self.assertEqual(parse_frames(self.post_message(headers=bearer(ALICE_KEY)).read().decode())[-1][0],
+                             "done")
+        response = self.request("POST", "/v1/chat/completions", v1_chat(False),
+                                {"Content-Type": "application/json", **bearer(ALICE_KEY)})
+        error = self.assert_json_error(response, 429, "used 10 tokens, its budget of 6 a month",
+                                       "TOKEN_BUDGET_MONTH", "next calendar month (UTC)")
+        self.assertEqual((error["type"], error["code"]), ("insufficient_quota", "insufficient_quota"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        next_month = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+                      + datetime.timedelta(days=32)).replace(day=1)
+        self.assertLessEqual(abs(int(response.getheader("Retry-After")) - (next_month - now).total_seconds()), 5)
+        self.assertEqual(self.post_message(headers=bearer(BOB_KEY)).status, 200)
+        self.assertEqual(len(self.upstream.requests), 3)
+        self.assertRegex(self.request("GET", "/metrics").read().decode(),
+                         r'proxy_budget_rejections_total\{period="month"\} 1')
+
+
 class StreamCapTestCase(ProxyTestCase):
     def open_stream(self, key):
         hold = threading.Event()
@@ -4008,48 +4070,55 @@ def readme_nginx_block():
     return re.search(r"```nginx\n(.*?)```", section, re.S).group(1)
 
 
+def nginx_answers(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def start_nginx(test, proxy_ports):
+    """Debian's nginx on loopback with the README's block, in front of the proxies on proxy_ports; its port."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    require(nginx, "Debian's nginx")
+    block = readme_nginx_block()
+    test.assertIn("server 127.0.0.1:8080;", block)
+    test.assertIn("listen 80;", block)
+    port = free_port()
+    block = block.replace("server 127.0.0.1:8080;", " ".join(f"server 127.0.0.1:{each};" for each in proxy_ports))
+    block = block.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    folder = tempfile.mkdtemp(prefix="proxy-nginx-")
+    test.addCleanup(shutil.rmtree, folder, True)
+    conf = os.path.join(folder, "nginx.conf")
+    temp = {name: os.path.join(folder, name) for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    with open(conf, "w") as out:
+        out.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {folder}/nginx.pid;\n"
+                  f"error_log {folder}/error.log;\nevents {{}}\nhttp {{\naccess_log off;\n"
+                  f"client_body_temp_path {temp['body']};\nproxy_temp_path {temp['proxy']};\n"
+                  f"fastcgi_temp_path {temp['fastcgi']};\nuwsgi_temp_path {temp['uwsgi']};\n"
+                  f"scgi_temp_path {temp['scgi']};\n{block}\n}}\n")
+    process = subprocess.Popen([nginx, "-c", conf, "-p", folder], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop():
+        process.terminate()
+        process.wait(10)
+        process.stderr.close()
+
+    test.addCleanup(stop)
+    test.assertTrue(wait_until(lambda: nginx_answers(port)), "nginx did not start")
+    return port
+
+
 class NginxTest(ProxyTestCase):
     """Debian's nginx on loopback, in front of the proxy, with the README's block."""
 
     def setUp(self):
         super().setUp()
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-        require(nginx, "Debian's nginx")
-        block = readme_nginx_block()
-        self.assertIn("server 127.0.0.1:8080;", block)
-        self.assertIn("listen 80;", block)
-        self.nginx_port = free_port()
-        block = block.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{self.port};")
-        block = block.replace("listen 80;", f"listen 127.0.0.1:{self.nginx_port};")
-        folder = tempfile.mkdtemp(prefix="proxy-nginx-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        conf = os.path.join(folder, "nginx.conf")
-        temp = {name: os.path.join(folder, name) for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
-        with open(conf, "w") as out:
-            out.write(f"daemon off;\nuser root;\nworker_processes 1;\npid {folder}/nginx.pid;\n"
-                      f"error_log {folder}/error.log;\nevents {{}}\nhttp {{\naccess_log off;\n"
-                      f"client_body_temp_path {temp['body']};\nproxy_temp_path {temp['proxy']};\n"
-                      f"fastcgi_temp_path {temp['fastcgi']};\nuwsgi_temp_path {temp['uwsgi']};\n"
-                      f"scgi_temp_path {temp['scgi']};\n{block}\n}}\n")
-        self.nginx = subprocess.Popen([nginx, "-c", conf, "-p", folder], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE)
-        self.addCleanup(self.stop_nginx)
-        self.assertTrue(wait_until(lambda: self.nginx_answers()), "nginx did not start")
-
-    def nginx_answers(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.nginx_port, timeout=2)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    def stop_nginx(self):
-        self.nginx.terminate()
-        self.nginx.wait(10)
-        self.nginx.stderr.close()
+        self.nginx_port = start_nginx(self, [self.port])
 
     def through_nginx(self, path, body):
         conn = http.client.HTTPConnection("127.0.0.1", self.nginx_port, timeout=10)
@@ -4353,6 +4422,16 @@ class ProxyProcess:
         self.collector.join(5)  # it ends at the end of stderr: closing the pipe under it would break its read
         self.process.stderr.close()
 
+    def output(self):
+        """Everything it wrote to stderr: call after kill()."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return "".join(self.log)
+            if line is not None:
+                self.log.append(line)
+
 
 class ProcessTest(unittest.TestCase):
     def start(self, *args, env=None, open_files=None):
@@ -4436,6 +4515,265 @@ class ProcessTest(unittest.TestCase):
 
     def contents_of(self, frames):
         return [data["content"] for event, data in frames if event == "message"]
+
+
+# --------------------------------------------------------------------------
+# Limits shared between copies in a real Redis
+# --------------------------------------------------------------------------
+
+REDIS_PASSWORD = "Rp4sW0rdkT9mX2qL7vB3nH"  # no key shape: only masking by value would catch it
+REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server")
+                                                  else None)
+
+
+class RedisServer:
+    """Debian's redis-server on a loopback port and a unix socket, with a password and no persistence."""
+
+    def __init__(self, test):
+        require(REDIS_SERVER and shutil.which("redis-cli"), "Debian's redis-server and redis-cli")
+        self.folder = tempfile.mkdtemp(prefix="proxy-redis-")
+        test.addCleanup(shutil.rmtree, self.folder, True)
+        self.port = free_port()
+        self.socket_path = os.path.join(self.folder, "redis.sock")
+        self.conf = os.path.join(self.folder, "redis.conf")
+        with open(self.conf, "w") as out:
+            out.write(f"port {self.port}\nbind 127.0.0.1\nunixsocket {self.socket_path}\nunixsocketperm 700\n"
+                      f"requirepass {REDIS_PASSWORD}\nsave \"\"\nappendonly no\ndir {self.folder}\n"
+                      f"logfile \"\"\ndaemonize no\n"
+                      f"user proxyuser on >{REDIS_PASSWORD} ~proxy.py:* +@all\n")
+        self.process = None
+        test.addCleanup(self.stop)
+        self.start()
+
+    @property
+    def url(self):
+        return f"redis://:{REDIS_PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.process = subprocess.Popen([REDIS_SERVER, self.conf], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        if not wait_until(lambda: self.cli("PING") == "PONG", 10):
+            raise AssertionError("redis-server did not start")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def cli(self, *args, db=0):
+        result = subprocess.run(["redis-cli", "-p", str(self.port), "-a", REDIS_PASSWORD, "--no-auth-warning",
+                                 "-n", str(db), *args], capture_output=True, text=True, timeout=10)
+        return result.stdout.strip()
+
+    def dump(self, db=0):
+        """Every key of the database and its value, as text."""
+        lines = []
+        for key in self.cli("--scan", db=db).splitlines():
+            kind = self.cli("TYPE", key, db=db)
+            read = {"string": ["GET"], "hash": ["HGETALL"], "zset": ["ZRANGE", "0", "-1", "WITHSCORES"]}[kind]
+            lines.append(f"{key} {kind} {self.cli(*read[:1], key, *read[1:], db=db)}")
+        return "\n".join(lines)
+
+
+def get(port, path, key=None, timeout=10):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=bearer(key) if key else {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def seconds_to_utc_midnight():
+    return 86400 - time.time() % 86400
+
+
+class SharedLimitsTest(unittest.TestCase):
+    """Two proxy processes sharing one Redis: one client's limits hold as one across both."""
+
+    def setUp(self):
+        self.redis = RedisServer(self)
+        self.upstream = FakeUpstream().start()
+        self.addCleanup(self.upstream.close)
+        self.upstream.script = lambda received: (json_script({"data": []}) if received.method == "GET"
+                                                 else Script(steps=reply("ok")))
+
+    def copy(self, redis_url=None, **settings):
+        env = {"OA_API_KEY": TEST_KEY, "REDIS_URL": redis_url or self.redis.url,
+               "PROXY_API_KEYS": f"alice={ALICE_KEY},bob={BOB_KEY}", "REDIS_TIMEOUT": "0.3",
+               **{name: str(value) for name, value in settings.items()}}
+        process = ProxyProcess("--base-url", self.upstream.base_url, env=env)
+        self.addCleanup(process.kill)
+        return process
+
+    def message(self, port, key):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/message", body=chat_body(), headers=bearer(key))
+        return conn.getresponse()
+
+    def test_requests_per_minute_hold_across_copies(self):
+        a, b = self.copy(RATE_LIMIT_RPM=4), self.copy(RATE_LIMIT_RPM=4)
+        a.wait_for_line(r"limits and budgets live in Redis at redis://127\.0\.0\.1:\d+/0, shared")
+        for port in (a.port, b.port, a.port, b.port):
+            self.assertEqual(get(port, "/v1/models", ALICE_KEY)[0], 200)
+        for port in (a.port, b.port):  # the fifth in a minute, on either copy
+            status, headers, body = get(port, "/v1/models", ALICE_KEY)
+            self.assertEqual(status, 429, body)
+            self.assertIn("4 requests per minute (RATE_LIMIT_RPM)", json.loads(body)["error"]["message"])
+            self.assertTrue(1 <= int(headers["Retry-After"]) <= 15, headers["Retry-After"])
+        self.assertEqual(get(b.port, "/v1/models", BOB_KEY)[0], 200)  # another client is not touched
+        self.assertEqual(len(self.upstream.requests), 5)
+
+    def test_a_stream_slot_holds_across_copies_and_frees_itself_when_its_copy_is_killed(self):
+        a, b = self.copy(MAX_STREAMS_PER_CLIENT=1, STREAM_LEASE=1.5), self.copy(MAX_STREAMS_PER_CLIENT=1)
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), hold] + reply("x")[1:])
+        FrameReader(self.message(a.port, ALICE_KEY)).next_frame()
+        status, _, body = get(b.port, "/v1/models", ALICE_KEY)
+        self.assertEqual(status, 429, body)
+        self.assertIn("MAX_STREAMS_PER_CLIENT", body.decode())
+        time.sleep(2.5)  # longer than the lease: only its renewal by copy A keeps the slot taken
+        self.assertEqual(get(b.port, "/v1/models", ALICE_KEY)[0], 429)
+        self.upstream.script = lambda received: json_script({"data": []})
+        a.process.kill()  # SIGKILL: nothing is released on the way out
+        killed = time.monotonic()
+        self.assertEqual(get(b.port, "/v1/models", ALICE_KEY)[0], 429)
+        self.assertTrue(wait_until(lambda: get(b.port, "/v1/models", ALICE_KEY)[0] == 200, 5),
+                        "the killed copy's slot did not free itself")
+        self.assertLess(time.monotonic() - killed, 1.5 + 1.0)  # within the lease, and a renewal's lag
+
+    def test_a_token_budget_spent_on_both_copies_is_refused_on_both(self):
+        a, b = self.copy(TOKEN_BUDGET_DAY=10), self.copy(TOKEN_BUDGET_DAY=10)
+        for port in (a.port, b.port):  # 5 tokens each (usage 3 + 2)
+            self.assertEqual(parse_frames(self.message(port, ALICE_KEY).read().decode())[-1][0], "done")
+        for port in (a.port, b.port):
+            response = self.message(port, ALICE_KEY)
+            body = json.loads(response.read())
+            self.assertEqual(response.status, 429)
+            self.assertEqual(body["error"]["type"], "insufficient_quota")
+            self.assertEqual(body["error"]["code"], "insufficient_quota")
+            self.assertIn("10 a day (TOKEN_BUDGET_DAY)", body["error"]["message"])
+            self.assertLessEqual(abs(int(response.getheader("Retry-After")) - seconds_to_utc_midnight()), 5)
+        self.assertEqual(self.message(b.port, BOB_KEY).status, 200)
+        if openai is not None or IN_CI:
+            require(openai is not None, "the openai package")
+            client = openai.OpenAI(api_key=ALICE_KEY, base_url=f"http://127.0.0.1:{a.port}/v1", max_retries=0)
+            with self.assertRaises(openai.RateLimitError) as caught:
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+            self.assertEqual(caught.exception.code, "insufficient_quota")
+        metrics = get(a.port, "/metrics")[2].decode()
+        self.assertRegex(metrics, r'proxy_budget_rejections_total\{period="day"\} [1-9]')
+        self.assertRegex(metrics, r"proxy_redis_round_trips_total [1-9]")
+        self.assertIn("proxy_redis_errors_total 0", metrics)
+        self.assertEqual(len(self.upstream.requests), 3)
+
+    def test_redis_out_fail_open_serves_fail_closed_refuses_and_both_share_again_when_it_returns(self):
+        opened = self.copy(RATE_LIMIT_RPM=2)
+        closed = self.copy(RATE_LIMIT_RPM=2, REDIS_FAILURE_MODE="closed")
+        self.redis.stop()
+        for _ in range(2):
+            self.assertEqual(get(opened.port, "/v1/models", ALICE_KEY)[0], 200)
+        opened.wait_for_line(r"WARNING Redis at redis://127\.0\.0\.1:\d+/0 is unreachable \(.*\): each copy "
+                             r"enforces its own limits until it answers again \(REDIS_FAILURE_MODE=open\)")
+        self.assertEqual(get(opened.port, "/v1/models", ALICE_KEY)[0], 429)  # this copy's own count, meanwhile
+        status, headers, body = get(closed.port, "/v1/models", ALICE_KEY)
+        self.assertEqual(status, 503, body)
+        self.assertEqual(json.loads(body)["error"]["type"], "limits_unavailable")
+        self.assertEqual(headers["Retry-After"], "2")
+        status, _, body = get(opened.port, "/healthz")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["status"], "degraded")
+        self.assertIn("Redis unreachable", json.loads(body)["limits"])
+        metrics = get(opened.port, "/metrics")[2].decode()
+        self.assertIn("proxy_redis_up 0", metrics)
+        self.assertRegex(metrics, r'proxy_limits_unshared_total\{outcome="served"\} 3')
+        self.assertRegex(metrics, r"proxy_redis_errors_total [1-9]")
+        self.assertRegex(get(closed.port, "/metrics")[2].decode(), r'proxy_limits_unshared_total\{outcome="refused"\} 1')
+
+        self.redis.start()
+        for process in (opened, closed):
+            process.wait_for_line(r"INFO Redis at .* answers again after \d+ s: limits are shared again")
+            self.assertEqual(json.loads(get(process.port, "/healthz")[2])["status"], "ok")
+        for port in (opened.port, closed.port):
+            self.assertEqual(get(port, "/v1/models", BOB_KEY)[0], 200)
+        for port in (opened.port, closed.port):
+            self.assertEqual(get(port, "/v1/models", BOB_KEY)[0], 429)
+        opened.kill()
+        self.assertEqual(opened.output().count("is unreachable"), 1, "one warning per outage")
+
+    def test_a_slow_redis_holds_no_request_longer_than_its_timeout(self):
+        copy = self.copy(RATE_LIMIT_RPM=100)
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.redis.process.send_signal(signal.SIGSTOP)  # connected, but silent
+        self.addCleanup(self.redis.process.send_signal, signal.SIGCONT)
+        started = time.monotonic()
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.assertLess(time.monotonic() - started, 0.3 + 0.7)  # REDIS_TIMEOUT, and the request's own time
+        started = time.monotonic()
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)  # Redis known out: not asked again
+        self.assertLess(time.monotonic() - started, 0.25)
+        self.redis.process.send_signal(signal.SIGCONT)
+        copy.wait_for_line(r"answers again")
+
+    def test_a_unix_socket_a_user_and_a_database(self):
+        url = f"unix://proxyuser:{REDIS_PASSWORD}@{self.redis.socket_path}?db=3"
+        a, b = self.copy(url, RATE_LIMIT_RPM=1), self.copy(url, RATE_LIMIT_RPM=1)
+        a.wait_for_line(rf"live in Redis at unix://proxyuser@{re.escape(self.redis.socket_path)}\?db=3, shared")
+        self.assertEqual(get(a.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.assertEqual(get(b.port, "/v1/models", ALICE_KEY)[0], 429)
+        self.assertIn("proxy.py:{alice}:requests", self.redis.cli("--scan", db=3).splitlines())
+        self.assertEqual(self.redis.cli("--scan", db=0), "")
+
+    def test_two_copies_behind_nginx_enforce_one_clients_limits_as_one(self):
+        config = make_config(base_url=self.upstream.base_url, proxy_api_keys=(("alice", ALICE_KEY),),
+                             rate_limit_rpm=3, redis_url=self.redis.url)
+        copies = []
+        for _ in range(2):
+            server = proxy.ProxyServer(config)
+            threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+            self.addCleanup(server.close)
+            self.addCleanup(server.shutdown)
+            copies.append(server)
+        nginx_port = start_nginx(self, [server.server_port for server in copies])
+        statuses = [get(nginx_port, "/v1/models", ALICE_KEY)[0] for _ in range(5)]
+        self.assertEqual(statuses, [200, 200, 200, 429, 429])
+        def counts(server):  # recorded once the response is out: maybe a moment after the client read it
+            return {status: int(count) for status, count in re.findall(
+                r'proxy_requests_total\{route="/v1/models",status="(\d+)"\} (\d+)', server.metrics.render({}))}
+
+        self.assertTrue(wait_until(lambda: sum(sum(counts(server).values()) for server in copies) == 5))
+        for server in copies:  # each copy refused a request with fewer than 3 of its own served
+            seen = counts(server)
+            self.assertLess(seen.get("200", 0), 3, seen)
+            self.assertGreaterEqual(seen.get("429", 0), 1, seen)
+
+    def test_nothing_secret_in_redis_or_in_any_output(self):
+        settings = {"RATE_LIMIT_RPM": 50, "RATE_LIMIT_TPM": 1000, "MAX_STREAMS_PER_CLIENT": 2,
+                    "TOKEN_BUDGET_DAY": 1000, "TOKEN_BUDGET_MONTH": 5000, "METRICS_TOKEN": ECHO_METRICS_TOKEN}
+        a, b = self.copy(**settings), self.copy(**settings)
+        env = {"OA_API_KEY": TEST_KEY, "REDIS_URL": self.redis.url, "RATE_LIMIT_RPM": "50"}
+        by_address = ProxyProcess("--base-url", self.upstream.base_url, env=env)  # no client keys: by address
+        self.addCleanup(by_address.kill)
+        for port, key in ((a.port, ALICE_KEY), (b.port, BOB_KEY), (a.port, BOB_KEY)):
+            self.assertEqual(parse_frames(self.message(port, key).read().decode())[-1][0], "done")
+        self.assertEqual(get(by_address.port, "/v1/models")[0], 200)
+        answers = [get(port, path, key)[2].decode() for port in (a.port, b.port)
+                   for path, key in (("/healthz", None), ("/metrics", ECHO_METRICS_TOKEN), ("/v1/nope", "wrong"))]
+        stored = self.redis.dump()
+        self.redis.stop()  # an outage, logged
+        answers.append(get(a.port, "/v1/models", ALICE_KEY)[2].decode())
+        a.wait_for_line("is unreachable")
+        for process in (a, b, by_address):
+            process.kill()
+        everything = "\n".join([stored, *answers, a.output(), b.output(), by_address.output()])
+        for secret in (ALICE_KEY, BOB_KEY, REDIS_PASSWORD, ECHO_METRICS_TOKEN):
+            self.assertNotIn(secret[:8], everything)
+        self.assertIn("proxy.py:{alice}:", stored)
+        self.assertIn("proxy.py:{ip-" + hashlib.sha256(b"127.0.0.1").hexdigest()[:16] + "}:requests", stored)
+        self.assertNotIn("127.0.0.1", stored)
 
 
 if __name__ == "__main__":
