@@ -4828,7 +4828,11 @@ class ProxyServer(http.server.HTTPServer):
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
         self.clients.start()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept connections until shutdown(); first, check Redis if limits are kept there (a warning if out)."""
         self.limits.start()
+        super().serve_forever(poll_interval)
 
     def service_actions(self):
         """Between accepts (each poll interval): close upstream connections idle past their keep-alive timeout."""

@@ -4533,11 +4533,18 @@ class RedisServer:
         require(REDIS_SERVER and shutil.which("redis-cli"), "Debian's redis-server and redis-cli")
         self.folder = tempfile.mkdtemp(prefix="proxy-redis-")
         test.addCleanup(shutil.rmtree, self.folder, True)
-        self.port = free_port()
+        self.port, self.tls_port = free_port(), free_port()
         self.socket_path = os.path.join(self.folder, "redis.sock")
         self.conf = os.path.join(self.folder, "redis.conf")
+        self.cert_file = os.path.join(self.folder, "cert.pem")
+        key_file = os.path.join(self.folder, "key.pem")
+        for path, text in ((self.cert_file, TEST_CERT), (key_file, TEST_CERT_KEY)):
+            with open(path, "w") as out:
+                out.write(text)
         with open(self.conf, "w") as out:
             out.write(f"port {self.port}\nbind 127.0.0.1\nunixsocket {self.socket_path}\nunixsocketperm 700\n"
+                      f"tls-port {self.tls_port}\ntls-cert-file {self.cert_file}\ntls-key-file {key_file}\n"
+                      "tls-auth-clients no\n"
                       f"requirepass {REDIS_PASSWORD}\nsave \"\"\nappendonly no\ndir {self.folder}\n"
                       f"logfile \"\"\ndaemonize no\n"
                       f"user proxyuser on >{REDIS_PASSWORD} ~proxy.py:* +@all\n")
@@ -4749,6 +4756,16 @@ class SharedLimitsTest(unittest.TestCase):
             seen = counts(server)
             self.assertLess(seen.get("200", 0), 3, seen)
             self.assertGreaterEqual(seen.get("429", 0), 1, seen)
+
+    def test_rediss_verifies_the_certificate(self):
+        url = f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{self.redis.tls_port}/0"
+        tls = self.copy(url, RATE_LIMIT_RPM=1, SSL_CERT_FILE=self.redis.cert_file)
+        plain = self.copy(RATE_LIMIT_RPM=1)
+        self.assertEqual(get(tls.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.assertEqual(get(plain.port, "/v1/models", ALICE_KEY)[0], 429)  # one Redis, over TLS or not
+        untrusting = self.copy(url, RATE_LIMIT_RPM=1, SSL_CERT_FILE=os.devnull)
+        untrusting.wait_for_line(r"WARNING Redis at rediss://127\.0\.0\.1:\d+/0 is unreachable \(.*CERTIFICATE_VERIFY_FAILED")
+        self.assertEqual(get(untrusting.port, "/v1/models", ALICE_KEY)[0], 200)  # fail-open: this copy's own count
 
     def test_nothing_secret_in_redis_or_in_any_output(self):
         settings = {"RATE_LIMIT_RPM": 50, "RATE_LIMIT_TPM": 1000, "MAX_STREAMS_PER_CLIENT": 2,
