@@ -1318,9 +1318,24 @@ class RedisClient:
         self.errors = 0
 
     def call(self, *args):
-        """One command; RedisUnavailable if Redis cannot answer in time, RedisError for its error reply."""
+        """One command; RedisUnavailable if Redis cannot answer in time, RedisError for its error reply.
+
+        A kept connection that Redis has closed meanwhile (its restart, its
+        idle timeout) fails at once, not by timing out: then the idle ones
+        are dropped, and the command goes once more on a new connection.
+        """
         deadline = time.monotonic() + self.timeout
-        connection = self._take(deadline)
+        connection, kept = self._take(deadline)
+        try:
+            return self._call_on(connection, args, deadline)
+        except RedisUnavailable as error:
+            if not (kept and isinstance(error.__cause__, (ConnectionError, RedisUnavailable))):
+                raise
+        self.close()
+        connection, _ = self._take(deadline)
+        return self._call_on(connection, args, deadline)
+
+    def _call_on(self, connection: RedisConnection, args, deadline: float):
         try:
             reply = connection.call(args, deadline)
         except RedisError:
@@ -1330,7 +1345,7 @@ class RedisClient:
         except (OSError, ValueError, RedisUnavailable) as error:
             self._count(trips=1, errors=1)
             connection.close()
-            raise RedisUnavailable(_describe_redis_error(error)) from None
+            raise RedisUnavailable(_describe_redis_error(error)) from error
         self._count(trips=1)
         self._give_back(connection)
         return reply
@@ -1344,12 +1359,13 @@ class RedisClient:
                 raise
         return self.call("EVAL", script.source, len(keys), *keys, *args)
 
-    def _take(self, deadline: float) -> RedisConnection:
+    def _take(self, deadline: float) -> Tuple[RedisConnection, bool]:
+        """A connection, and whether it was kept from an earlier call."""
         with self._lock:
             if self._idle:
-                return self._idle.pop()
+                return self._idle.pop(), True
         try:
-            return RedisConnection(self.address, max(0.001, deadline - time.monotonic()))
+            return RedisConnection(self.address, max(0.001, deadline - time.monotonic())), False
         except RedisError as error:  # AUTH or SELECT refused: a setting to fix, not a passing outage
             self._count(errors=1)
             raise RedisUnavailable(f"Redis refused the connection's setup: {str(error)[:200]}") from None
@@ -1888,8 +1904,10 @@ class Limits:
             try:
                 self._shared.acquire(lease, force)
                 decided = True
-            except RedisUnavailable:
-                self._unshared_slot(lease)
+            except RedisUnavailable:  # check() counted this request's decision already
+                if not force and self._config.redis_failure_mode == "closed":
+                    self._shared.release(lease, taken=False)
+                    self._unshared()
             except TooManyRequests:
                 self._shared.release(lease, taken=False)
                 raise
@@ -1904,13 +1922,6 @@ class Limits:
                 self._shared.release(lease, taken=decided)
             raise refusal
         return state, lease
-
-    def _unshared_slot(self, lease: str) -> None:
-        try:
-            self._unshared()
-        except LimitsUnavailable:
-            self._shared.release(lease, taken=False)
-            raise
 
     def _state(self, client: str, now: float) -> _ClientState:
         state = self._clients.get(client)

@@ -4070,7 +4070,8 @@ def readme_nginx_block():
     return re.search(r"```nginx\n(.*?)```", section, re.S).group(1)
 
 
-def nginx_answers(port):
+def healthz_answers(port):
+    """True once GET /healthz on the port answers 200."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", "/healthz")
@@ -4109,7 +4110,7 @@ def start_nginx(test, proxy_ports):
         process.stderr.close()
 
     test.addCleanup(stop)
-    test.assertTrue(wait_until(lambda: nginx_answers(port)), "nginx did not start")
+    test.assertTrue(wait_until(lambda: healthz_answers(port)), "nginx did not start")
     return port
 
 
@@ -4232,17 +4233,7 @@ class ContainerTest(unittest.TestCase):
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: proxy_run.poll() is None and proxy_run.kill())
         self.addCleanup(proxy_run.stderr.close)
-
-        def healthy():
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                conn.request("GET", "/healthz")
-                return conn.getresponse().status == 200
-            except OSError:
-                return False
-            finally:
-                conn.close()
-        self.assertTrue(wait_until(healthy, 15), "the container's proxy did not start")
+        self.assertTrue(wait_until(lambda: healthz_answers(port), 15), "the container's proxy did not start")
         pid = find_process(port)
         with open(f"/proc/{pid}/status") as status:
             uid = int(re.search(r"^Uid:\s+(\d+)", status.read(), re.M).group(1))
@@ -4710,6 +4701,17 @@ class SharedLimitsTest(unittest.TestCase):
             self.assertEqual(get(port, "/v1/models", BOB_KEY)[0], 429)
         opened.kill()
         self.assertEqual(opened.output().count("is unreachable"), 1, "one warning per outage")
+
+    def test_connections_redis_closed_meanwhile_are_replaced_without_an_outage(self):
+        copy = self.copy(RATE_LIMIT_RPM=3)
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.assertRegex(self.redis.cli("CLIENT", "KILL", "TYPE", "normal"), r"^[1-9]")  # as its idle timeout does
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
+        self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 429)  # still counted in Redis
+        metrics = get(copy.port, "/metrics")[2].decode()
+        self.assertIn("proxy_redis_up 1", metrics)
+        self.assertRegex(metrics, r'proxy_limits_unshared_total\{outcome="served"\} 0')
 
     def test_a_slow_redis_holds_no_request_longer_than_its_timeout(self):
         copy = self.copy(RATE_LIMIT_RPM=100)
