@@ -36,6 +36,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -74,6 +75,13 @@ RTT_SEQUENTIAL = 20
 RTT_WAVE = 50
 
 # name: (streams, chunks per stream, gap between chunks in s, seconds before the first chunk)
+# limits: the keepalive clients, through a proxy with no per-client limits, with them in the process,
+# and with them in Redis (Debian's redis-server) on loopback and one simulated network round trip away.
+LIMITS_SECONDS = 5.0
+LIMITS_REDIS_DELAY = 0.0005  # seconds each way: a Redis 1 ms away, in the same zone
+LIMIT_FLAGS = ("--rate-limit-rpm", "100000000", "--rate-limit-tpm", "1000000000000", "--max-streams-per-client",
+               "10000", "--token-budget-day", "1000000000000")
+
 SCENARIOS = {
     "latency": (50, 100, 0.02, 0.0),
     "concurrency": (500, 50, 0.1, 0.0),
@@ -84,6 +92,7 @@ SCENARIOS = {
     "keepalive": KEEPALIVE,
     "flood": (FLOOD_ATTACKERS, 5, 0.01, 0.0),
     "rtt": RTT,
+    "limits": KEEPALIVE,
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -701,6 +710,87 @@ async def rtt(route, cpus, proxy_args):
         os.rmdir(folder)
 
 
+class RedisServer:
+    """Debian's redis-server on a loopback port, without persistence; for the limits scenario."""
+
+    def __init__(self):
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("the limits scenario needs redis-server (Debian's package redis-server)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.process = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def metric(port, name):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def limits(route, cpus, proxy_args):
+    """What per-client limits cost a request: none, in the process, in Redis here, in Redis 1 ms away."""
+    clients, chunks, gap, think = KEEPALIVE
+    upstream = Upstream()
+    upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
+    upstream_port = await upstream.start()
+    redis = RedisServer()
+    relay = Relay(redis.port, LIMITS_REDIS_DELAY)
+    relay_port = await relay.start()
+    direct_route = route if route != "/message" else "/v1/chat/completions"
+    row = {"scenario": "limits", "route": route, "clients": clients, "redis_rtt_ms": ms(2 * LIMITS_REDIS_DELAY)}
+    runs = (("direct", None, ()), ("none", None, ()), ("process", None, LIMIT_FLAGS),
+            ("redis", redis.port, LIMIT_FLAGS), ("redis_away", relay_port, LIMIT_FLAGS))
+    try:
+        for name, redis_port, flags in runs:
+            env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"} if redis_port else {}
+            proxy = None if name == "direct" else ProxyProcess(upstream_port, cpus[0] if cpus else None,
+                                                                (*UNLIMITED, *flags, *proxy_args), env=env)
+            try:
+                results = new_results()
+                until = time.monotonic() + LIMITS_SECONDS
+                await asyncio.gather(*(keep_alive_client(proxy.port if proxy else upstream_port,
+                                                         route if proxy else direct_route, results, until)
+                                       for _ in range(clients)))
+                row[f"{name}_p50_ms"] = ms(percentile(results["latency"], 50))
+                row[f"{name}_p99_ms"] = ms(percentile(results["latency"], 99))
+                row[f"{name}_requests"] = len(results["latency"])
+                row["errors"] = row.get("errors", 0) + len(results["errors"])
+                row["sample_error"] = row.get("sample_error") or (results["errors"] or [None])[0]
+                if redis_port:
+                    trips = metric(proxy.port, "proxy_redis_round_trips_total")
+                    row[f"{name}_trips_per_request"] = round(trips / max(1, len(results["latency"])), 2)
+                    row[f"{name}_unshared"] = metric(proxy.port, r'proxy_limits_unshared_total\{outcome="served"\}')
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+        return row
+    finally:
+        relay.close()
+        redis.stop()
+        upstream.close()
+
+
 async def scenario(name, route, cpus, proxy_args=(), shape=None):
     """One scenario on one route: direct, then through the proxy."""
     if name == "overload":
@@ -709,6 +799,8 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None):
         return await keepalive(route, cpus, (*UNLIMITED, *proxy_args))
     if name == "rtt":
         return await rtt(route, cpus, proxy_args)
+    if name == "limits":
+        return await limits(route, cpus, proxy_args)
     streams, chunks, gap, think = SCENARIOS[name]
     upstream = Upstream()
     upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
@@ -768,13 +860,16 @@ TABLES = (
     ("rtt", ("route", "rtt_ms", "sequential", "direct_p50_ms", "ttfb_p50_ms", "ttfb_p99_ms", "added_p50_ms",
              "direct_opened", "opened", "wave", "wave1_p50_ms", "wave2_p50_ms", "wave2_p99_ms", "wave1_opened",
              "wave2_opened", "errors")),
+    ("limits", ("route", "clients", "redis_rtt_ms", "direct_p50_ms", "none_p50_ms", "none_p99_ms", "process_p50_ms",
+                "process_p99_ms", "redis_p50_ms", "redis_p99_ms", "redis_trips_per_request", "redis_away_p50_ms",
+                "redis_away_p99_ms", "redis_away_trips_per_request", "redis_away_unshared", "errors")),
 )
 
 
 def print_table(rows):
     """One table for the per-token scenarios, one each for overload, keepalive and flood."""
     for title, columns in TABLES:
-        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt")
+        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt", "limits")
                                     else "per token") == title]
         if not kind:
             continue

@@ -1232,6 +1232,7 @@ class RedisConnection:
                 raise
         else:
             sock = socket.create_connection((address.host, address.port), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if address.tls:
             try:
@@ -1668,7 +1669,8 @@ class SharedLimits:
         self._serial = iter(range(1, sys.maxsize))  # next() is atomic under the GIL
         self._lease_ms = int(config.stream_lease * 1000)
         self._leases: Dict[str, str] = {}  # this copy's running leases -> their streams key
-        self._lease_lock = threading.Lock()  # a release waits for a renewal under way, which could re-add it
+        self._lease_lock = threading.Lock()   # guards _leases; never held while Redis is asked
+        self._renewing = threading.Lock()     # held by a renewal under way, which could put a released lease back
         self._state_lock = threading.Lock()
         self.down_since: Optional[float] = None
         self._reason = ""
@@ -1721,6 +1723,8 @@ class SharedLimits:
         with self._lease_lock:
             key = self._leases.pop(lease)
         if taken and self.down_since is None:
+            with self._renewing:  # a renewal that still holds this lease ends before it is removed
+                pass
             with contextlib.suppress(RedisUnavailable):
                 self._call("ZREM", key, lease)
 
@@ -1735,10 +1739,12 @@ class SharedLimits:
 
     def renew(self) -> None:
         """Push back the expiry of every lease this copy holds, and put back any Redis lost."""
-        with self._lease_lock:
-            if self._leases and self.down_since is None:
+        with self._renewing:
+            with self._lease_lock:
+                leases = dict(self._leases)
+            if leases and self.down_since is None:
                 with contextlib.suppress(RedisUnavailable):
-                    self._run(RENEW_SCRIPT, list(self._leases.values()), [self._lease_ms, *self._leases])
+                    self._run(RENEW_SCRIPT, list(leases.values()), [self._lease_ms, *leases])
 
     def _run(self, script: RedisScript, keys: List[str], args: list):
         if self.down_since is not None:

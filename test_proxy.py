@@ -4304,6 +4304,19 @@ class BenchmarkSmokeTest(unittest.TestCase):
                 self.assertGreater(row["probes"], 0)
                 self.assertEqual(row["served"] + row["told_503"], row["probes"], row)
 
+    def test_a_tiny_limits_run_asks_redis_once_per_decision(self):
+        require(REDIS_SERVER, "Debian's redis-server")
+        import bench_proxy
+        self.patch(bench_proxy, KEEPALIVE=(2, 3, 0.0, 0.0), LIMITS_SECONDS=0.3)
+        row = asyncio.run(bench_proxy.limits("/message", [], ()))
+        self.assertEqual(row["errors"], 0, row["sample_error"])
+        for name in ("direct", "none", "process", "redis", "redis_away"):
+            self.assertGreater(row[f"{name}_requests"], 2, row)
+        # admission, the stream slot and its release (the bench upstream reports no usage to record); give or
+        # take the start's PING, each script's first EVAL, and the requests cut off when the run ends
+        self.assertTrue(2.5 <= row["redis_trips_per_request"] <= 3.5, row)
+        self.assertEqual(row["redis_away_unshared"], 0, row)
+
     def test_every_proxy_thread_is_pinned(self):
         # Threads inherit their creator's CPUs: the pool thread that starts the workers must be pinned too.
         require(hasattr(os, "sched_setaffinity") and os.path.isdir("/proc/self/task"),
