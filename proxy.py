@@ -656,6 +656,10 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
     if values["allowed_models"] and values["model"] not in values["allowed_models"]:
         raise ConfigError(f"OA_MODEL {values['model']!r} is not in ALLOWED_MODELS; add it, or set OA_MODEL "
                           "to one of them")
+    if values["stream_lease"] < 3 * values["redis_timeout"]:
+        raise ConfigError(f"STREAM_LEASE ({values['stream_lease']:g} s) must be at least three times REDIS_TIMEOUT "
+                          f"({values['redis_timeout']:g} s): a lease is renewed every third of it, and a renewal "
+                          "may take that long")
     if values["api_key"] and not re.fullmatch(r"[\x21-\x7e]+", values["api_key"]):
         raise ConfigError("the API key holds spaces or control characters; check OA_API_KEY")
     return Config(**values)

@@ -659,6 +659,9 @@ class ConfigTest(unittest.TestCase):
         with self.assertRaises(proxy.ConfigError) as caught:
             proxy.load_config([], {"OA_API_KEY": "k", "REDIS_FAILURE_MODE": "maybe"})
         self.assertIn("REDIS_FAILURE_MODE must be open", str(caught.exception))
+        with self.assertRaises(proxy.ConfigError) as caught:
+            proxy.load_config([], {"OA_API_KEY": "k", "STREAM_LEASE": "1", "REDIS_TIMEOUT": "0.5"})
+        self.assertIn("STREAM_LEASE (1 s) must be at least three times REDIS_TIMEOUT (0.5 s)", str(caught.exception))
 
     def test_the_startup_block_says_where_limits_live_and_never_shows_the_redis_password(self):
         def where(**settings):
