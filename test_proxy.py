@@ -4730,16 +4730,16 @@ class SharedLimitsTest(unittest.TestCase):
         self.assertRegex(metrics, r'proxy_limits_unshared_total\{outcome="served"\} 0')
 
     def test_a_slow_redis_holds_no_request_longer_than_its_timeout(self):
-        copy = self.copy(RATE_LIMIT_RPM=100)
+        copy = self.copy(RATE_LIMIT_RPM=100, REDIS_TIMEOUT=1)
         self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
         self.redis.process.send_signal(signal.SIGSTOP)  # connected, but silent
         self.addCleanup(self.redis.process.send_signal, signal.SIGCONT)
         started = time.monotonic()
         self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)
-        self.assertLess(time.monotonic() - started, 0.3 + 0.7)  # REDIS_TIMEOUT, and the request's own time
+        self.assertLess(time.monotonic() - started, 1 + 1)  # REDIS_TIMEOUT, and the request's own time
         started = time.monotonic()
         self.assertEqual(get(copy.port, "/v1/models", ALICE_KEY)[0], 200)  # Redis known out: not asked again
-        self.assertLess(time.monotonic() - started, 0.25)
+        self.assertLess(time.monotonic() - started, 0.5)
         self.redis.process.send_signal(signal.SIGCONT)
         copy.wait_for_line(r"answers again")
 
