@@ -2009,23 +2009,27 @@ class Limits:
             if state.streams == 0 and now - state.refilled_at >= full_after and not state.usage and not state.spent:
                 del self._clients[client]
 
-    def health(self) -> Optional[dict]:
-        """Where the limits live now, for /healthz; None without Redis."""
+    @property
+    def degraded(self) -> bool:
+        """True while Redis, which should decide the per-client limits, is out."""
+        return self._shared is not None and self._shared.down_since is not None
+
+    def health(self) -> dict:
+        """Where the limits are decided now, for /healthz; nothing without Redis."""
         if self._shared is None:
-            return None
-        down_since = self._shared.down_since
-        if down_since is None:
+            return {}
+        if not self.degraded:
             return {"limits": "shared in Redis"}
-        return {"limits": f"degraded: Redis unreachable for {time.monotonic() - down_since:.0f} s; " + (
-            "each copy enforces its own limits" if self._config.redis_failure_mode == "open"
-            else "relayed requests are refused")}
+        return {"limits": f"degraded: Redis unreachable for {time.monotonic() - self._shared.down_since:.0f} s; "
+                          + ("each copy enforces its own limits" if self._config.redis_failure_mode == "open"
+                             else "relayed requests are refused")}
 
     def metric_values(self) -> Dict:
         """Redis's counters and state for /metrics; empty without Redis."""
         if self._shared is None:
             return {}
         redis = self._shared.redis
-        return {"proxy_redis_up": int(self._shared.down_since is None),
+        return {"proxy_redis_up": int(not self.degraded),
                 "proxy_redis_round_trips_total": redis.round_trips, "proxy_redis_errors_total": redis.errors,
                 **{("proxy_limits_unshared_total", (("outcome", outcome),)): count
                    for outcome, count in self.unshared.items()}}
@@ -4679,13 +4683,13 @@ def serve_healthz(handler: ProxyHandler) -> None:
     config = handler.server.config
     down = [upstream.name for upstream in configured_upstreams(config)
             if handler.server.upstreams.breaker(upstream, config).is_down()]
-    limits = handler.server.limits.health() or {}
+    limits = handler.server.limits
     if len(down) == len(configured_upstreams(config)):
-        handler.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down, **limits})
+        handler.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "upstreams_down": down,
+                                                           **limits.health()})
         return
-    degraded = limits.get("limits", "").startswith("degraded")
-    handler.send_json(HTTPStatus.OK, {"status": "degraded" if degraded else "ok",
-                                      **({"upstreams_down": down} if down else {}), **limits})
+    handler.send_json(HTTPStatus.OK, {"status": "degraded" if limits.degraded else "ok",
+                                      **({"upstreams_down": down} if down else {}), **limits.health()})
 
 
 def serve_ui(handler: ProxyHandler) -> None:
