@@ -2003,10 +2003,12 @@ class Limits:
         raise over_rate(self._tpm, "tokens", "RATE_LIMIT_TPM", wait, "tokens_per_minute")
 
     def _prune(self, now: float) -> None:
-        """Forget clients with nothing running, a bucket that has refilled, and no budget spent."""
+        """Forget clients with nothing running, a bucket that has refilled, and no budget spent this period."""
         full_after = 60.0
+        periods = {(period, budget_period(period, self._clock())[0]) for period in self._budgets}
         for client, state in list(self._clients.items()):
-            if state.streams == 0 and now - state.refilled_at >= full_after and not state.usage and not state.spent:
+            if (state.streams == 0 and now - state.refilled_at >= full_after and not state.usage
+                    and not periods & {(period, name) for period, (name, _) in state.spent.items()}):
                 del self._clients[client]
 
     @property
