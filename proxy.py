@@ -630,9 +630,8 @@ def _raw_setting(setting: Setting, flags: argparse.Namespace, environ) -> Tuple[
     return setting.default, setting.envs[0]
 
 
-def load_config(argv: Optional[List[str]], environ) -> Config:
-    """Build the Config from flags and environment; raise ConfigError saying what to fix."""
-    flags = build_arg_parser().parse_args(argv)
+def _parse_settings(flags: argparse.Namespace, environ) -> dict:
+    """Each setting parsed on its own: Config's fields by name."""
     values = {}
     for setting in SETTINGS:
         text, source = _raw_setting(setting, flags, environ)
@@ -642,6 +641,12 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
             reason = str(error) if setting.parse is not int else "must be a number"
             shown = "" if setting.secret else f"; got {text!r}"
             raise ConfigError(f"{source} {reason}{shown}") from None
+    return values
+
+
+def load_config(argv: Optional[List[str]], environ) -> Config:
+    """Build the Config from flags and environment; raise ConfigError saying what to fix."""
+    values = _parse_settings(build_arg_parser().parse_args(argv), environ)
     values["base_url"] = _validate_base_url(values["base_url"])
     if values["fallback_base_url"]:
         values["fallback_base_url"] = _validate_base_url(values["fallback_base_url"], "OA_FALLBACK_BASE_URL")
