@@ -1528,6 +1528,11 @@ class _ClientState:
 BUDGET_SETTINGS = {"day": "TOKEN_BUDGET_DAY", "month": "TOKEN_BUDGET_MONTH"}
 
 
+def budget_of(config: Config, period: str) -> int:
+    """A client's token budget for the period ("day" or "month"); 0: none."""
+    return getattr(config, f"token_budget_{period}")
+
+
 def budget_period(period: str, now: float) -> Tuple[str, int]:
     """The UTC day ("2026-11-26") or calendar month ("2026-11") that now falls in, and whole seconds until it ends."""
     moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
@@ -1711,7 +1716,7 @@ class SharedLimits:
         if reason == "tokens_per_minute":
             raise over_rate(config.rate_limit_tpm, "tokens", "RATE_LIMIT_TPM", number, reason)
         period = reason.rpartition("_")[2]
-        raise over_budget(period, getattr(config, f"token_budget_{period}"), number, now)
+        raise over_budget(period, budget_of(config, period), number, now)
 
     def new_lease(self, client: str) -> str:
         """A lease for one stream of the client, renewed from now on (even while Redis is out) until released."""
@@ -1740,7 +1745,7 @@ class SharedLimits:
     def record(self, client: str, tokens: int, now: float) -> None:
         """Count the tokens the upstream reported against the client's per-minute rate and budgets."""
         config = self._config
-        lifetimes = [budget_period(period, now)[1] + 86400 if getattr(config, f"token_budget_{period}") else 0
+        lifetimes = [budget_period(period, now)[1] + 86400 if budget_of(config, period) else 0
                      for period in BUDGET_SETTINGS]
         entry = f"{self._copy}.{next(self._serial)}:{tokens}"
         self._run(RECORD_SCRIPT, [self._key(client, "tokens"), *self._budget_keys(client, now)],
@@ -1844,8 +1849,7 @@ class Limits:
         self._tpm = config.rate_limit_tpm
         self._per_client = config.max_streams_per_client
         self._global = config.max_streams
-        self._budgets = {period: getattr(config, f"token_budget_{period}") for period in BUDGET_SETTINGS
-                         if getattr(config, f"token_budget_{period}")}
+        self._budgets = {period: budget_of(config, period) for period in BUDGET_SETTINGS if budget_of(config, period)}
         self._shared = shared
         self._clock = clock  # the wall clock: budgets are per UTC day and month
         self._lock = threading.Lock()
