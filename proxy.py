@@ -1525,6 +1525,14 @@ class _ClientState:
         self.spent: Dict[str, Tuple[str, int]] = {}  # budget period ("day", "month") -> (which one, tokens)
 
 
+@dataclasses.dataclass
+class StreamSlot:
+    """One stream slot a request holds: its client's entry here, and its lease in Redis when shared."""
+
+    state: _ClientState
+    lease: Optional[str]
+
+
 BUDGET_SETTINGS = {"day": "TOKEN_BUDGET_DAY", "month": "TOKEN_BUDGET_MONTH"}
 
 
@@ -1641,15 +1649,18 @@ end
 return #KEYS
 """)
 
-# KEYS: tokens, day, month. ARGV: tokens, entry, count per minute (1/0), day and month key lifetimes (s; 0: none).
-RECORD_SCRIPT = RedisScript.of("record", _NOW + """
-if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[1], now, ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], 61000)
+# KEYS: streams, tokens, day, month. ARGV: the lease to remove ('' for none), tokens, their entry,
+# count per minute (1/0), day and month key lifetimes (s; 0: none).
+FINISH_SCRIPT = RedisScript.of("finish", _NOW + """
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if tonumber(ARGV[2]) == 0 then return 1 end
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], 61000)
 end
-for i = 2, 3 do
+for i = 3, 4 do
   if tonumber(ARGV[2 + i]) > 0 then
-    redis.call('INCRBY', KEYS[i], ARGV[1])
+    redis.call('INCRBY', KEYS[i], ARGV[2])
     redis.call('EXPIRE', KEYS[i], ARGV[2 + i])
   end
 end
@@ -1742,14 +1753,21 @@ class SharedLimits:
             with contextlib.suppress(RedisUnavailable):
                 self._call("ZREM", key, lease)
 
-    def record(self, client: str, tokens: int, now: float) -> None:
-        """Count the tokens the upstream reported against the client's per-minute rate and budgets."""
+    def finish(self, client: str, lease: Optional[str], tokens: int, now: float) -> None:
+        """Give back the lease's slot, if any, and count the tokens against the client's per-minute rate and
+        budgets: one round trip. If Redis cannot be told now, the lease expires by itself."""
         config = self._config
+        if lease is not None:
+            with self._lease_lock:
+                del self._leases[lease]
+            with self._renewing:  # a renewal that still holds this lease ends before it is removed
+                pass
         lifetimes = [budget_period(period, now)[1] + 86400 if budget_of(config, period) else 0
                      for period in BUDGET_SETTINGS]
         entry = f"{self._copy}.{next(self._serial)}:{tokens}"
-        self._run(RECORD_SCRIPT, [self._key(client, "tokens"), *self._budget_keys(client, now)],
-                  [tokens, entry, int(bool(config.rate_limit_tpm)), *lifetimes])
+        self._run(FINISH_SCRIPT, [self._key(client, "streams"), self._key(client, "tokens"),
+                                  *self._budget_keys(client, now)],
+                  [lease or "", tokens, entry, int(bool(config.rate_limit_tpm)), *lifetimes])
 
     def renew(self) -> None:
         """Push back the expiry of every lease this copy holds, and put back any Redis lost."""
@@ -1865,7 +1883,7 @@ class Limits:
         """At a request's head: count it against the client's limits, and refuse it at once if no slot is free.
 
         Refusing here costs the client no upload; the slot itself is taken
-        only once the body has arrived (slot()), so a slow body never holds one.
+        only once the body has arrived (take_slot()), so a slow body never holds one.
         """
         if self.is_full():
             raise self.overloaded()
@@ -1897,24 +1915,12 @@ class Limits:
                                     "proxy refuses requests it cannot count (REDIS_FAILURE_MODE=closed); "
                                     "try again shortly", headers={"Retry-After": "2"})
 
-    @contextlib.contextmanager
-    def slot(self, client: str, force: bool = False) -> Iterator[None]:
-        """Hold one of the stream slots while the request is relayed, or raise 429/503.
+    def take_slot(self, client: str, force: bool = False) -> StreamSlot:
+        """One of the stream slots, for the request to hold until it is settled, or raise 429/503.
 
         force takes it even past a cap: for an upload already streamed to the
         upstream, whose answer must be relayed whatever the load has become.
         """
-        state, lease = self._take_slot(client, force)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._streams -= 1
-                state.streams -= 1
-            if lease is not None:
-                self._shared.release(lease)
-
-    def _take_slot(self, client: str, force: bool) -> Tuple[_ClientState, Optional[str]]:
         if not force and self.is_full():
             raise self.overloaded()
         lease, decided = None, False
@@ -1940,7 +1946,7 @@ class Limits:
             if lease is not None:
                 self._shared.release(lease, taken=decided)
             raise refusal
-        return state, lease
+        return StreamSlot(state, lease)
 
     def _state(self, client: str, now: float) -> _ClientState:
         state = self._clients.get(client)
@@ -1981,22 +1987,29 @@ class Limits:
             if name == budget_period(period, wall)[0] and used >= budget:
                 raise over_budget(period, budget, used, wall)
 
-    def record_usage(self, client: str, usage: Optional[Usage]) -> None:
-        """Count the tokens the upstream reported for the client against its per-minute rate and budgets."""
-        if not usage or not (self._tpm or self._budgets):
-            return
+    def settle(self, client: str, slot: Optional[StreamSlot], usage: Optional[Usage]) -> None:
+        """Give back the request's slot and count the tokens its upstream reported against the client's
+        per-minute rate and budgets; in Redis, one round trip for both."""
+        tokens = usage.total if usage and (self._tpm or self._budgets) else 0
         wall = self._clock()
         with self._lock:
-            state = self._state(client, time.monotonic())
-            if self._tpm:
-                state.usage.append((time.monotonic(), usage.total))
-            for period in self._budgets:
-                name = budget_period(period, wall)[0]
-                spent_name, used = state.spent.get(period, ("", 0))
-                state.spent[period] = (name, (used if spent_name == name else 0) + usage.total)
-        if self._shared is not None:
-            with contextlib.suppress(RedisUnavailable):  # counted in this copy; Redis misses these tokens
-                self._shared.record(client, usage.total, wall)
+            if slot is not None:
+                self._streams -= 1
+                slot.state.streams -= 1
+            if tokens:
+                self._count_tokens(self._state(client, time.monotonic()), tokens, wall)
+        lease = slot.lease if slot is not None else None
+        if lease is not None or (tokens and self._shared is not None):
+            with contextlib.suppress(RedisUnavailable):  # a lease expires by itself; Redis misses the tokens
+                self._shared.finish(client, lease, tokens, wall)
+
+    def _count_tokens(self, state: _ClientState, tokens: int, wall: float) -> None:
+        if self._tpm:
+            state.usage.append((time.monotonic(), tokens))
+        for period in self._budgets:
+            name = budget_period(period, wall)[0]
+            spent_name, used = state.spent.get(period, ("", 0))
+            state.spent[period] = (name, (used if spent_name == name else 0) + tokens)
 
     def _check_tokens(self, state: _ClientState, now: float) -> None:
         while state.usage and state.usage[0][0] <= now - 60:
@@ -2412,6 +2425,9 @@ class Exchange:
         # How a failure after the head is told in the body; None: it cannot
         # be, and the body is left incomplete so the client sees a failure.
         self._error_payload = error_payload
+        # Called just before the client can see the body end (its last sized
+        # bytes, or the last chunk): the request's accounts are settled then.
+        self.before_end: Callable[[], None] = lambda: None
         self.framing = CHUNKED       # set by the head: CHUNKED, SIZED (Content-Length) or CLOSE
         # The body is an event stream written whole event by whole event: heartbeats
         # and error events may go between any two writes.
@@ -2465,8 +2481,13 @@ class Exchange:
             self.streaming = True
             self.last_write = time.monotonic()
 
-    def send(self, data: bytes, count: int = 1) -> None:
-        """Write body bytes as one chunk; raise ClientLeft if the client is gone or stuck."""
+    def send(self, data: bytes, count: int = 1, last: bool = False) -> None:
+        """Write body bytes as one chunk; raise ClientLeft if the client is gone or stuck.
+
+        last: these bytes complete a sized body, so the client sees its end with them.
+        """
+        if last:
+            self.before_end()
         with self._write_lock:
             self._write(encode_chunk(data) if self.framing == CHUNKED else data)
             self.frames += count
@@ -2485,6 +2506,7 @@ class Exchange:
 
     def end(self) -> None:
         """Write the last chunk; no heartbeat can follow it."""
+        self.before_end()
         with self._write_lock:
             self.streaming = False
             if self.framing == CHUNKED:
@@ -3536,7 +3558,7 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
         else:
             chunk, first_output = _events_to_relay(splitter.feed(chunk), response, observer, strip_usage, secrets)
         if chunk:
-            exchange.send(chunk)
+            exchange.send(chunk, last=exchange.framing == SIZED and response.length == 0)
         if first_output:
             exchange.mark_first_token()
     rest = splitter.rest() if splitter is not None else b""
@@ -4224,6 +4246,8 @@ class RequestState:
     status: Optional[int] = None
     client_name: Optional[str] = None
     usage: Optional[Usage] = None           # the usage the upstream reported
+    slot: Optional[StreamSlot] = None       # the stream slot it holds, once its body is in
+    settled: bool = False                   # its slot is given back and its usage counted
     model: Optional[str] = None
     upstream_request_id: Optional[str] = None
     strip_usage: bool = False               # the proxy asked for usage the client did not ask for
@@ -4382,7 +4406,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             route.serve(self)
         finally:
-            self.server.limits.record_usage(self.state.client_name, self.state.usage)
+            self.settle()
+
+    def settle(self, usage: Optional[Usage] = None) -> None:
+        """Give back the request's stream slot and count its usage, once: before the client can see the end
+        of the response (Exchange.before_end), so that its next request finds both done."""
+        self.state.usage = usage or self.state.usage
+        if not self.state.settled:
+            self.state.settled = True
+            self.server.limits.settle(self.state.client_name, self.state.slot, self.state.usage)
 
     def authenticate(self) -> str:
         """Who the client is: its key's name, or its address when the proxy has no client keys."""
@@ -4616,9 +4648,9 @@ def note_upstream_answer(handler: ProxyHandler, response: http.client.HTTPRespon
     handler.state.upstream_reused = response.reused
 
 
-def stream_slot(handler: ProxyHandler, force: bool = False):
+def take_slot(handler: ProxyHandler, force: bool = False) -> None:
     """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
-    return handler.server.limits.slot(handler.state.client_name, force)
+    handler.state.slot = handler.server.limits.take_slot(handler.state.client_name, force)
 
 
 def needs_body_check(handler: ProxyHandler) -> bool:
@@ -4678,11 +4710,12 @@ def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exch
     error_body = masked_error_body(response, config)
     if error_body is not None:
         exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), event_stream=False)
-        exchange.send(error_body)
+        exchange.send(error_body, last=True)
         return
     is_event_stream = response.headers.get_content_type() == "text/event-stream"
     exchange.begin(lambda: write_passthrough_head(handler, response), event_stream=is_event_stream)
     observer = StreamObserver()
+    exchange.before_end = lambda: handler.settle(observer.finish())
     try:
         relay_passthrough(response, exchange, config, observer, handler.state.strip_usage)
     finally:
@@ -4763,8 +4796,10 @@ def serve_message(handler: ProxyHandler) -> None:
     handler.state.model = request["model"]
     handler.state.ignored_fields = ignored_message_fields(body)
     supervisor = handler.server.supervisor
-    with stream_slot(handler), supervisor.tracking(Exchange(handler.connection, error_payload=error_frame)) as exchange:
+    take_slot(handler)
+    with supervisor.tracking(Exchange(handler.connection, error_payload=error_frame)) as exchange:
         handler.state.exchange = exchange
+        exchange.before_end = handler.settle
         supervisor.watch_client(exchange)
         upstream_request = UpstreamRequest("POST", "/chat/completions", json_bytes(request),
                                            {"Content-Type": "application/json", "Accept": "text/event-stream"}, None)
@@ -4785,12 +4820,12 @@ def serve_passthrough(handler: ProxyHandler) -> None:
     body = inspect_body(handler, target) if length and needs_body_check(handler) else None
     if body is not None:
         length = len(body)
-    with contextlib.ExitStack() as held, \
-            supervisor.tracking(Exchange(handler.connection, error_payload=sse_error_event)) as exchange:
+    with supervisor.tracking(Exchange(handler.connection, error_payload=sse_error_event)) as exchange:
         handler.state.exchange = exchange
+        exchange.before_end = handler.settle
 
         def body_read(force: bool = False):
-            held.enter_context(stream_slot(handler, force))
+            take_slot(handler, force)
             handler.state.body_read = True
             supervisor.watch_client(exchange)  # from here, readable means the client left
 

@@ -4589,6 +4589,52 @@ class RedisServer:
         return "\n".join(lines)
 
 
+class SlowLink:
+    """A TCP relay to a loopback port that holds every piece `delay` seconds each way: a Redis that far away."""
+
+    def __init__(self, test, target_port, delay):
+        self.target_port, self.delay = target_port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = [self.listener]
+        test.addCleanup(self.close)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:  # until close() shuts the listener
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                return
+            server.settimeout(None)
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self.pump, args=(source, sink, self.delay), daemon=True).start()
+
+    @staticmethod
+    def pump(source, sink, delay):
+        """Bytes from source to sink, each piece `delay` late, until either side closes."""
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                time.sleep(delay)  # the network's delay, not synchronisation
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
 def get(port, path, key=None, timeout=10):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -4683,6 +4729,42 @@ class SharedLimitsTest(unittest.TestCase):
         self.assertRegex(metrics, r"proxy_redis_round_trips_total [1-9]")
         self.assertIn("proxy_redis_errors_total 0", metrics)
         self.assertEqual(len(self.upstream.requests), 3)
+
+    def test_a_request_is_settled_in_redis_before_its_client_sees_its_end(self):
+        # Redis 0.1 s away each way: a slot given back or tokens counted after the end would still be
+        # missing when the client, having read the whole response, looks.
+        link = SlowLink(self, self.redis.port, 0.1)
+        a = self.copy(f"redis://:{REDIS_PASSWORD}@127.0.0.1:{link.port}/0", MAX_STREAMS_PER_CLIENT=1,
+                      TOKEN_BUDGET_DAY=1000, REDIS_TIMEOUT=2, STREAM_LEASE=6)
+        streams = "proxy.py:{alice}:streams"
+        day = "proxy.py:{alice}:day:" + time.strftime("%Y-%m-%d", time.gmtime())
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = in_turn(
+            Script(steps=[chunk(role="assistant", content=""), hold] + reply("ok")[1:]),
+            Script(steps=reply("ok")),
+            json_script({"object": "chat.completion", "choices": [],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}),
+            json_script({"error": {"message": "bad", "type": "invalid_request_error"}}, status=400))
+        reader = FrameReader(self.message(a.port, ALICE_KEY))
+        reader.next_frame()
+        self.assertEqual(self.redis.cli("ZCARD", streams), "1")  # the slot is held in Redis while it runs
+        hold.set()
+        self.assertEqual(parse_frames(reader.rest())[-1][0], "done")
+        looks = [("/message, chunked", 200, self.redis.cli("ZCARD", streams), self.redis.cli("GET", day))]
+        for shape, body in (("stream, chunked", chat_body(model="gpt-4o-mini", stream=True)),
+                            ("JSON, Content-Length", chat_body(model="gpt-4o-mini")),
+                            ("error, Content-Length", chat_body(model="gpt-4o-mini"))):
+            conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("POST", "/v1/chat/completions", body=body,
+                         headers={**bearer(ALICE_KEY), "Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            looks.append((shape, response.status, self.redis.cli("ZCARD", streams), self.redis.cli("GET", day)))
+        self.assertEqual(looks, [("/message, chunked", 200, "0", "5"), ("stream, chunked", 200, "0", "10"),
+                                 ("JSON, Content-Length", 200, "0", "17"),
+                                 ("error, Content-Length", 400, "0", "17")])
 
     def test_redis_out_fail_open_serves_fail_closed_refuses_and_both_share_again_when_it_returns(self):
         opened = self.copy(RATE_LIMIT_RPM=2)
