@@ -113,6 +113,7 @@ class Upstream:
 
     def __init__(self, tls=None):
         self.chunks, self.gap, self.think = 0, 0.0, 0.0
+        self.usage = False      # end each stream with a usage chunk, as OpenAI does when asked for it
         self.tls = tls          # an ssl.SSLContext to serve HTTPS with, or None
         self.phase = "direct"   # which run a request belongs to
         self.closed_early = []  # (phase, monotonic time) of each stream whose reader went away
@@ -191,8 +192,12 @@ class Upstream:
             if self.gap:
                 await asyncio.sleep(self.gap)
         done = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
-                b'"model":"bench","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
-                b"data: [DONE]\n\n")
+                b'"model":"bench","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n')
+        if self.usage:
+            done += (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+                     b'"model":"bench","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":%d,'
+                     b'"total_tokens":%d}}\n\n' % (self.chunks, self.chunks + 1))
+        done += b"data: [DONE]\n\n"
         writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
         await writer.drain()
 
@@ -774,6 +779,7 @@ async def limits(route, cpus, proxy_args):
     clients, (_, chunks, gap, think) = LIMITS_CLIENTS, KEEPALIVE
     upstream = Upstream()
     upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
+    upstream.usage = True  # so that RATE_LIMIT_TPM and the budget have tokens to count
     upstream_port = await upstream.start()
     redis = RedisServer()
     relay = Relay(redis.port, LIMITS_REDIS_DELAY)
