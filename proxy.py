@@ -1521,7 +1521,8 @@ class _ClientState:
         self.tokens = capacity
         self.refilled_at = now
         self.streams = 0
-        self.usage: collections.deque = collections.deque()  # (time, tokens) of the last minute
+        # The last minute's tokens in one-second buckets: [the second it began, tokens]
+        self.usage: collections.deque = collections.deque()
         self.spent: Dict[str, Tuple[str, int]] = {}  # budget period ("day", "month") -> (which one, tokens)
 
 
@@ -1584,7 +1585,6 @@ def over_budget(period: str, budget: int, used: int, now: float) -> TooManyReque
 # The Lua scripts: each decision is one round trip, atomic across every copy.
 # Time is Redis's own (TIME), so the copies' clocks need not agree.
 _NOW = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-_TPM_ENTRY = "tonumber(string.match(entries[i], ':(%d+)$'))"
 
 # KEYS: streams, tokens, requests, day, month. ARGV: MAX_STREAMS_PER_CLIENT, RATE_LIMIT_TPM,
 # RATE_LIMIT_RPM, TOKEN_BUDGET_DAY, TOKEN_BUDGET_MONTH. Returns {} or {reason, running|used|wait}.
@@ -1603,15 +1603,21 @@ for i, reason in ipairs({'token_budget_day', 'token_budget_month'}) do
   end
 end
 if tpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
-  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  local used = 0
-  for i = 1, #entries, 2 do used = used + """ + _TPM_ENTRY + """ end
-  for i = 1, #entries, 2 do
-    if used < tpm then break end
-    used = used - """ + _TPM_ENTRY + """
-    if used < tpm then
-      return {'tokens_per_minute', math.max(1, math.ceil((tonumber(entries[i + 1]) + 60000 - now) / 1000))}
+  local buckets, live, used = redis.call('HGETALL', KEYS[2]), {}, 0
+  for i = 1, #buckets, 2 do
+    local began = tonumber(buckets[i]) * 1000
+    if began <= now - 60000 then
+      redis.call('HDEL', KEYS[2], buckets[i])
+    else
+      used = used + tonumber(buckets[i + 1])
+      live[#live + 1] = {began, tonumber(buckets[i + 1])}
+    end
+  end
+  if used >= tpm then
+    table.sort(live, function(a, b) return a[1] < b[1] end)
+    for _, bucket in ipairs(live) do
+      used = used - bucket[2]
+      if used < tpm then return {'tokens_per_minute', math.max(1, math.ceil((bucket[1] + 60000 - now) / 1000))} end
     end
   end
 end
@@ -1649,19 +1655,21 @@ end
 return #KEYS
 """)
 
-# KEYS: streams, tokens, day, month. ARGV: the lease to remove ('' for none), tokens, their entry,
+# KEYS: streams, tokens, day, month. ARGV: the lease to remove ('' for none), tokens,
 # count per minute (1/0), day and month key lifetimes (s; 0: none).
+# The minute's tokens are a hash of one-second buckets, named by the second each began: the
+# admit script sums at most 60 of them, however many requests the client makes.
 FINISH_SCRIPT = RedisScript.of("finish", _NOW + """
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 if tonumber(ARGV[2]) == 0 then return 1 end
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[2], now, ARGV[3])
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', KEYS[2], math.floor(now / 1000), ARGV[2])
   redis.call('PEXPIRE', KEYS[2], 61000)
 end
 for i = 3, 4 do
-  if tonumber(ARGV[2 + i]) > 0 then
+  if tonumber(ARGV[1 + i]) > 0 then
     redis.call('INCRBY', KEYS[i], ARGV[2])
-    redis.call('EXPIRE', KEYS[i], ARGV[2 + i])
+    redis.call('EXPIRE', KEYS[i], ARGV[1 + i])
   end
 end
 return 1
@@ -1690,7 +1698,7 @@ class SharedLimits:
         self._config = config
         self.redis = redis
         self._named = bool(config.proxy_api_keys)
-        self._copy = os.urandom(6).hex()  # names this copy's leases and entries
+        self._copy = os.urandom(6).hex()  # names this copy's leases
         self._serial = iter(range(1, sys.maxsize))  # next() is atomic under the GIL
         self._lease_ms = int(config.stream_lease * 1000)
         self._leases: Dict[str, str] = {}  # this copy's running leases -> their streams key
@@ -1764,10 +1772,9 @@ class SharedLimits:
                 pass
         lifetimes = [budget_period(period, now)[1] + 86400 if budget_of(config, period) else 0
                      for period in BUDGET_SETTINGS]
-        entry = f"{self._copy}.{next(self._serial)}:{tokens}"
         self._run(FINISH_SCRIPT, [self._key(client, "streams"), self._key(client, "tokens"),
                                   *self._budget_keys(client, now)],
-                  [lease or "", tokens, entry, int(bool(config.rate_limit_tpm)), *lifetimes])
+                  [lease or "", tokens, int(bool(config.rate_limit_tpm)), *lifetimes])
 
     def renew(self) -> None:
         """Push back the expiry of every lease this copy holds, and put back any Redis lost."""
@@ -2004,8 +2011,12 @@ class Limits:
                 self._shared.finish(client, lease, tokens, wall)
 
     def _count_tokens(self, state: _ClientState, tokens: int, wall: float) -> None:
-        if self._tpm:
-            state.usage.append((time.monotonic(), tokens))
+        if self._tpm:  # a bucket a second: a check sums at most 60, however many requests the client makes
+            second = math.floor(time.monotonic())
+            if state.usage and state.usage[-1][0] == second:
+                state.usage[-1][1] += tokens
+            else:
+                state.usage.append([second, tokens])
         for period in self._budgets:
             name = budget_period(period, wall)[0]
             spent_name, used = state.spent.get(period, ("", 0))

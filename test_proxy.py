@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import math
 import logging
 import os
 import pathlib
@@ -2783,7 +2784,7 @@ class ClientKeyConfigTest(unittest.TestCase):
         self.assertEqual(config.proxy_api_keys, (("key1", ALICE_KEY), ("bob", BOB_KEY)))
 
     def test_bad_key_lists_say_what_to_fix(self):
-        for value, words in ((f"alice=short", "at least 16"), (f"alice={ALICE_KEY},alice={BOB_KEY}", "twice"),
+        for value, words in (("alice=short", "at least 16"), (f"alice={ALICE_KEY},alice={BOB_KEY}", "twice"),
                              (f"a={ALICE_KEY},b={ALICE_KEY}", "same key"), (f"bad name={ALICE_KEY}", "client name")):
             with self.subTest(value=value), self.assertRaises(proxy.ConfigError) as caught:
                 proxy.load_config([], {"OA_API_KEY": "k", "PROXY_API_KEYS": value})
@@ -4685,6 +4686,24 @@ class SharedLimitsTest(unittest.TestCase):
             self.assertTrue(1 <= int(headers["Retry-After"]) <= 15, headers["Retry-After"])
         self.assertEqual(get(b.port, "/v1/models", BOB_KEY)[0], 200)  # another client is not touched
         self.assertEqual(len(self.upstream.requests), 5)
+
+    def test_tokens_per_minute_hold_across_copies_in_one_bucket_a_second(self):
+        a, b = self.copy(RATE_LIMIT_TPM=100), self.copy(RATE_LIMIT_TPM=100)
+        started = time.monotonic()
+        for index in range(20):  # 5 tokens each, by turns on each copy: 100 in all
+            port = (a.port, b.port)[index % 2]
+            self.assertEqual(parse_frames(self.message(port, ALICE_KEY).read().decode())[-1][0], "done")
+        elapsed = time.monotonic() - started
+        for port in (a.port, b.port):
+            status, headers, body = get(port, "/v1/models", ALICE_KEY)
+            self.assertEqual(status, 429, body)
+            self.assertIn("100 tokens per minute (RATE_LIMIT_TPM)", json.loads(body)["error"]["message"])
+            self.assertTrue(55 <= int(headers["Retry-After"]) <= 60, headers["Retry-After"])
+        self.assertEqual(get(b.port, "/v1/models", BOB_KEY)[0], 200)
+        buckets = self.redis.cli("HGETALL", "proxy.py:{alice}:tokens").split()
+        self.assertEqual(sum(int(tokens) for tokens in buckets[1::2]), 100)
+        # what a request's admission reads grows with the seconds, not with the requests
+        self.assertLessEqual(len(buckets) // 2, math.ceil(elapsed) + 1, buckets)
 
     def test_a_stream_slot_holds_across_copies_and_frees_itself_when_its_copy_is_killed(self):
         a, b = self.copy(MAX_STREAMS_PER_CLIENT=1, STREAM_LEASE=1.5), self.copy(MAX_STREAMS_PER_CLIENT=1)
