@@ -3878,6 +3878,24 @@ def check_head(head: bytes) -> None:
                              "and a colon, then a value without CR, LF or NUL")
 
 
+def canned_response(status: HTTPStatus, message: str, extra: bytes = b"") -> bytes:
+    """A whole JSON error response that closes its connection, written by ClientConnections' thread."""
+    body = json_bytes({"error": {"message": message, "type": "overloaded_error" if status == 503
+                                 else "invalid_request_error"}})
+    return (b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\n%bConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (status, status.phrase.encode(), extra, len(body), body))
+
+
+CONNECTIONS_FULL_RESPONSE = canned_response(
+    HTTPStatus.SERVICE_UNAVAILABLE, "the proxy has as many connections as it takes (MAX_CONNECTIONS), "
+    "all busy; retry shortly", b"Retry-After: 1\r\n")
+HEADER_TIMEOUT_RESPONSE = canned_response(
+    HTTPStatus.REQUEST_TIMEOUT, "the request headers did not arrive in time (HEADER_TIMEOUT)")
+HEAD_TOO_LARGE_RESPONSE = canned_response(
+    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"the request head is larger than {HEAD_LIMIT // 1024} KiB; "
+    "send fewer or shorter headers")
+
+
 class ClientReader(io.RawIOBase):
     """A client socket as a raw stream: first the bytes the pool read ahead, then the socket.
 
@@ -4002,8 +4020,8 @@ class ClientConnections:
 
     A connection gets a worker thread only once its whole request head has
     arrived, so idle connections and slow senders (slowloris) cost a socket,
-    not a thread. A head must arrive within HEADER_TIMEOUT of its first byte;
-    an idle connection is closed after CLIENT_TIMEOUT; at MAX_CONNECTIONS the
+    not a thread. A head must arrive within HEADER_TIMEOUT of its first byte,
+    and one over HEAD_LIMIT is answered 431 here, never handed on; an idle connection is closed after CLIENT_TIMEOUT; at MAX_CONNECTIONS the
     longest-idle connection makes room for a new one.
     """
 
@@ -4024,6 +4042,8 @@ class ClientConnections:
                                   "%%d new connection(s) got 503" % config.max_connections)
         self._header_timeouts = FloodLog(logging.INFO, "%%d connection(s) did not finish their request "
                                          "headers within %gs (HEADER_TIMEOUT) and got 408" % config.header_timeout)
+        self._heads_too_large = FloodLog(logging.INFO, "%%d connection(s) sent a request head over %d KiB "
+                                         "and got 431" % (HEAD_LIMIT // 1024))
         self._lock = threading.Lock()
         self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
         self._closing: Dict[socket.socket, _Closing] = {}
@@ -4075,9 +4095,13 @@ class ClientConnections:
         """Tell a connection there is no room, as a short 503, and close it; call with the lock held."""
         self._on_refused()
         self._refusals.count(time.monotonic())
+        self._answer_and_close(sock, CONNECTIONS_FULL_RESPONSE)
+
+    def _answer_and_close(self, sock: socket.socket, response: bytes) -> None:
+        """Send a canned answer and close the connection once the client has read it; call with the lock held."""
         try:
             sock.setblocking(False)
-            sock.send(CONNECTIONS_FULL_RESPONSE)
+            sock.send(response)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             _close_quietly(sock)
@@ -4205,12 +4229,16 @@ class ClientConnections:
                     return  # still idle: its idle deadline stands
                 entry.deadline = time.monotonic() + self._config.header_timeout  # the header clock starts
             entry.head += data
-            if not (_HEAD_END.search(entry.head) or len(entry.head) > HEAD_LIMIT):
+            end = _HEAD_END.search(entry.head)
+            if end is None and len(entry.head) <= HEAD_LIMIT:
                 return
             del self._waiting[entry.sock]
             self._selector.unregister(entry.sock)
-        whole = bool(_HEAD_END.search(entry.head))  # only a whole head can be answered here: the rest could wait
-        self._hand_off(entry.sock, entry.address, bytes(entry.head), may_answer_here=whole)
+            if end is None or end.start() > HEAD_LIMIT:  # answered here: no thread ever waits on a head
+                self._heads_too_large.count(time.monotonic())
+                self._answer_and_close(entry.sock, HEAD_TOO_LARGE_RESPONSE)
+                return
+        self._hand_off(entry.sock, entry.address, bytes(entry.head), may_answer_here=True)
 
     def _expire(self, now: float) -> None:
         with self._lock:
@@ -4226,20 +4254,8 @@ class ClientConnections:
             for closing in [closing for closing in self._closing.values() if closing.deadline <= now]:
                 self._stop_lingering(closing)
             self._header_timeouts.flush(now)
+            self._heads_too_large.flush(now)
             self._refusals.flush(now)
-
-
-_CONNECTIONS_FULL_BODY = json_bytes({"error": {
-    "message": "the proxy has as many connections as it takes (MAX_CONNECTIONS), all busy; retry shortly",
-    "type": "overloaded_error"}})
-CONNECTIONS_FULL_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b"
-                             % (len(_CONNECTIONS_FULL_BODY), _CONNECTIONS_FULL_BODY))
-_HEADER_TIMEOUT_BODY = json_bytes({"error": {
-    "message": "the request headers did not arrive in time (HEADER_TIMEOUT)", "type": "invalid_request_error"}})
-HEADER_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
-                           % (len(_HEADER_TIMEOUT_BODY), _HEADER_TIMEOUT_BODY))
 
 
 # --------------------------------------------------------------------------
@@ -4327,6 +4343,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle(self):
         """Serve one request; ClientConnections holds the connection until the next."""
         self.close_connection = True
+        # ClientConnections hands over whole heads only; should a read reach the socket all the same,
+        # the head still has one deadline, not CLIENT_TIMEOUT a read.
+        self.rfile.raw.set_deadline(self.server.config.header_timeout)
         self.handle_one_request()
 
     def finish(self):
@@ -4344,6 +4363,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """http.server's parse, then the strict one: a malformed head is a 400 and the connection closes."""
         if not super().parse_request():
             return False
+        self.rfile.raw.set_deadline(None)  # the head is in: reads wait CLIENT_TIMEOUT each again
         try:
             check_head(self.read_ahead)
         except BadRequest as error:

@@ -1609,6 +1609,41 @@ class ClientConnectionsTest(ProxyTestCase):
         self.assertIn(b"HEADER_TIMEOUT", answered)
         self.assertLess(time.monotonic() - started, 1.5)
 
+    def test_a_large_unfinished_head_is_431_at_once_and_holds_no_thread(self):
+        # The reproduction of issue 23: two 40 KB fields and a third begun, then a byte now and then.
+        baseline = threading.active_count()
+        sock = self.raw_socket()
+        sock.sendall(b"POST /message HTTP/1.1\r\nA: " + b"a" * 40000 + b"\r\nB: " + b"b" * 40000 + b"\r\nC: ")
+        started = time.monotonic()
+        for _ in range(3):
+            try:
+                sock.send(b"c")
+            except OSError:
+                break
+        answer = read_until_closed(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
+        self.assertIn(b"72 KiB", answer)
+        self.assertLess(time.monotonic() - started, 1.0)  # at once: not after HEADER_TIMEOUT or CLIENT_TIMEOUT
+        self.assertLessEqual(threading.active_count(), baseline)
+
+    def test_300_trickled_large_heads_hold_no_thread_while_healthz_is_answered(self):
+        baseline = threading.active_count()
+        sockets = [self.raw_socket() for _ in range(300)]
+        for sock in sockets:  # 60 KiB first, under the limit: these wait for more, in the pool
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Fill: " + b"f" * 60000)
+        self.assertTrue(wait_until(lambda: self.server.clients.waiting >= 300))
+        for sock in sockets:  # then 20 KiB more, over it, without the blank line
+            sock.sendall(b"f" * 20000)
+        timed = []
+        for _ in range(10):
+            started = time.monotonic()
+            self.assertEqual(self.request("GET", "/healthz").status, 200)
+            timed.append(time.monotonic() - started)
+            self.assertLessEqual(threading.active_count(), baseline + 1)  # the handler of this check at most
+        answers = [read_until_closed(sock) for sock in sockets]
+        self.assertEqual({answer[:13] for answer in answers}, {b"HTTP/1.1 431 "})
+        self.assertLess(max(timed), 1.0, timed)  # loose: a loaded machine; the bench times it tightly
+
     def test_pipelined_requests_are_answered_in_order(self):
         sock = self.raw_socket()
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
