@@ -3878,6 +3878,23 @@ def check_head(head: bytes) -> None:
                              "and a colon, then a value without CR, LF or NUL")
 
 
+def check_framing(headers) -> None:
+    """Raise BadRequest unless a Transfer-Encoding, if any, is chunked alone (RFC 9112, 6.1 and 6.3).
+
+    An empty one, or a final coding other than chunked, leaves the body's
+    length unknown: the request is refused and the connection closed, so
+    that nothing after it can be read as a request of its own. A lone
+    chunked is refused later, with 411, for the proxy takes Content-Length bodies only.
+    """
+    values = headers.get_all("Transfer-Encoding")
+    if values is None:
+        return
+    if [coding.strip().lower() for value in values for coding in value.split(",")] != ["chunked"]:
+        shown = ", ".join(values)[:60]
+        raise BadRequest(f"Transfer-Encoding must be 'chunked' alone, and the proxy takes a body only with "
+                         f"Content-Length; got {shown!r}")
+
+
 def canned_response(status: HTTPStatus, message: str, extra: bytes = b"") -> bytes:
     """A whole JSON error response that closes its connection, written by ClientConnections' thread."""
     body = json_bytes({"error": {"message": message, "type": "overloaded_error" if status == 503
@@ -4366,6 +4383,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.raw.set_deadline(None)  # the head is in: reads wait CLIENT_TIMEOUT each again
         try:
             check_head(self.read_ahead)
+            check_framing(self.headers)
         except BadRequest as error:
             self.send_error(error.status, error.message)
             return False

@@ -1201,6 +1201,21 @@ class StrictHeadTest(ProxyTestCase):
                 self.assert_refused(self.send_head(head, SMUGGLED), 400)
         self.assertEqual(self.upstream.heads, [])
 
+    def test_a_transfer_encoding_other_than_chunked_alone_is_400_and_nothing_after_it_is_read(self):
+        body = chat_body()
+        for coding in (b"", b" ", b"gzip", b"chunked, gzip", b"identity", b"chunked, chunked", b"gzip, chunked"):
+            for path in (b"/message", b"/v1/chat/completions", b"/healthz"):
+                with self.subTest(coding=coding, path=path):
+                    head = (b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Transfer-Encoding:%b\r\nContent-Length: %d\r\n\r\n" % (path, coding, len(body)))
+                    self.assert_refused(self.send_head(head, body + SMUGGLED), 400, "Transfer-Encoding")
+        self.assertEqual(self.upstream.heads, [])
+
+    def test_a_chunked_body_is_411_and_the_connection_closes(self):
+        head = b"POST /message HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        self.assert_refused(self.send_head(head, b"5\r\nhello\r\n0\r\n\r\n" + SMUGGLED), 411, "Content-Length")
+        self.assertEqual(self.upstream.heads, [])
+
     def test_malformed_request_lines_are_400(self):
         for line in (b"GET /v1/mo\x01dels HTTP/1.1", b"GET  /v1/models HTTP/1.1", b"GET /v1/models\tHTTP/1.1",
                      b"G(T /v1/models HTTP/1.1", b"GET /v1/caf\xc3\xa9 HTTP/1.1"):
