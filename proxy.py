@@ -751,13 +751,63 @@ def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple
 # --------------------------------------------------------------------------
 
 def json_bytes(value) -> bytes:
-    """Compact UTF-8 JSON, as the Go seed writes it."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON, as the Go seed writes it.
+
+    A lone surrogate (which JSON's \\ud800 escape can carry into a string)
+    has no UTF-8 form: it goes out as that same escape, never as a failure.
+    Only a string can hold one, so the escape always lands inside a string.
+    """
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
-def _reject_json_constant(name: str):
-    """json.loads hook: NaN and Infinity are not JSON (RFC 8259, 6)."""
-    raise ValueError(f"{name} is not valid JSON")
+_NOT_FINITE = object()  # what a number JSON cannot carry parses to, so that its place can be named
+
+
+class _JsonNumbers:
+    """json.loads hooks: a number JSON cannot carry (NaN, Infinity, or beyond the double range, which
+    other parsers read as a double; RFC 8259, 6) parses to _NOT_FINITE, and the first one's text is kept."""
+
+    def __init__(self):
+        self.first: Optional[str] = None
+
+    def _odd(self, text: str):
+        self.first = self.first or text
+        return _NOT_FINITE
+
+    def float(self, text: str):
+        value = float(text)
+        return self._odd(text) if math.isinf(value) else value
+
+    def int(self, text: str):
+        value = int(text)
+        return self._odd(text) if len(text) > 308 and abs(value) > sys.float_info.max else value
+
+    def constant(self, name: str):
+        return self._odd(name)
+
+
+def _path_to(value, target, path: str = "") -> Optional[str]:
+    """Where target sits in a parsed JSON value, as a field path such as messages[0].temperature."""
+    if value is target:
+        return path or "(the body)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _path_to(item, target, f"{path}[{key}]" if isinstance(key, int)
+                         else f"{path}.{key}" if path else key)
+        if found:
+            return found
+    return None
+
+
+def _not_finite_error(value, text: str) -> ProxyError:
+    """The 400 for a number JSON cannot carry, naming the field that holds it."""
+    try:
+        field = (_path_to(value, _NOT_FINITE) or "a field")[:100]
+    except RecursionError:
+        field = "a field"
+    shown = text[:20] + ("..." if len(text) > 20 else "")
+    return BadRequest(f"'{field}' is {shown}, which JSON cannot carry: numbers must be finite and within "
+                      "the double range (about ±1.8e308), with no NaN or Infinity", detail={"param": field})
 
 
 def json_type_name(value) -> str:
@@ -906,7 +956,7 @@ def message_frame(timestamp: int, content: str) -> bytes:
     One per token, so it skips building and encoding a dict: 0.25 µs instead of 2.2.
     """
     return (b'event:message\ndata:{"timestamp":%d,"content":%b}\n\n'
-            % (timestamp, _escape_line_separators(_json_string(content).encode())))
+            % (timestamp, _escape_line_separators(_json_string(content).encode("utf-8", "backslashreplace"))))
 
 
 # The seed's clients read every data: line as a frame with a timestamp and a
@@ -934,7 +984,8 @@ def parse_json_object(body: bytes) -> dict:
     except UnicodeDecodeError as error:
         raise BadRequest(f"the request body is not UTF-8 (bad byte at offset {error.start})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_json_constant)
+        numbers = _JsonNumbers()
+        value = json.loads(text, parse_float=numbers.float, parse_int=numbers.int, parse_constant=numbers.constant)
     except json.JSONDecodeError as error:
         raise BadRequest(f"the request body is not valid JSON: {error.msg} "
                          f"at line {error.lineno} column {error.colno}") from None
@@ -943,6 +994,8 @@ def parse_json_object(body: bytes) -> dict:
                          "about 1,000 levels)") from None
     except ValueError as error:
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    if numbers.first is not None:
+        raise _not_finite_error(value, numbers.first)
     if not isinstance(value, dict):
         raise BadRequest(f"the request body must be a JSON object, not {json_type_name(value)}")
     return value

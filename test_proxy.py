@@ -1095,6 +1095,46 @@ class HostileBodyTest(ProxyTestCase):
                 self.assert_json_error(response, 400, "nests arrays or objects too deeply")
         self.assertEqual(self.upstream.requests, [])
 
+    def test_numbers_json_cannot_carry_are_400_naming_the_field(self):
+        huge = "1" + "0" * 400
+        cases = (('"temperature": 1e999', "temperature", "1e999"),
+                 ('"temperature": -1E400', "temperature", "-1E400"),
+                 ('"top_p": NaN', "top_p", "NaN"),
+                 ('"seed": Infinity', "seed", "Infinity"),
+                 ('"seed": -Infinity', "seed", "-Infinity"),
+                 ('"seed": ' + huge, "seed", huge[:20]),
+                 ('"metadata": {"a": [1, 2.5e308]}', "metadata.a[1]", "2.5e308"))
+        for path in ("/message", "/v1/chat/completions"):
+            for field, named, shown in cases:
+                with self.subTest(path=path, field=field[:30]):
+                    body = '{"model": "m", "messages": [{"role": "user", "content": "Hi"}], %s}' % field
+                    response = self.request("POST", path, body.encode(), {"Content-Type": "application/json"})
+                    error = self.assert_json_error(response, 400, f"'{named}' is {shown}", "JSON cannot carry")
+                    self.assertEqual(error["param"], named)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_the_largest_doubles_still_pass(self):
+        self.upstream.script = lambda received: json_completion()
+        body = b'{"model": "m", "messages": [], "a": 1.7976931348623157e308, "b": -5e-324, "c": 123456789012}'
+        response = self.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        self.assertEqual(response.status, 200, response.read())
+        self.assertEqual(self.upstream.requests[0].body, body)  # untouched: sent as it came
+
+    def test_a_lone_surrogate_is_sent_on_as_its_escape_not_a_500(self):
+        self.upstream.script = lambda received: Script(steps=reply("\ud800", "x\udfff"))
+        body = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "stream": true, "model": "m"}'
+        for path in ("/message", "/v1/chat/completions"):
+            with self.subTest(path=path):
+                response = self.request("POST", path, body, {"Content-Type": "application/json"})
+                text = response.read().decode()
+                self.assertEqual(response.status, 200, text)
+                sent = self.upstream.requests[-1]
+                self.assertIn(b'"a\\ud800b"', sent.body)
+                self.assertEqual(sent.json()["messages"][0]["content"], "a\ud800b")
+        frames = parse_frames(self.request("POST", "/message", body).read().decode())
+        self.assertEqual(self.contents(frames)[1:3], ["\ud800", "x\udfff"])  # the upstream's own, escaped again
+        self.assertEqual(frames[-1][0], "done")
+
     def test_fields_the_proxy_reads_must_have_their_type(self):
         self.server.config = dataclasses.replace(self.config, allowed_models=("m",), max_tokens=100)
         cases = (({"model": ["m"]}, "'model' must be a string; got an array"),
@@ -3719,6 +3759,15 @@ def fuzz_seeds():
         b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: x\r\n\r\n",
         b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Content-Length: %d\r\n\r\n%b" % (len(form), form),
+        # What an outside abuse run found (issue 23): a lone surrogate, numbers JSON cannot carry, and an
+        # empty Transfer-Encoding beside a Content-Length with a second request after the body.
+        *(b"POST %b HTTP/1.1\r\nHost: x\r\n%b\r\n%b" % (path, json_head % len(odd), odd)
+          for path in (b"/message", b"/v1/chat/completions") for odd in (
+              b'{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true, "model": "m"}',
+              b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e999, "model": "m"}',
+              b'{"messages": [{"role": "user", "content": "Hi"}], "top_p": NaN, "seed": Infinity}')),
+        b"POST /message HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\n" + json_head % len(chat) + b"\r\n" + chat
+        + b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
     ]
 
 
