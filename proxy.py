@@ -2171,8 +2171,19 @@ UPSTREAM_ERROR_KINDS = {"upstream_unreachable": "connect", "upstream_timeout": "
                         "upstream_auth_error": "status", "upstream_error": "protocol"}
 
 
-_UNSAFE_IN_LOG = re.compile("[\x00-\x20\"\x7f-\x9f\u2028\u2029]")
+# What a log record must not hold raw: anything some rule takes for a line break (str.splitlines() also
+# splits at \v, \f, \x1c-\x1e, NEL; JavaScript and Unicode at U+2028 and U+2029), C0 and C1 controls, the
+# bidi controls that make a terminal show text in another order (U+202E and kin), and lone surrogates.
+_LOG_UNSAFE_PAST_C0 = "\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_IN_LOG_LINE = re.compile(f"[\x00-\x08\x0a-\x1f{_LOG_UNSAFE_PAST_C0}]")  # a tab stays
+_UNSAFE_IN_LOG = re.compile(f"[\x00-\x20\"{_LOG_UNSAFE_PAST_C0}]")  # in a value: spaces and quotes too
+_UNSAFE_IN_JSON_LOG = re.compile(f"[{_LOG_UNSAFE_PAST_C0}]")  # json.dumps escapes C0 itself
 LOG_VALUE_LIMIT = 200  # characters of one client- or upstream-supplied value in a text log line
+
+
+def _escaped_char(match: re.Match) -> str:
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 256 else "\\u%04x" % code
 
 
 def log_value(value) -> str:
@@ -2183,9 +2194,20 @@ def log_value(value) -> str:
     """
     if value is None or value == "":
         return "-"
-    text = str(value)[:LOG_VALUE_LIMIT]
-    return _UNSAFE_IN_LOG.sub(lambda match: "\\x%02x" % ord(match.group()) if ord(match.group()) < 256
-                              else "\\u%04x" % ord(match.group()), text)
+    return _UNSAFE_IN_LOG.sub(_escaped_char, str(value)[:LOG_VALUE_LIMIT])
+
+
+def one_log_line(text: str) -> str:
+    """A text log record as one line by any line-splitting rule: a traceback's line breaks become \\n."""
+    if _UNSAFE_IN_LOG_LINE.search(text) is None:
+        return text
+    return _UNSAFE_IN_LOG_LINE.sub(lambda match: "\\n" if match.group() == "\n" else _escaped_char(match), text)
+
+
+def json_log_line(line: dict) -> str:
+    """A JSON log record as one line: what json leaves raw (C1 controls, U+2028, U+2029, bidi controls,
+    lone surrogates) escaped as \\uXXXX, which can only stand inside its strings."""
+    return _UNSAFE_IN_JSON_LOG.sub(lambda match: "\\u%04x" % ord(match.group()), json.dumps(line, ensure_ascii=False))
 
 
 def format_access_line(record: dict) -> str:
@@ -2223,7 +2245,7 @@ class TextLogFormatter(logging.Formatter):
         self._secrets = secrets
 
     def format(self, record: logging.LogRecord) -> str:
-        return bounded(mask_known_secrets(super().format(record), self._secrets))
+        return bounded(one_log_line(mask_known_secrets(super().format(record), self._secrets)))
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -2246,7 +2268,7 @@ class JsonLogFormatter(logging.Formatter):
             line["message"] = bounded(mask_known_secrets(record.getMessage(), self._secrets))
             if record.exc_info:
                 line["traceback"] = bounded(mask_known_secrets(self.formatException(record.exc_info), self._secrets))
-        return json.dumps(line, ensure_ascii=False)
+        return json_log_line(line)
 
 
 def _escape_label(value: str) -> str:

@@ -1302,6 +1302,34 @@ class LogBoundTest(ProxyTestCase):
                     if type(formatter) is proxy.JsonLogFormatter:
                         json.loads(line)  # still one whole JSON object
 
+    def test_every_record_is_one_line_by_any_rule_in_both_formats(self):
+        self.upstream.script = lambda received: json_completion()
+        odd = "m\u2028a\u2029b\x85c\u202ed\u2066e\u200ff\x0bg\x0ch\x1ci\x1dj\x1ek\rl\nn\ud800o"
+        body = json.dumps({"model": odd, "messages": [{"role": "user", "content": "Hi"}]}).encode()  # ASCII escapes
+        with self.assertLogs("proxy", "INFO") as logs:
+            for path in ("/v1/chat/completions", "/message"):
+                self.request("POST", path, body, {"Content-Type": "application/json"}).read()
+            self.assertTrue(self.server.wait_idle(5))
+        try:
+            raise ValueError(odd)  # a traceback, its message as odd as the model name
+        except ValueError:
+            failure = logging.LogRecord("proxy", logging.ERROR, __file__, 1, "bug near %s", (odd,), sys.exc_info())
+        records = logs.records + [failure]
+        self.assertEqual(len(records), 3, [record.getMessage() for record in records])
+        for formatter in (proxy.TextLogFormatter(), proxy.JsonLogFormatter()):
+            for record in records:
+                with self.subTest(formatter=type(formatter).__name__, message=record.getMessage()[:20]):
+                    line = formatter.format(record)
+                    self.assertEqual(line.splitlines(), [line])  # Python's rule splits at every one of them
+                    self.assertNotRegex(line, "[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+                    if type(formatter) is proxy.JsonLogFormatter:
+                        parsed = json.loads(line)
+                        self.assertIn(odd, [parsed.get("model"), parsed.get("message", "")[len("bug near "):]])
+                        if record is failure:
+                            self.assertIn("ValueError", parsed["traceback"])
+                    else:
+                        self.assertIn("m\\u2028a\\u2029b\\x85c\\u202ed", line)
+
     def test_a_traceback_that_quotes_a_secret_is_masked(self):
         try:
             raise http.client.BadStatusLine(f"HTTP/1.1 {ECHO_UPSTREAM_KEY}")  # an upstream's echo, in a bug's traceback
