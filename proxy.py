@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -80,6 +81,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import string
 import sys
 import threading
 import time
@@ -1195,47 +1197,221 @@ def upstream_target(request_target: str) -> str:
 # OpenAI prints them half-starred), Bearer tokens, long hex strings (Azure).
 _KEY_LIKE = re.compile(r"\b[sr]k-[A-Za-z0-9_*.-]{6,}|\bBearer\s+[A-Za-z0-9_*.~+/=-]{8,}|\b[0-9A-Fa-f]{32,}\b")
 
-
 # Whitespace, or its JSON escape, that an echo may have put inside a key: the fragments are masked too.
 _GAP = r"(?:\s|\\[nrt])*"
-SPLIT_SECRET_MIN = 8  # secrets this long or longer are also found split by whitespace
+SECRET_FRAGMENT = 8  # characters: every piece of a secret this long is masked, however the rest is split
+REDACTED = "[redacted]"
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # one character for one
+
+
+def _blocks_of(secret: str) -> List[str]:
+    """A secret's 4-character blocks that start at 0, 4, 8, ...: any fragment of 8 holds one."""
+    return [secret[start:start + 4] for start in range(0, len(secret) - 3, 4)]
+
+
+def _fragments_of(secret: str) -> List[str]:
+    """Every piece of SECRET_FRAGMENT characters of a secret."""
+    return [secret[start:start + SECRET_FRAGMENT] for start in range(len(secret) - SECRET_FRAGMENT + 1)]
+
+
+def _whole_secrets_pattern(secrets: Tuple[str, ...]) -> Optional[re.Pattern]:
+    """One pattern for every secret whole, in any letter case; the long ones also split by whitespace."""
+    parts = [_GAP.join(map(re.escape, secret)) if len(secret) >= SECRET_FRAGMENT else re.escape(secret)
+             for secret in secrets]
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+
+
+def _runs_pattern(secrets: List[str]) -> Optional[re.Pattern]:
+    """A pattern for the runs of SECRET_FRAGMENT or more of the characters the secrets are made of."""
+    alphabet = {char for secret in secrets for char in (secret.lower() + secret.upper())}
+    if not alphabet:
+        return None
+    return re.compile("[%s]{%d,}" % ("".join(map(re.escape, sorted(alphabet))), SECRET_FRAGMENT))
+
+
+class SecretMasker:
+    """Finds every secret in a text: whole, in any letter case, split by whitespace or its JSON escapes;
+    and every fragment of SECRET_FRAGMENT characters or more, however the rest of it was cut or quoted.
+
+    Text with no secret costs a few substring searches: any fragment of
+    SECRET_FRAGMENT characters holds one of the secret's 4-character blocks
+    (those that start at 0, 4, 8, ...), and so does a whole secret split by
+    whitespace once the whitespace is taken out. Only text that holds a
+    block is searched: a regular expression finds the runs of characters
+    that secrets are made of, and each run is looked up window by window.
+    """
+
+    def __init__(self, secrets: Tuple[str, ...]):
+        secrets = tuple(secret for secret in secrets if secret)
+        long = [secret for secret in secrets if len(secret) >= SECRET_FRAGMENT]
+        self._short = tuple(secret.lower() for secret in secrets if len(secret) < SECRET_FRAGMENT)
+        self._blocks = tuple({block for secret in long for block in _blocks_of(secret.lower())})
+        # A secret with whitespace or a backslash in it: no block survives the flattening in may_hold.
+        self._unfiltered = any(re.search(r"[\s\\]", secret) for secret in secrets)
+        self._whole = _whole_secrets_pattern(secrets)
+        # The shortest text that can hold something to mask: a short secret whole, or a fragment.
+        self.shortest_piece = min([len(secret) for secret in secrets] + [SECRET_FRAGMENT]) if secrets else 0
+        self._fragments = frozenset(fragment for secret in long
+                                    for fragment in _fragments_of(secret.translate(_ASCII_LOWER)))
+        self._runs = _runs_pattern(long)
+
+    def may_hold(self, text: str) -> bool:
+        """False when text cannot hold a secret or a fragment of one; True when it might."""
+        if self._unfiltered:
+            return True
+        lowered = text.lower()
+        if any(secret in lowered for secret in self._short):
+            return True
+        flat = "".join(lowered.split())
+        if "\\" in flat:
+            flat = flat.replace("\\n", "").replace("\\r", "").replace("\\t", "")
+        return any(block in flat for block in self._blocks)
+
+    def spans(self, text: str) -> List[Tuple[int, int]]:
+        """Where secrets and their fragments are in text, as (start, end) pairs, in no order."""
+        if not self.may_hold(text):
+            return []
+        found = [match.span() for match in self._whole.finditer(text)] if self._whole else []
+        if self._runs is not None:
+            for run in self._runs.finditer(text):
+                found += self._fragment_spans(run.group().translate(_ASCII_LOWER), run.start())
+        return found
+
+    def _fragment_spans(self, run: str, offset: int) -> List[Tuple[int, int]]:
+        spans: List[Tuple[int, int]] = []
+        fragments, size = self._fragments, SECRET_FRAGMENT
+        for start in range(len(run) - size + 1):
+            if run[start:start + size] in fragments:
+                if spans and spans[-1][1] >= offset + start:
+                    spans[-1] = (spans[-1][0], offset + start + size)
+                else:
+                    spans.append((offset + start, offset + start + size))
+        return spans
 
 
 @functools.lru_cache(maxsize=8)
-def _secrets_pattern(secrets: Tuple[str, ...]) -> Tuple[Optional[re.Pattern], int]:
-    """One pattern for every secret, in any letter case, whole or split by whitespace; and the shortest's length."""
-    parts = [_GAP.join(map(re.escape, secret)) if len(secret) >= SPLIT_SECRET_MIN else re.escape(secret)
-             for secret in secrets if secret]
-    if not parts:
-        return None, 0
-    return re.compile("|".join(parts), re.IGNORECASE), min(len(secret) for secret in secrets if secret)
+def secret_masker(secrets: Tuple[str, ...]) -> SecretMasker:
+    return SecretMasker(secrets)
+
+
+_JSON_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _json_unescaped(text: str) -> Tuple[str, List[Tuple[int, int, int]]]:
+    """text with its JSON escapes decoded, and where each escape was: (place in the result, start, end in text)."""
+    parts, escapes, taken, length = [], [], 0, 0
+    for match in _JSON_ESCAPE.finditer(text):
+        literal = text[taken:match.start()]
+        parts.append(literal)
+        length += len(literal)
+        code, simple = match.groups()
+        parts.append(chr(int(code, 16)) if code else _SIMPLE_ESCAPES[simple])
+        escapes.append((length, match.start(), match.end()))
+        length += 1
+        taken = match.end()
+    parts.append(text[taken:])
+    return "".join(parts), escapes
+
+
+def _to_escaped(escapes: List[Tuple[int, int, int]], place: int, end: bool) -> int:
+    """Where a character of the decoded text began (or, with end, ended) in the text with escapes."""
+    index = bisect.bisect_right(escapes, (place, math.inf, math.inf)) - 1
+    if index < 0:
+        return place + end
+    decoded_at, start, stop = escapes[index]
+    if decoded_at == place:
+        return stop if end else start
+    return stop + (place - decoded_at - 1) + end
+
+
+def _redact(text: str, spans: List[Tuple[int, int]]) -> str:
+    """text with each span, merged where they overlap, replaced by REDACTED."""
+    if not spans:
+        return text
+    parts, taken = [], 0
+    for start, end in sorted(spans):
+        if end <= taken:
+            continue
+        parts.append(text[taken:max(start, taken)])
+        parts.append(REDACTED if start >= taken else "")
+        taken = end
+    parts.append(text[taken:])
+    return "".join(parts)
+
+
+def _masked(text: str, secrets: Tuple[str, ...], key_like: bool) -> str:
+    """text with the secrets masked as written and as its JSON escapes decode; key_like: what looks like a key too."""
+    masker = secret_masker(secrets)
+    if not key_like and (len(text) < masker.shortest_piece or "\\" not in text and not masker.may_hold(text)):
+        return text  # the fast path: most log lines and header values
+    views = [(text, None)]
+    if "\\" in text and _JSON_ESCAPE.search(text):
+        decoded, escapes = _json_unescaped(text)
+        if escapes:
+            views.append((decoded, escapes))
+    spans = []
+    for view, escapes in views:
+        found = masker.spans(view)
+        if key_like:
+            found += [match.span() for match in _KEY_LIKE.finditer(view)]
+        spans += found if escapes is None else [
+            (_to_escaped(escapes, start, False), _to_escaped(escapes, end - 1, True)) for start, end in found]
+    return _redact(text, spans)
 
 
 def mask_known_secrets(text: str, secrets: Tuple[str, ...]) -> str:
-    """Text with the configured keys and passwords masked, and nothing else changed."""
-    pattern, shortest = _secrets_pattern(secrets)
-    if pattern is None or len(text) < shortest:  # too short to hold one: most header values are
-        return text
-    return pattern.sub("[redacted]", text)
+    """Text with the configured keys and passwords masked (whole, split, in fragments, JSON-escaped), and
+    nothing else changed."""
+    return _masked(text, secrets, key_like=False)
 
 
 def mask_secrets(text: str, secrets: Tuple[str, ...]) -> str:
     """Upstream error text with the keys, and anything that looks like a key, masked."""
-    return _KEY_LIKE.sub("[redacted]", mask_known_secrets(text, secrets))
+    return _masked(text, secrets, key_like=True)
 
 
 def mask_bytes(data: bytes, secrets: Tuple[str, ...]) -> bytes:
-    """A body of any type with the keys, and anything that looks like a key, masked; other bytes kept."""
+    """A body of any type with the keys, and anything that looks like a key, masked; other bytes kept.
+    Returns data itself when nothing was masked."""
     text = data.decode("latin-1")  # one character a byte: any body survives the round trip
     masked = mask_secrets(text, secrets)
     return data if masked == text else masked.encode("latin-1")
 
 
+def mask_json(value, secrets: Tuple[str, ...]):
+    """A parsed JSON value with every string in it, names of fields too, masked as mask_secrets masks."""
+    if isinstance(value, str):
+        return mask_secrets(value, secrets)
+    if isinstance(value, dict):
+        return {mask_secrets(name, secrets): mask_json(item, secrets) for name, item in value.items()}
+    if isinstance(value, list):
+        return [mask_json(item, secrets) for item in value]
+    return value
+
+
+def mask_upstream_body(raw: bytes, secrets: Tuple[str, ...]) -> bytes:
+    """An upstream error body with the secrets masked by meaning, not by bytes alone.
+
+    JSON is decoded, every string in it masked and the whole encoded again,
+    so that no escape or duplicate field can hide a key; anything else is
+    masked as bytes and as its JSON escapes decode. A body in which neither
+    finds anything goes on as it came.
+    """
+    masked = mask_bytes(raw, secrets)
+    if masked is raw:
+        return raw
+    try:
+        return json_bytes(mask_json(json.loads(raw), secrets))
+    except (ValueError, RecursionError):
+        return masked
+
+
 def mask_error(error: ProxyError, secrets: Tuple[str, ...]) -> None:
-    """Mask every text of the error in place: its message, detail and headers may quote the upstream."""
+    """Mask every text of the error in place: its message, type, detail and headers may quote the upstream."""
     error.message = mask_secrets(error.message, secrets)
-    error.detail = {name: mask_secrets(value, secrets) if isinstance(value, str) else value
-                    for name, value in error.detail.items()}
+    error.type = mask_secrets(error.type, secrets)
+    error.detail = mask_json(error.detail, secrets)
     error.headers = {name: mask_known_secrets(value, secrets) for name, value in error.headers.items()}
 
 
@@ -2261,9 +2437,9 @@ class JsonLogFormatter(logging.Formatter):
         line = {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "level": record.levelname.lower()}
         access = getattr(record, "access", None)
-        if access is not None:  # client- and upstream-supplied values bounded, as in the text line
-            line.update((name, value[:LOG_VALUE_LIMIT] if isinstance(value, str) else value)
-                        for name, value in access.items())
+        if access is not None:  # client- and upstream-supplied values bounded and masked, as in the text line
+            line.update((name, mask_known_secrets(value[:LOG_VALUE_LIMIT], self._secrets)
+                         if isinstance(value, str) else value) for name, value in access.items())
         else:
             line["message"] = bounded(mask_known_secrets(record.getMessage(), self._secrets))
             if record.exc_info:
@@ -3376,11 +3552,16 @@ class ChatToMessages:
         return message_frame(timestamp, content)
 
     def _upstream_error(self, error) -> ProxyError:
+        """The error an upstream error event reports, every string in it masked (type, code, param too)."""
+        error = mask_json(error, self._secrets)
         if not isinstance(error, dict):
-            error = {"message": str(error)}
-        message = mask_secrets(str(error.get("message") or "the upstream reported an error"), self._secrets)
+            error = {"message": error if isinstance(error, str) else json.dumps(error, ensure_ascii=False)}
+        message = error.get("message")
+        if not isinstance(message, str) or not message:
+            message = "the upstream reported an error"
         error_type = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
-        return UpstreamBadResponse(message, type=error_type)
+        detail = {key: error[key] for key in ("param", "code") if error.get(key) is not None}
+        return UpstreamBadResponse(message, type=error_type, detail=detail)
 
 
 def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange,
@@ -3446,16 +3627,46 @@ class EventSplitter:
 
 
 _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
+_DATA_START = re.compile(rb"^data: ?(.?)", re.M)
 
 
-def reports_error(events: bytes) -> bool:
-    """True for whole SSE events of which one reports an error (an "error" key, or event: error)."""
-    return b"error" in events and bool(_ERROR_KEY.search(events))  # the substring test is the fast path
+def reports_error(event: bytes) -> bool:
+    """True for a whole SSE event that reports an error: an "error" key (written plainly or with JSON
+    escapes), event: error, or a Responses API event of type error."""
+    if b"error" in event and _ERROR_KEY.search(event):  # the substring test is the fast path
+        return True
+    if b"\\u" not in event:
+        return False
+    payload = event_payload(event)
+    return isinstance(payload, dict) and ("error" in payload or payload.get("type") == "error" or (
+        isinstance(payload.get("response"), dict) and "error" in payload["response"]))
 
 
-def mask_error_events(events: bytes, secrets) -> bytes:
-    """Whole SSE events with key-like text masked in those that report an error."""
-    return mask_bytes(events, secrets) if reports_error(events) else events
+def is_plain_output(event: bytes) -> bool:
+    """True for an event whose data is a JSON object or array (or [DONE]): what a model streams, relayed
+    as it is. Comments and other text are not, and are masked as any upstream text."""
+    match = _DATA_START.search(event)
+    return match is not None and match.group(1) in (b"{", b"[")
+
+
+def mask_event(event: bytes, secrets: Tuple[str, ...]) -> bytes:
+    """An SSE event that is not plain model output, with the secrets masked: its JSON by meaning, decoded,
+    masked and encoded again (as mask_upstream_body does), anything else as text."""
+    masked = mask_bytes(event, secrets)
+    if masked is event:
+        return event
+    decoder = SSEDecoder()
+    events = decoder.feed(event) + decoder.finish()
+    if len(events) != 1:
+        return masked
+    try:
+        data = json_bytes(mask_json(json.loads(events[0].data), secrets))
+    except (ValueError, RecursionError):
+        return masked
+    name = events[0].event
+    field = b"" if name == "message" else b"event: %b\n" % mask_secrets(name, secrets).encode(
+        "utf-8", "backslashreplace")
+    return field + b"data: " + data + b"\n\n"
 
 
 Usage = collections.namedtuple("Usage", "prompt completion total")
@@ -3559,18 +3770,18 @@ def sse_error_event(error: ProxyError) -> bytes:
 def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, ...]) -> dict:
     """The OpenAI error object of an upstream error response, read up to a bound, keys masked."""
     try:
-        raw = mask_bytes(response.read(UPSTREAM_ERROR_BODY_LIMIT), secrets)  # masked before any cut
+        raw = response.read(UPSTREAM_ERROR_BODY_LIMIT)
     except (http.client.HTTPException, OSError):
         raw = b""
     try:
-        error = json.loads(raw).get("error")
-    except (ValueError, AttributeError):
+        error = mask_json(json.loads(raw), secrets).get("error")  # every string in it masked, after decoding
+    except (ValueError, AttributeError, RecursionError):
         error = None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
         return error
     if isinstance(error, str):
         return {"message": error}
-    text = raw.decode("utf-8", "replace").strip()[:200]
+    text = mask_bytes(raw, secrets).decode("utf-8", "replace").strip()[:200]  # masked before the cut
     return {"message": text or "no error message"}
 
 
@@ -3622,7 +3833,7 @@ def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Opt
         raise UpstreamBadResponse("the upstream connection broke while it sent an error") from None
     if len(raw) > UPSTREAM_ERROR_BODY_LIMIT:
         raise too_big
-    return mask_bytes(raw, secrets_of(config))
+    return mask_upstream_body(raw, secrets_of(config))
 
 
 def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
@@ -3648,8 +3859,8 @@ def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, co
         if first_output:
             exchange.mark_first_token()
     rest = splitter.rest() if splitter is not None else b""
-    if rest:  # the upstream ended cleanly after bytes that end no event: relay them as they are
-        exchange.send(mask_error_events(rest, secrets))
+    if rest:  # the upstream ended cleanly after bytes that end no event: relay them, masked
+        exchange.send(mask_event(rest, secrets))
     if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
         raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
                                   "before the end of its body")
@@ -3660,16 +3871,19 @@ def _events_to_relay(events: List[bytes], response: http.client.HTTPResponse, ob
     """Whole events as they go to the client, and whether one of them carried model output.
 
     An event that reports an error is masked, and spoils the response's
-    connection for reuse: the upstream had trouble.
+    connection for reuse: the upstream had trouble. So is any other event
+    that is not plain model output (text, comments).
     """
     relayed, first_output = [], False
     for event in events:
         first_output = observer.see_event(event) or first_output
         if strip_usage and b'"usage"' in event and is_usage_only_event(event):
             continue
-        if reports_error(event):
+        error = reports_error(event)
+        if error:
             response.spoiled = True
-            event = mask_error_events(event, secrets)
+        if error or not is_plain_output(event):
+            event = mask_event(event, secrets)
         relayed.append(event)
     return b"".join(relayed), first_output
 
@@ -4113,7 +4327,8 @@ class ClientConnections:
     A connection gets a worker thread only once its whole request head has
     arrived, so idle connections and slow senders (slowloris) cost a socket,
     not a thread. A head must arrive within HEADER_TIMEOUT of its first byte,
-    and one over HEAD_LIMIT is answered 431 here, never handed on; an idle connection is closed after CLIENT_TIMEOUT; at MAX_CONNECTIONS the
+    and one over HEAD_LIMIT is answered 431 here, never handed on; an idle
+    connection is closed after CLIENT_TIMEOUT; at MAX_CONNECTIONS the
     longest-idle connection makes room for a new one.
     """
 
@@ -4744,8 +4959,13 @@ def write_message_head(handler: ProxyHandler) -> str:
 
 
 def write_passthrough_head(handler: ProxyHandler, response: http.client.HTTPResponse,
-                           length: Optional[int] = None) -> str:
-    """The upstream's status and headers; returns the framing of the body that follows."""
+                           length: Optional[int] = None, event_stream: bool = False) -> str:
+    """The upstream's status and headers; returns the framing of the body that follows.
+
+    An event stream is always sent chunked (or, to HTTP/1.0, ended by a
+    close), whatever the upstream's framing: its error events are masked,
+    which changes their length, and heartbeats may go between its events.
+    """
     handler.send_response(response.status)  # the standard reason: the upstream's own might quote a key
     secrets = secrets_of(handler.server.config)
     for name, value in returned_response_headers(response.headers):
@@ -4755,7 +4975,7 @@ def write_passthrough_head(handler: ProxyHandler, response: http.client.HTTPResp
     if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
         handler.finish_head()
         return SIZED
-    length = response.length if length is None else length
+    length = response.length if length is None and not event_stream else length
     if length is not None:  # the upstream announced a length (or the proxy read it all): send raw bytes
         handler.send_header("Content-Length", str(length))
         handler.finish_head()
@@ -4837,7 +5057,8 @@ def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exch
         exchange.send(error_body, last=True)
         return
     is_event_stream = response.headers.get_content_type() == "text/event-stream"
-    exchange.begin(lambda: write_passthrough_head(handler, response), event_stream=is_event_stream)
+    exchange.begin(lambda: write_passthrough_head(handler, response, event_stream=is_event_stream),
+                   event_stream=is_event_stream)
     observer = StreamObserver()
     exchange.before_end = lambda: handler.settle(observer.finish())
     try:

@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import email.utils
+import functools
 import hashlib
 import http.client
 import http.server
@@ -310,6 +311,59 @@ ECHO_METRICS_TOKEN = "Wn3bR7tY1uO5pA9sD2fG6hJ4"
 ECHO_SECRETS = (ECHO_UPSTREAM_KEY, ECHO_CLIENT_KEY, ECHO_METRICS_TOKEN)
 
 
+def escaped(text: str, every: bool = True) -> str:
+    """text as JSON may write it: each character as a \\u escape, or only the first."""
+    return "".join("\\u%04x" % ord(char) for char in text) if every else "\\u%04x" % ord(text[0]) + text[1:]
+
+
+def meaning_echoes(key: str, client: str, token: str) -> dict:
+    """Upstream answers that hide the secrets where only meaning, not bytes, finds them: every field of an
+    error, JSON escapes, duplicate fields, splits by any character, fragments; in bodies and in event
+    streams framed chunked, by Content-Length and by the close of the connection."""
+    def answer(status_line, content_type, body, framing="length"):
+        if framing == "chunked":
+            pieces = [body[i:i + 40] for i in range(0, len(body), 40)]
+            framed = b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+            head = "Transfer-Encoding: chunked"
+        elif framing == "close":
+            framed, head = body, "Connection: close"
+        else:
+            framed, head = body, f"Content-Length: {len(body)}"
+        return f"{status_line}\r\nContent-Type: {content_type}\r\n{head}\r\n\r\n".encode() + framed
+
+    every_field = {"message": f"bad {key}", "type": key, "code": client, "param": token,
+                   "detail": {"nested": [f"x {key}", {key: token}]}}
+    escaped_error = ('{"error": {"message": "bad %s", "type": "%s", "code": "%s", "param": "%s"}}'
+                     % (escaped(key), escaped(key, False), escaped(client), escaped(token, False))).encode()
+    split = (f"{key[:10]}|{key[10:]} {client[:12]}\u200b{client[12:]} {token[:8]}-{token[8:16]}-{token[16:]} "
+             f"{key[2:22]} {client.upper()}")
+    answers = {
+        "error-fields": ("HTTP/1.1 400 Bad Request", "application/json", json.dumps({"error": every_field}).encode()),
+        "error-escaped": ("HTTP/1.1 429 Too Many Requests", "application/json", escaped_error),
+        "error-duplicate": ("HTTP/1.1 400 Bad Request", "application/json",
+                            ('{"error": {"message": "%s", "message": "fine", "type": "%s", "type": "x"}}'
+                             % (key, client)).encode()),
+        "error-split": ("HTTP/1.1 400 Bad Request", "application/json",
+                        json.dumps({"error": {"message": split, "type": split}}).encode()),
+        "error-text-escaped": ("HTTP/1.1 500 Internal Server Error", "text/plain",
+                               f"boom {escaped(key)} {escaped(client, False)}".encode()),
+    }
+    start = chunk("Hi", role="assistant")
+    events = {
+        "fields": sse({"error": every_field}),
+        "escaped": escaped_error.replace(b"\\u0065rror", b"error").join((b"data: ", b"\n\n")),
+        "escaped-name": ('data: {"\\u0065rror": {"message": "%s"}}\n\n' % escaped(key)).encode(),
+        "named": b"event: error\ndata: " + json.dumps({"type": "error", "message": key, "code": client}).encode()
+                 + b"\n\n",
+        "text": f": {token}\n\ndata: not json {key}\n\n".encode(),
+        "cut": f'data: {{"error": {{"message": "{key}"'.encode(),
+    }
+    for name, event in events.items():
+        for framing in ("chunked", "length", "close"):
+            answers[f"stream-{name}-{framing}"] = ("HTTP/1.1 200 OK", "text/event-stream", start + event, framing)
+    return {mode: functools.partial(answer, *args) for mode, args in answers.items()}
+
+
 def echo_answer(mode: str) -> bytes:
     """A raw upstream answer that quotes the secrets in one place; see KeyEchoTest."""
     key, client, token = ECHO_SECRETS
@@ -340,6 +394,9 @@ def echo_answer(mode: str) -> bytes:
         "split-text": lambda: answer("HTTP/1.1 500 Internal Server Error", "text/plain",
                                      f"{key[:12]}\n  {key[12:]} {client.upper()} {token[:20]}\r\n{token[20:]}".encode()),
         "bad-status": lambda: f"HTTP/1.1 {every}\r\n\r\n".encode(),
+        **meaning_echoes(key, client, token),
+        "stream-output": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                  + chunk(key, role="assistant") + chunk(finish="stop") + b"data: [DONE]\n\n"),
         "stream-error": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
                                  b'data: {"error": {"message": "%b"}}\n\n' % every.encode()),
         "early-hints": lambda: (b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -500,6 +557,18 @@ def read_until_closed(sock, limit=5.0):
 
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d\d\d ")
 SMUGGLED = b"GET /v1/models?smuggled=B HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def http_chunks(body: bytes) -> bytes:
+    """A chunked body's content (RFC 9112, 7.1), for raw answers read off a socket."""
+    content = b""
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        length = int(size, 16)
+        if length == 0:
+            return content
+        content, body = content + body[:length], body[length + 2:]
+    return content
 
 
 def reset(sock):
@@ -899,7 +968,7 @@ class MessageValidationTest(ProxyTestCase):
             (b"[1, 2]", "must be a JSON object"),
             (b"", "empty"),
             (b"\xff\xfe{}", "not UTF-8"),
-            (b'{"messages": NaN}', "not valid JSON"),
+            (b'{"messages": NaN}', "'messages' is NaN, which JSON cannot carry"),
             (b"{}", "'messages' is required"),
             (b'{"messages": "hi"}', "'messages' must be a list"),
             (b'{"messages": []}', "'messages' is empty"),
@@ -1441,6 +1510,60 @@ class KeyEchoTest(RawUpstreamTestCase):
         self.assertTrue(any(b"X-Request-Id: [redacted]" in answer for answer in got))
         self.assert_no_secret("\n".join(logs.output))
         self.assertIn("request_id=[redacted]", "\n".join(logs.output))
+
+
+class KeyMeaningTest(RawUpstreamTestCase):
+    """Masking by meaning: an upstream hides the secrets in every field of an error, in JSON escapes,
+    duplicate fields, splits and fragments, in bodies and in event streams of every framing."""
+
+    MODES = sorted(meaning_echoes(*ECHO_SECRETS))
+
+    def assert_no_fragment(self, text):
+        decoded = re.sub(r"\\u([0-9a-fA-F]{4})", lambda match: chr(int(match.group(1), 16)), text)
+        flat = re.sub(r"\s|\\[nrt]", "", decoded).lower()
+        for secret in ECHO_SECRETS:
+            for start in range(len(secret) - proxy.SECRET_FRAGMENT + 1):
+                self.assertNotIn(secret[start:start + proxy.SECRET_FRAGMENT].lower(), flat,
+                                 f"a piece of {secret} got through")
+
+    def test_no_fragment_of_a_secret_reaches_a_client_or_either_log(self):
+        routes = (("POST", "/message", chat_body()), ("POST", "/v1/chat/completions", v1_chat(True)),
+                  ("GET", "/v1/models", b""))
+        with self.assertLogs("proxy", "DEBUG") as logs:
+            for mode in self.MODES:
+                for method, path, body in routes:
+                    with self.subTest(mode=mode, path=path):
+                        answer = self.exchange(mode, method, path, body).decode("latin-1")
+                        self.assertRegex(answer[:13], r"HTTP/1\.1 [245]\d\d ")
+                        self.assertNotRegex(answer[:13], r"HTTP/1\.1 500 " if mode != "error-text-escaped" else "^$")
+                        self.assert_no_fragment(answer)
+                        if mode.startswith("stream-") and path != "/v1/models":
+                            self.assertIn("Transfer-Encoding: chunked", answer)  # sized or not, masked event by event
+            self.assertTrue(self.server.wait_idle(5))
+        for formatter in (proxy.TextLogFormatter(ECHO_SECRETS), proxy.JsonLogFormatter(ECHO_SECRETS)):
+            self.assert_no_fragment("\n".join(formatter.format(record) for record in logs.records))
+        self.assertFalse([record.getMessage() for record in logs.records if record.exc_info])
+
+    def test_an_error_keeps_its_shape_with_every_string_masked(self):
+        answer = self.exchange("error-fields", "GET", "/v1/models")
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]  # still JSON, encoded again
+        self.assertEqual(error, {"message": "bad [redacted]", "type": "[redacted]", "code": "[redacted]",
+                                 "param": "[redacted]",
+                                 "detail": {"nested": ["x [redacted]", {"[redacted]": "[redacted]"}]}})
+        head, _, body = self.exchange("stream-fields-length", "POST", "/message", chat_body()).partition(b"\r\n\r\n")
+        frames = parse_frames(http_chunks(body).decode())
+        self.assertEqual(frames[-1], ("error", seed_frame(error={"message": "bad [redacted]", "type": "[redacted]",
+                                                                 "code": "[redacted]", "param": "[redacted]"})))
+        answer = self.exchange("error-duplicate", "POST", "/message", chat_body())
+        self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["type"], "x")
+
+    def test_model_output_is_not_masked(self):
+        # By design: what the model writes is the client's answer, relayed as it is, whatever it holds.
+        answer = self.exchange("stream-output", "POST", "/v1/chat/completions", v1_chat(True))
+        self.assertIn(f'"content": "{ECHO_UPSTREAM_KEY}"', http_chunks(answer.partition(b"\r\n\r\n")[2]).decode())
+        answer = self.exchange("stream-output", "POST", "/message", chat_body())
+        frames = parse_frames(http_chunks(answer.partition(b"\r\n\r\n")[2]).decode())
+        self.assertEqual(self.contents(frames)[0], ECHO_UPSTREAM_KEY)
 
 
 class InterimResponseTest(RawUpstreamTestCase):
@@ -2283,18 +2406,23 @@ class PassthroughStreamingTest(ProxyTestCase):
         received += response.read()
         self.assertEqual(received.replace(b": keep-alive\n\n", b""), b'data: {"a":1}\n\n' + DONE)
 
-    def test_no_heartbeat_inside_an_event_stream_of_known_length(self):
+    def test_an_event_stream_of_known_length_goes_on_chunked_with_heartbeats_between_events(self):
         hold = threading.Event()
         self.addCleanup(hold.set)
         body = chunk(content="a") + DONE
         self.upstream.script = Script(headers={"Content-Type": "text/event-stream", "Content-Length": str(len(body))},
                                       steps=[chunk(content="a"), hold, DONE])
         response = self.request("POST", "/v1/chat/completions", b'{"stream": true}')
-        self.assertEqual(response.read1(65536), chunk(content="a"))
-        ready, _, _ = select.select([response.fp], [], [], 0.6)  # three heartbeat intervals
-        self.assertEqual(ready, [], "a heartbeat went into a body with a Content-Length")
+        self.assertIsNone(response.getheader("Content-Length"))  # its events may be masked: their length may change
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        received = response.read1(65536)
+        while b": keep-alive\n\n" not in received:  # the upstream holds back its next event: a heartbeat
+            data = response.read1(65536)
+            self.assertTrue(data, "stream ended early")
+            received += data
         hold.set()
-        self.assertEqual(response.read(), DONE)
+        received += response.read()
+        self.assertEqual(received.replace(b": keep-alive\n\n", b""), body)
 
     def test_client_leaving_a_stream_closes_the_upstream(self):
         self.upstream.script = Script(steps=[chunk(content="a"), HANG])
