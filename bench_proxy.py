@@ -58,7 +58,7 @@ UNLIMITED = ("--max-streams", "0")
 # overload: more streams than one process can relay well, started within RAMP seconds, with
 # /healthz probed every PROBE_EVERY seconds; the proxy runs with its default limits.
 OVERLOAD = (1500, 60, 0.1, 0.0)  # streams, chunks, gap, think: 6 s streams at 10 chunks/s
-RAMP = 2.0
+RAMP = 1.0
 PROBE_EVERY = 0.2
 # keepalive: clients each sending requests back to back on one connection for KEEPALIVE_SECONDS.
 KEEPALIVE = (8, 5, 0.0, 0.0)

@@ -70,9 +70,11 @@ import io
 import ipaddress
 import json
 import logging
+import logging.handlers
 import math
 import os
 import pathlib
+import queue
 import random
 import re
 import select
@@ -88,7 +90,7 @@ import time
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 try:
     import resource  # Unix only: the open-file limit
@@ -1755,6 +1757,24 @@ class _ClientState:
         self.spent: Dict[str, Tuple[str, int]] = {}  # budget period ("day", "month") -> (which one, tokens)
 
 
+class DoorPass:
+    """A relayed request let in at the door by ClientConnections' thread, its whole body in hand: it
+    counts against MAX_STREAMS while it waits for a worker, so that a burst is refused at once past the
+    cap rather than queued. A worker that takes it up gives the pass back and takes its slot as before.
+    A request whose body is still to come gets none: a body still arriving holds no slot."""
+
+    __slots__ = ("_limits", "held")
+
+    def __init__(self, limits: "Limits"):
+        self._limits, self.held = limits, True
+
+    def release(self) -> None:
+        """Give the place back (once)."""
+        if self.held:
+            self.held = False
+            self._limits.forget_arrival()
+
+
 @dataclasses.dataclass
 class StreamSlot:
     """One stream slot a request holds: its client's entry here, and its lease in Redis when shared."""
@@ -2109,6 +2129,7 @@ class Limits:
         self._lock = threading.Lock()
         self._clients: Dict[str, _ClientState] = {}
         self._streams = 0
+        self._arriving = 0  # relayed requests let in at the door, waiting for a worker (DoorPass)
         self.unshared = {"served": 0, "refused": 0}  # decisions Redis could not make, by what came of them
 
     def active(self) -> int:
@@ -2195,6 +2216,20 @@ class Limits:
     def is_full(self) -> bool:
         """True when every stream slot of the process is taken (MAX_STREAMS)."""
         return bool(self._global) and self._streams >= self._global
+
+    def let_in(self) -> Optional[DoorPass]:
+        """A pass for a relayed request at the door, or None when every slot is taken or promised to
+        requests let in before it that wait for a worker: a refusal then needs no worker."""
+        with self._lock:
+            if self._global and self._streams + self._arriving >= self._global:
+                return None
+            self._arriving += 1
+        return DoorPass(self)
+
+    def forget_arrival(self) -> None:
+        """A request let in at the door was taken up by a worker (or ended)."""
+        with self._lock:
+            self._arriving -= 1
 
     def overloaded(self) -> Overloaded:
         """The 503 for a request that finds every stream slot taken."""
@@ -4202,6 +4237,28 @@ HEAD_TOO_LARGE_RESPONSE = canned_response(
     "send fewer or shorter headers")
 
 
+def parse_simple_head(head: bytes) -> Optional[Tuple[str, str, Dict[str, str]]]:
+    """A well-formed request head's method, path (no query) and fields (names in lower case; a field
+    given twice keeps its last value); None for a head check_head refuses."""
+    try:
+        check_head(head)
+    except BadRequest:
+        return None
+    lines = head[:_HEAD_END.search(head).start()].decode("latin-1").split("\n")
+    method, target = lines[0].split(" ", 2)[:2]
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.lower()] = value.strip()
+    return method, target.partition("?")[0], fields
+
+
+def has_whole_body(head: bytes, fields: Dict[str, str]) -> bool:
+    """True when a request head read by ClientConnections came with all of its body (Content-Length)."""
+    length = fields.get("content-length", "0")
+    return length.isdigit() and len(head) - _HEAD_END.search(head).end() >= int(length)
+
+
 class ClientReader(io.RawIOBase):
     """A client socket as a raw stream: first the bytes the pool read ahead, then the socket.
 
@@ -4321,6 +4378,101 @@ class _Closing:
         self.sock, self.deadline = sock, deadline
 
 
+class WorkerPool:
+    """Threads kept for requests: a request is handed to one through a queue, never by starting a thread.
+
+    Starting a thread waits until the new thread runs, which under load
+    means waiting for the GIL behind every busy thread; the client
+    connections' thread must never wait like that, for it answers health
+    checks and refusals itself. So it only queues a job. A worker that
+    finishes one waits for the next; when none is waiting, a spawner thread
+    starts another, up to `maximum`; one idle for IDLE_TIMEOUT ends, down to
+    `minimum`.
+    """
+
+    IDLE_TIMEOUT = 60.0  # seconds a worker waits for a job before it ends, if more than `minimum` are left
+
+    def __init__(self, minimum: int, maximum: int):
+        self._minimum, self._maximum = minimum, max(minimum, maximum)
+        self._jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._spare = 0      # workers not running a job, less the jobs queued for them: below 0, more are needed
+        self._total = 0      # workers running or started
+        self._closed = False
+        self._wanted = threading.Event()
+        self._spawner = threading.Thread(target=self._spawn, name="worker-spawner", daemon=True)
+
+    def start(self) -> None:
+        """Start the minimum of workers, before any request comes, and the spawner."""
+        self._spare = self._total = self._minimum
+        for _ in range(self._minimum):
+            threading.Thread(target=self._work, name="worker", daemon=True).start()
+        self._spawner.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a job for a worker; never waits."""
+        self._jobs.put(job)
+        with self._lock:
+            self._spare -= 1
+            short = self._spare < 0
+        if short:
+            self._wanted.set()
+
+    @property
+    def size(self) -> int:
+        """Worker threads running or started."""
+        return self._total
+
+    def close(self) -> None:
+        """End the idle workers and the spawner; a worker running a job ends after it."""
+        with self._lock:
+            self._closed = True
+            total = self._total
+        for _ in range(total):
+            self._jobs.put(None)
+        self._wanted.set()
+
+    def _spawn(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if self._spare >= 0 or self._total >= self._maximum:
+                        break
+                    self._spare += 1
+                    self._total += 1
+                threading.Thread(target=self._work, name="worker", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.IDLE_TIMEOUT)
+            except queue.Empty:
+                if self._retire():
+                    return
+                continue
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # a job is its own error boundary; this keeps the worker whatever escapes it
+                logger.exception("unexpected error in a worker thread")
+            with self._lock:
+                self._spare += 1
+
+    def _retire(self) -> bool:
+        """True when an idle worker may end: more than the minimum are left, and none is owed to a job."""
+        with self._lock:
+            if self._total > self._minimum and self._spare > 0:
+                self._spare -= 1
+                self._total -= 1
+                return True
+        return False
+
+
 class ClientConnections:
     """Holds client connections between requests with no thread each, reading request heads.
 
@@ -4337,14 +4489,17 @@ class ClientConnections:
     EVICTION_GRACE = 0.5    # seconds a connection must have been silent before it can be closed for another
     LINGER = 2.0            # seconds a refused connection is read, its 503 sent, before it is closed
     LINGER_LIMIT = 1024     # refused connections read at once; past it, they are closed at once
+    MIN_WORKERS = 8         # worker threads kept ready, however idle
 
-    def __init__(self, config: Config, start_request: Callable[[socket.socket, tuple, bytes, bool], None],
+    def __init__(self, config: Config, start_request: Callable[..., None],
                  answers_at_once: Callable[[bytes], bool] = lambda head: False,
-                 on_refused: Callable[[], None] = lambda: None):
+                 on_refused: Callable[[], None] = lambda: None,
+                 at_the_door: Callable[[tuple, bytes], Union[bytes, DoorPass, None]] = lambda address, head: None):
         self._config = config
         self._start_request = start_request
         self._answers_at_once = answers_at_once
         self._on_refused = on_refused
+        self._at_the_door = at_the_door
         self._refusals = FloodLog(logging.WARNING, "MAX_CONNECTIONS (%d) reached with every connection busy: "
                                   "%%d new connection(s) got 503" % config.max_connections)
         self._header_timeouts = FloodLog(logging.INFO, "%%d connection(s) did not finish their request "
@@ -4358,8 +4513,11 @@ class ClientConnections:
         self._closed = False
         self._selector = WakeableSelector()
         self._thread = threading.Thread(target=self._run, name="connection-pool", daemon=True)
+        # As many workers as requests can run at once: one a connection.
+        self._workers = WorkerPool(self.MIN_WORKERS, config.max_connections)
 
     def start(self) -> None:
+        self._workers.start()
         self._thread.start()
 
     def accept(self, sock: socket.socket, address) -> None:
@@ -4449,7 +4607,7 @@ class ClientConnections:
             self._busy -= 1
 
     def close(self) -> None:
-        """Close every waiting connection and stop; workers finish on their own."""
+        """Close every waiting connection and stop; workers running a request finish it, then end."""
         with self._lock:
             self._closed = True
             for entry in list(self._waiting.values()):
@@ -4458,6 +4616,12 @@ class ClientConnections:
                 self._stop_lingering(closing)
         self._selector.wake()
         self._thread.join(timeout=5)
+        self._workers.close()
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request being served, by a worker or by this thread."""
+        return self._busy
 
     @property
     def waiting(self) -> int:
@@ -4483,19 +4647,29 @@ class ClientConnections:
             self._selector.wake()
 
     def _hand_off(self, sock: socket.socket, address, head: bytes, may_answer_here: bool = False) -> None:
-        """Give a whole request head to a new worker thread, or answer it on this one.
+        """Give a whole request head to a worker thread, or answer it on this one.
 
         Health checks, metrics and refusals need no waiting, so this
         thread answers them itself: they never queue for a worker behind the
-        relayed streams. Pipelined requests always get a worker, so that
-        this thread never recurses through a client's pipeline.
+        relayed streams. A refusal is made whole at once and sent as bytes,
+        the cheapest answer there is: a burst of them must not hold up the
+        health checks. Pipelined requests always get a worker, so that this
+        thread never recurses through a client's pipeline.
         """
+        door_pass = None
+        if may_answer_here:
+            verdict = self._at_the_door(address, head)
+            if isinstance(verdict, bytes):
+                with self._lock:
+                    self._answer_and_close(sock, verdict)
+                return
+            door_pass = verdict
         with self._lock:
             self._busy += 1
-        if may_answer_here and self._answers_at_once(head):
+        if may_answer_here and door_pass is None and self._answers_at_once(head):
             self._start_request(sock, address, head, True)
             return
-        threading.Thread(target=self._start_request, args=(sock, address, head, False), daemon=True).start()
+        self._workers.submit(functools.partial(self._start_request, sock, address, head, False, door_pass))
 
     def _forget(self, entry: _Waiting) -> None:
         """Stop waiting on a connection and close it; call with the lock held."""
@@ -4929,11 +5103,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_exchange(self):
         """One access line and the metrics for the request that just ended."""
-        record = self.state.access_record(self.client_address[0], getattr(self, "command", None) or "-",
-                                          self.path_only if hasattr(self, "path") else "-")
         cancelled_upstream = self.state.client_left and self.state.exchange is not None  # an upstream call was open
-        self.server.metrics.record(record, self.state.rejected_by, cancelled_upstream)
-        logger.info("%s", format_access_line(record), extra={"access": record})
+        self.server.record_exchange(self.state, self.client_address[0], getattr(self, "command", None) or "-",
+                                    self.path_only if hasattr(self, "path") else "-", cancelled_upstream)
 
     def log_request(self, code="-", size="-"):
         pass  # log_exchange writes the access line, after the stream ends
@@ -5240,7 +5412,7 @@ class ProxyServer(http.server.HTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         self.clients = ClientConnections(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
-            "proxy_rate_limit_rejections_total", (("reason", "connections"),)))
+            "proxy_rate_limit_rejections_total", (("reason", "connections"),)), self.at_the_door)
         super().__init__((config.host.strip("[]"), config.port), handler_class)
         self.supervisor.start()
         self.clients.start()
@@ -5267,12 +5439,88 @@ class ProxyServer(http.server.HTTPServer):
             return False
         return route.at_once or (route.relays and self.limits.is_full())
 
+    def at_the_door(self, address, head: bytes) -> Union[bytes, DoorPass, None]:
+        """What ClientConnections' thread does with a relayed request: let it in (a DoorPass, counted
+        against MAX_STREAMS at once), or refuse it when every slot is taken or promised (the whole 503,
+        logged and counted). None for any other request, and for one the handler must judge (a malformed
+        head, a body framing, a client key that does not check out, a drain).
+
+        A refusal is made from the head alone, without a handler:
+        ClientConnections' thread makes one for each request of a burst, and
+        must stay free for the health checks meanwhile.
+        """
+        request = self._relayed_request(address, head)
+        if request is None:
+            return None
+        if has_whole_body(head, request[2]):  # it takes its slot as soon as a worker has it: it counts from now
+            door_pass = self.limits.let_in()
+            if door_pass is not None:
+                return door_pass
+        elif not self.limits.is_full():  # its body is still to come: no slot for it until it has
+            return None
+        return self._refusal(address, *request)
+
+    def _relayed_request(self, address, head: bytes) -> Optional[Tuple[str, str, Dict[str, str], str]]:
+        """A well-formed relayed request's method, path, fields and client, unless the handler must judge it."""
+        request = None if self.draining else parse_simple_head(head)
+        if request is None:
+            return None
+        method, path, fields = request
+        route = find_route(path)
+        if route is None or not route.relays or method not in route.methods or "transfer-encoding" in fields:
+            return None
+        client = address[0]
+        if self.config.proxy_api_keys:
+            client = identify_client(fields.get("authorization"), self.config.proxy_api_keys)
+        return None if client is None else (method, path, fields, client)
+
+    def _refusal(self, address, method: str, path: str, fields: Dict[str, str], client: str) -> bytes:
+        """The whole 503 for a request that finds every stream slot taken, logged and counted."""
+        error = self.limits.overloaded()
+        whole = json_bytes(error.to_json())
+        body = b"" if method == "HEAD" else whole
+        state = RequestState(Attempts(lambda *args: None), status=error.status, client_name=client,
+                             error_type=error.log_type, rejected_by=error.reason, bytes_sent=len(body))
+        self.record_exchange(state, address[0], method, path)
+        headers = [("Content-Type", "application/json"), *error.headers.items(),
+                   *cors_headers(self.config.cors_origins, fields.get("origin")),
+                   ("Connection", "close"), ("Content-Length", str(len(whole)))]
+        return (b"HTTP/1.1 503 Service Unavailable\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
+                .encode("latin-1") + b"\r\n" + body)
+
+    def record_exchange(self, state: RequestState, address: str, method: str, path: str,
+                        cancelled_upstream: bool = False) -> None:
+        """One access line and the metrics for a request that just ended."""
+        record = state.access_record(address, method, path)
+        self.metrics.record(record, state.rejected_by, cancelled_upstream)
+        logger.info("%s", format_access_line(record), extra={"access": record})
+
+    def server_activate(self):
+        super().server_activate()
+        self.socket.setblocking(False)  # accepts are taken until none is left (_handle_request_noblock)
+
+    def _handle_request_noblock(self):
+        """Accept every connection waiting in the kernel, not one a turn (socketserver's hook): under a
+        burst the accept thread gets the GIL once for them all, not once for each."""
+        for _ in range(self.request_queue_size):
+            try:
+                request, client_address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # out of file descriptors, say: the next turn tries again
+                logger.debug("accept failed: %s", _describe_os_error(error))
+                return
+            self.clients.accept(request, client_address)
+
     def process_request(self, request, client_address):
         """Accepted connections wait in the pool, without a thread, for their first request."""
         self.clients.accept(request, client_address)
 
-    def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes, at_once: bool = False) -> None:
+    def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes, at_once: bool = False,
+                      door_pass: Optional[DoorPass] = None) -> None:
         """A worker thread's job, or ClientConnections' for an answer at once: one request, then back to it."""
+        if door_pass is not None:
+            door_pass.release()  # a worker has it: it competes for a slot as any request does
         handler = None
         try:
             handler = self.RequestHandlerClass(sock, client_address, self, read_ahead, at_once)
@@ -5364,14 +5612,31 @@ def raise_open_file_limit(max_connections: int) -> Optional[str]:
             f"{max_connections} needs; raise it (ulimit -n) or lower MAX_CONNECTIONS")
 
 
-def configure_logging(log_format: str, secrets: Tuple[str, ...] = ()) -> None:
-    """Log to stderr: text lines, or JSON lines for a log shipper."""
+class _QueuedRecords(logging.handlers.QueueHandler):
+    """Hands each record to the log thread as it is: formatting and writing happen there."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def configure_logging(log_format: str, secrets: Tuple[str, ...] = ()) -> logging.handlers.QueueListener:
+    """Log to stderr, text lines or JSON lines for a log shipper, from a thread of its own; return it, to stop.
+
+    A thread that logs only queues its record. Writing under the handler's
+    lock would hold that lock through the write, GIL released, and under
+    load every other thread that logs (the one answering health checks
+    too) would wait behind it for the GIL to come round again.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter(secrets))
     else:
         handler.setFormatter(TextLogFormatter(secrets))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    records: "queue.SimpleQueue[logging.LogRecord]" = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    listener.start()
+    logging.basicConfig(level=logging.INFO, handlers=[_QueuedRecords(records)])
+    return listener
 
 
 def serve_until_signal(server: ProxyServer) -> int:
@@ -5393,14 +5658,8 @@ def serve_until_signal(server: ProxyServer) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Start the proxy from flags and environment; return the exit status."""
-    try:
-        config = load_config(argv, os.environ)
-    except ConfigError as error:
-        sys.stderr.write(f"proxy.py: {error}\n")
-        return 2
-    configure_logging(config.log_format, secrets_of(config))
+def run(config: Config) -> int:
+    """Serve with a configuration until a signal; return the exit status."""
     demo = None
     if config.demo:
         demo = DemoUpstream()
@@ -5410,8 +5669,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         server = ProxyServer(config)
     except OSError as error:
-        sys.stderr.write(f"proxy.py: cannot listen on {config.host}:{config.port}: "
-                         f"{_describe_os_error(error)}\n")
+        logger.error("cannot listen on %s:%s: %s", config.host, config.port, _describe_os_error(error))
         return 1
     for level, line in startup_lines(config, server.server_port, bool(server.ui)):
         logger.log(level, line)
@@ -5422,6 +5680,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if demo is not None:
             demo.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Start the proxy from flags and environment; return the exit status."""
+    try:
+        config = load_config(argv, os.environ)
+    except ConfigError as error:
+        sys.stderr.write(f"proxy.py: {error}\n")
+        return 2
+    log_thread = configure_logging(config.log_format, secrets_of(config))
+    try:
+        return run(config)
+    finally:
+        log_thread.stop()  # every record queued is written before the process ends
 
 
 if __name__ == "__main__":

@@ -571,6 +571,18 @@ def http_chunks(body: bytes) -> bytes:
     return content
 
 
+def read_until_closed_or(sock, marker, limit=5.0):
+    """What the proxy sends until `marker` has come or the connection closes (a timeout fails the test)."""
+    sock.settimeout(limit)
+    data = b""
+    while marker not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
 def reset(sock):
     """Close a socket with a TCP reset, as a crashed client or a middlebox would."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1830,6 +1842,7 @@ class ClientConnectionsTest(ProxyTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
         self.assertIn(b"72 KiB", answer)
         self.assertLess(time.monotonic() - started, 1.0)  # at once: not after HEADER_TIMEOUT or CLIENT_TIMEOUT
+        self.assertEqual(self.server.clients.busy, 0)  # no worker was given it
         self.assertLessEqual(threading.active_count(), baseline)
 
     def test_300_trickled_large_heads_hold_no_thread_while_healthz_is_answered(self):
@@ -1845,7 +1858,8 @@ class ClientConnectionsTest(ProxyTestCase):
             started = time.monotonic()
             self.assertEqual(self.request("GET", "/healthz").status, 200)
             timed.append(time.monotonic() - started)
-            self.assertLessEqual(threading.active_count(), baseline + 1)  # the handler of this check at most
+            self.assertLessEqual(self.server.clients.busy, 1)  # the heads hold no worker; this check at most
+            self.assertLessEqual(threading.active_count(), baseline)
         answers = [read_until_closed(sock) for sock in sockets]
         self.assertEqual({answer[:13] for answer in answers}, {b"HTTP/1.1 431 "})
         self.assertLess(max(timed), 1.0, timed)  # loose: a loaded machine; the bench times it tightly
@@ -1890,6 +1904,108 @@ class ClientConnectionsTest(ProxyTestCase):
         started = time.monotonic()
         self.assertEqual(conn.sock.recv(10), b"")  # the proxy closes it after CLIENT_TIMEOUT
         self.assertLess(time.monotonic() - started, 1.5)
+
+
+class WorkerPoolTest(unittest.TestCase):
+    def start_pool(self, minimum, maximum):
+        pool = proxy.WorkerPool(minimum, maximum)
+        pool.start()
+        self.addCleanup(pool.close)
+        return pool
+
+    def test_it_grows_with_demand_to_its_maximum_and_queues_past_it(self):
+        pool = self.start_pool(2, 5)
+        self.assertEqual(pool.size, 2)
+        release, started, done = threading.Event(), [], []
+        self.addCleanup(release.set)
+
+        def job(number):
+            started.append(number)
+            release.wait(10)
+            done.append(number)
+        for number in range(7):
+            pool.submit(functools.partial(job, number))  # returns at once: no thread is started here
+        self.assertTrue(wait_until(lambda: len(started) == 5), started)
+        self.assertEqual(pool.size, 5)  # the maximum: the other two wait in the queue
+        self.assertEqual(len(started), 5)
+        release.set()
+        self.assertTrue(wait_until(lambda: len(done) == 7), done)
+        self.assertEqual(pool.size, 5)
+
+    def test_idle_workers_end_down_to_the_minimum(self):
+        pool = self.start_pool(1, 4)
+        pool.IDLE_TIMEOUT = 0.2
+        release = threading.Event()
+        self.addCleanup(release.set)
+        for _ in range(4):
+            pool.submit(lambda: release.wait(10))
+        self.assertTrue(wait_until(lambda: pool.size == 4))
+        release.set()
+        self.assertTrue(wait_until(lambda: pool.size == 1, limit=5.0), pool.size)
+
+    def test_a_job_that_fails_keeps_its_worker(self):
+        pool = self.start_pool(1, 1)
+        ran = threading.Event()
+        with self.assertLogs("proxy", "ERROR") as logs:
+            pool.submit(lambda: 1 / 0)
+            pool.submit(ran.set)
+            self.assertTrue(ran.wait(5), "the one worker did not take the next job")
+        self.assertIn("ZeroDivisionError", logs.output[0])
+        self.assertEqual(pool.size, 1)
+
+
+class _HeldWorkers(proxy.ProxyServer):
+    """The proxy, its workers held before they take up a request until the test lets them."""
+
+    def __init__(self, *args, **kwargs):
+        self.go = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def serve_request(self, sock, client_address, read_ahead, at_once=False, door_pass=None):
+        if not at_once:
+            self.go.wait(10)
+        super().serve_request(sock, client_address, read_ahead, at_once, door_pass)
+
+
+class DoorTest(ProxyTestCase):
+    """At the cap, refusals come from the connection thread at once, counting requests let in that still
+    wait for a worker; a request whose body is still to come counts for nothing."""
+
+    config_overrides = {"max_streams": 2, "cors_origins": ("https://app.example",)}
+    server_class = _HeldWorkers
+
+    def test_requests_waiting_for_a_worker_count_against_the_cap(self):
+        self.addCleanup(self.server.go.set)
+        self.upstream.script = lambda received: Script(steps=reply("x"))
+        waiting = [self.raw_socket() for _ in range(2)]
+        body = chat_body()
+        for sock in waiting:  # each with its whole body: let in, then held before any worker takes it up
+            sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertTrue(wait_until(lambda: self.server.clients.busy == 2))
+        self.assertEqual(self.server.limits.active(), 0)  # no slot is taken yet
+        started = time.monotonic()
+        refused = self.post_message(headers={"Origin": "https://app.example"})
+        error = self.assert_json_error(refused, 503, "MAX_STREAMS")
+        self.assertLess(time.monotonic() - started, 2.0)  # not after a worker: none is free to take it
+        self.assertEqual(error["type"], "overloaded_error")
+        self.assertEqual(refused.getheader("Retry-After"), "1")
+        self.assertEqual(refused.getheader("Access-Control-Allow-Origin"), "https://app.example")
+        self.server.go.set()
+        for sock in waiting:
+            self.assertIn(b"event:done", read_until_closed_or(sock, b"event:done"))
+        self.assertEqual(len(self.upstream.requests), 2)
+        self.assertRegex(self.request("GET", "/metrics").read().decode(),
+                         r'proxy_rate_limit_rejections_total\{reason="streams"\} 1')
+
+    def test_a_body_still_to_come_is_not_counted(self):
+        self.server.go.set()
+        self.upstream.script = lambda received: Script(steps=reply("x"))
+        trickling = [self.raw_socket() for _ in range(3)]
+        for sock in trickling:
+            sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        self.assertTrue(wait_until(lambda: self.server.clients.busy == 3))
+        frames = parse_frames(self.post_message().read().decode())
+        self.assertEqual(frames[-1][0], "done")
 
 
 class ConnectionCapTest(ProxyTestCase):
@@ -2085,10 +2201,16 @@ class _ServedByRecorder(proxy.ProxyServer):
         self.served_by = []
         super().__init__(*args, **kwargs)
 
-    def serve_request(self, sock, client_address, read_ahead, at_once=False):
+    def serve_request(self, sock, client_address, read_ahead, *args):
         target = read_ahead.split(b" ", 2)[1].decode()
         self.served_by.append((target, threading.current_thread().name))
-        super().serve_request(sock, client_address, read_ahead, at_once)
+        super().serve_request(sock, client_address, read_ahead, *args)
+
+    def at_the_door(self, address, head):
+        verdict = super().at_the_door(address, head)
+        if isinstance(verdict, bytes):  # a refusal made whole from the head, with no handler
+            self.served_by.append((head.split(b" ", 2)[1].decode(), threading.current_thread().name))
+        return verdict
 
 
 class ConnectionFloodTest(ProxyTestCase):
