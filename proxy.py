@@ -4523,16 +4523,19 @@ class ClientConnections:
     def accept(self, sock: socket.socket, address) -> None:
         """Take a new connection; at the cap, close the longest-silent one, or refuse with a 503."""
         with self._lock:
-            if self._closed:
-                _close_quietly(sock)
-                return
-            if len(self._waiting) + self._busy >= self._config.max_connections:
-                silent = self._longest_silent()
-                if silent is None:
-                    self._refuse(sock)
-                    return
-                self._forget(silent)
-        self._wait(sock, address, b"")
+            closed = self._closed
+            full = not closed and len(self._waiting) + self._busy >= self._config.max_connections
+            silent = self._longest_silent() if full else None
+            if silent is not None:
+                del self._waiting[silent.sock]
+        if closed:
+            _close_quietly(sock)
+        elif full and silent is None:
+            self._refuse(sock)
+        else:
+            if silent is not None:
+                self._drop(silent.sock)
+            self._wait(sock, address, b"")
 
     def _longest_silent(self) -> Optional[_Waiting]:
         """The connection that has sent nothing for the longest time, if one of the first few has.
@@ -4556,14 +4559,21 @@ class ClientConnections:
                 break
         return None
 
+    # The lock guards the tables and counts only; no socket call is made
+    # under it. Such a call gives up the GIL, and under load getting it back
+    # takes a while: every other thread that wants the lock (the accept
+    # thread, workers handing connections back, this thread) would wait all
+    # that while too.
+
     def _refuse(self, sock: socket.socket) -> None:
-        """Tell a connection there is no room, as a short 503, and close it; call with the lock held."""
+        """Tell a connection there is no room, as a short 503, and close it."""
         self._on_refused()
-        self._refusals.count(time.monotonic())
+        with self._lock:
+            self._refusals.count(time.monotonic())
         self._answer_and_close(sock, CONNECTIONS_FULL_RESPONSE)
 
     def _answer_and_close(self, sock: socket.socket, response: bytes) -> None:
-        """Send a canned answer and close the connection once the client has read it; call with the lock held."""
+        """Send a canned answer and close the connection once the client has read it."""
         try:
             sock.setblocking(False)
             sock.send(response)
@@ -4571,28 +4581,41 @@ class ClientConnections:
         except OSError:
             _close_quietly(sock)
             return
-        if len(self._closing) >= self.LINGER_LIMIT:
+        with self._lock:
+            # Closed once the client's request is read and it leaves (or LINGER
+            # passes): closing with its bytes unread would send a reset, which
+            # can destroy the answer before the client reads it (RFC 9112, 9.6).
+            entry = None
+            if len(self._closing) < self.LINGER_LIMIT and not self._closed:
+                entry = self._closing[sock] = _Closing(sock, time.monotonic() + self.LINGER)
+        if entry is None:
             _discard_pending(sock)
             _close_quietly(sock)
             return
-        # Closed once the client's request is read and it leaves (or LINGER
-        # passes): closing with its bytes unread would send a reset, which
-        # can destroy the 503 before the client reads it (RFC 9112, 9.6).
-        entry = self._closing[sock] = _Closing(sock, time.monotonic() + self.LINGER)
-        self._selector.register(sock, entry)
+        self._watch(sock, entry)
+
+    def _watch(self, sock: socket.socket, entry) -> bool:
+        """Have this thread's selector watch a connection; False if it was closed meanwhile (close(), _expire)."""
+        try:
+            self._selector.register(sock, entry)
+        except (ValueError, OSError):
+            return False
+        return True
+
+    def _drop(self, sock: socket.socket) -> None:
+        """Stop watching a connection, taken out of the tables already, and close it."""
+        self._selector.unregister(sock)
+        _close_quietly(sock)
 
     def _drain(self, entry: _Closing) -> None:
         """Read and drop what a refused connection sent; close it when the client leaves."""
         if _recv_ready(entry.sock) == b"":
             with self._lock:
-                self._stop_lingering(entry)
-
-    def _stop_lingering(self, entry: _Closing) -> None:
-        """Close a refused connection; call with the lock held."""
-        if self._closing.get(entry.sock) is entry:
-            del self._closing[entry.sock]
-            self._selector.unregister(entry.sock)
-            _close_quietly(entry.sock)
+                mine = self._closing.get(entry.sock) is entry
+                if mine:
+                    del self._closing[entry.sock]
+            if mine:
+                self._drop(entry.sock)
 
     def give_back(self, sock: socket.socket, address, read_ahead: bytes) -> None:
         """A worker finished a request on a keep-alive connection: wait for the next one."""
@@ -4610,10 +4633,11 @@ class ClientConnections:
         """Close every waiting connection and stop; workers running a request finish it, then end."""
         with self._lock:
             self._closed = True
-            for entry in list(self._waiting.values()):
-                self._forget(entry)
-            for closing in list(self._closing.values()):
-                self._stop_lingering(closing)
+            socks = list(self._waiting) + list(self._closing)
+            self._waiting.clear()
+            self._closing.clear()
+        for sock in socks:
+            self._drop(sock)
         self._selector.wake()
         self._thread.join(timeout=5)
         self._workers.close()
@@ -4635,15 +4659,16 @@ class ClientConnections:
             return
         now = time.monotonic()
         timeout = self._config.header_timeout if read_ahead else self._config.client_timeout
+        sock.setblocking(False)
         with self._lock:
-            if self._closed:
-                _close_quietly(sock)
-                return
-            sock.setblocking(False)
-            was_empty = not self._waiting
-            entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now, now + timeout)
-            self._selector.register(sock, entry)
-        if was_empty:  # the client connections' thread may wait with no timeout; otherwise it ticks
+            entry = was_empty = None
+            if not self._closed:
+                was_empty = not self._waiting
+                entry = self._waiting[sock] = _Waiting(sock, address, read_ahead, now, now + timeout)
+        if entry is None:
+            _close_quietly(sock)
+            return
+        if self._watch(sock, entry) and was_empty:  # this thread may wait with no timeout; otherwise it ticks
             self._selector.wake()
 
     def _hand_off(self, sock: socket.socket, address, head: bytes, may_answer_here: bool = False) -> None:
@@ -4660,8 +4685,7 @@ class ClientConnections:
         if may_answer_here:
             verdict = self._at_the_door(address, head)
             if isinstance(verdict, bytes):
-                with self._lock:
-                    self._answer_and_close(sock, verdict)
+                self._answer_and_close(sock, verdict)
                 return
             door_pass = verdict
         with self._lock:
@@ -4670,12 +4694,6 @@ class ClientConnections:
             self._start_request(sock, address, head, True)
             return
         self._workers.submit(functools.partial(self._start_request, sock, address, head, False, door_pass))
-
-    def _forget(self, entry: _Waiting) -> None:
-        """Stop waiting on a connection and close it; call with the lock held."""
-        del self._waiting[entry.sock]
-        self._selector.unregister(entry.sock)
-        _close_quietly(entry.sock)
 
     def _run(self) -> None:
         next_tick = time.monotonic() + self.TICK
@@ -4699,44 +4717,62 @@ class ClientConnections:
         if data is None:
             return
         with self._lock:
-            if self._waiting.get(entry.sock) is not entry:
-                return
-            if not data:
-                self._forget(entry)
-                return
-            if not entry.head:
-                data = data.lstrip(b"\r\n")  # empty lines before a request line are ignored (RFC 9112, 2.2)
-                if not data:
-                    return  # still idle: its idle deadline stands
-                entry.deadline = time.monotonic() + self._config.header_timeout  # the header clock starts
-            entry.head += data
-            end = _HEAD_END.search(entry.head)
-            if end is None and len(entry.head) <= HEAD_LIMIT:
-                return
-            del self._waiting[entry.sock]
-            self._selector.unregister(entry.sock)
-            if end is None or end.start() > HEAD_LIMIT:  # answered here: no thread ever waits on a head
-                self._heads_too_large.count(time.monotonic())
-                self._answer_and_close(entry.sock, HEAD_TOO_LARGE_RESPONSE)
-                return
+            outcome = self._take_bytes(entry, data)
+        if outcome is None:
+            return
+        if outcome == "gone":
+            self._drop(entry.sock)
+            return
+        self._selector.unregister(entry.sock)
+        if outcome == "too large":  # answered here: no thread ever waits on a head
+            self._answer_and_close(entry.sock, HEAD_TOO_LARGE_RESPONSE)
+            return
         self._hand_off(entry.sock, entry.address, bytes(entry.head), may_answer_here=True)
+
+    def _take_bytes(self, entry: _Waiting, data: bytes) -> Optional[str]:
+        """Add what a connection sent to its head; call with the lock held. Returns None while the head
+        is not whole, else what came of the connection, now out of the table: "gone", "too large", "whole"."""
+        if self._waiting.get(entry.sock) is not entry:
+            return None
+        if data and not entry.head:
+            data = data.lstrip(b"\r\n")  # empty lines before a request line are ignored (RFC 9112, 2.2)
+            if not data:
+                return None  # still idle: its idle deadline stands
+            entry.deadline = time.monotonic() + self._config.header_timeout  # the header clock starts
+        entry.head += data
+        end = _HEAD_END.search(entry.head)
+        if data and end is None and len(entry.head) <= HEAD_LIMIT:
+            return None
+        del self._waiting[entry.sock]
+        if not data:
+            return "gone"
+        if end is None or end.start() > HEAD_LIMIT:
+            self._heads_too_large.count(time.monotonic())
+            return "too large"
+        return "whole"
 
     def _expire(self, now: float) -> None:
         with self._lock:
             late = [entry for entry in self._waiting.values() if entry.deadline <= now]
             for entry in late:
-                if entry.head:  # a head that never finished: say so, as far as the socket takes it
+                del self._waiting[entry.sock]
+                if entry.head:
                     self._header_timeouts.count(now)
-                    try:
-                        entry.sock.send(HEADER_TIMEOUT_RESPONSE)
-                    except OSError:
-                        pass
-                self._forget(entry)
-            for closing in [closing for closing in self._closing.values() if closing.deadline <= now]:
-                self._stop_lingering(closing)
+            lingered = [closing.sock for closing in self._closing.values() if closing.deadline <= now]
+            for sock in lingered:
+                del self._closing[sock]
             self._header_timeouts.flush(now)
             self._heads_too_large.flush(now)
             self._refusals.flush(now)
+        for entry in late:
+            if entry.head:  # a head that never finished: say so, as far as the socket takes it
+                try:
+                    entry.sock.send(HEADER_TIMEOUT_RESPONSE)
+                except OSError:
+                    pass
+            self._drop(entry.sock)
+        for sock in lingered:
+            self._drop(sock)
 
 
 # --------------------------------------------------------------------------
