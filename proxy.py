@@ -1759,9 +1759,9 @@ class _ClientState:
 
 class DoorPass:
     """A relayed request let in at the door by ClientConnections' thread, its whole body in hand: it
-    counts against MAX_STREAMS while it waits for a worker, so that a burst is refused at once past the
-    cap rather than queued. A worker that takes it up gives the pass back and takes its slot as before.
-    A request whose body is still to come gets none: a body still arriving holds no slot."""
+    counts against MAX_STREAMS from then on, so that a burst is refused at once past the cap rather than
+    queued for workers, until it takes its slot (in the same step) or ends. A request whose body is
+    still to come gets none: a body still arriving holds no slot."""
 
     __slots__ = ("_limits", "held")
 
@@ -2129,7 +2129,7 @@ class Limits:
         self._lock = threading.Lock()
         self._clients: Dict[str, _ClientState] = {}
         self._streams = 0
-        self._arriving = 0  # relayed requests let in at the door, waiting for a worker (DoorPass)
+        self._arriving = 0  # relayed requests let in at the door that hold no slot yet (DoorPass)
         self.unshared = {"served": 0, "refused": 0}  # decisions Redis could not make, by what came of them
 
     def active(self) -> int:
@@ -2172,11 +2172,13 @@ class Limits:
                                     "proxy refuses requests it cannot count (REDIS_FAILURE_MODE=closed); "
                                     "try again shortly", headers={"Retry-After": "2"})
 
-    def take_slot(self, client: str, force: bool = False) -> StreamSlot:
+    def take_slot(self, client: str, force: bool = False, door_pass: Optional[DoorPass] = None) -> StreamSlot:
         """One of the stream slots, for the request to hold until it is settled, or raise 429/503.
 
         force takes it even past a cap: for an upload already streamed to the
         upstream, whose answer must be relayed whatever the load has become.
+        A request let in at the door gives its place there up in the same
+        step, so that no other request is let in between the two.
         """
         if not force and self.is_full():
             raise self.overloaded()
@@ -2194,6 +2196,9 @@ class Limits:
                 self._shared.release(lease, taken=False)
                 raise
         with self._lock:
+            if door_pass is not None and door_pass.held:
+                door_pass.held = False
+                self._arriving -= 1
             state = self._state(client, time.monotonic())
             refusal = None if force else self._slot_refusal(state, per_client=not decided)
             if refusal is None:
@@ -2219,7 +2224,7 @@ class Limits:
 
     def let_in(self) -> Optional[DoorPass]:
         """A pass for a relayed request at the door, or None when every slot is taken or promised to
-        requests let in before it that wait for a worker: a refusal then needs no worker."""
+        requests let in before it: a refusal then needs no worker."""
         with self._lock:
             if self._global and self._streams + self._arriving >= self._global:
                 return None
@@ -2227,7 +2232,7 @@ class Limits:
         return DoorPass(self)
 
     def forget_arrival(self) -> None:
-        """A request let in at the door was taken up by a worker (or ended)."""
+        """A request let in at the door ended without taking a slot."""
         with self._lock:
             self._arriving -= 1
 
@@ -4841,9 +4846,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on ClientConnections' thread may take to take its answer
 
-    def __init__(self, request, client_address, server, read_ahead: bytes = b"", at_once: bool = False):
+    def __init__(self, request, client_address, server, read_ahead: bytes = b"", at_once: bool = False,
+                 door_pass: Optional[DoorPass] = None):
         self.read_ahead = read_ahead  # what ClientConnections read of the request already
         self.at_once = at_once        # run by ClientConnections' thread: answer without waiting, or refuse
+        self.door_pass = door_pass    # let in at the door: counted against MAX_STREAMS until it takes its slot
         self.keep_open = False
         self.leftover = b""
         super().__init__(request, client_address, server)
@@ -5202,7 +5209,7 @@ def note_upstream_answer(handler: ProxyHandler, response: http.client.HTTPRespon
 
 def take_slot(handler: ProxyHandler, force: bool = False) -> None:
     """One of the limited stream slots, held while the request is relayed; taken once its body is in."""
-    handler.state.slot = handler.server.limits.take_slot(handler.state.client_name, force)
+    handler.state.slot = handler.server.limits.take_slot(handler.state.client_name, force, handler.door_pass)
 
 
 def needs_body_check(handler: ProxyHandler) -> bool:
@@ -5555,13 +5562,14 @@ class ProxyServer(http.server.HTTPServer):
     def serve_request(self, sock: socket.socket, client_address, read_ahead: bytes, at_once: bool = False,
                       door_pass: Optional[DoorPass] = None) -> None:
         """A worker thread's job, or ClientConnections' for an answer at once: one request, then back to it."""
-        if door_pass is not None:
-            door_pass.release()  # a worker has it: it competes for a slot as any request does
         handler = None
         try:
-            handler = self.RequestHandlerClass(sock, client_address, self, read_ahead, at_once)
+            handler = self.RequestHandlerClass(sock, client_address, self, read_ahead, at_once, door_pass)
         except Exception:
             self.handle_error(sock, client_address)
+        finally:
+            if door_pass is not None:
+                door_pass.release()  # if it took no slot
         if handler is not None and handler.keep_open:
             self.clients.give_back(sock, client_address, handler.leftover)
         else:

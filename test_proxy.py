@@ -1997,6 +1997,15 @@ class DoorTest(ProxyTestCase):
         self.assertRegex(self.request("GET", "/metrics").read().decode(),
                          r'proxy_rate_limit_rejections_total\{reason="streams"\} 1')
 
+    def test_a_request_let_in_that_takes_no_slot_gives_its_place_back(self):
+        self.server.go.set()
+        self.upstream.script = lambda received: Script(steps=reply("x"))
+        for _ in range(5):  # whole bodies, let in at the door, then refused by the handler: no slot taken
+            self.assert_json_error(self.post_message(b'{"messages": []}'), 400, "'messages' is empty")
+        for _ in range(2):  # had any place stayed taken, these would find the cap of 2 reached
+            frames = parse_frames(self.post_message().read().decode())
+            self.assertEqual(frames[-1][0], "done")
+
     def test_a_body_still_to_come_is_not_counted(self):
         self.server.go.set()
         self.upstream.script = lambda received: Script(steps=reply("x"))
