@@ -1984,7 +1984,8 @@ class DoorTest(ProxyTestCase):
         self.assertTrue(wait_until(lambda: self.server.clients.busy == 2))
         self.assertEqual(self.server.limits.active(), 0)  # no slot is taken yet
         started = time.monotonic()
-        refused = self.post_message(headers={"Origin": "https://app.example"})
+        refused = self.send_raw(b"POST /message HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+                                b"Content-Length: %d\r\n\r\n%b" % (len(body), body))  # head and body in one write
         error = self.assert_json_error(refused, 503, "MAX_STREAMS")
         self.assertLess(time.monotonic() - started, 2.0)  # not after a worker: none is free to take it
         self.assertEqual(error["type"], "overloaded_error")
