@@ -3667,6 +3667,7 @@ class EventSplitter:
 
 
 _ERROR_KEY = re.compile(rb'"error"\s*:|^event:\s*error', re.M)
+_ESCAPED_E_R_O = re.compile(rb"\\u00(?:65|72|6[fF])")  # "error" with a letter escaped holds one of these
 _DATA_START = re.compile(rb"^data: ?(.?)", re.M)
 
 
@@ -3675,7 +3676,7 @@ def reports_error(event: bytes) -> bool:
     escapes), event: error, or a Responses API event of type error."""
     if b"error" in event and _ERROR_KEY.search(event):  # the substring test is the fast path
         return True
-    if b"\\u" not in event:
+    if b"\\u" not in event or not _ESCAPED_E_R_O.search(event):  # escaped non-ASCII text costs no parse
         return False
     payload = event_payload(event)
     return isinstance(payload, dict) and ("error" in payload or payload.get("type") == "error" or (
