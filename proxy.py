@@ -4415,14 +4415,17 @@ class WorkerPool:
             threading.Thread(target=self._work, name="worker", daemon=True).start()
         self._spawner.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue a job for a worker; never waits."""
-        self._jobs.put(job)
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue a job for a worker; never waits. False once the pool is closed: the job will not run."""
         with self._lock:
+            if self._closed:
+                return False
+            self._jobs.put(job)  # under the lock: close() counts the workers to end after every job queued
             self._spare -= 1
             short = self._spare < 0
         if short:
             self._wanted.set()
+        return True
 
     @property
     def size(self) -> int:
@@ -4699,7 +4702,10 @@ class ClientConnections:
         if may_answer_here and door_pass is None and self._answers_at_once(head):
             self._start_request(sock, address, head, True)
             return
-        self._workers.submit(functools.partial(self._start_request, sock, address, head, False, door_pass))
+        if not self._workers.submit(functools.partial(self._start_request, sock, address, head, False, door_pass)):
+            if door_pass is not None:  # closing: a pipelined request during a drain is not served
+                door_pass.release()
+            self.done(sock)
 
     def _run(self) -> None:
         next_tick = time.monotonic() + self.TICK

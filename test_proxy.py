@@ -1943,6 +1943,14 @@ class WorkerPoolTest(unittest.TestCase):
         release.set()
         self.assertTrue(wait_until(lambda: pool.size == 1, limit=5.0), pool.size)
 
+    def test_a_closed_pool_takes_no_job(self):
+        pool = self.start_pool(1, 2)
+        ran = threading.Event()
+        self.assertTrue(pool.submit(ran.set))
+        self.assertTrue(ran.wait(5))
+        pool.close()
+        self.assertFalse(pool.submit(lambda: None))  # the caller closes the connection instead
+
     def test_a_job_that_fails_keeps_its_worker(self):
         pool = self.start_pool(1, 1)
         ran = threading.Event()
