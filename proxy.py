@@ -1293,6 +1293,7 @@ class SecretMasker:
 
 @functools.lru_cache(maxsize=8)
 def secret_masker(secrets: Tuple[str, ...]) -> SecretMasker:
+    """The masker for a set of secrets, built once."""
     return SecretMasker(secrets)
 
 
@@ -2398,6 +2399,7 @@ LOG_VALUE_LIMIT = 200  # characters of one client- or upstream-supplied value in
 
 
 def _escaped_char(match: re.Match) -> str:
+    """A matched character as \\xNN or \\uNNNN."""
     code = ord(match.group())
     return "\\x%02x" % code if code < 256 else "\\u%04x" % code
 
@@ -4185,8 +4187,9 @@ _REQUEST_LINE = re.compile(_TOKEN_BYTES + rb" [\x21-\x7e]+( HTTP/[0-9]\.[0-9])?"
 _FIELD_LINE = re.compile(_TOKEN_BYTES + rb":[\t\x20-\x7e\x80-\xff]*")
 
 
-def check_head(head: bytes) -> None:
-    """Raise BadRequest (431 for size) unless the request head is well formed under RFC 9112.
+def check_head(head: bytes) -> List[bytes]:
+    """The request head's lines, line ends taken off; BadRequest (431 for size) unless the head is well
+    formed under RFC 9112.
 
     http.server is lenient where smuggling lives: a line it cannot read ends
     its header block early, so later headers (Content-Length too) are lost
@@ -4206,6 +4209,7 @@ def check_head(head: bytes) -> None:
         if not _FIELD_LINE.fullmatch(line):
             raise BadRequest(f"header line {number} is malformed: it must be a name (a token, no spaces) "
                              "and a colon, then a value without CR, LF or NUL")
+    return lines
 
 
 def check_framing(headers) -> None:
@@ -4247,10 +4251,9 @@ def parse_simple_head(head: bytes) -> Optional[Tuple[str, str, Dict[str, str]]]:
     """A well-formed request head's method, path (no query) and fields (names in lower case; a field
     given twice keeps its last value); None for a head check_head refuses."""
     try:
-        check_head(head)
+        lines = [line.decode("latin-1") for line in check_head(head)]
     except BadRequest:
         return None
-    lines = head[:_HEAD_END.search(head).start()].decode("latin-1").split("\n")
     method, target = lines[0].split(" ", 2)[:2]
     fields = {}
     for line in lines[1:]:
@@ -5527,16 +5530,17 @@ class ProxyServer(http.server.HTTPServer):
     def _refusal(self, address, method: str, path: str, fields: Dict[str, str], client: str) -> bytes:
         """The whole 503 for a request that finds every stream slot taken, logged and counted."""
         error = self.limits.overloaded()
-        whole = json_bytes(error.to_json())
-        body = b"" if method == "HEAD" else whole
+        headers = [*error.headers.items(), *cors_headers(self.config.cors_origins, fields.get("origin"))]
+        response = canned_response(error.status, error.message,
+                                   "".join(f"{name}: {value}\r\n" for name, value in headers).encode("latin-1"))
+        head_end = response.index(b"\r\n\r\n") + 4
+        if method == "HEAD":
+            response = response[:head_end]
         state = RequestState(Attempts(lambda *args: None), status=error.status, client_name=client,
-                             error_type=error.log_type, rejected_by=error.reason, bytes_sent=len(body))
+                             error_type=error.log_type, rejected_by=error.reason,
+                             bytes_sent=len(response) - head_end)
         self.record_exchange(state, address[0], method, path)
-        headers = [("Content-Type", "application/json"), *error.headers.items(),
-                   *cors_headers(self.config.cors_origins, fields.get("origin")),
-                   ("Connection", "close"), ("Content-Length", str(len(whole)))]
-        return (b"HTTP/1.1 503 Service Unavailable\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
-                .encode("latin-1") + b"\r\n" + body)
+        return response
 
     def record_exchange(self, state: RequestState, address: str, method: str, path: str,
                         cancelled_upstream: bool = False) -> None:
