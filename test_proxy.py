@@ -5057,7 +5057,8 @@ class SharedLimitsTest(unittest.TestCase):
 
     def copy(self, redis_url=None, **settings):
         env = {"OA_API_KEY": TEST_KEY, "REDIS_URL": redis_url or self.redis.url,
-               "PROXY_API_KEYS": f"alice={ALICE_KEY},bob={BOB_KEY}", "REDIS_TIMEOUT": "0.3",
+               "PROXY_API_KEYS": f"alice={ALICE_KEY},bob={BOB_KEY}",
+               "REDIS_TIMEOUT": "2",  # a loaded CI machine may take longer than 0.5 s to connect first
                **{name: str(value) for name, value in settings.items()}}
         process = ProxyProcess("--base-url", self.upstream.base_url, env=env)
         self.addCleanup(process.kill)
@@ -5101,7 +5102,8 @@ class SharedLimitsTest(unittest.TestCase):
         self.assertLessEqual(len(buckets) // 2, math.ceil(elapsed) + 1, buckets)
 
     def test_a_stream_slot_holds_across_copies_and_frees_itself_when_its_copy_is_killed(self):
-        a, b = self.copy(MAX_STREAMS_PER_CLIENT=1, STREAM_LEASE=1.5), self.copy(MAX_STREAMS_PER_CLIENT=1)
+        a = self.copy(MAX_STREAMS_PER_CLIENT=1, STREAM_LEASE=1.5, REDIS_TIMEOUT=0.5)
+        b = self.copy(MAX_STREAMS_PER_CLIENT=1)
         hold = threading.Event()
         self.addCleanup(hold.set)
         self.upstream.script = Script(steps=[chunk(role="assistant", content=""), hold] + reply("x")[1:])
@@ -5250,7 +5252,7 @@ class SharedLimitsTest(unittest.TestCase):
 
     def test_two_copies_behind_nginx_enforce_one_clients_limits_as_one(self):
         config = make_config(base_url=self.upstream.base_url, proxy_api_keys=(("alice", ALICE_KEY),),
-                             rate_limit_rpm=3, redis_url=self.redis.url)
+                             rate_limit_rpm=3, redis_url=self.redis.url, redis_timeout=2.0)
         copies = []
         for _ in range(2):
             server = proxy.ProxyServer(config)
