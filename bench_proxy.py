@@ -88,6 +88,19 @@ LIMITS_REDIS_DELAY = 0.001  # seconds each way; the relay's timer makes a round 
 LIMIT_FLAGS = ("--rate-limit-rpm", "100000000", "--rate-limit-tpm", "1000000000000", "--max-streams-per-client",
                "10000", "--token-budget-day", "1000000000000")
 
+# requests: REQUESTS one-chunk streams one after another on one kept-alive connection (what a request costs).
+REQUESTS = 1000
+# burst: each of BURST_CLIENTS clients starts within RAMP seconds and sends BURST_REQUESTS_PER_CLIENT streams of
+# BURST_CHUNKS chunks BURST_GAP s apart one after another, each on a new connection; no stream cap.
+BURST_CLIENTS = (500, 1000)
+BURST_REQUESTS_PER_CLIENT = 3
+BURST_CHUNKS, BURST_GAP = 50, 0.1
+
+# What runs in front of the upstream: proxy.py from this checkout, and from --baseline's worktree if given;
+# nginx is added on /v1 for the scenarios that have a reference row (REFERENCED).
+SYSTEMS = {"proxy.py": HERE}
+REFERENCED = ("requests", "burst")
+
 SCENARIOS = {
     "latency": (50, 100, 0.02, 0.0),
     "concurrency": (500, 50, 0.1, 0.0),
@@ -99,6 +112,8 @@ SCENARIOS = {
     "flood": (FLOOD_ATTACKERS, 5, 0.01, 0.0),
     "rtt": RTT,
     "limits": KEEPALIVE,
+    "requests": (1, 1, 0.0, 0.0),
+    "burst": (BURST_CLIENTS[0], BURST_CHUNKS, BURST_GAP, 0.0),
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -390,7 +405,12 @@ class Prober:
 # --------------------------------------------------------------------------
 
 class ProxyProcess:
-    """proxy.py in a subprocess, pinned to a CPU, read through /proc and its /metrics."""
+    """proxy.py in a subprocess, pinned to a CPU, read through /proc and its /metrics.
+
+    `home` is the checkout whose proxy.py runs: this one, or --baseline's worktree.
+    """
+
+    home = HERE
 
     def __init__(self, upstream_port, cpu, args=UNLIMITED, base_url=None, env=None):
         # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.
@@ -400,7 +420,7 @@ class ProxyProcess:
         os.close(fd)
         with open(self.log_path, "a") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", "--api-key", "bench",
+                [sys.executable, os.path.join(self.home, "proxy.py"), "--port", "0", "--api-key", "bench",
                  "--base-url", base_url or f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "4096",
                  *args], stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})})
         self.log = open(self.log_path)
@@ -721,6 +741,147 @@ async def rtt(route, cpus, proxy_args):
         os.rmdir(folder)
 
 
+class NginxProcess:
+    """Debian's nginx, one worker, in front of the upstream as a C reference: proxy_buffering off, upstream
+    keepalive, no access log. It has the proxy's interface for what the scenarios read (port, CPU, RSS)."""
+
+    def __init__(self, upstream_port, cpu):
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if binary is None:
+            raise RuntimeError("the nginx reference needs nginx (Debian's package nginx-light or nginx)")
+        self.folder = tempfile.mkdtemp(prefix="bench-nginx-")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        temp = "".join(f"{kind}_temp_path {self.folder}/{kind};\n"
+                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf = os.path.join(self.folder, "nginx.conf")
+        with open(conf, "w") as out:
+            out.write(f"daemon off;\nuser root;\nworker_processes 1;\nworker_rlimit_nofile 65536;\n"
+                      f"pid {self.folder}/nginx.pid;\nerror_log {self.folder}/error.log crit;\n"
+                      f"events {{ worker_connections 16384; }}\nhttp {{\naccess_log off;\n{temp}"
+                      f"upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 1024; }}\n"
+                      f"server {{ listen 127.0.0.1:{self.port} backlog=4096; location / {{\n"
+                      f"proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";\n"
+                      f"proxy_buffering off; proxy_read_timeout 600s; }} }}\n}}\n")
+        self.process = subprocess.Popen([binary, "-c", conf, "-p", self.folder],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        children = self.children()
+        self.worker = children[0] if children else self.process.pid
+        if cpu is not None:
+            for pid in (self.process.pid, self.worker):
+                os.sched_setaffinity(pid, {cpu})
+
+    def children(self):
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as listing:
+            return [int(pid) for pid in listing.read().split()]
+
+    def cpu_seconds(self):
+        """The worker's time on a CPU, to the nanosecond (schedstat), where /proc's stat counts 10 ms ticks."""
+        with open(f"/proc/{self.worker}/schedstat") as stat:
+            return int(stat.read().split()[0]) / 1e9
+
+    def status(self, name):
+        with open(f"/proc/{self.worker}/status") as status:
+            return int(re.search(rf"^{name}:\s+(\d+)", status.read(), re.M).group(1))
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_system(system, upstream_port, cpus, proxy_args):
+    """The system under test in front of the upstream: proxy.py from a checkout, or nginx."""
+    cpu = cpus[0] if cpus else None
+    if system == "nginx":
+        return NginxProcess(upstream_port, cpu)
+    ProxyProcess.home = SYSTEMS[system]
+    return ProxyProcess(upstream_port, cpu, (*UNLIMITED, *proxy_args))
+
+
+async def requests(route, cpus, proxy_args, system):
+    """REQUESTS one-chunk streams one after another on one kept-alive connection: what a request costs."""
+    upstream = Upstream()
+    upstream.chunks = 1
+    upstream_port = await upstream.start()
+    direct_route = route if route != "/message" else "/v1/chat/completions"
+    direct = await timed_requests(upstream_port, direct_route, REQUESTS)
+    target = start_system(system, upstream_port, cpus, proxy_args)
+    try:
+        await timed_requests(target.port, route, 50)  # warm: threads, pooled connections
+        cpu_before = target.cpu_seconds()
+        started = time.monotonic()
+        via = await timed_requests(target.port, route, REQUESTS)
+        seconds = time.monotonic() - started
+        cpu = target.cpu_seconds() - cpu_before
+        return {"scenario": "requests", "route": route, "system": system, "requests": REQUESTS,
+                "cpu_us_per_request": round(cpu / REQUESTS * 1e6, 1),
+                "requests_per_s": round(REQUESTS / seconds),
+                "direct_ttfb_p50_ms": ms(percentile(direct, 50)), "ttfb_p50_ms": ms(percentile(via, 50)),
+                "added_ttfb_p50_ms": round((percentile(via, 50) - percentile(direct, 50)) * 1000, 3),
+                "added_ttfb_p99_ms": round((percentile(via, 99) - percentile(direct, 99)) * 1000, 3)}
+    finally:
+        target.stop()
+        upstream.close()
+
+
+async def burst_client(port, route, results, left, stagger):
+    """One client of a burst: it starts within `stagger` seconds, then opens a new connection for its next
+    request the moment its last one ends, while requests are left."""
+    while left[0] > 0:
+        left[0] -= 1
+        await stream(port, route, results, stagger=stagger)
+        stagger = 0.0
+
+
+async def run_burst(port, route, clients, total):
+    results, left = new_results(), [total]
+    started = time.monotonic()
+    await asyncio.gather(*(burst_client(port, route, results, left, RAMP) for _ in range(clients)))
+    results["seconds"] = time.monotonic() - started
+    return results
+
+
+async def burst(route, cpus, proxy_args, system, clients):
+    """Hundreds of clients starting within a second, a new connection per request: the tail they see."""
+    total = clients * BURST_REQUESTS_PER_CLIENT
+    upstream = Upstream()
+    upstream.chunks, upstream.gap = BURST_CHUNKS, BURST_GAP
+    upstream_port = await upstream.start()
+    random.seed(clients)
+    direct = await run_burst(upstream_port, route if route != "/message" else "/v1/chat/completions",
+                             clients, total)
+    target = start_system(system, upstream_port, cpus, proxy_args)
+    try:
+        await run_clients(target.port, route, 1)
+        cpu_before = target.cpu_seconds()
+        random.seed(clients)
+        via = await run_burst(target.port, route, clients, total)
+        cpu = target.cpu_seconds() - cpu_before
+        delivered = len(via["delays"])
+        return {"scenario": "burst", "route": route, "system": system, "clients": clients, "requests": total,
+                "served": via["served"], "errors": len(via["errors"]) + len(via["refused"]),
+                "chunks_per_s": round(delivered / via["seconds"]),
+                "direct_chunks_per_s": round(len(direct["delays"]) / direct["seconds"]),
+                "cpu_us_per_chunk": round(cpu / max(1, delivered) * 1e6, 1),
+                "added_p99_ms": ms(percentile(via["delays"], 99) - percentile(direct["delays"], 99)),
+                "ttfb_p99_ms": ms(percentile(via["ttfb"], 99)),
+                "direct_ttfb_p99_ms": ms(percentile(direct["ttfb"], 99)),
+                "peak_rss_mb": round(target.status("VmHWM") / 1024, 1),
+                "sample_error": (via["errors"] or [None])[0]}
+    finally:
+        target.stop()
+        upstream.close()
+
+
 class RedisServer:
     """Debian's redis-server on a loopback port, without persistence; for the limits scenario."""
 
@@ -819,8 +980,13 @@ async def limits(route, cpus, proxy_args):
         upstream.close()
 
 
-async def scenario(name, route, cpus, proxy_args=(), shape=None):
-    """One scenario on one route: direct, then through the proxy."""
+async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.py"):
+    """One scenario on one route: direct, then through the proxy (or the system named)."""
+    if name == "requests":
+        return [await requests(route, cpus, proxy_args, system)]
+    if name == "burst":
+        return [await burst(route, cpus, proxy_args, system, clients) for clients in BURST_CLIENTS]
+    ProxyProcess.home = SYSTEMS[system]
     if name == "overload":
         return await overload(route, cpus, proxy_args, shape or OVERLOAD)
     if name == "keepalive":
@@ -875,19 +1041,23 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None):
 
 
 TABLES = (
-    ("per token", ("scenario", "route", "streams", "chunks", "errors", "ttfb_ms", "added_p50_ms", "added_p99_ms",
+    ("per token", ("scenario", "route", "system", "streams", "chunks", "errors", "ttfb_ms", "added_p50_ms", "added_p99_ms",
                    "added_p99_after_first_ms", "cpu_us_per_chunk", "chunks_per_s", "peak_rss_mb",
                    "upstreams_closed", "threads_sockets")),
-    ("overload", ("route", "streams", "served", "gap_p99_ms", "direct_gap_p99_ms", "gap_max_ms", "refused",
+    ("overload", ("route", "system", "streams", "served", "gap_p99_ms", "direct_gap_p99_ms", "gap_max_ms", "refused",
                   "with_retry_after", "refusal_p99_ms", "refusal_max_ms", "unanswered", "healthz_p50_ms",
                   "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "active_max", "peak_rss_mb")),
-    ("keepalive", ("route", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
+    ("keepalive", ("route", "system", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
                    "direct_p50_ms", "direct_max_ms")),
-    ("flood", ("flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
+    ("flood", ("system", "flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
                "probe_p99_ms", "log_lines", "peak_rss_mb")),
-    ("rtt", ("route", "rtt_ms", "sequential", "direct_p50_ms", "ttfb_p50_ms", "ttfb_p99_ms", "added_p50_ms",
+    ("rtt", ("route", "system", "rtt_ms", "sequential", "direct_p50_ms", "ttfb_p50_ms", "ttfb_p99_ms", "added_p50_ms",
              "direct_opened", "opened", "wave", "wave1_p50_ms", "wave2_p50_ms", "wave2_p99_ms", "wave1_opened",
              "wave2_opened", "errors")),
+    ("requests", ("route", "system", "requests", "cpu_us_per_request", "requests_per_s", "direct_ttfb_p50_ms",
+                  "ttfb_p50_ms", "added_ttfb_p50_ms", "added_ttfb_p99_ms")),
+    ("burst", ("route", "system", "clients", "requests", "served", "errors", "chunks_per_s", "direct_chunks_per_s",
+               "cpu_us_per_chunk", "added_p99_ms", "ttfb_p99_ms", "direct_ttfb_p99_ms", "peak_rss_mb")),
     ("limits", ("route", "clients", "redis_ping_ms", "redis_away_ping_ms", "direct_p50_ms", "none_p50_ms", "none_p99_ms", "process_p50_ms",
                 "process_p99_ms", "redis_p50_ms", "redis_p99_ms", "redis_trips_per_request", "redis_away_p50_ms",
                 "redis_away_p99_ms", "redis_away_trips_per_request", "redis_away_unshared", "errors")),
@@ -897,7 +1067,8 @@ TABLES = (
 def print_table(rows):
     """One table for the per-token scenarios, one each for overload, keepalive and flood."""
     for title, columns in TABLES:
-        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt", "limits")
+        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt", "limits",
+                                                                       "requests", "burst")
                                     else "per token") == title]
         if not kind:
             continue
@@ -940,6 +1111,31 @@ def raise_open_file_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def runs_of(name, route):
+    """(system, route) pairs for one scenario, each system in turn per route so that they share the run's
+    conditions; nginx only on /v1 and only where the scenario has a reference row."""
+    routes = [route] if route else (ROUTES[:1] if name == "flood" else ROUTES)
+    return [(system, each) for each in routes for system in (*SYSTEMS, "nginx")
+            if system != "nginx" or (name in REFERENCED and each != "/message")]
+
+
+@contextlib.contextmanager
+def baseline_worktree(rev):
+    """A detached git worktree of `rev` beside this checkout's history, removed afterwards; None without one."""
+    if not rev:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="bench-baseline-")
+    subprocess.run(["git", "-C", HERE, "worktree", "add", "--detach", folder, rev], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", folder], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     if sys.argv[1:2] in (["--probe"], ["--probe-message"]):
         (probe if sys.argv[1] == "--probe" else probe_message)(int(sys.argv[2]), float(sys.argv[3]))
@@ -956,6 +1152,8 @@ def main():
                              "with the streams, a way to size MAX_STREAMS for a machine")
     parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS,
                         help=f"how long each flood runs (default {FLOOD_SECONDS:g})")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run proxy.py as of this git revision (a temporary worktree), interleaved")
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="FLAG",
                         help="an extra flag for proxy.py, e.g. --proxy-arg=--max-streams=0 (repeatable)")
     args = parser.parse_args()
@@ -972,16 +1170,22 @@ def main():
     raise_open_file_limit()
     seconds = OVERLOAD[1] * OVERLOAD[2]  # each stream lasts as long at any rate
     shape = (args.overload_streams, round(seconds * args.overload_rate), 1 / args.overload_rate, 0.0)
-    for name in args.scenarios or list(SCENARIOS):
-        if name == "flood":  # one route: the floods are about connections, not relaying
-            new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
-        else:
-            new_rows = [asyncio.run(scenario(name, route, cpus, args.proxy_arg, shape))
-                        for route in ([args.route] if args.route else ROUTES)]
-        rows.extend(new_rows)
-        if args.json:
-            for row in new_rows:
-                print(json.dumps(row), flush=True)
+    with baseline_worktree(args.baseline) as baseline:
+        if baseline:
+            SYSTEMS[f"proxy.py@{args.baseline}"] = baseline
+        for name in args.scenarios or list(SCENARIOS):
+            for system, route in runs_of(name, args.route):
+                if name == "flood":  # one route: the floods are about connections, not relaying
+                    ProxyProcess.home = SYSTEMS[system]
+                    new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
+                else:
+                    found = asyncio.run(scenario(name, route, cpus, args.proxy_arg, shape, system))
+                    new_rows = found if isinstance(found, list) else [found]
+                for row in new_rows:
+                    row.setdefault("system", system)
+                    rows.append(row)
+                    if args.json:
+                        print(json.dumps(row), flush=True)
     start = startup_ms()
     if args.json:
         print(json.dumps({"startup_ms": start, "pinning": note}))
