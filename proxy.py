@@ -4343,6 +4343,44 @@ def check_head(head: bytes) -> List[bytes]:
     return lines
 
 
+RequestHead = collections.namedtuple("RequestHead", "method target version fields length")
+MAX_REQUEST_FIELDS = 100  # header lines of one request, as http.server bounds them
+MAX_FIELD_LINE = 65536    # bytes of one header line, likewise
+
+
+def read_request_head(head: bytes) -> RequestHead:
+    """A whole request head, read strictly (check_head): its method, target, version, fields and length
+    in bytes; BadRequest otherwise (505 for HTTP/2 and later, 431 for too many fields).
+
+    http.server parsed the fields a second time through the email package,
+    a tenth of a request's CPU; the lines check_head has checked need no more
+    than a split.
+    """
+    lines = check_head(head)
+    method, target, *rest = lines[0].decode("latin-1").split(" ")
+    version = rest[0] if rest else "HTTP/0.9"  # a request line without one: refused by the handler
+    if version[5] >= "2":
+        raise BadRequest(f"HTTP version {version[5:]} is not supported; send HTTP/1.1",
+                         status=HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+    if len(lines) - 1 > MAX_REQUEST_FIELDS or max(map(len, lines[1:]), default=0) > MAX_FIELD_LINE:
+        raise BadRequest(f"the request has over {MAX_REQUEST_FIELDS} header lines, or one over "
+                         f"{MAX_FIELD_LINE // 1024} KiB", status=HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    fields = []
+    for line in lines[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        fields.append((name, value.strip(" \t")))
+    if target.startswith("//"):  # as http.server: never read as a scheme-relative URL (gh-87389)
+        target = "/" + target.lstrip("/")
+    return RequestHead(method, target, version, Fields(fields), _HEAD_END.search(head).end())
+
+
+def keeps_connection(head: RequestHead) -> bool:
+    """True when the connection stays open after this request (RFC 9112, 9.3): HTTP/1.1 unless it says
+    close, HTTP/1.0 only if it says keep-alive."""
+    connection = head.fields.get("Connection", "").lower()
+    return connection != "close" and (head.version >= "HTTP/1.1" or connection == "keep-alive")
+
+
 def check_framing(headers) -> None:
     """Raise BadRequest unless a Transfer-Encoding, if any, is chunked alone (RFC 9112, 6.1 and 6.3).
 
@@ -4399,6 +4437,12 @@ def has_whole_body(head: bytes, fields: Dict[str, str]) -> bool:
     return length.isdigit() and len(head) - _HEAD_END.search(head).end() >= int(length)
 
 
+def set_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
+    """A socket's timeout, changed only if it differs: each change is a system call."""
+    if sock.gettimeout() != seconds:
+        sock.settimeout(seconds)
+
+
 class ClientReader(io.RawIOBase):
     """A client socket as a raw stream: first the bytes the pool read ahead, then the socket.
 
@@ -4422,7 +4466,7 @@ class ClientReader(io.RawIOBase):
         """Bound the reads from now on to `seconds` in all; None lifts the bound."""
         self._deadline = None if seconds is None else time.monotonic() + seconds
         if seconds is None:
-            self._sock.settimeout(self._timeout)
+            set_timeout(self._sock, self._timeout)
 
     def readinto(self, buffer) -> Optional[int]:
         if self._read_ahead:
@@ -4666,6 +4710,10 @@ class ClientConnections:
 
     def accept(self, sock: socket.socket, address) -> None:
         """Take a new connection; at the cap, close the longest-silent one, or refuse with a 503."""
+        try:  # a small frame leaves at once, not after a delayed ACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # a Unix socket, or one already reset
+            pass
         with self._lock:
             closed = self._closed
             full = not closed and len(self._waiting) + self._busy >= self._config.max_connections
@@ -5022,7 +5070,6 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
     boundary. What each route does is in the Routes section."""
 
     protocol_version = "HTTP/1.1"   # keep-alive, and chunked bodies for streams
-    disable_nagle_algorithm = True  # a small frame leaves at once, not after a delayed ACK
 
     AT_ONCE_TIMEOUT = 1.0  # seconds a client answered on ClientConnections' thread may take to take its answer
 
@@ -5036,10 +5083,12 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         super().__init__(request, client_address, server)
 
     def setup(self):
+        """Reads through the read-ahead of ClientConnections first. No system call: TCP_NODELAY is set
+        once a connection (ClientConnections.accept), its timeout only when it changes."""
         # Each read and write on the connection; ClientConnections' thread cannot wait long for anyone.
         self.timeout = self.AT_ONCE_TIMEOUT if self.at_once else self.server.config.client_timeout
-        super().setup()
-        self.rfile.close()  # reads go through the read-ahead of ClientConnections first
+        self.connection = self.request
+        set_timeout(self.connection, self.timeout)
         self.rfile = io.BufferedReader(ClientReader(self.connection, self.read_ahead, self.timeout),
                                        CLIENT_READ_BUFFER)
         self.wfile = ClientWriter(self.connection)
@@ -5061,16 +5110,21 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         super().finish()
 
     def parse_request(self):
-        """http.server's parse, then the strict one: a malformed head is a 400 and the connection closes."""
-        if not super().parse_request():
-            return False
-        self.rfile.raw.set_deadline(None)  # the head is in: reads wait CLIENT_TIMEOUT each again
+        """The head, read strictly (read_request_head): a malformed one is a 400 and the connection closes."""
+        self.command, self.request_version, self.close_connection = None, "HTTP/0.9", True
+        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
         try:
-            check_head(self.read_ahead)
+            head = read_request_head(self.read_ahead)
+            self.command, self.path, self.request_version, self.headers = head[:4]
             check_framing(self.headers)
         except BadRequest as error:
             self.send_error(error.status, error.message)
             return False
+        self.rfile.read(head.length - len(self.raw_requestline))  # its field lines, read already
+        self.rfile.raw.set_deadline(None)  # the head is in: reads wait CLIENT_TIMEOUT each again
+        self.close_connection = not keeps_connection(head)
+        if self.headers.get("Expect", "").lower() == "100-continue" and head.version >= "HTTP/1.1":
+            return self.handle_expect_100()
         return True
 
     # ---- routing and the error boundary
@@ -5907,6 +5961,10 @@ class LogWriter:
 
 def configure_logging(log_format: str, secrets: Tuple[str, ...] = ()) -> LogWriter:
     """Log to stderr, text lines or JSON lines for a log shipper, from a thread of its own; return it, to stop."""
+    # What no line shows is not worked out for each record (the logging HOWTO, "Optimization"): the
+    # caller's file and line (a walk up the stack), the process id (a system call), thread and process names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonLogFormatter(secrets))
