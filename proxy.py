@@ -5083,9 +5083,8 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         super().__init__(request, client_address, server)
 
     def setup(self):
-        """Reads through the read-ahead of ClientConnections first. No system call: TCP_NODELAY is set
-        once a connection (ClientConnections.accept), its timeout only when it changes."""
-        # Each read and write on the connection; ClientConnections' thread cannot wait long for anyone.
+        """Reads through the read-ahead of ClientConnections first; a timeout on each read and write, short
+        on ClientConnections' thread. No system call: TCP_NODELAY is set once a connection (accept)."""
         self.timeout = self.AT_ONCE_TIMEOUT if self.at_once else self.server.config.client_timeout
         self.connection = self.request
         set_timeout(self.connection, self.timeout)
