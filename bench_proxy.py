@@ -30,6 +30,16 @@ counting the connections the upstream accepts.
 Limits: `limits` times one client's requests through a proxy without
 per-client limits, with them in the process, and with them in Redis
 (Debian's redis-server, started here) on loopback and behind the relay.
+
+Per request: `requests` sends 1,000 one-chunk streams one after another on
+one kept-alive connection (the CPU a request costs, and what it adds to the
+first byte); `burst` has 1,000 and then 500 clients start within a second,
+each sending 3 streams of 50 chunks 100 ms apart one after another, a new
+connection each (the tail they see, and the CPU per chunk). Both have
+reference rows: Debian's nginx (one worker, proxy_buffering off, upstream
+keepalive) on /v1, and with --with-limits this proxy.py with per-client
+limits in the process. --baseline REV runs proxy.py as of an earlier commit
+(a git worktree) in turn with this one, in every scenario of the run.
 """
 
 import argparse
@@ -92,13 +102,14 @@ LIMIT_FLAGS = ("--rate-limit-rpm", "100000000", "--rate-limit-tpm", "10000000000
 REQUESTS = 1000
 # burst: each of BURST_CLIENTS clients starts within RAMP seconds and sends BURST_REQUESTS_PER_CLIENT streams of
 # BURST_CHUNKS chunks BURST_GAP s apart one after another, each on a new connection; no stream cap.
-BURST_CLIENTS = (500, 1000)
+BURST_CLIENTS = (1000, 500)  # the larger first: each 500 then follows a 1000, whichever system runs
 BURST_REQUESTS_PER_CLIENT = 3
 BURST_CHUNKS, BURST_GAP = 50, 0.1
 
-# What runs in front of the upstream: proxy.py from this checkout, and from --baseline's worktree if given;
-# nginx is added on /v1 for the scenarios that have a reference row (REFERENCED).
-SYSTEMS = {"proxy.py": HERE}
+# What runs in front of the upstream, by name: (the checkout whose proxy.py runs, its extra flags). This
+# checkout; --baseline's worktree if given; with --with-limits, this checkout with LIMIT_FLAGS. The
+# extra systems run only in the scenarios that have reference rows (REFERENCED), as nginx does, on /v1.
+SYSTEMS = {"proxy.py": (HERE, ())}
 REFERENCED = ("requests", "burst")
 
 SCENARIOS = {
@@ -113,7 +124,7 @@ SCENARIOS = {
     "rtt": RTT,
     "limits": KEEPALIVE,
     "requests": (1, 1, 0.0, 0.0),
-    "burst": (BURST_CLIENTS[0], BURST_CHUNKS, BURST_GAP, 0.0),
+    "burst": (max(BURST_CLIENTS), BURST_CHUNKS, BURST_GAP, 0.0),
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -158,8 +169,11 @@ class Upstream:
             task.add_done_callback(self.tasks.discard)
 
     def close(self):
+        """Stop accepting, and end the connections still open (the proxy's kept-alive ones)."""
         self.accepting.cancel()
         self.listener.close()
+        for task in self.tasks:
+            task.cancel()
 
     async def serve_connection(self, connection):
         loop = asyncio.get_running_loop()
@@ -803,8 +817,8 @@ def start_system(system, upstream_port, cpus, proxy_args):
     cpu = cpus[0] if cpus else None
     if system == "nginx":
         return NginxProcess(upstream_port, cpu)
-    ProxyProcess.home = SYSTEMS[system]
-    return ProxyProcess(upstream_port, cpu, (*UNLIMITED, *proxy_args))
+    ProxyProcess.home, flags = SYSTEMS[system]
+    return ProxyProcess(upstream_port, cpu, (*UNLIMITED, *flags, *proxy_args))
 
 
 async def requests(route, cpus, proxy_args, system):
@@ -986,7 +1000,7 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.p
         return [await requests(route, cpus, proxy_args, system)]
     if name == "burst":
         return [await burst(route, cpus, proxy_args, system, clients) for clients in BURST_CLIENTS]
-    ProxyProcess.home = SYSTEMS[system]
+    ProxyProcess.home = SYSTEMS[system][0]
     if name == "overload":
         return await overload(route, cpus, proxy_args, shape or OVERLOAD)
     if name == "keepalive":
@@ -1113,10 +1127,16 @@ def raise_open_file_limit():
 
 def runs_of(name, route):
     """(system, route) pairs for one scenario, each system in turn per route so that they share the run's
-    conditions; nginx only on /v1 and only where the scenario has a reference row."""
+    conditions: this checkout and the baseline everywhere; nginx and the limits row only where the scenario
+    has reference rows, nginx on /v1 only."""
     routes = [route] if route else (ROUTES[:1] if name == "flood" else ROUTES)
-    return [(system, each) for each in routes for system in (*SYSTEMS, "nginx")
-            if system != "nginx" or (name in REFERENCED and each != "/message")]
+
+    def runs(system, each):
+        if system == "nginx":
+            return name in REFERENCED and each != "/message"
+        return system != "proxy.py+limits" or name in REFERENCED
+
+    return [(system, each) for each in routes for system in (*SYSTEMS, "nginx") if runs(system, each)]
 
 
 @contextlib.contextmanager
@@ -1154,6 +1174,9 @@ def main():
                         help=f"how long each flood runs (default {FLOOD_SECONDS:g})")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run proxy.py as of this git revision (a temporary worktree), interleaved")
+    parser.add_argument("--with-limits", action="store_true",
+                        help="also run this proxy.py with per-client limits in the process (none refusing), "
+                             "in the scenarios with reference rows")
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="FLAG",
                         help="an extra flag for proxy.py, e.g. --proxy-arg=--max-streams=0 (repeatable)")
     args = parser.parse_args()
@@ -1172,11 +1195,13 @@ def main():
     shape = (args.overload_streams, round(seconds * args.overload_rate), 1 / args.overload_rate, 0.0)
     with baseline_worktree(args.baseline) as baseline:
         if baseline:
-            SYSTEMS[f"proxy.py@{args.baseline}"] = baseline
+            SYSTEMS[f"proxy.py@{args.baseline}"] = (baseline, ())
+        if args.with_limits:
+            SYSTEMS["proxy.py+limits"] = (HERE, LIMIT_FLAGS)
         for name in args.scenarios or list(SCENARIOS):
             for system, route in runs_of(name, args.route):
                 if name == "flood":  # one route: the floods are about connections, not relaying
-                    ProxyProcess.home = SYSTEMS[system]
+                    ProxyProcess.home = SYSTEMS[system][0]
                     new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
                 else:
                     found = asyncio.run(scenario(name, route, cpus, args.proxy_arg, shape, system))

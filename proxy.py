@@ -116,6 +116,12 @@ MESSAGE_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "st
 
 # read1() returns what has arrived, up to this many bytes.
 UPSTREAM_READ_SIZE = 65536
+
+# Seconds a thread waiting for the GIL waits before it asks the holder to give it up (Python's default is
+# 0.005). Every waiting thread wakes up once an interval to ask, and with a thread per stream, a thousand
+# streams meant a thousand threads waking 200 times a second for nothing: the CPU per chunk doubled and
+# the streams fell behind. The proxy's threads give the GIL up at every socket call, long before 50 ms.
+GIL_SWITCH_INTERVAL = 0.05
 # An upstream error body is read up to this size, never more.
 UPSTREAM_ERROR_BODY_LIMIT = 65536
 # One SSE event may grow to this size before the upstream counts as broken.
@@ -2922,15 +2928,14 @@ class StreamSupervisor:
         try:
             yield exchange
         finally:
-            with self._lock:
+            with self._lock:  # from now on, the supervisor does not touch its socket
                 self._exchanges.discard(exchange)
-                self._selector.unregister(exchange.client_sock)
+            self._selector.unregister(exchange.client_sock)  # a system call: never under the shared lock
 
     def watch_client(self, exchange: Exchange) -> None:
-        """Cancel the exchange when its client leaves; call once the request body is read."""
-        with self._lock:
-            if exchange in self._exchanges:
-                self._selector.register(exchange.client_sock, exchange)
+        """Cancel the exchange when its client leaves; call once the request body is read, on the thread
+        that tracks it (so it is tracked still)."""
+        self._selector.register(exchange.client_sock, exchange)
 
     def cancel_all(self, reason: str) -> int:
         """Cancel every open exchange; return how many there were."""
@@ -2941,12 +2946,17 @@ class StreamSupervisor:
         return len(exchanges)
 
     def _run(self) -> None:
+        # The streams are looked through only when a heartbeat may be due, never for a client that
+        # leaves: with a thousand streams, a scan for each departure cost more than the departures.
+        next_scan = time.monotonic()
         while True:
             with self._lock:
                 if self._stopping:
                     return
-                timeout = self._next_heartbeat_in()
-            ready = self._selector.select(timeout)
+                if time.monotonic() >= next_scan:
+                    self._send_due_heartbeats()
+                    next_scan = time.monotonic() + self._next_heartbeat_in()
+            ready = self._selector.select(max(0.0, next_scan - time.monotonic()))
             with self._lock:
                 if self._stopping:
                     return
@@ -2955,7 +2965,6 @@ class StreamSupervisor:
                     # next request, while select() returned: not ours to touch.
                     if exchange in self._exchanges:
                         self._check_client(exchange)
-                self._send_due_heartbeats()
 
     def _check_client(self, exchange: Exchange) -> None:
         # Never blocks, though the lock is held: the socket is readable and,
@@ -3179,6 +3188,8 @@ class UpstreamPool:
     trip. The counts are for /metrics.
     """
 
+    MAX_UNFIT = 64  # idle connections found closed that one request closes before it opens a new one
+
     def __init__(self):
         self._idle: List[http.client.HTTPConnection] = []  # the most recently returned last
         self._lock = threading.Lock()
@@ -3187,20 +3198,23 @@ class UpstreamPool:
         self.tls_session: Optional[ssl.SSLSession] = None
 
     def take(self, now: float, keepalive_timeout: float) -> Optional[http.client.HTTPConnection]:
-        """An idle connection still fit to use, or None."""
-        unfit = []
-        try:
+        """An idle connection still fit to use, or None.
+
+        Whether one is fit is asked of its socket outside the lock: a system
+        call gives up the GIL, and under load every thread that wants a
+        connection would wait behind the one getting it back.
+        """
+        for _ in range(self.MAX_UNFIT):
             with self._lock:
-                while self._idle:
-                    connection = self._idle.pop()
-                    if now - connection.returned_at < keepalive_timeout and _is_quiet(connection.sock):
-                        self.reused += 1
-                        return connection
-                    unfit.append(connection)
-                return None
-        finally:
-            for connection in unfit:
-                connection.close()
+                if not self._idle:
+                    return None
+                connection = self._idle.pop()
+            if now - connection.returned_at < keepalive_timeout and _is_quiet(connection.sock):
+                with self._lock:
+                    self.reused += 1
+                return connection
+            connection.close()
+        return None
 
     def count_opened(self) -> None:
         with self._lock:
@@ -6003,6 +6017,7 @@ def run(config: Config) -> int:
         demo.start()
         config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
     too_few_files = raise_open_file_limit(config.max_connections)  # before the first connection is taken
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         server = ProxyServer(config)
     except OSError as error:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import http.client
 import http.server
+import io
 import json
 import math
 import logging
@@ -406,6 +407,18 @@ def echo_answer(mode: str) -> bytes:
                                 + chunk("Hi", role="assistant") + chunk(finish="stop") + b"data: [DONE]\n\n"),
         "endless-hints": lambda: b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 40,
         "switching": lambda: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+        # Heads a strict parser refuses, and one it reads as RFC 9112 allows.
+        "folded-field": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n"
+                                 b" \t two\r\nContent-Length: 2\r\n\r\n{}"),
+        "field-without-colon": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nnot a field\r\n"
+                                        b"Content-Length: 2\r\n\r\n{}"),
+        "space-before-colon": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type : application/json\r\n"
+                                       b"Content-Length: 2\r\n\r\n{}"),
+        "two-lengths": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                                b"Content-Length: 7\r\n\r\n{}"),
+        "cut-head": lambda: b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+        "many-fields": lambda: (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                + b"X-Many: 1\r\n" * 101 + b"Content-Length: 2\r\n\r\n{}"),
     }[mode]()
 
 
@@ -1596,6 +1609,35 @@ class InterimResponseTest(RawUpstreamTestCase):
                 self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer[:100])
 
 
+class UpstreamHeadTest(RawUpstreamTestCase):
+    """The upstream's response head is read by the proxy's own strict parser (read_fields)."""
+
+    def test_malformed_heads_are_a_502_never_a_body(self):
+        for mode in ("field-without-colon", "space-before-colon", "two-lengths", "cut-head", "many-fields"):
+            with self.subTest(mode=mode):
+                answer = self.exchange(mode, "GET", "/v1/models")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer[:200])
+                body = json.loads(answer.partition(b"\r\n\r\n")[2])
+                self.assertEqual(body["error"]["type"], "upstream_error", body)
+
+    def test_a_folded_field_is_joined_with_a_space(self):
+        answer = self.exchange("folded-field", "GET", "/v1/models")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200])
+        self.assertIn(b"\r\nX-Folded: one two\r\n", answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\n{}"), answer[-50:])
+
+    def test_fields_read_as_email_read_them(self):
+        fields = proxy.read_fields(io.BytesIO(b"Content-Type: Text/Event-Stream; charset=utf-8\r\n"
+                                              b"X-Twice: a\r\nx-twice:  b \r\nEmpty:\r\n\r\nbody"), 100)
+        self.assertEqual(fields.get_content_type(), "text/event-stream")
+        self.assertEqual((fields.get("X-TWICE"), fields["x-twice"], fields.get_all("X-Twice")), ("a", "a", ["a", "b"]))
+        self.assertEqual((fields.get("empty"), fields.get("missing", "-"), fields.get_all("missing")), ("", "-", None))
+        self.assertEqual(fields.items(), [("Content-Type", "Text/Event-Stream; charset=utf-8"), ("X-Twice", "a"),
+                                          ("x-twice", "b"), ("Empty", "")])
+        self.assertTrue("X-TWICE" in fields and "missing" not in fields)
+        self.assertEqual(proxy.read_fields(io.BytesIO(b"\r\n"), 100).get_content_type(), "text/plain")
+
+
 class MidStreamErrorTest(ProxyTestCase):
     config_overrides = {"idle_timeout": 0.5}
 
@@ -1904,6 +1946,113 @@ class ClientConnectionsTest(ProxyTestCase):
         started = time.monotonic()
         self.assertEqual(conn.sock.recv(10), b"")  # the proxy closes it after CLIENT_TIMEOUT
         self.assertLess(time.monotonic() - started, 1.5)
+
+
+class _ThreadRecordingHandler(proxy.ProxyHandler):
+    """The proxy's handler, noting the thread that serves each request."""
+
+    def route(self):
+        self.server.served_on.append((self.path, threading.get_ident()))
+        super().route()
+
+
+class _ThreadRecorder(proxy.ProxyServer):
+    def __init__(self, config):
+        self.served_on = []
+        super().__init__(config, _ThreadRecordingHandler)
+
+
+class PerRequestCostTest(ProxyTestCase):
+    """What each request does, kept small: one thread for a kept-alive connection's requests, the Date
+    formatted once a second, the log written in batches, the request head read once."""
+
+    server_class = _ThreadRecorder
+
+    def test_a_kept_alive_connections_requests_are_served_by_one_thread_in_a_row(self):
+        self.server.clients.NEXT_REQUEST_WAIT = 5.0  # a loaded machine's client may be slow to send the next
+        conn = self.connect()
+        self.addCleanup(conn.close)
+        for index in range(6):
+            response = self.request("GET", "/healthz" if index % 2 else "/v1/models", conn=conn)
+            response.read()
+            self.assertEqual(response.status, 200)
+        self.assertEqual([path for path, _ in self.server.served_on], ["/v1/models", "/healthz"] * 3)
+        self.assertEqual(len({thread for _, thread in self.server.served_on}), 1, self.server.served_on)
+        conn.close()  # the client leaves: the worker closes the connection, and no thread is held for it
+        self.assertTrue(wait_until(lambda: self.server.clients.busy == 0 and self.server.clients.waiting == 0))
+
+    def test_a_connection_silent_past_the_wait_goes_back_to_the_pool_and_is_served_there_later(self):
+        self.server.clients.NEXT_REQUEST_WAIT = 0.01
+        conn = self.connect()
+        self.addCleanup(conn.close)
+        self.request("GET", "/v1/models", conn=conn).read()
+        self.assertTrue(wait_until(lambda: self.server.clients.waiting == 1 and self.server.clients.busy == 0))
+        response = self.request("GET", "/healthz", conn=conn)
+        self.assertEqual((response.status, json.loads(response.read())["status"]), (200, "ok"))
+        self.assertEqual([path for path, _ in self.server.served_on], ["/v1/models", "/healthz"])
+
+    def test_the_date_header_is_formatted_once_a_second(self):
+        proxy._http_date_of.cache_clear()
+        started = time.time()
+        dates = set()
+        for _ in range(20):
+            response = self.request("GET", "/healthz")
+            response.read()
+            dates.add(response.getheader("Date"))
+        seconds = math.ceil(time.time() - started) + 1
+        self.assertLessEqual(proxy._http_date_of.cache_info().misses, seconds)
+        for date in dates:  # what email.utils would have written for that second
+            when = email.utils.parsedate_to_datetime(date).timestamp()
+            self.assertEqual(date, email.utils.formatdate(when, usegmt=True))
+            self.assertLessEqual(abs(when - started), seconds + 1)
+
+    def test_more_than_100_header_lines_or_http_2_are_refused(self):
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 100 + b"\r\n"
+        self.assert_json_error(self.send_raw(head), 431, "100 header lines")
+        self.assert_json_error(self.send_raw(b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n"), 505, "HTTP/1.1")
+        response = self.send_raw(b"GET /healthz HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        self.assertEqual((response.status, response.getheader("Connection")), (200, "keep-alive"))
+
+
+class _CountedWrites(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return super().write(text)
+
+
+class LogWriterTest(unittest.TestCase):
+    def test_every_record_is_written_in_order_in_batches_and_all_before_stop_returns(self):
+        stream = _CountedWrites()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(proxy.TextLogFormatter(ECHO_SECRETS))
+        records = queue.SimpleQueue()
+        writer = proxy.LogWriter(records, handler)
+        writer.start()
+        for index in range(500):
+            records.put(logging.LogRecord("proxy", logging.INFO, __file__, 1, "line %d %s", (index, ECHO_UPSTREAM_KEY),
+                                          None))
+        writer.stop()
+        lines = stream.getvalue().splitlines()
+        self.assertEqual([int(line.split()[4]) for line in lines], list(range(500)))
+        self.assertTrue(all(ECHO_UPSTREAM_KEY not in line and " INFO line " in line for line in lines))
+        self.assertLess(stream.writes, 50)  # one write a batch, not a line
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time()))[:13]  # logging's own time format
+        self.assertTrue(lines[0].startswith(when), lines[0])
+
+    def test_a_record_that_cannot_be_formatted_does_not_stop_the_log(self):
+        stream = io.StringIO()
+        records = queue.SimpleQueue()
+        writer = proxy.LogWriter(records, logging.StreamHandler(stream))
+        writer.start()
+        records.put(logging.LogRecord("proxy", logging.INFO, __file__, 1, "%d", ("not a number",), None))
+        records.put(logging.LogRecord("proxy", logging.INFO, __file__, 1, "still %s", ("here",), None))
+        writer.stop()
+        self.assertEqual(stream.getvalue().splitlines(),
+                         ["INFO (a log line could not be formatted: TypeError)", "still here"])
 
 
 class WorkerPoolTest(unittest.TestCase):
