@@ -3009,8 +3009,8 @@ class Fields:
     """A response head's fields: looked up by name without case, each kept in the order sent.
 
     What the proxy read of http.client's email.message, without its parser
-    (a fifth of a request's CPU): get, get_all, [], in, items and
-    get_content_type behave alike.
+    (21.7 µs a head here, against 7.7 for read_fields): get, get_all, [],
+    in, items and get_content_type behave alike.
     """
 
     __slots__ = ("_items", "_by_name")
@@ -3042,7 +3042,8 @@ class Fields:
         return found if found.count("/") == 1 else "text/plain"
 
 
-_RESPONSE_FIELD = re.compile(f"({_TOKEN.pattern}):[ \t]*(.*?)[ \t]*")
+_OWS = " \t"  # optional whitespace around a field value (RFC 9110, 5.6.3)
+_RESPONSE_FIELD = re.compile(f"({_TOKEN.pattern}):[{_OWS}]*(.*?)[{_OWS}]*")
 
 
 def read_fields(fp, max_lines: int) -> Fields:
@@ -3063,7 +3064,7 @@ def read_fields(fp, max_lines: int) -> Fields:
                 raise http.client.HTTPException("the upstream closed the connection inside its head")
             return Fields(items)
         if line[0] in " \t" and items:
-            items[-1] = (items[-1][0], f"{items[-1][1]} {line.strip(' ' + chr(9))}")
+            items[-1] = (items[-1][0], f"{items[-1][1]} {line.strip(_OWS)}")
             continue
         found = _RESPONSE_FIELD.fullmatch(line)
         if found is None:
@@ -4382,7 +4383,7 @@ def read_request_head(head: bytes) -> RequestHead:
     fields = []
     for line in lines[1:]:
         name, _, value = line.decode("latin-1").partition(":")
-        fields.append((name, value.strip(" \t")))
+        fields.append((name, value.strip(_OWS)))
     if target.startswith("//"):  # as http.server: never read as a scheme-relative URL (gh-87389)
         target = "/" + target.lstrip("/")
     return RequestHead(method, target, version, Fields(fields), _HEAD_END.search(head).end())
