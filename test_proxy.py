@@ -4011,6 +4011,7 @@ class MetricsTest(ProxyTestCase):
         self.assertTrue(self.upstream.disconnected.wait(2))
         self.assertTrue(self.server.wait_idle(5))
         self.post_message(headers=bearer(ALICE_KEY)).read()  # the fifth in a minute: over RATE_LIMIT_RPM
+        self.assertTrue(self.server.wait_idle(5))  # counted once its handler ends: maybe after the client read it
 
     def test_a_model_label_is_a_configured_model_or_other(self):
         self.upstream.script = lambda received: json_script({
