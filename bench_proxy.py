@@ -755,6 +755,25 @@ async def rtt(route, cpus, proxy_args):
         os.rmdir(folder)
 
 
+def free_port():
+    """A loopback port nobody listens on now, for a server started here."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accepts_within(port, seconds):
+    """True once a loopback port accepts connections, within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
 class NginxProcess:
     """Debian's nginx, one worker, in front of the upstream as a C reference: proxy_buffering off, upstream
     keepalive, no access log. It has the proxy's interface for what the scenarios read (port, CPU, RSS)."""
@@ -764,9 +783,7 @@ class NginxProcess:
         if binary is None:
             raise RuntimeError("the nginx reference needs nginx (Debian's package nginx-light or nginx)")
         self.folder = tempfile.mkdtemp(prefix="bench-nginx-")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         temp = "".join(f"{kind}_temp_path {self.folder}/{kind};\n"
                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf = os.path.join(self.folder, "nginx.conf")
@@ -780,13 +797,9 @@ class NginxProcess:
                       f"proxy_buffering off; proxy_read_timeout 600s; }} }}\n}}\n")
         self.process = subprocess.Popen([binary, "-c", conf, "-p", self.folder],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 1).close()
-                break
-            except OSError:
-                time.sleep(0.02)
+        if not accepts_within(self.port, 10):
+            self.stop()
+            raise RuntimeError("nginx did not start within 10 s")
         children = self.children()
         self.worker = children[0] if children else self.process.pid
         if cpu is not None:
@@ -903,20 +916,12 @@ class RedisServer:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("the limits scenario needs redis-server (Debian's package redis-server)")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.process = subprocess.Popen([server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                          "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 1).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("redis-server did not start within 10 s")
+        if not accepts_within(self.port, 10):
+            self.stop()
+            raise RuntimeError("redis-server did not start within 10 s")
 
     def stop(self):
         self.process.terminate()
