@@ -4431,22 +4431,17 @@ HEAD_TOO_LARGE_RESPONSE = canned_response(
     "send fewer or shorter headers")
 
 
-def parse_simple_head(head: bytes) -> Optional[Tuple[str, str, Dict[str, str]]]:
-    """A well-formed request head's method, path (no query) and fields (names in lower case; a field
-    given twice keeps its last value); None for a head check_head refuses."""
+def parse_simple_head(head: bytes) -> Optional[Tuple[str, str, Fields]]:
+    """A well-formed request head's method, path (no query) and fields, as the handler will read them
+    (read_request_head); None for a head it refuses."""
     try:
-        lines = [line.decode("latin-1") for line in check_head(head)]
+        request = read_request_head(head)
     except BadRequest:
         return None
-    method, target = lines[0].split(" ", 2)[:2]
-    fields = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        fields[name.lower()] = value.strip()
-    return method, target.partition("?")[0], fields
+    return request.method, request.target.partition("?")[0], request.fields
 
 
-def has_whole_body(head: bytes, fields: Dict[str, str]) -> bool:
+def has_whole_body(head: bytes, fields: Fields) -> bool:
     """True when a request head read by ClientConnections came with all of its body (Content-Length)."""
     length = fields.get("content-length", "0")
     return length.isdigit() and len(head) - _HEAD_END.search(head).end() >= int(length)
@@ -5749,7 +5744,7 @@ class ProxyServer(http.server.HTTPServer):
             return None
         return self._refusal(address, *request)
 
-    def _relayed_request(self, address, head: bytes) -> Optional[Tuple[str, str, Dict[str, str], str]]:
+    def _relayed_request(self, address, head: bytes) -> Optional[Tuple[str, str, Fields, str]]:
         """A well-formed relayed request's method, path, fields and client, unless the handler must judge it."""
         request = None if self.draining else parse_simple_head(head)
         if request is None:
@@ -5763,7 +5758,7 @@ class ProxyServer(http.server.HTTPServer):
             client = identify_client(fields.get("authorization"), self.config.proxy_api_keys)
         return None if client is None else (method, path, fields, client)
 
-    def _refusal(self, address, method: str, path: str, fields: Dict[str, str], client: str) -> bytes:
+    def _refusal(self, address, method: str, path: str, fields: Fields, client: str) -> bytes:
         """The whole 503 for a request that finds every stream slot taken, logged and counted."""
         error = self.limits.overloaded()
         headers = [*error.headers.items(), *cors_headers(self.config.cors_origins, fields.get("origin"))]
