@@ -300,6 +300,7 @@ class Config:
     max_connections: int         # client connections open at once, idle ones included
     max_body_bytes: int          # largest /message body accepted
     max_upload_bytes: int        # largest /v1 body accepted; streamed, never held whole
+    max_frame_bytes: int         # largest WebSocket frame or server message of a Realtime session
     auth_header: str             # header that carries the key: Authorization (as Bearer) or e.g. api-key
     extra_headers: Tuple[Tuple[str, str], ...]  # fixed headers added to every upstream request
     proxy_api_keys: Tuple[Tuple[str, str], ...]  # (client name, key); empty: no client auth
@@ -554,6 +555,9 @@ SETTINGS = (
             "largest POST /message body accepted, in bytes"),
     Setting("max_upload_bytes", ("MAX_UPLOAD_BYTES",), "67108864", _parse_size,
             "largest /v1 request body accepted, in bytes (streamed to the upstream, never held whole)"),
+    Setting("max_frame_bytes", ("MAX_FRAME_BYTES",), "33554432", _parse_size,
+            "largest WebSocket frame (and server message) of a Realtime API session, in bytes; a larger "
+            "one ends the session with close code 1009"),
     Setting("auth_header", ("OA_AUTH_HEADER",), "Authorization", _parse_header_name,
             "header that carries the key: Authorization sends 'Bearer <key>', any other sends the bare key"),
     Setting("extra_headers", ("OA_EXTRA_HEADERS",), "", _parse_extra_headers,
@@ -1990,14 +1994,15 @@ class SharedLimits:
     def _budget_keys(self, client: str, now: float) -> List[str]:
         return [self._key(client, f"{period}:{budget_period(period, now)[0]}") for period in BUDGET_SETTINGS]
 
-    def admit(self, client: str, now: float) -> None:
-        """Refuse the request (TooManyRequests) if it is over any of its client's limits, counting it if not."""
+    def admit(self, client: str, now: float, spending_only: bool = False) -> None:
+        """Refuse the request (TooManyRequests) if it is over any of its client's limits, counting it if not;
+        spending_only: over its tokens per minute or a budget only (a running session)."""
         config = self._config
         keys = [self._key(client, "streams"), self._key(client, "tokens"), self._key(client, "requests"),
                 *self._budget_keys(client, now)]
-        verdict = self._run(ADMIT_SCRIPT, keys, [config.max_streams_per_client, config.rate_limit_tpm,
-                                                 config.rate_limit_rpm, config.token_budget_day,
-                                                 config.token_budget_month])
+        per_client, rpm = (0, 0) if spending_only else (config.max_streams_per_client, config.rate_limit_rpm)
+        verdict = self._run(ADMIT_SCRIPT, keys, [per_client, config.rate_limit_tpm, rpm,
+                                                 config.token_budget_day, config.token_budget_month])
         if not verdict:
             return
         reason, number = verdict[0].decode(), int(verdict[1])
@@ -2303,6 +2308,26 @@ class Limits:
             with contextlib.suppress(RedisUnavailable):  # a lease expires by itself; Redis misses the tokens
                 self._shared.finish(client, lease, tokens, wall)
 
+    def count_usage(self, client: str, usage: Usage) -> Optional[TooManyRequests]:
+        """Count a running session's usage now, as settle() counts a request's at its end; the refusal it
+        earned if that put its client over its tokens per minute or a budget, else None."""
+        self.settle(client, None, usage)
+        if not (self._tpm or self._budgets):
+            return None
+        try:
+            if self._shared is not None:
+                with contextlib.suppress(RedisUnavailable):  # decided here instead, as at a request's head
+                    self._shared.admit(client, self._clock(), spending_only=True)
+                    return None
+            with self._lock:
+                state = self._state(client, time.monotonic())
+                self._check_budgets(state, self._clock())
+                if self._tpm:
+                    self._check_tokens(state, time.monotonic())
+        except TooManyRequests as refusal:
+            return refusal
+        return None
+
     def _count_tokens(self, state: _ClientState, tokens: int, wall: float) -> None:
         if self._tpm:  # a bucket a second: a check sums at most 60, however many requests the client makes
             second = math.floor(time.monotonic())
@@ -2464,7 +2489,9 @@ def format_access_line(record: dict) -> str:
             f'model={log_value(record["model"])} tokens={tokens} request_id={log_value(record["request_id"])} '
             f'error={log_value(record["error"])} client_left={"yes" if record["client_left"] else "no"} '
             f'upstream={log_value(record["upstream"])} attempts={record["attempts"]} '
-            f'reused={ {True: "yes", False: "no", None: "-"}[record["upstream_reused"]] }')
+            f'reused={ {True: "yes", False: "no", None: "-"}[record["upstream_reused"]] }'
+            + (f' session={record["outcome"]} closed_by={record["closed_by"]} close_code={record["close_code"]} '
+               f'bytes_in={record["bytes_in"]}' if "outcome" in record else ""))
 
 
 LOG_LINE_LIMIT = 16384  # characters of one log line (or of one field of a JSON line), traceback included
@@ -2568,6 +2595,11 @@ class Metrics:
         ("proxy_upstream_connections_reused_total", "counter",
          "Requests sent on a kept-alive connection to each upstream."),
         ("proxy_upstream_idle_connections", "gauge", "Kept-alive connections to each upstream waiting for a request."),
+        ("proxy_realtime_sessions", "gauge", "Realtime API WebSocket sessions relayed now."),
+        ("proxy_realtime_sessions_total", "counter",
+         "Realtime API sessions ended, by outcome: client_closed, upstream_closed (a close handshake), "
+         "client_left, upstream_left (the connection ended without one), idle_timeout, over_limit, too_big, "
+         "client_protocol_error, upstream_protocol_error, shutdown."),
         ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
     )
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
@@ -2583,6 +2615,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._values: Dict[Tuple[str, tuple], float] = collections.defaultdict(float)
         self._histograms: Dict[Tuple[str, tuple], List[float]] = {}
+        self._values[("proxy_realtime_sessions", ())] = 0
 
     def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
         with self._lock:
@@ -3081,6 +3114,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
     """
 
     MAX_INTERIM = 16   # interim responses skipped before the upstream is given up on
+    SWITCH_ASKED = False  # 101 is the answer (a WebSocket handshake), not an interim response
     MAX_LINES = 100    # header lines of one, as http.client bounds a final head
 
     def __init__(self, *args, **kwargs):
@@ -3106,7 +3140,7 @@ class _UpstreamResponse(http.client.HTTPResponse):
         self.chunk_left = None
         self.will_close = self._check_close()
         self.length = None if self.chunked else self._declared_length()
-        if self.status in (204, 304) or self._method == "HEAD":  # No Content, Not Modified: no body
+        if self.status in (101, 204, 304) or self._method == "HEAD":  # Switching, No Content, Not Modified: no body
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
@@ -3122,7 +3156,9 @@ class _UpstreamResponse(http.client.HTTPResponse):
     def _read_status(self):
         for _ in range(self.MAX_INTERIM):
             version, status, reason = super()._read_status()
-            if status == 101:  # Switching Protocols
+            if status == 101 and self.SWITCH_ASKED:  # Switching Protocols: the answer to a WebSocket handshake
+                return version, status, reason
+            if status == 101:
                 raise http.client.HTTPException("the upstream switched protocols (101) unasked")
             if not 100 <= status < 200:
                 return version, status, reason
@@ -4112,6 +4148,577 @@ class ClientBody:
 
 
 # --------------------------------------------------------------------------
+# WebSocket relay (the Realtime API, RFC 6455)
+# --------------------------------------------------------------------------
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
+CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL = 1008, 1009, 1011
+CLOSE_NO_STATUS = 1005  # what a close frame without a code means; never sent (RFC 6455, 7.4.1)
+CLOSE_REASON_LIMIT = 123  # bytes of a close frame's reason: a control frame's payload is at most 125
+# The subprotocol a browser sends its key in (it cannot set headers on a WebSocket), as OpenAI accepts it.
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+# Client headers of a handshake the proxy sets itself, or does not pass on: the upstream's
+# Sec-WebSocket-Accept must answer the client's key, so Sec-WebSocket-Key is passed on as it is.
+HANDSHAKE_HEADERS_NOT_FORWARDED = frozenset({
+    "sec-websocket-protocol", "sec-websocket-extensions", "sec-websocket-version", "origin"})
+CLOSE_WAIT = 2.0  # seconds the other side gets to answer a close frame before the session ends anyway
+SESSION_READ_SIZE = 65536
+
+
+def websocket_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept that answers a Sec-WebSocket-Key (RFC 6455, 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + WEBSOCKET_GUID).digest()).decode()
+
+
+def _header_tokens(headers, name: str) -> List[str]:
+    """The comma-separated values of a header, over all its lines, as given (spaces trimmed)."""
+    return [token.strip() for value in headers.get_all(name) or [] for token in value.split(",") if token.strip()]
+
+
+def is_websocket_upgrade(headers) -> bool:
+    """True for a request that asks to become a WebSocket (Upgrade: websocket)."""
+    return "websocket" in (token.lower() for token in _header_tokens(headers, "Upgrade"))
+
+
+def check_websocket_handshake(method: str, version: str, headers) -> None:
+    """Refuse a malformed opening handshake (RFC 6455, 4.2.1) with a 400 that says what to fix."""
+    if method != "GET":
+        raise BadRequest(f"a WebSocket handshake is a GET request; got {method} with Upgrade: websocket")
+    if version < "HTTP/1.1":
+        raise BadRequest("a WebSocket handshake needs HTTP/1.1")
+    if "upgrade" not in (token.lower() for token in _header_tokens(headers, "Connection")):
+        raise BadRequest("a WebSocket handshake needs 'Connection: Upgrade'")
+    if headers.get("Transfer-Encoding") or any(value.strip() != "0" for value in headers.get_all("Content-Length") or []):
+        raise BadRequest("a WebSocket handshake has no body")
+    versions = _header_tokens(headers, "Sec-WebSocket-Version")
+    if versions != ["13"]:
+        raise BadRequest(f"Sec-WebSocket-Version must be 13; got {', '.join(versions)[:40] or 'none'}",
+                         headers={"Sec-WebSocket-Version": "13"})
+    keys = headers.get_all("Sec-WebSocket-Key") or []
+    try:
+        valid = len(keys) == 1 and len(base64.b64decode(keys[0].strip(), validate=True)) == 16
+    except ValueError:
+        valid = False
+    if not valid:
+        raise BadRequest("Sec-WebSocket-Key must be one base64 value of 16 bytes")
+
+
+def subprotocol_key(headers) -> Optional[str]:
+    """The client key a browser sent as the subprotocol openai-insecure-api-key.<key>, if any."""
+    for token in _header_tokens(headers, "Sec-WebSocket-Protocol"):
+        if token.startswith(KEY_SUBPROTOCOL):
+            return token[len(KEY_SUBPROTOCOL):]
+    return None
+
+
+def presented_authorization(headers) -> Optional[str]:
+    """The client's credentials as an Authorization value: the header, or a WebSocket's key subprotocol."""
+    authorization = headers.get("Authorization")
+    if authorization is None and is_websocket_upgrade(headers):
+        key = subprotocol_key(headers)
+        return None if key is None else f"Bearer {key}"
+    return authorization
+
+
+def forwarded_subprotocols(headers) -> List[str]:
+    """The subprotocols the upstream is offered: the client's, without the one that carries its key."""
+    return [token for token in _header_tokens(headers, "Sec-WebSocket-Protocol")
+            if not token.startswith(KEY_SUBPROTOCOL)]
+
+
+class WebSocketError(Exception):
+    """A session ends: the close code and reason the side at fault gets, and which side that is."""
+
+    def __init__(self, code: int, reason: str, side: str = ""):
+        super().__init__(reason)
+        self.code, self.reason, self.side = code, reason, side
+
+
+Frame = collections.namedtuple("Frame", "fin opcode length mask")  # mask: 4 bytes, or None
+
+
+def parse_frame_head(data) -> Optional[Tuple[Frame, int]]:
+    """The frame whose head starts data, and the head's size; None until the whole head has arrived."""
+    if len(data) < 2:
+        return None
+    first, second = data[0], data[1]
+    if first & 0x70:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits set, and no extension was negotiated")
+    size, length = 2, second & 0x7F
+    if length == 126:
+        size, length = 4, (int.from_bytes(data[2:4], "big") if len(data) >= 4 else -1)
+    elif length == 127:
+        size, length = 10, (int.from_bytes(data[2:10], "big") if len(data) >= 10 else -1)
+        if length >= 1 << 63:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a frame length with its top bit set")
+    masked = bool(second & 0x80)
+    if length < 0 or len(data) < size + 4 * masked:
+        return None
+    mask = bytes(data[size:size + 4]) if masked else None
+    return Frame(bool(first & 0x80), first & 0x0F, length, mask), size + 4 * masked
+
+
+def unmask(payload: bytes, mask: Optional[bytes]) -> bytes:
+    """A frame's payload with its mask taken off (or put on: the same XOR)."""
+    if mask is None or not payload:
+        return bytes(payload)
+    count = len(payload)
+    keys = (mask * (count // 4 + 1))[:count]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(count, "big")
+
+
+def encode_frame(opcode: int, payload: bytes, masked: bool = False) -> bytes:
+    """One whole frame; masked with a random key, as every frame a client sends must be."""
+    count = len(payload)
+    head = bytearray([0x80 | opcode])
+    mask_bit = 0x80 if masked else 0
+    if count < 126:
+        head.append(mask_bit | count)
+    elif count < 1 << 16:
+        head += bytes([mask_bit | 126]) + count.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + count.to_bytes(8, "big")
+    if not masked:
+        return bytes(head) + payload
+    mask = os.urandom(4)
+    return bytes(head) + mask + unmask(payload, mask)
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload: the code, then the reason cut to what a control frame holds."""
+    return code.to_bytes(2, "big") + reason.encode("utf-8")[:CLOSE_REASON_LIMIT].decode("utf-8", "ignore").encode()
+
+
+def parse_close(payload: bytes) -> Tuple[int, str]:
+    """A close frame's code (1005 for none) and reason."""
+    if len(payload) < 2:
+        return CLOSE_NO_STATUS, ""
+    return int.from_bytes(payload[:2], "big"), payload[2:].decode("utf-8", "replace")
+
+
+class FrameStream:
+    """One direction of a WebSocket, read as its bytes arrive: every frame checked (RFC 6455, 5.2-5.5)
+    and bounded before a byte of it goes on.
+
+    `feed` returns what to do with what arrived, in order:
+    ("raw", bytes) to pass on as they are (data frames, whole=False);
+    ("message", opcode, payload) for a whole data message, unmasked (whole=True);
+    ("control", opcode, payload, raw) for a whole control frame, payload unmasked.
+    Without whole, a data frame's payload passes on as it arrives, never
+    held; with it, a message is held until its last frame, up to max_bytes.
+    """
+
+    def __init__(self, masked: bool, whole: bool, max_bytes: int, side: str):
+        self._masked, self._whole, self._max, self._side = masked, whole, max_bytes, side
+        self._buffer = bytearray()
+        self._frame: Optional[Frame] = None  # the frame whose payload is arriving
+        self._head = b""                     # its head, for a control frame passed on whole
+        self._left = 0                       # its payload bytes still to come
+        self._payload = bytearray()          # its payload so far, when held
+        self._message: Optional[int] = None  # the opcode of the data message under way
+        self._size = 0                       # its payload bytes so far
+        self._parts: List[bytes] = []        # its payload so far, whole=True
+
+    @property
+    def between_frames(self) -> bool:
+        """True when no frame is half passed on: a frame of the proxy's own may go in now."""
+        return self._frame is None or not self._passes(self._frame)
+
+    def feed(self, data: bytes) -> list:
+        self._buffer += data
+        out: list = []
+        while True:
+            if self._frame is None and not self._start_frame(out):
+                return out
+            take = min(self._left, len(self._buffer))
+            piece = bytes(self._buffer[:take])
+            del self._buffer[:take]
+            self._left -= take
+            if self._passes(self._frame):
+                if piece:
+                    out.append(("raw", piece))
+            else:
+                self._payload += piece
+            if self._left:
+                return out
+            self._end_frame(out)
+
+    def _passes(self, frame: Frame) -> bool:
+        return not self._whole and frame.opcode in DATA_OPCODES
+
+    def _start_frame(self, out: list) -> bool:
+        parsed = parse_frame_head(self._buffer)
+        if parsed is None:
+            return False
+        frame, size = parsed
+        self._check(frame)
+        self._head = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._frame, self._left, self._payload = frame, frame.length, bytearray()
+        if self._passes(frame):
+            out.append(("raw", self._head))
+        return True
+
+    def _check(self, frame: Frame) -> None:
+        side = self._side
+        if (frame.mask is not None) != self._masked:
+            rule = "must be masked" if self._masked else "must not be masked"
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"a frame from the {side} {rule}", side)
+        if frame.opcode in CONTROL_OPCODES:
+            if frame.length > 125 or not frame.fin:
+                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a control frame over 125 bytes or fragmented", side)
+            return
+        if frame.opcode not in DATA_OPCODES:
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {frame.opcode}", side)
+        if (frame.opcode == OP_CONTINUATION) != (self._message is not None):
+            raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a continuation frame without a message to continue, "
+                                 "or a new message before the last one ended", side)
+        if self._size + frame.length > self._max:
+            raise WebSocketError(CLOSE_TOO_BIG, f"a message over {self._max} bytes (MAX_FRAME_BYTES)", side)
+        self._message = frame.opcode if frame.opcode != OP_CONTINUATION else self._message
+        self._size += frame.length
+
+    def _end_frame(self, out: list) -> None:
+        frame, self._frame = self._frame, None
+        if frame.opcode in CONTROL_OPCODES:
+            out.append(("control", frame.opcode, unmask(self._payload, frame.mask), self._head + bytes(self._payload)))
+        elif self._whole:
+            self._parts.append(unmask(self._payload, frame.mask))
+            if frame.fin:
+                out.append(("message", self._message, b"".join(self._parts)))
+        self._payload = bytearray()
+        if frame.opcode not in CONTROL_OPCODES and frame.fin:
+            self._message, self._size, self._parts = None, 0, []
+
+
+def _message_reports_error(payload: bytes) -> bool:
+    """True for a server message that reports an error (a type or key "error", plainly or JSON-escaped)."""
+    if b"error" in payload and _ERROR_KEY.search(payload):
+        return True
+    if b"\\u" not in payload or not _ESCAPED_E_R_O.search(payload):
+        return False
+    try:
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        return True
+    return isinstance(message, dict) and ("error" in message or message.get("type") == "error")
+
+
+def mask_server_message(opcode: int, payload: bytes, secrets: Tuple[str, ...]) -> bytes:
+    """A server message as the client gets it: model output as it is, anything else masked as every
+    upstream error is (its JSON by meaning)."""
+    if opcode == OP_TEXT and payload[:1] in (b"{", b"[") and not _message_reports_error(payload):
+        return payload
+    return mask_upstream_body(payload, secrets) if opcode == OP_TEXT else mask_bytes(payload, secrets)
+
+
+def usage_of_message(payload: bytes) -> Optional[Usage]:
+    """The usage of a server response.done event, if the message is one."""
+    if b"response.done" not in payload or b'"usage"' not in payload:
+        return None
+    try:
+        event = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(event, dict) or event.get("type") != "response.done" or not isinstance(
+            event.get("response"), dict):
+        return None
+    return parse_usage(event["response"].get("usage"))
+
+
+def _recv_all_ready(sock: socket.socket) -> bytes:
+    """What a ready socket has: one read, and for TLS what its last record still holds decrypted."""
+    data = sock.recv(SESSION_READ_SIZE)
+    while data and isinstance(sock, ssl.SSLSocket) and sock.pending():
+        data += sock.recv(sock.pending())
+    return data
+
+
+class RealtimeSession:
+    """One relayed WebSocket: the client's socket and the upstream's, each direction's frames, and how the
+    session ended.
+
+    Client frames pass on as they arrive; server messages go on whole, each
+    as soon as its last byte is in (a WebSocket client reads nothing of a
+    message before its end), so that the proxy can read each one: the usage
+    of response.done is counted as it arrives, and anything but model output
+    is masked as every upstream error is. Control frames are passed on in
+    both directions; a close frame from either side is passed on, and the
+    session ends once the other side answers it (or CLOSE_WAIT passes).
+    """
+
+    def __init__(self, client: socket.socket, upstream: socket.socket, exchange: Exchange, config: Config,
+                 count_usage: Callable[[Usage], Optional[ProxyError]]):
+        self.client, self.upstream, self.exchange = client, upstream, exchange
+        self._config, self._count_usage = config, count_usage
+        self._secrets = secrets_of(config)
+        self._from_client = FrameStream(True, False, config.max_frame_bytes, "client")
+        self._from_upstream = FrameStream(False, True, config.max_frame_bytes, "upstream")
+        self.bytes_in = 0  # from the client
+        self.usage: Optional[Usage] = None
+        self.closed_by = self.outcome = ""
+        self.close_code: Optional[int] = None
+        self._closing_since: Optional[float] = None
+        self._closes_seen = 0
+        self._last_activity = time.monotonic()
+
+    def run(self, from_client: bytes, from_upstream: bytes) -> None:
+        """Relay until either side ends the session; from_client, from_upstream: what each sent already."""
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(self.client, selectors.EVENT_READ, "client")
+            selector.register(self.upstream, selectors.EVENT_READ, "upstream")
+            if from_upstream:
+                self._arrived("upstream", from_upstream)
+            if from_client:
+                self._arrived("client", from_client)
+            while not self.outcome:
+                self._turn(selector)
+        except WebSocketError as error:
+            self._end_for(error)
+        finally:
+            selector.close()
+            _close_quietly(self.upstream)
+
+    def _turn(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
+            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
+        if self._closing_since is not None and now - self._closing_since >= CLOSE_WAIT:
+            self.outcome = f"{self.closed_by}_closed"
+            return
+        idle_left = self._last_activity + self._config.idle_timeout - now
+        if idle_left <= 0:
+            raise WebSocketError(CLOSE_GOING_AWAY, f"the session was idle for {self._config.idle_timeout:g} s "
+                                 "(IDLE_TIMEOUT)", "idle")
+        wait = idle_left if self._closing_since is None else min(idle_left, CLOSE_WAIT)
+        pending = isinstance(self.upstream, ssl.SSLSocket) and self.upstream.pending()
+        ready = [key.data for key, _ in selector.select(0 if pending else wait)]
+        if pending and "upstream" not in ready:
+            ready.append("upstream")
+        for side in ready:
+            sock = self.client if side == "client" else self.upstream
+            try:
+                data = _recv_all_ready(sock)
+            except (OSError, ssl.SSLError):
+                data = b""
+            if not data:
+                self._left(side)
+                return
+            self._arrived(side, data)
+
+    def _arrived(self, side: str, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        if side == "client":
+            self.bytes_in += len(data)
+            for item in self._from_client.feed(data):
+                self._from_client_item(item)
+        else:
+            for item in self._from_upstream.feed(data):
+                self._from_upstream_item(item)
+
+    def _from_client_item(self, item: tuple) -> None:
+        if item[0] == "raw":
+            self._send("upstream", item[1])
+            return
+        _, opcode, payload, raw = item
+        self._send("upstream", raw)
+        if opcode == OP_CLOSE:
+            self._saw_close("client", payload)
+
+    def _from_upstream_item(self, item: tuple) -> None:
+        if item[0] == "message":
+            _, opcode, payload = item
+            usage = usage_of_message(payload) if opcode == OP_TEXT else None
+            self._send("client", encode_frame(opcode, mask_server_message(opcode, payload, self._secrets)))
+            if self.exchange.first_token_at is None and b'.delta"' in payload[:200]:
+                self.exchange.mark_first_token()
+            if usage is not None:
+                self._counted(usage)
+            return
+        _, opcode, payload, raw = item
+        masked = mask_bytes(payload, self._secrets)
+        self._send("client", raw if masked is payload else encode_frame(opcode, masked[:125]))
+        if opcode == OP_CLOSE:
+            self._saw_close("upstream", payload)
+
+    def _counted(self, usage: Usage) -> None:
+        """Count a response's usage now, and end the session if it put the client over a limit."""
+        self.usage = Usage(*(mine + theirs for mine, theirs in zip(self.usage or (0, 0, 0), usage)))
+        refusal = self._count_usage(usage)
+        if refusal is not None:
+            mask_error(refusal, self._secrets)
+            raise WebSocketError(CLOSE_POLICY, refusal.message, "limits")
+
+    def _saw_close(self, side: str, payload: bytes) -> None:
+        self._closes_seen += 1
+        if self._closing_since is None:
+            self._closing_since = time.monotonic()
+            self.closed_by, self.close_code = side, parse_close(payload)[0]
+        if self._closes_seen >= 2:  # both sides said it: the closing handshake is done
+            self.outcome = f"{self.closed_by}_closed"
+
+    def _left(self, side: str) -> None:
+        """A side's connection ended (or broke); the other side is told, if the session was still open."""
+        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
+            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
+        if self._closing_since is not None:
+            self.outcome = f"{self.closed_by}_closed"
+            return
+        self.closed_by, self.outcome = side, f"{side}_left"
+        if side == "client":
+            self.close_code = CLOSE_GOING_AWAY
+            self._tell("upstream", CLOSE_GOING_AWAY, "the client left")
+        else:
+            self.close_code = CLOSE_INTERNAL
+            self._tell("client", CLOSE_INTERNAL, "the upstream closed the connection")
+
+    def _end_for(self, error: WebSocketError) -> None:
+        """End the session for a reason of the proxy's (or a side's fault): each side gets a close frame."""
+        outcomes = {"client": "client_protocol_error", "upstream": "upstream_protocol_error",
+                    "limits": "over_limit", "idle": "idle_timeout", "shutdown": "shutdown",
+                    "client_gone": "client_left", "upstream_gone": "upstream_left"}
+        self.outcome = "too_big" if error.code == CLOSE_TOO_BIG else outcomes.get(error.side, "error")
+        self.closed_by, self.close_code = "proxy", error.code
+        to_upstream = CLOSE_GOING_AWAY if error.side == "client" and error.code != CLOSE_TOO_BIG else error.code
+        to_client = CLOSE_INTERNAL if error.side == "upstream" and error.code == CLOSE_PROTOCOL_ERROR else error.code
+        reason = error.reason if error.side != "upstream" else f"the upstream broke the protocol: {error.reason}"
+        self._tell("client", to_client, reason)
+        if error.side != "shutdown":
+            self._tell("upstream", to_upstream, error.reason)
+
+    def _tell(self, side: str, code: int, reason: str) -> None:
+        """Send a side a close frame of the proxy's own, where one can go in; never raises."""
+        if side == "upstream" and not self._from_client.between_frames:
+            return  # a client frame is half passed on: the upstream connection is just closed
+        with contextlib.suppress(OSError, WebSocketError):
+            self._send(side, encode_frame(OP_CLOSE, close_payload(code, reason), masked=side == "upstream"))
+
+    def _send(self, side: str, data: bytes) -> None:
+        try:
+            if side == "client":
+                self.exchange.send(data)
+            else:
+                self.upstream.sendall(data)
+        except ClientLeft:
+            raise WebSocketError(CLOSE_GOING_AWAY, "the client stopped reading", "client_gone") from None
+        except OSError:
+            raise WebSocketError(CLOSE_GOING_AWAY, "the upstream stopped reading", "upstream_gone") from None
+
+
+class _SocketReader(io.RawIOBase):
+    """A socket as a raw stream, whose reads return nothing rather than wait once `probing` is set."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self._sock = sock
+        self.probing = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> Optional[int]:
+        return None if self.probing else self._sock.recv_into(buffer)
+
+
+class _HandshakeResponse(_UpstreamResponse):
+    """The upstream's answer to a WebSocket handshake, where 101 is what was asked for. Its head is read
+    through a buffer that `rest()` empties: the first frames may have come with it."""
+
+    SWITCH_ASKED = True
+
+    def __init__(self, sock: socket.socket, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()
+        self._reader = _SocketReader(sock)
+        self.fp = io.BufferedReader(self._reader, SESSION_READ_SIZE)
+
+    def rest(self) -> bytes:
+        """What arrived after the head, without waiting for more."""
+        self._reader.probing = True
+        return self.fp.read1(SESSION_READ_SIZE) or b""
+
+
+def handshake_headers(handler: "ProxyHandler", connector: UpstreamConnector, upstream: Upstream) -> Dict[str, str]:
+    """The upstream's handshake: the client's headers as for any /v1 request (its Authorization never),
+    the proxy's key, and the client's Sec-WebSocket-Key and subprotocols (the one with its key never)."""
+    config = handler.server.config
+    forwarded = {name: value for name, value in forwarded_request_headers(handler.headers, config).items()
+                 if name.lower() not in HANDSHAKE_HEADERS_NOT_FORWARDED}
+    headers = connector.request_headers(upstream, config, forwarded, None)
+    headers.update({"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"})
+    protocols = forwarded_subprotocols(handler.headers)
+    if protocols:
+        headers["Sec-WebSocket-Protocol"] = ", ".join(protocols)
+    return headers
+
+
+def open_handshake(handler: "ProxyHandler", exchange: Exchange, target: str) -> _HandshakeResponse:
+    """Send the handshake to the first upstream its breaker lets through; its answer, whatever the status.
+    It gets one attempt: the SDKs reconnect themselves."""
+    config, upstreams = handler.server.config, handler.server.upstreams
+    attempts = handler.state.attempts
+    upstream = next((upstream for upstream in configured_upstreams(config)
+                     if upstreams.breaker(upstream, config).allows()), None)
+    if upstream is None:
+        raise UpstreamsDown("every upstream failed repeatedly and is out for a cool-down; retry shortly",
+                            headers={"Retry-After": "5"})
+    connector = upstreams.connector(upstream)
+    attempts.count, attempts.upstream_name = 1, upstream.name
+    connection = connector.connect(exchange, config)
+    connection.response_class = _HandshakeResponse
+    exchange.attach_upstream(connection.sock)
+    try:
+        connection.request("GET", connector.url_prefix + connector.path + target, None,
+                           handshake_headers(handler, connector, upstream))
+        response = connection.getresponse()
+    except socket.timeout:
+        connection.close()
+        exchange.raise_if_cancelled()
+        raise UpstreamTimeout(f"the upstream at {connector.host} did not answer the WebSocket handshake "
+                              f"within {config.idle_timeout:g} s") from None
+    except (http.client.HTTPException, OSError) as error:
+        connection.close()
+        exchange.raise_if_cancelled()
+        raise UpstreamBadResponse(f"the upstream at {connector.host} gave no valid answer to the WebSocket "
+                                  f"handshake ({_describe_os_error(error)[:LOG_VALUE_LIMIT]})") from None
+    response.connection, response.reused = connection, False
+    return response
+
+
+def check_switch(response: _HandshakeResponse, key: str, offered: List[str]) -> None:
+    """Refuse a 101 that does not answer the handshake the proxy sent (RFC 6455, 4.1)."""
+    headers = response.headers
+    if not is_websocket_upgrade(headers) or "upgrade" not in _connection_tokens(headers):
+        raise UpstreamBadResponse("the upstream answered 101 without 'Upgrade: websocket'")
+    if (headers.get("Sec-WebSocket-Accept") or "").strip() != websocket_accept(key):
+        raise UpstreamBadResponse("the upstream's Sec-WebSocket-Accept does not answer the handshake's key")
+    if headers.get("Sec-WebSocket-Extensions"):
+        raise UpstreamBadResponse("the upstream chose a WebSocket extension it was not offered")
+    chosen = (headers.get("Sec-WebSocket-Protocol") or "").strip()
+    if chosen and chosen not in offered:
+        raise UpstreamBadResponse("the upstream chose a subprotocol it was not offered")
+
+
+def linger_close(sock: socket.socket) -> None:
+    """End a client connection after a close frame without a reset that could lose it: stop writing,
+    then read (and drop) what the client still sends until it closes, for a second at most."""
+    deadline = time.monotonic() + 1.0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(64):
+            left = deadline - time.monotonic()
+            if left <= 0 or not _is_ready(sock, within=left) or not sock.recv(SESSION_READ_SIZE):
+                return
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------
 # Demo upstream (--demo)
 # --------------------------------------------------------------------------
 
@@ -4161,7 +4768,30 @@ def demo_response_events(words: List[str], model: str) -> List[Tuple[str, dict]]
                                                     "usage": usage}})])
 
 
-DEMO_SERVES = "the demo upstream serves GET /v1/models, POST /v1/chat/completions and POST /v1/responses"
+DEMO_SERVES = ("the demo upstream serves GET /v1/models, POST /v1/chat/completions, POST /v1/responses "
+               "and the Realtime API's WebSocket at /v1/realtime")
+
+
+def demo_realtime_events(words: List[str], model: str) -> List[dict]:
+    """The Realtime API's server events for a text reply, from response.created to response.done."""
+    text = "".join(words)
+    response = {"id": "resp_demo", "object": "realtime.response", "status": "in_progress", "output": [],
+                "output_modalities": ["text"], "conversation_id": "conv_demo", "usage": None}
+    item = {"id": "item_demo", "object": "realtime.item", "type": "message", "status": "in_progress",
+            "role": "assistant", "content": []}
+    at = {"response_id": "resp_demo", "item_id": "item_demo", "output_index": 0, "content_index": 0}
+    done_item = {**item, "status": "completed", "content": [{"type": "output_text", "text": text}]}
+    usage = {"total_tokens": 2 * len(words), "input_tokens": len(words), "output_tokens": len(words),
+             "input_token_details": {"text_tokens": len(words), "audio_tokens": 0, "cached_tokens": 0},
+             "output_token_details": {"text_tokens": len(words), "audio_tokens": 0}}
+    return ([{"type": "response.created", "response": response},
+             {"type": "response.output_item.added", "response_id": "resp_demo", "output_index": 0, "item": item}]
+            + [{"type": "response.output_text.delta", **at, "delta": word} for word in words]
+            + [{"type": "response.output_text.done", **at, "text": text},
+               {"type": "response.output_item.done", "response_id": "resp_demo", "output_index": 0,
+                "item": done_item},
+               {"type": "response.done", "response": {**response, "status": "completed", "output": [done_item],
+                                                      "usage": usage}}])
 
 
 class _DemoHandler(http.server.BaseHTTPRequestHandler):
@@ -4193,6 +4823,9 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the proxy hung up: its client left
 
     def do_GET(self):
+        if self.path.partition("?")[0] == "/v1/realtime" and is_websocket_upgrade(self.headers):
+            self._realtime(urllib.parse.parse_qs(self.path.partition("?")[2]).get("model", [DEFAULT_MODEL])[0])
+            return
         if self.path.partition("?")[0] != "/v1/models":
             self._send_json(HTTPStatus.NOT_FOUND, {"error": {"message": DEMO_SERVES, "type": "invalid_request_error"}})
             return
@@ -4243,6 +4876,64 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
             frame = {"type": name, "sequence_number": number, **payload}
             self.wfile.write(encode_chunk(b"event: " + name.encode() + b"\ndata: " + json_bytes(frame) + b"\n\n"))
         self.wfile.write(CHUNKED_END)
+
+    def _realtime(self, model: str) -> None:
+        """A text-only Realtime session: response.create is answered with the last user text, word by word."""
+        self.close_connection = True
+        self.send_response(HTTPStatus.SWITCHING_PROTOCOLS)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", websocket_accept(self.headers.get("Sec-WebSocket-Key", "").strip()))
+        if "realtime" in _header_tokens(self.headers, "Sec-WebSocket-Protocol"):
+            self.send_header("Sec-WebSocket-Protocol", "realtime")
+        self.end_headers()
+        session = {"id": "sess_demo", "object": "realtime.session", "type": "realtime", "model": model,
+                   "output_modalities": ["text"]}
+        self._send_frame(OP_TEXT, {"type": "session.created", "session": session})
+        frames, last_user = FrameStream(True, True, 1 << 20, "client"), [{"role": "user", "content": ""}]
+        try:
+            while True:
+                data = self.rfile.read1(SESSION_READ_SIZE)
+                if not data:
+                    return
+                for item in frames.feed(data):
+                    if not self._realtime_answer(item, model, session, last_user):
+                        return
+        except (OSError, WebSocketError):
+            return  # the proxy hung up, or sent what no client would
+
+    def _realtime_answer(self, item: tuple, model: str, session: dict, last_user: list) -> bool:
+        """Answer one client frame; False once the session is over."""
+        if item[0] == "control":
+            if item[1] == OP_CLOSE:
+                self._send_frame(OP_CLOSE, item[2])
+                return False
+            if item[1] == OP_PING:
+                self._send_frame(OP_PONG, item[2])
+            return True
+        try:
+            event = json.loads(item[2])
+        except ValueError:
+            event = {}
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "session.update":
+            self._send_frame(OP_TEXT, {"type": "session.updated", "session": session})
+        elif kind == "conversation.item.create" and isinstance(event.get("item"), dict):
+            last_user[:] = [event["item"]]
+            self._send_frame(OP_TEXT, {"type": "conversation.item.added", "item": event["item"]})
+        elif kind == "response.create":
+            for index, answer in enumerate(demo_realtime_events(demo_reply_words(last_user), model)):
+                if answer["type"] == "response.output_text.delta":
+                    time.sleep(self.server.word_delay)
+                self._send_frame(OP_TEXT, {"event_id": f"event_demo_{index}", **answer})
+        else:
+            self._send_frame(OP_TEXT, {"type": "error", "error": {
+                "type": "invalid_request_error", "message": "the demo answers session.update, "
+                "conversation.item.create and response.create"}})
+        return True
+
+    def _send_frame(self, opcode: int, payload) -> None:
+        self.wfile.write(encode_frame(opcode, payload if isinstance(payload, bytes) else json_bytes(payload)))
 
     def _send_event(self, payload: dict) -> None:
         self.wfile.write(encode_chunk(b"data: " + json_bytes(payload) + b"\n\n"))
@@ -5035,6 +5726,7 @@ class RequestState:
     bytes_sent: int = 0                     # body bytes of a response written whole (streams count on their exchange)
     body_read: bool = False                 # nothing of its body is left on the connection
     ignored_fields: List[str] = dataclasses.field(default_factory=list)  # /message fields not used nor sent on
+    session: Optional[dict] = None          # a WebSocket session's end: outcome, closed_by, close_code, bytes_in
 
     def access_record(self, address: str, method: str, path: str) -> dict:
         """What the access log and the metrics know of the request: never a key, never message text."""
@@ -5060,6 +5752,7 @@ class RequestState:
             "upstream_status": self.upstream_status,
             "error": self.error_type,
             "client_left": self.client_left,
+            **(self.session or {}),
         }
 
 
@@ -5217,7 +5910,7 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         keys = self.server.config.proxy_api_keys
         if not keys:
             return self.client_address[0]
-        name = identify_client(self.headers.get("Authorization"), keys)
+        name = identify_client(presented_authorization(self.headers), keys)
         if name is None:
             raise ProxyError("this proxy needs a client key: send 'Authorization: Bearer <key>' with a key "
                              "from its PROXY_API_KEYS (SDKs: pass it as api_key)",
@@ -5611,8 +6304,91 @@ def serve_message(handler: ProxyHandler) -> None:
             handler.state.usage = relay_chat_as_messages(response, exchange, config)
 
 
+def check_ws_origin(handler: ProxyHandler) -> None:
+    """A browser's handshake (it sends Origin) from an origin CORS_ORIGINS does not allow, or the proxy's
+    own, is refused: a WebSocket is not held back by CORS, so the proxy checks."""
+    origin = handler.headers.get("Origin")
+    if origin is None or is_origin_allowed(handler.server.config.cors_origins, origin):
+        return
+    host = handler.headers.get("Host", "")
+    if origin.rstrip("/") in (f"http://{host}", f"https://{host}"):
+        return
+    raise ProxyError(f"a WebSocket from the origin {origin[:100]!r} is not allowed here; the operator can add "
+                     "it to CORS_ORIGINS", status=HTTPStatus.FORBIDDEN, type="permission_error")
+
+
+def write_switch_head(handler: ProxyHandler, response: http.client.HTTPResponse) -> str:
+    """The 101 that ends the handshake: the upstream's Sec-WebSocket-Accept, subprotocol and other headers."""
+    handler.send_response(HTTPStatus.SWITCHING_PROTOCOLS)
+    secrets = secrets_of(handler.server.config)
+    handler.send_header("Upgrade", "websocket")
+    handler.send_header("Connection", "Upgrade")
+    for name, value in returned_response_headers(response.headers):
+        handler.send_header(name, mask_known_secrets(value, secrets))
+    handler.end_headers()
+    handler.state.first_byte_at = time.monotonic()
+    return CLOSE
+
+
+def relay_session(handler: ProxyHandler, response: _HandshakeResponse, exchange: Exchange) -> RealtimeSession:
+    """After the upstream's 101: the client gets its own, and the session runs until either side ends it."""
+    server, client = handler.server, handler.state.client_name
+    check_switch(response, handler.headers["Sec-WebSocket-Key"].strip(), forwarded_subprotocols(handler.headers))
+    upstream_sock, from_upstream = response.connection.sock, response.rest()
+    response.connection.sock = None  # the session's now, closed when it ends
+    exchange.begin(lambda: write_switch_head(handler, response), event_stream=False)
+    handler.rfile.raw.probing = True
+    from_client = handler.rfile.read1(CLIENT_READ_BUFFER) or b""  # frames sent right after the handshake
+    session = RealtimeSession(handler.connection, upstream_sock, exchange, server.config,
+                              lambda usage: server.limits.count_usage(client, usage))
+    server.metrics.inc("proxy_realtime_sessions")
+    try:
+        session.run(from_client, from_upstream)
+    finally:
+        server.metrics.inc("proxy_realtime_sessions", value=-1)
+        server.metrics.inc("proxy_realtime_sessions_total", (("outcome", session.outcome or "error"),))
+    linger_close(handler.connection)
+    return session
+
+
+def serve_realtime(handler: ProxyHandler) -> None:
+    """/v1/* with Upgrade: websocket (the Realtime API): the handshake checked and sent on with the proxy's
+    key, then the session relayed both ways, holding a stream slot, its usage counted as it arrives."""
+    check_websocket_handshake(handler.command, handler.request_version, handler.headers)
+    check_ws_origin(handler)
+    target = upstream_target(handler.path)
+    handler.state.model = urllib.parse.parse_qs(target.partition("?")[2]).get("model", [None])[0]
+    handler.close_connection = True  # the connection is the session's, never another request's
+    take_slot(handler)
+    with handler.server.supervisor.tracking(Exchange(handler.connection)) as exchange:
+        handler.state.exchange = exchange
+        response = open_handshake(handler, exchange, target)
+        note_upstream_answer(handler, response)
+        try:
+            if response.status != HTTPStatus.SWITCHING_PROTOCOLS:
+                check_passthrough_response(response)
+                error_body = masked_error_body(response, handler.server.config)
+                if error_body is None:
+                    raise UpstreamBadResponse(f"the upstream answered the WebSocket handshake with "
+                                              f"{response.status}, not 101")
+                exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), False)
+                exchange.send(error_body, last=True)
+                return
+            session = relay_session(handler, response, exchange)
+        finally:
+            response.close()
+            response.connection.close()
+    handler.settle()  # the slot; the usage was counted as it came
+    handler.state.usage = session.usage
+    handler.state.session = {"outcome": session.outcome, "closed_by": session.closed_by,
+                             "close_code": session.close_code, "bytes_in": session.bytes_in}
+
+
 def serve_passthrough(handler: ProxyHandler) -> None:
     """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
+    if is_websocket_upgrade(handler.headers):
+        serve_realtime(handler)
+        return
     config, supervisor = handler.server.config, handler.server.supervisor
     target = upstream_target(handler.path)
     length = handler.declared_length()
@@ -5755,7 +6531,7 @@ class ProxyServer(http.server.HTTPServer):
             return None
         client = address[0]
         if self.config.proxy_api_keys:
-            client = identify_client(fields.get("authorization"), self.config.proxy_api_keys)
+            client = identify_client(presented_authorization(fields), self.config.proxy_api_keys)
         return None if client is None else (method, path, fields, client)
 
     def _refusal(self, address, method: str, path: str, fields: Fields, client: str) -> bytes:

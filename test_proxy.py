@@ -3310,6 +3310,515 @@ class NodeSdkTest(ProxyTestCase):
 
 
 # --------------------------------------------------------------------------
+# The Realtime API: a WebSocket relay
+# --------------------------------------------------------------------------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
+
+
+def ws_frame(opcode, payload, masked, fin=True, rsv=0, declared=None):
+    """One WebSocket frame, written from RFC 6455 5.2 here, apart from the proxy's own encoder."""
+    length = len(payload) if declared is None else declared
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    bit = 0x80 if masked else 0
+    if length < 126:
+        head += bytes([bit | length])
+    elif length < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", length)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+
+
+class WSPeer:
+    """One end of a WebSocket in the tests: the client (its frames masked) or the fake upstream."""
+
+    def __init__(self, sock, rfile, client):
+        self.sock, self.rfile, self.client = sock, rfile, client
+
+    def send(self, opcode, payload, **options):
+        self.sock.sendall(ws_frame(opcode, payload, self.client, **options))
+
+    def send_json(self, value):
+        self.send(0x1, json.dumps(value).encode())
+
+    def recv_frame(self, timeout=5):
+        """(fin, opcode, payload) of the next frame; None when the connection ends first."""
+        self.sock.settimeout(timeout)
+        try:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return None
+            length = head[1] & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", self.rfile.read(2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", self.rfile.read(8))[0]
+            key = self.rfile.read(4) if head[1] & 0x80 else None
+            payload = self.rfile.read(length)
+        except (ConnectionError, OSError):
+            return None
+        if key is not None:
+            payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+        return bool(head[0] & 0x80), head[0] & 0x0F, payload
+
+    def recv_json(self, timeout=5):
+        """The next text message, parsed; control frames on the way are skipped."""
+        for _ in range(1000):
+            frame = self.recv_frame(timeout)
+            assert frame is not None, "the connection ended"
+            if frame[1] == 0x1:
+                return json.loads(frame[2])
+        raise AssertionError("no text message")
+
+    def recv_close(self, timeout=5):
+        """(code, reason) of the close frame that comes before the end, skipping messages; None if none."""
+        for _ in range(1000):
+            frame = self.recv_frame(timeout)
+            if frame is None:
+                return None
+            if frame[1] == 0x8:
+                payload = frame[2]
+                return (struct.unpack("!H", payload[:2])[0] if payload else 1005), payload[2:].decode()
+        raise AssertionError("no close frame")
+
+    def close(self):
+        self.rfile.close()  # the socket's file object holds it open too
+        self.sock.close()
+
+    def ended_within(self, seconds):
+        """True when the other side closes the connection within the time (frames before are read away)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if not self.rfile.read1(65536):
+                    return True
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+        return False
+
+
+def ws_accept(key):
+    return base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+
+
+def read_head(rfile):
+    """The status and headers (lower-cased names, lists of values) of an HTTP head, read line by line."""
+    status_line = rfile.readline(65537).decode("latin-1")
+    headers = {}
+    for _ in range(200):
+        line = rfile.readline(65537).decode("latin-1")
+        if line in ("\r\n", "\n", ""):
+            break
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status_line, headers
+
+
+class _FakeRealtimeHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        fake = self.server.fake
+        request_line, headers = read_head(self.rfile)
+        if not request_line:
+            return
+        fake.handshakes.append((request_line.split(" ")[1], headers))
+        if fake.status != 101:
+            body = fake.error_body
+            self.wfile.write(b"HTTP/1.1 %d Nope\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (fake.status, len(body), body))
+            return
+        offered = [token.strip() for value in headers.get("sec-websocket-protocol", []) for token in value.split(",")]
+        chosen = b"Sec-WebSocket-Protocol: realtime\r\n" if "realtime" in offered else b""
+        accept = fake.accept or ws_accept(headers["sec-websocket-key"][0])
+        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: %s\r\nx-request-id: req_rt\r\n%s%s\r\n"
+                         % (accept.encode(), chosen, fake.extra_head))
+        peer = WSPeer(self.connection, self.rfile, client=False)
+        fake.peers.put(peer)
+        try:
+            fake.session(peer)
+        finally:
+            fake.ended.put(time.monotonic())
+
+
+class _FakeRealtimeServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # the proxy hanging up is no error of the test's
+            super().handle_error(request, client_address)
+
+
+class FakeRealtime:
+    """A scriptable WebSocket upstream: it records each handshake, answers it with 101 (or `status` and
+    `error_body`), then runs `session(peer)`; `peers` and `ended` tell when each session starts and ends."""
+
+    def __init__(self):
+        self.handshakes = []
+        self.status, self.error_body, self.accept, self.extra_head = 101, b"", None, b""
+        self.session = self.answer_each_text
+        self.peers, self.ended = queue.Queue(), queue.Queue()
+        self.server = _FakeRealtimeServer(("127.0.0.1", 0), _FakeRealtimeHandler)
+        self.server.fake = self
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @staticmethod
+    def answer_each_text(peer, usage=None):
+        """session.created, then each text message answered by a delta of its text and a response.done."""
+        peer.send_json({"type": "session.created", "session": {"id": "sess_1"}})
+        for _ in range(1000):
+            frame = peer.recv_frame(timeout=30)
+            if frame is None:
+                return
+            if frame[1] == 0x8:
+                peer.send(0x8, frame[2])
+                return
+            if frame[1] == 0x9:
+                peer.send(0xA, frame[2])
+            if frame[1] == 0x1:
+                text = json.loads(frame[2]).get("text", "")
+                peer.send_json({"type": "response.output_text.delta", "delta": text})
+                peer.send_json({"type": "response.done", "response": {"status": "completed", "usage": usage or {
+                    "total_tokens": 7, "input_tokens": 3, "output_tokens": 4}}})
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class RealtimeTestCase(ProxyTestCase):
+    """A proxy in front of a FakeRealtime upstream."""
+
+    def setUp(self):
+        self.realtime = FakeRealtime()
+        self.addCleanup(self.realtime.close)
+        self.config = make_config(base_url=self.realtime.base_url, **self.config_overrides)
+        self.server = self.server_class(self.config)
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
+        self.addCleanup(self.stop_server)
+        self.port = self.server.server_port
+
+    def handshake(self, path="/v1/realtime?model=gpt-realtime", headers=None, method="GET", version="13",
+                  key=None):
+        """Open a WebSocket through the proxy: (status line, headers, WSPeer)."""
+        sock = self.raw_socket(timeout=10)
+        key = key or base64.b64encode(os.urandom(16)).decode()
+        fields = {"Host": f"127.0.0.1:{self.port}", "Upgrade": "websocket", "Connection": "Upgrade",
+                  "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": version, **(headers or {})}
+        sock.sendall(f"{method} {path} HTTP/1.1\r\n".encode() + b"".join(
+            f"{name}: {value}\r\n".encode() for name, value in fields.items() if value is not None) + b"\r\n")
+        rfile = sock.makefile("rb")
+        self.addCleanup(rfile.close)
+        status_line, head = read_head(rfile)
+        if status_line.split(" ")[1] == "101":
+            self.assertEqual(head["sec-websocket-accept"], [ws_accept(key)])
+        return status_line, head, WSPeer(sock, rfile, client=True)
+
+    def open_session(self, **options):
+        status_line, head, peer = self.handshake(**options)
+        self.assertIn(" 101 ", status_line)
+        upstream = self.realtime.peers.get(timeout=5)
+        return peer, upstream, head
+
+    def error_of(self, peer, head):
+        """The JSON error of a refused handshake, its body read by Content-Length."""
+        body = peer.rfile.read(int(head["content-length"][0]))
+        self.assertEqual(head["content-type"], ["application/json"])
+        return json.loads(body)["error"]
+
+    def metric(self, name):
+        body = self.request("GET", "/metrics").read().decode()
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
+                if line.startswith(name)}
+
+
+class RealtimeRelayTest(RealtimeTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),)}
+
+    def test_text_round_trip_with_the_proxys_key_and_not_the_clients(self):
+        with self.assertLogs("proxy", "INFO") as logs:
+            peer, upstream, head = self.open_session(headers={"Authorization": f"Bearer {ALICE_KEY}",
+                                                              "OpenAI-Beta": "realtime=v1"})
+            self.assertEqual(peer.recv_json()["type"], "session.created")
+            peer.send_json({"type": "conversation.item.create", "text": "hi there"})
+            self.assertEqual(peer.recv_json(), {"type": "response.output_text.delta", "delta": "hi there"})
+            self.assertEqual(peer.recv_json()["response"]["usage"]["total_tokens"], 7)
+            peer.send(0x8, struct.pack("!H", 1000) + b"bye")
+            self.assertEqual(peer.recv_close(), (1000, "bye"))
+            self.assertTrue(peer.ended_within(3))
+            self.server.wait_idle(5)
+        path, headers = self.realtime.handshakes[0]
+        self.assertEqual(path, "/v1/realtime?model=gpt-realtime")  # the query as the client sent it
+        self.assertEqual(headers["authorization"], [f"Bearer {TEST_KEY}"])
+        self.assertEqual(headers["openai-beta"], ["realtime=v1"])
+        self.assertNotIn(ALICE_KEY, json.dumps(headers))
+        self.assertNotIn("sec-websocket-extensions", headers)
+        self.assertEqual(head["x-request-id"], ["req_rt"])
+        line = next(line for line in logs.output if '"GET /v1/realtime"' in line)
+        for part in (" 101 ", "client=alice", "model=gpt-realtime", "tokens=3/4", "session=client_closed",
+                     "closed_by=client", "close_code=1000", "bytes_in="):
+            self.assertIn(part, line)
+
+    def test_a_browser_key_in_the_subprotocol_is_checked_and_never_forwarded(self):
+        peer, upstream, head = self.open_session(headers={
+            "Sec-WebSocket-Protocol": f"realtime, openai-insecure-api-key.{ALICE_KEY}, openai-beta.realtime-v1",
+            "Origin": f"http://127.0.0.1:{self.port}"})
+        self.assertEqual(head["sec-websocket-protocol"], ["realtime"])
+        headers = self.realtime.handshakes[0][1]
+        self.assertEqual(headers["sec-websocket-protocol"], ["realtime, openai-beta.realtime-v1"])
+        self.assertEqual(headers["authorization"], [f"Bearer {TEST_KEY}"])
+        self.assertNotIn(ALICE_KEY, json.dumps(headers))
+        self.assertNotIn("origin", headers)
+
+    def test_a_wrong_or_missing_key_is_refused_before_any_upstream_connection(self):
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"},
+                        {"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.wrong-key-0123456789"}):
+            status_line, head, peer = self.handshake(headers=headers)
+            self.assertIn(" 401 ", status_line)
+            self.assertEqual(self.error_of(peer, head)["code"], "invalid_api_key")
+        self.assertEqual(self.realtime.handshakes, [])
+
+    def test_an_origin_not_allowed_is_refused(self):
+        self.server.config = dataclasses.replace(self.config, cors_origins=("https://app.example",))
+        status_line, head, peer = self.handshake(headers={"Authorization": f"Bearer {ALICE_KEY}",
+                                                          "Origin": "https://evil.example"})
+        self.assertIn(" 403 ", status_line)
+        self.assertIn("CORS_ORIGINS", self.error_of(peer, head)["message"])
+        self.assertEqual(self.realtime.handshakes, [])
+        self.open_session(headers={"Authorization": f"Bearer {ALICE_KEY}", "Origin": "https://app.example"})
+
+    def test_malformed_handshakes_are_answered_400(self):
+        auth = {"Authorization": f"Bearer {ALICE_KEY}"}
+        cases = [({"version": "8"}, "Sec-WebSocket-Version must be 13"),
+                 ({"key": "not-base64!"}, "Sec-WebSocket-Key"),
+                 ({"key": base64.b64encode(b"short").decode()}, "Sec-WebSocket-Key"),
+                 ({"method": "POST", "headers": {**auth, "Content-Length": "0"}}, "GET"),
+                 ({"headers": {**auth, "Connection": "keep-alive"}}, "Connection: Upgrade"),
+                 ({"headers": {**auth, "Content-Length": "5"}}, "no body")]
+        for options, message in cases:
+            with self.subTest(options=options):
+                options.setdefault("headers", auth)
+                status_line, head, peer = self.handshake(**options)
+                self.assertIn(" 400 ", status_line)
+                self.assertIn(message, self.error_of(peer, head)["message"])
+                if "version" in options:
+                    self.assertEqual(head["sec-websocket-version"], ["13"])
+        self.assertEqual(self.realtime.handshakes, [])
+
+    def test_upstream_refusals_are_relayed_with_the_key_masked(self):
+        echo = json.dumps({"error": {"message": f"Incorrect API key provided: {TEST_KEY}",
+                                     "type": "invalid_request_error", "code": "invalid_api_key"}}).encode()
+        for status, want in ((401, 502), (403, 502), (404, 404), (429, 429)):
+            with self.subTest(status=status):
+                self.realtime.status, self.realtime.error_body = status, echo
+                status_line, head, peer = self.handshake(headers={"Authorization": f"Bearer {ALICE_KEY}"})
+                self.assertIn(f" {want} ", status_line)
+                body = peer.rfile.read(int(head["content-length"][0]))
+                self.assertNotIn(TEST_KEY[4:12].encode(), body)
+                self.assertIn(b"error", body)
+
+    def test_client_departure_closes_the_upstream_within_a_second(self):
+        peer, upstream, _ = self.open_session(headers=bearer(ALICE_KEY))
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        left = time.monotonic()
+        peer.close()
+        ended = self.realtime.ended.get(timeout=5)
+        self.assertLess(ended - left, 1.0)
+
+    def test_upstream_departure_closes_the_client_with_1011(self):
+        self.realtime.session = lambda peer: peer.send_json({"type": "session.created"})
+        peer, upstream, _ = self.open_session(headers=bearer(ALICE_KEY))
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        code, reason = peer.recv_close()
+        self.assertEqual(code, 1011)
+        self.assertIn("upstream", reason)
+        self.assertTrue(peer.ended_within(3))
+
+    def test_the_upstreams_own_close_code_reaches_the_client(self):
+        def close_at_once(upstream_peer):
+            upstream_peer.send(0x8, struct.pack("!H", 4000) + b"session expired")
+            upstream_peer.recv_frame()
+        self.realtime.session = close_at_once
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        self.assertEqual(peer.recv_close(), (4000, "session expired"))
+        peer.send(0x8, struct.pack("!H", 4000))
+        self.assertTrue(peer.ended_within(3))
+
+    def test_fragments_with_control_frames_between_are_passed_on_as_one_message(self):
+        def fragmented(upstream_peer):
+            upstream_peer.send(0x1, b'{"type": "response.', fin=False)
+            upstream_peer.send(0x9, b"ping-1")
+            upstream_peer.send(0x0, b'output_text.delta", ', fin=False)
+            upstream_peer.send(0x0, b'"delta": "x"}')
+            upstream_peer.recv_frame(timeout=10)
+        self.realtime.session = fragmented
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        self.assertEqual(peer.recv_frame(), (True, 0x9, b"ping-1"))
+        self.assertEqual(peer.recv_frame(), (True, 0x1, b'{"type": "response.output_text.delta", "delta": "x"}'))
+
+    def test_a_100_mb_frame_ends_the_session_with_1009_and_never_reaches_the_upstream(self):
+        received = []
+        self.realtime.session = lambda upstream_peer: received.append(upstream_peer.recv_frame(timeout=10))
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        peer.sock.sendall(ws_frame(0x2, b"", masked=True, declared=100 * 1024 * 1024) + b"x" * 65536)
+        code, reason = peer.recv_close()
+        self.assertEqual(code, 1009)
+        self.assertIn("MAX_FRAME_BYTES", reason)
+        self.realtime.ended.get(timeout=5)
+        self.assertEqual(received[0][1], 0x8)  # a close, not the frame
+        self.assertEqual(struct.unpack("!H", received[0][2][:2])[0], 1009)
+
+    def test_protocol_errors_end_the_session(self):
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        peer.sock.sendall(ws_frame(0x1, b"{}", masked=False))  # a client frame must be masked
+        self.assertEqual(peer.recv_close()[0], 1002)
+        self.realtime.session = lambda upstream_peer: upstream_peer.sock.sendall(ws_frame(0x1, b"{}", masked=True))
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        self.assertEqual(peer.recv_close()[0], 1011)  # the upstream broke the protocol: not the client's fault
+
+    def test_a_key_echoed_by_the_upstream_in_events_and_close_reasons_is_masked(self):
+        def hostile(upstream_peer):
+            upstream_peer.send_json({"type": "error", "error": {"message": f"bad key {TEST_KEY}"}})
+            upstream_peer.send(0x1, f"plain text {TEST_KEY}".encode())
+            upstream_peer.send(0x1, json.dumps({"type": "x", "error": {
+                "message": TEST_KEY.replace("s", "\\u0073")}}).replace("\\\\", "\\").encode())
+            upstream_peer.send(0x8, struct.pack("!H", 4001) + TEST_KEY.encode())
+            upstream_peer.recv_frame()
+        self.realtime.session = hostile
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        seen = b""
+        for _ in range(4):
+            frame = peer.recv_frame()
+            self.assertIsNotNone(frame)
+            seen += frame[2]
+        self.assertNotIn(TEST_KEY[3:11].encode(), seen)
+        self.assertIn(b"[redacted]", seen)
+
+    def test_metrics_count_sessions_running_and_by_outcome(self):
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        self.assertEqual(self.metric("proxy_realtime_sessions ")["proxy_realtime_sessions"], 1)
+        peer.send(0x8, struct.pack("!H", 1000))
+        self.assertEqual(peer.recv_close()[0], 1000)
+        self.assertTrue(peer.ended_within(3))
+        self.server.wait_idle(5)
+        values = self.metric("proxy_realtime_sessions")
+        self.assertEqual(values["proxy_realtime_sessions"], 0)
+        self.assertEqual(values['proxy_realtime_sessions_total{outcome="client_closed"}'], 1)
+
+
+class RealtimeLimitsTest(RealtimeTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),), "token_budget_day": 10,
+                        "max_streams_per_client": 1, "idle_timeout": 0.5}
+
+    def test_a_session_holds_a_stream_slot(self):
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        status_line, head, second = self.handshake(headers=bearer(ALICE_KEY))
+        self.assertIn(" 429 ", status_line)
+        self.assertIn("MAX_STREAMS_PER_CLIENT", self.error_of(second, head)["message"])
+        peer.send(0x8, struct.pack("!H", 1000))
+        self.assertTrue(peer.ended_within(3))
+        self.server.wait_idle(5)
+        self.open_session(headers=bearer(ALICE_KEY))  # the slot came back
+
+    def test_a_client_over_its_budget_mid_session_gets_a_close_frame_with_the_reason(self):
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        peer.recv_json()
+        peer.send_json({"text": "one"})
+        self.assertEqual(peer.recv_json()["type"], "response.output_text.delta")
+        self.assertEqual(peer.recv_json()["type"], "response.done")  # 7 tokens: within 10
+        peer.send_json({"text": "two"})
+        self.assertEqual(peer.recv_json()["type"], "response.output_text.delta")
+        self.assertEqual(peer.recv_json()["type"], "response.done")  # 14: over, and told so
+        code, reason = peer.recv_close()
+        self.assertEqual(code, 1008)
+        self.assertIn("TOKEN_BUDGET_DAY", reason)
+        self.assertTrue(peer.ended_within(3))
+        self.realtime.ended.get(timeout=5)
+        self.server.wait_idle(5)
+        status_line, head, again = self.handshake(headers=bearer(ALICE_KEY))
+        self.assertIn(" 429 ", status_line)
+        self.assertEqual(self.error_of(again, head)["type"], "insufficient_quota")
+
+    def test_an_idle_session_is_closed_and_pings_count_as_activity(self):
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        peer.recv_json()
+        for _ in range(4):  # 1.2 s of pings, each within the 0.5 s idle timeout
+            time.sleep(0.3)
+            peer.send(0x9, b"ping")
+            self.assertEqual(peer.recv_frame(), (True, 0xA, b"ping"))
+        started = time.monotonic()
+        code, reason = peer.recv_close(timeout=5)
+        self.assertEqual(code, 1001)
+        self.assertIn("IDLE_TIMEOUT", reason)
+        self.assertLess(time.monotonic() - started, 2)
+        self.realtime.ended.get(timeout=5)
+
+
+class RealtimeShutdownTest(RealtimeTestCase):
+    def test_a_drain_that_times_out_sends_1001_going_away(self):
+        peer, _, _ = self.open_session()
+        peer.recv_json()
+        force = threading.Event()
+        threading.Thread(target=self.server.drain, args=(0.3, force), daemon=True).start()
+        code, reason = peer.recv_close(timeout=5)
+        self.assertEqual(code, 1001)
+        self.assertIn("shutting down", reason)
+
+
+class RealtimeManySessionsTest(RealtimeTestCase):
+    def test_200_idle_sessions_at_once_and_healthz_stays_fast(self):
+        self.realtime.session = lambda upstream_peer: upstream_peer.recv_frame(timeout=60)
+        peers = [self.open_session()[0] for _ in range(200)]
+        self.assertEqual(self.metric("proxy_realtime_sessions ")["proxy_realtime_sessions"], 200)
+        times = []
+        for _ in range(5):
+            started = time.monotonic()
+            self.assertEqual(self.request("GET", "/healthz").status, 200)
+            times.append(time.monotonic() - started)
+        self.assertLess(max(times), 0.5, times)
+        for peer in peers:
+            peer.close()
+        self.assertTrue(self.server.wait_idle(10))
+
+
+class FrameStreamTest(unittest.TestCase):
+    def test_bytes_arriving_one_by_one_give_the_same_frames(self):
+        data = (ws_frame(0x1, b"ab", True, fin=False) + ws_frame(0x9, b"p", True)
+                + ws_frame(0x0, b"c" * 300, True) + ws_frame(0x2, b"d" * 70000, True))
+        stream = proxy.FrameStream(masked=True, whole=True, max_bytes=1 << 20, side="client")
+        items = [item for index in range(len(data)) for item in stream.feed(data[index:index + 1])]
+        self.assertEqual([(item[0], item[1], item[2]) for item in items],
+                         [("control", 0x9, b"p"), ("message", 0x1, b"ab" + b"c" * 300), ("message", 0x2, b"d" * 70000)])
+
+    def test_passed_on_frames_are_the_bytes_that_came(self):
+        data = ws_frame(0x1, b"hello", True) + ws_frame(0xA, b"", True)
+        stream = proxy.FrameStream(masked=True, whole=False, max_bytes=100, side="client")
+        items = stream.feed(data[:4]) + stream.feed(data[4:])
+        raw = b"".join(item[1] for item in items if item[0] == "raw") + items[-1][3]
+        self.assertEqual(raw, data)
+
+    def test_rule_breaking_frames_are_refused(self):
+        cases = [(ws_frame(0x1, b"x", True, rsv=0x40), 1002), (ws_frame(0x3, b"x", True), 1002),
+                 (ws_frame(0x9, b"x" * 126, True), 1002), (ws_frame(0x9, b"x", True, fin=False), 1002),
+                 (ws_frame(0x0, b"x", True), 1002), (ws_frame(0x1, b"x", False), 1002),
+                 (ws_frame(0x1, b"x" * 101, True), 1009),
+                 (ws_frame(0x1, b"x" * 60, True, fin=False) + ws_frame(0x0, b"x" * 60, True), 1009)]
+        for data, code in cases:
+            with self.subTest(data=data[:4]):
+                stream = proxy.FrameStream(masked=True, whole=False, max_bytes=100, side="client")
+                with self.assertRaises(proxy.WebSocketError) as caught:
+                    stream.feed(data)
+                self.assertEqual(caught.exception.code, code)
+
+
+# --------------------------------------------------------------------------
 # Client keys and limits
 # --------------------------------------------------------------------------
 
