@@ -7,6 +7,7 @@ import ast
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -43,6 +44,10 @@ try:  # test-only: .ci/run installs it; the core tests need nothing
     import openai
 except ImportError:
     openai = None
+try:  # test-only: openai-python's realtime extra needs it (client.realtime.connect)
+    import websockets
+except ImportError:
+    websockets = None
 try:  # test-only: drives Debian's chromium for the UI tests
     from playwright.sync_api import sync_playwright
 except ImportError:
@@ -3447,8 +3452,37 @@ class _FakeRealtimeHandler(socketserver.StreamRequestHandler):
             fake.ended.put(time.monotonic())
 
 
+def write_test_cert(test):
+    """TEST_CERT and its key in files of a temporary folder: (cert file, key file)."""
+    folder = tempfile.TemporaryDirectory()
+    test.addCleanup(folder.cleanup)
+    files = os.path.join(folder.name, "cert.pem"), os.path.join(folder.name, "key.pem")
+    for path, text in zip(files, (TEST_CERT, TEST_CERT_KEY)):
+        with open(path, "w") as out:
+            out.write(text)
+    return files
+
+
+def tls_server_context(files):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*files)
+    return context
+
+
 class _FakeRealtimeServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
+    tls = None  # a server SSLContext: the upstream speaks wss://
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        sock.settimeout(5)
+        try:
+            return self.tls.wrap_socket(sock, server_side=True), address
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):  # the proxy hanging up is no error of the test's
@@ -3459,15 +3493,17 @@ class FakeRealtime:
     """A scriptable WebSocket upstream: it records each handshake, answers it with 101 (or `status` and
     `error_body`), then runs `session(peer)`; `peers` and `ended` tell when each session starts and ends."""
 
-    def __init__(self):
+    def __init__(self, tls_files=None):
         self.handshakes = []
         self.status, self.error_body, self.accept, self.extra_head = 101, b"", None, b""
         self.session = self.answer_each_text
         self.peers, self.ended = queue.Queue(), queue.Queue()
         self.server = _FakeRealtimeServer(("127.0.0.1", 0), _FakeRealtimeHandler)
         self.server.fake = self
+        self.server.tls = tls_server_context(tls_files) if tls_files else None
         threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        scheme = "https" if tls_files else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/v1"
 
     @staticmethod
     def answer_each_text(peer, usage=None):
@@ -3493,6 +3529,24 @@ class FakeRealtime:
         self.server.server_close()
 
 
+def open_websocket(test, port, path="/v1/realtime?model=gpt-realtime", headers=None, method="GET",
+                   version="13", key=None):
+    """A WebSocket handshake on a raw socket: (status line, headers, WSPeer); a 101 must answer the key."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    test.addCleanup(sock.close)
+    key = key or base64.b64encode(os.urandom(16)).decode()
+    fields = {"Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
+              "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": version, **(headers or {})}
+    sock.sendall(f"{method} {path} HTTP/1.1\r\n".encode() + b"".join(
+        f"{name}: {value}\r\n".encode() for name, value in fields.items() if value is not None) + b"\r\n")
+    rfile = sock.makefile("rb")
+    test.addCleanup(rfile.close)
+    status_line, head = read_head(rfile)
+    if status_line.split(" ")[1] == "101":
+        test.assertEqual(head["sec-websocket-accept"], [ws_accept(key)])
+    return status_line, head, WSPeer(sock, rfile, client=True)
+
+
 class RealtimeTestCase(ProxyTestCase):
     """A proxy in front of a FakeRealtime upstream."""
 
@@ -3506,20 +3560,10 @@ class RealtimeTestCase(ProxyTestCase):
         self.port = self.server.server_port
 
     def handshake(self, path="/v1/realtime?model=gpt-realtime", headers=None, method="GET", version="13",
-                  key=None):
-        """Open a WebSocket through the proxy: (status line, headers, WSPeer)."""
-        sock = self.raw_socket(timeout=10)
-        key = key or base64.b64encode(os.urandom(16)).decode()
-        fields = {"Host": f"127.0.0.1:{self.port}", "Upgrade": "websocket", "Connection": "Upgrade",
-                  "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": version, **(headers or {})}
-        sock.sendall(f"{method} {path} HTTP/1.1\r\n".encode() + b"".join(
-            f"{name}: {value}\r\n".encode() for name, value in fields.items() if value is not None) + b"\r\n")
-        rfile = sock.makefile("rb")
-        self.addCleanup(rfile.close)
-        status_line, head = read_head(rfile)
-        if status_line.split(" ")[1] == "101":
-            self.assertEqual(head["sec-websocket-accept"], [ws_accept(key)])
-        return status_line, head, WSPeer(sock, rfile, client=True)
+                  key=None, port=None):
+        """Open a WebSocket through the proxy (or what is in front of it, on port): (status line, headers,
+        WSPeer)."""
+        return open_websocket(self, port or self.port, path, headers, method, version, key)
 
     def open_session(self, **options):
         status_line, head, peer = self.handshake(**options)
@@ -3786,6 +3830,196 @@ class RealtimeManySessionsTest(RealtimeTestCase):
         for peer in peers:
             peer.close()
         self.assertTrue(self.server.wait_idle(10))
+
+
+def sdk_like_session(peer):
+    """What the Realtime API does for a text conversation: the last user text, back as one delta."""
+    peer.send_json({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_1"}})
+    text = ""
+    for _ in range(1000):
+        frame = peer.recv_frame(timeout=30)
+        if frame is None or frame[1] == 0x8:
+            if frame is not None:
+                peer.send(0x8, frame[2])
+            return
+        event = json.loads(frame[2]) if frame[1] == 0x1 else {}
+        if event.get("type") == "conversation.item.create":
+            text = event["item"]["content"][0]["text"]
+        elif event.get("type") == "response.create":
+            for word in re.findall(r"\S+\s*", text):
+                peer.send_json({"type": "response.output_text.delta", "event_id": "event_2", "response_id": "r",
+                                "item_id": "i", "output_index": 0, "content_index": 0, "delta": word})
+            peer.send_json({"type": "response.done", "event_id": "event_3", "response": {
+                "id": "r", "object": "realtime.response", "status": "completed", "output": [],
+                "usage": {"total_tokens": 9, "input_tokens": 4, "output_tokens": 5}}})
+
+
+def python_realtime_round_trip(base_url, key, text):
+    """openai-python's client.realtime.connect() through the proxy: (text streamed back, usage)."""
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
+    with client.realtime.connect(model="gpt-realtime") as connection:
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": text}]})
+        connection.response.create()
+        reply = ""
+        for event in connection:
+            if event.type == "response.output_text.delta":
+                reply += event.delta
+            if event.type == "response.done":
+                return reply, event.response.usage
+    raise AssertionError("the session ended before response.done")
+
+
+class RealtimePythonSdkTest(RealtimeTestCase):
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),)}
+
+    def setUp(self):
+        require(openai is not None and websockets is not None, "openai-python with its realtime extra")
+        super().setUp()
+        self.realtime.session = sdk_like_session
+
+    def test_text_round_trip_through_client_realtime_connect(self):
+        reply, usage = python_realtime_round_trip(f"http://127.0.0.1:{self.port}/v1", ALICE_KEY, "from python")
+        self.assertEqual((reply, usage.total_tokens), ("from python", 9))
+        path, headers = self.realtime.handshakes[0]
+        self.assertEqual(path, "/v1/realtime?model=gpt-realtime")
+        self.assertEqual(headers["authorization"], [f"Bearer {TEST_KEY}"])
+
+    def test_a_wrong_key_raises_before_the_upstream_is_asked(self):
+        with self.assertRaises(Exception) as caught:
+            python_realtime_round_trip(f"http://127.0.0.1:{self.port}/v1", "wrong-key-0123456789", "x")
+        self.assertIn("401", str(caught.exception))
+        self.assertEqual(self.realtime.handshakes, [])
+
+
+class RealtimeDemoSdkTest(unittest.TestCase):
+    """openai-python against --demo's Realtime session, through the real relay path."""
+
+    def test_the_demo_answers_with_the_last_user_text(self):
+        require(openai is not None and websockets is not None, "openai-python with its realtime extra")
+        demo = proxy.DemoUpstream(word_delay=0.001)
+        demo.start()
+        self.addCleanup(demo.close)
+        server = proxy.ProxyServer(make_config(base_url=demo.base_url, api_key="demo-key-not-secret", demo=True))
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+        self.addCleanup(server.close)
+        self.addCleanup(server.shutdown)
+        reply, usage = python_realtime_round_trip(f"http://127.0.0.1:{server.server_port}/v1", "unused",
+                                                  "offline through the relay")
+        self.assertEqual(reply, "offline through the relay")
+        self.assertEqual((usage.input_tokens, usage.output_tokens, usage.total_tokens), (4, 4, 8))
+
+
+NODE_REALTIME_SCRIPT = """
+const OpenAI = require('openai');
+const { OpenAIRealtimeWS } = require('openai/realtime/ws');
+const client = new OpenAI({ baseURL: process.env.PROXY_URL, apiKey: process.env.CLIENT_KEY });
+const rt = new OpenAIRealtimeWS({ model: 'gpt-realtime' }, client);
+let text = '';
+rt.socket.on('open', () => {
+  rt.send({ type: 'conversation.item.create',
+            item: { type: 'message', role: 'user', content: [{ type: 'input_text', text: 'from node' }] } });
+  rt.send({ type: 'response.create' });
+});
+rt.on('response.output_text.delta', (event) => { text += event.delta; });
+rt.on('response.done', (event) => {
+  console.log(JSON.stringify({ text, usage: event.response.usage, extensions: rt.socket.extensions }));
+  rt.close();
+});
+rt.on('error', (error) => { console.error(error); process.exit(1); });
+setTimeout(() => { console.error('no response.done within 20 s'); process.exit(2); }, 20000).unref();
+"""
+
+
+class RealtimeNodeSdkTest(RealtimeTestCase):
+    """The openai npm package's OpenAIRealtimeWS (on the ws package, which offers compression)."""
+
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),)}
+
+    def test_text_round_trip_through_openai_realtime_ws(self):
+        node_modules = os.environ.get("PROXY_TEST_NODE_MODULES", "")
+        require(shutil.which("node") and os.path.isdir(os.path.join(node_modules, "openai"))
+                and os.path.isdir(os.path.join(node_modules, "ws")),
+                "node with the openai and ws npm packages (PROXY_TEST_NODE_MODULES)")
+        self.realtime.session = sdk_like_session
+        files = write_test_cert(self)
+        front = TlsFront(self, self.port, files)
+        result = subprocess.run(["node", "-e", NODE_REALTIME_SCRIPT], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "NODE_PATH": node_modules, "CLIENT_KEY": ALICE_KEY,
+                                     "NODE_EXTRA_CA_CERTS": files[0],
+                                     "PROXY_URL": f"https://127.0.0.1:{front.port}/v1"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        output = json.loads(result.stdout)
+        self.assertEqual((output["text"], output["usage"]["total_tokens"]), ("from node", 9))
+        self.assertEqual(output["extensions"], "")  # offered by ws, not negotiated through the proxy
+        headers = self.realtime.handshakes[0][1]
+        self.assertEqual(headers["authorization"], [f"Bearer {TEST_KEY}"])
+        self.assertNotIn("sec-websocket-extensions", headers)
+
+
+class RealtimeTlsUpstreamTest(RealtimeTestCase):
+    """A wss:// upstream: messages larger than a TLS record, each way, arrive whole and in order."""
+
+    def setUp(self):
+        files = write_test_cert(self)
+        self.realtime = FakeRealtime(tls_files=files)
+        self.addCleanup(self.realtime.close)
+        self.config = make_config(base_url=self.realtime.base_url)
+        self.server = self.server_class(self.config)
+        connector = self.server.upstreams.connector(proxy.configured_upstreams(self.config)[0])
+        connector.context.load_verify_locations(files[0])  # as SSL_CERT_FILE would make the proxy trust it
+        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
+        self.addCleanup(self.stop_server)
+        self.port = self.server.server_port
+
+    def test_large_messages_cross_a_tls_upstream_both_ways(self):
+        peer, _, _ = self.open_session()
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        for size in (10, 40000, 300000):
+            text = "".join(random.choice("abcdef") for _ in range(size))
+            peer.send_json({"text": text})
+            self.assertEqual(peer.recv_json(timeout=10)["delta"], text)
+            self.assertEqual(peer.recv_json()["type"], "response.done")
+        peer.send(0x8, struct.pack("!H", 1000))
+        self.assertEqual(peer.recv_close()[0], 1000)
+
+
+class TlsFront:
+    """A TLS terminator in front of the proxy, as nginx or a load balancer is in production: the openai
+    npm package opens the Realtime API on wss:// only."""
+
+    def __init__(self, test, port, files):
+        self._context, self._port = tls_server_context(files), port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        test.addCleanup(self.listener.close)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        for _ in range(100):
+            try:
+                sock, _ = self.listener.accept()
+                front = self._context.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+            back = socket.create_connection(("127.0.0.1", self._port))
+            for source, target in ((front, back), (back, front)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, target):
+        try:
+            for _ in range(1000000):
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except (OSError, ssl.SSLError):
+            pass
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)  # the end passed on; the other pump closes target
+        source.close()
 
 
 class FrameStreamTest(unittest.TestCase):
@@ -5117,6 +5351,49 @@ class BrowserSettingsTest(BrowserTestCase):
         self.assertEqual(page.evaluate("() => sessionStorage.getItem('proxy-key')"), ALICE_KEY)
 
 
+
+BROWSER_REALTIME_SCRIPT = """
+([url, key]) => new Promise((resolve, reject) => {
+  const socket = new WebSocket(url, ['realtime', 'openai-insecure-api-key.' + key]);
+  let text = '';
+  socket.onopen = () => {
+    socket.send(JSON.stringify({ type: 'conversation.item.create', item: { type: 'message', role: 'user',
+      content: [{ type: 'input_text', text: 'from the browser' }] } }));
+    socket.send(JSON.stringify({ type: 'response.create' }));
+  };
+  socket.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    if (event.type === 'response.output_text.delta') text += event.delta;
+    if (event.type === 'response.done') {
+      resolve({ text, protocol: socket.protocol, extensions: socket.extensions,
+                tokens: event.response.usage.total_tokens });
+      socket.close(1000);
+    }
+  };
+  socket.onclose = (event) => reject(new Error('closed ' + event.code + ' ' + event.reason));
+})
+"""
+
+
+class RealtimeBrowserTest(RealtimeTestCase, BrowserTestCase):
+    """Chromium opens the WebSocket from the proxy's own page, its key in the subprotocol."""
+
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),), "cors_origins": ("https://app.example",)}
+
+    def test_a_browser_session_with_its_key_in_the_subprotocol(self):
+        self.realtime.session = sdk_like_session
+        page = self.open_page()
+        result = page.evaluate(BROWSER_REALTIME_SCRIPT, [f"ws://127.0.0.1:{self.port}/v1/realtime?model=gpt-realtime",
+                                                         ALICE_KEY])
+        self.assertEqual(result, {"text": "from the browser", "protocol": "realtime", "extensions": "",
+                                  "tokens": 9})
+        headers = self.realtime.handshakes[0][1]
+        self.assertEqual(headers["sec-websocket-protocol"], ["realtime"])
+        self.assertEqual(headers["authorization"], [f"Bearer {TEST_KEY}"])
+        self.assertNotIn(ALICE_KEY, json.dumps(headers))
+        self.assertEqual(self.page_errors, [])
+
+
 # --------------------------------------------------------------------------
 # Behind nginx: the README's own server block
 # --------------------------------------------------------------------------
@@ -5215,6 +5492,22 @@ class NginxTest(ProxyTestCase):
         self.assertIn('"content":""', FrameReader(response).next_frame())
         conn.close()
         self.assertTrue(self.upstream.disconnected.wait(3), "the upstream was not closed after the client left")
+
+
+class RealtimeNginxTest(RealtimeTestCase):
+    """The README's nginx block relays the Realtime API's WebSocket too."""
+
+    def test_a_session_through_nginx(self):
+        nginx_port = start_nginx(self, [self.port])
+        status_line, head, peer = self.handshake(port=nginx_port)
+        self.assertIn(" 101 ", status_line)
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        peer.send_json({"text": "through nginx"})
+        self.assertEqual(peer.recv_json()["delta"], "through nginx")
+        self.assertEqual(peer.recv_json()["type"], "response.done")
+        peer.send(0x8, struct.pack("!H", 1000))
+        self.assertEqual(peer.recv_close(), (1000, ""))
+        self.assertEqual(self.realtime.handshakes[0][1]["authorization"], [f"Bearer {TEST_KEY}"])
 
 
 # --------------------------------------------------------------------------
@@ -5714,12 +6007,12 @@ class SharedLimitsTest(unittest.TestCase):
         self.upstream.script = lambda received: (json_script({"data": []}) if received.method == "GET"
                                                  else Script(steps=reply("ok")))
 
-    def copy(self, redis_url=None, **settings):
+    def copy(self, redis_url=None, base_url=None, **settings):
         env = {"OA_API_KEY": TEST_KEY, "REDIS_URL": redis_url or self.redis.url,
                "PROXY_API_KEYS": f"alice={ALICE_KEY},bob={BOB_KEY}",
                "REDIS_TIMEOUT": "2",  # a loaded CI machine may take longer than 0.5 s to connect first
                **{name: str(value) for name, value in settings.items()}}
-        process = ProxyProcess("--base-url", self.upstream.base_url, env=env)
+        process = ProxyProcess("--base-url", base_url or self.upstream.base_url, env=env)
         self.addCleanup(process.kill)
         return process
 
@@ -5728,6 +6021,32 @@ class SharedLimitsTest(unittest.TestCase):
         self.addCleanup(conn.close)
         conn.request("POST", "/message", body=chat_body(), headers=bearer(key))
         return conn.getresponse()
+
+    def test_a_realtime_session_holds_its_stream_slot_and_counts_its_tokens_across_copies(self):
+        realtime = FakeRealtime()
+        self.addCleanup(realtime.close)
+        a = self.copy(base_url=realtime.base_url, MAX_STREAMS_PER_CLIENT=1, TOKEN_BUDGET_DAY=10)
+        b = self.copy(base_url=realtime.base_url, MAX_STREAMS_PER_CLIENT=1, TOKEN_BUDGET_DAY=10)
+        status_line, _, peer = open_websocket(self, a.port, headers=bearer(ALICE_KEY))
+        self.assertIn(" 101 ", status_line)
+        peer.recv_json()
+        status_line, head, refused = open_websocket(self, b.port, headers=bearer(ALICE_KEY))
+        self.assertIn(" 429 ", status_line)  # alice's one slot is taken, on the other copy
+        peer.send_json({"text": "one"})
+        peer.recv_json()
+        self.assertEqual(peer.recv_json()["type"], "response.done")  # 7 of alice's 10 tokens, counted in Redis
+        peer.send(0x8, struct.pack("!H", 1000))
+        self.assertTrue(peer.ended_within(3))
+        self.assertTrue(wait_until(lambda: self.redis.cli("ZCARD", "proxy.py:{alice}:streams").strip() == "0"))
+        status_line, _, peer = open_websocket(self, b.port, headers=bearer(ALICE_KEY))
+        self.assertIn(" 101 ", status_line)  # the slot is free again, on either copy
+        peer.recv_json()
+        peer.send_json({"text": "two"})
+        peer.recv_json()
+        peer.recv_json()
+        code, reason = peer.recv_close()  # 14 of 10: the session on b ends, the day's budget spent across copies
+        self.assertEqual(code, 1008)
+        self.assertIn("TOKEN_BUDGET_DAY", reason)
 
     def test_requests_per_minute_hold_across_copies(self):
         a, b = self.copy(RATE_LIMIT_RPM=4), self.copy(RATE_LIMIT_RPM=4)
