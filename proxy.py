@@ -4485,22 +4485,11 @@ class RealtimeSession:
             _close_quietly(self.upstream)
 
     def _turn(self, selector: selectors.BaseSelector) -> None:
-        now = time.monotonic()
-        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
-            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
-        if self._closing_since is not None and now - self._closing_since >= CLOSE_WAIT:
-            self.outcome = f"{self.closed_by}_closed"
+        """Wait for either side (until the session's next deadline) and relay what it sent."""
+        wait = self._time_left()
+        if self.outcome:
             return
-        idle_left = self._last_activity + self._config.idle_timeout - now
-        if idle_left <= 0:
-            raise WebSocketError(CLOSE_GOING_AWAY, f"the session was idle for {self._config.idle_timeout:g} s "
-                                 "(IDLE_TIMEOUT)", "idle")
-        wait = idle_left if self._closing_since is None else min(idle_left, CLOSE_WAIT)
-        pending = isinstance(self.upstream, ssl.SSLSocket) and self.upstream.pending()
-        ready = [key.data for key, _ in selector.select(0 if pending else wait)]
-        if pending and "upstream" not in ready:
-            ready.append("upstream")
-        for side in ready:
+        for side in self._ready(selector, wait):
             sock = self.client if side == "client" else self.upstream
             try:
                 data = _recv_all_ready(sock)
@@ -4510,6 +4499,28 @@ class RealtimeSession:
                 self._left(side)
                 return
             self._arrived(side, data)
+
+    def _time_left(self) -> float:
+        """Seconds until the session must end if nothing comes; raise (or set the outcome) once it must."""
+        now = time.monotonic()
+        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
+            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
+        if self._closing_since is not None and now - self._closing_since >= CLOSE_WAIT:
+            self.outcome = f"{self.closed_by}_closed"  # the other side never answered the close
+            return 0.0
+        idle_left = self._last_activity + self._config.idle_timeout - now
+        if idle_left <= 0:
+            raise WebSocketError(CLOSE_GOING_AWAY, f"the session was idle for {self._config.idle_timeout:g} s "
+                                 "(IDLE_TIMEOUT)", "idle")
+        return idle_left if self._closing_since is None else min(idle_left, CLOSE_WAIT)
+
+    def _ready(self, selector: selectors.BaseSelector, wait: float) -> List[str]:
+        """The sides with something to read; a TLS upstream may hold decrypted bytes no select sees."""
+        pending = isinstance(self.upstream, ssl.SSLSocket) and self.upstream.pending()
+        ready = [key.data for key, _ in selector.select(0 if pending else wait)]
+        if pending and "upstream" not in ready:
+            ready.append("upstream")
+        return ready
 
     def _arrived(self, side: str, data: bytes) -> None:
         self._last_activity = time.monotonic()

@@ -3893,6 +3893,51 @@ class RealtimePythonSdkTest(RealtimeTestCase):
         self.assertEqual(self.realtime.handshakes, [])
 
 
+SDP_OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+SDP_ANSWER = "v=0\r\no=- 3 4 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+
+
+class RealtimeWebRtcPathTest(ProxyTestCase):
+    """The WebRTC way into the Realtime API is plain HTTP under /v1, so it passes through as any call does:
+    an ephemeral key minted with the proxy's key, and the SDP offer and answer."""
+
+    config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),)}
+
+    def test_client_secrets_and_calls_through_openai_python(self):
+        require(openai is not None, "the openai Python package")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=ALICE_KEY, max_retries=0,
+                               http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(client.close)
+        self.upstream.script = in_turn(
+            json_script({"value": "ek_test_123", "expires_at": 1900000000,
+                         "session": {"type": "realtime", "model": "gpt-realtime"}}),
+            Script(status=201, headers={"Content-Type": "application/sdp", "Location": "/v1/realtime/calls/rtc_1"},
+                   body=SDP_ANSWER.encode()))
+        secret = client.realtime.client_secrets.create(session={"type": "realtime", "model": "gpt-realtime"})
+        self.assertEqual(secret.value, "ek_test_123")
+        answer = client.realtime.calls.create(sdp=SDP_OFFER, session={"type": "realtime", "model": "gpt-realtime"})
+        self.assertEqual(answer.content.decode(), SDP_ANSWER)
+        minted, call = self.upstream.requests
+        self.assertEqual((minted.method, minted.path), ("POST", "/v1/realtime/client_secrets"))
+        self.assertEqual((call.method, call.path), ("POST", "/v1/realtime/calls"))
+        self.assertIn(SDP_OFFER.encode(), call.body)
+        for received in (minted, call):
+            self.assertEqual(received.headers["Authorization"], f"Bearer {TEST_KEY}")
+
+    def test_a_browsers_raw_sdp_offer(self):
+        self.upstream.script = Script(status=201, headers={"Content-Type": "application/sdp",
+                                                           "Location": "/v1/realtime/calls/rtc_1"},
+                                      body=SDP_ANSWER.encode())
+        response = self.request("POST", "/v1/realtime/calls?model=gpt-realtime", SDP_OFFER.encode(),
+                                {**bearer(ALICE_KEY), "Content-Type": "application/sdp"})
+        self.assertEqual((response.status, response.read().decode()), (201, SDP_ANSWER))
+        self.assertEqual(response.getheader("Location"), "/v1/realtime/calls/rtc_1")
+        received = self.upstream.requests[0]
+        self.assertEqual((received.path, received.body), ("/v1/realtime/calls?model=gpt-realtime",
+                                                          SDP_OFFER.encode()))
+        self.assertEqual(received.headers["Authorization"], f"Bearer {TEST_KEY}")
+
+
 class RealtimeDemoSdkTest(unittest.TestCase):
     """openai-python against --demo's Realtime session, through the real relay path."""
 
@@ -3909,6 +3954,13 @@ class RealtimeDemoSdkTest(unittest.TestCase):
                                                   "offline through the relay")
         self.assertEqual(reply, "offline through the relay")
         self.assertEqual((usage.input_tokens, usage.output_tokens, usage.total_tokens), (4, 4, 8))
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            snippet = readme.read().split('The Realtime API over its WebSocket, in Python', 1)[1]
+        snippet = re.search(r"```python\n(.*?)```", snippet, re.S).group(1)
+        self.assertIn('base_url="http://localhost:8080/v1"', snippet)
+        snippet = snippet.replace("localhost:8080", f"127.0.0.1:{server.server_port}")
+        result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout), (0, "Hello over the Realtime API\n"), result.stderr)
 
 
 NODE_REALTIME_SCRIPT = """
