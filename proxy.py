@@ -4561,9 +4561,12 @@ class RealtimeSession:
         """Count a response's usage now, and end the session if it put the client over a limit."""
         self.usage = Usage(*(mine + theirs for mine, theirs in zip(self.usage or (0, 0, 0), usage)))
         refusal = self._count_usage(usage)
-        if refusal is not None:
-            mask_error(refusal, self._secrets)
-            raise WebSocketError(CLOSE_POLICY, refusal.message, "limits")
+        if refusal is not None:  # the reason must fit a close frame: the limit, and when to come back
+            settings = {"tokens_per_minute": "RATE_LIMIT_TPM",
+                        **{f"token_budget_{period}": name for period, name in BUDGET_SETTINGS.items()}}
+            setting = settings.get(refusal.reason, "limits")
+            wait = _duration(int(refusal.headers.get("Retry-After", "1")))
+            raise WebSocketError(CLOSE_POLICY, f"this client is over its {setting}; retry in {wait}", "limits")
 
     def _saw_close(self, side: str, payload: bytes) -> None:
         self._closes_seen += 1
@@ -4597,7 +4600,10 @@ class RealtimeSession:
         self.closed_by, self.close_code = "proxy", error.code
         to_upstream = CLOSE_GOING_AWAY if error.side == "client" and error.code != CLOSE_TOO_BIG else error.code
         to_client = CLOSE_INTERNAL if error.side == "upstream" and error.code == CLOSE_PROTOCOL_ERROR else error.code
-        reason = error.reason if error.side != "upstream" else f"the upstream broke the protocol: {error.reason}"
+        reason = error.reason
+        if error.side == "upstream":
+            told = "sent" if error.code == CLOSE_TOO_BIG else "broke the protocol:"
+            reason = f"the upstream {told} {reason}"
         self._tell("client", to_client, reason)
         if error.side != "shutdown":
             self._tell("upstream", to_upstream, error.reason)

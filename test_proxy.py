@@ -3719,6 +3719,22 @@ class RealtimeRelayTest(RealtimeTestCase):
         self.assertEqual(received[0][1], 0x8)  # a close, not the frame
         self.assertEqual(struct.unpack("!H", received[0][2][:2])[0], 1009)
 
+    def test_an_upstream_message_over_the_bound_ends_the_session_with_1009(self):
+        self.server.config = dataclasses.replace(self.config, max_frame_bytes=1000)
+        received = []
+
+        def too_big(upstream_peer):  # two fragments of 600 bytes: each within the bound, the message not
+            upstream_peer.send(0x1, b"x" * 600, fin=False)
+            upstream_peer.send(0x0, b"x" * 600)
+            received.append(upstream_peer.recv_frame(timeout=10))
+        self.realtime.session = too_big
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        code, reason = peer.recv_close()
+        self.assertEqual(code, 1009)
+        self.assertIn("the upstream sent a message over 1000 bytes (MAX_FRAME_BYTES)", reason)
+        self.realtime.ended.get(timeout=5)
+        self.assertEqual(received[0][1:], (0x8, struct.pack("!H", 1009) + reason.encode()[len("the upstream sent "):]))
+
     def test_protocol_errors_end_the_session(self):
         peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
         peer.sock.sendall(ws_frame(0x1, b"{}", masked=False))  # a client frame must be masked
@@ -3809,6 +3825,21 @@ class RealtimeLimitsTest(RealtimeTestCase):
         self.assertIn("IDLE_TIMEOUT", reason)
         self.assertLess(time.monotonic() - started, 2)
         self.realtime.ended.get(timeout=5)
+
+
+class RealtimeTokenRateTest(RealtimeTestCase):
+    config_overrides = {"rate_limit_tpm": 10}
+
+    def test_tokens_per_minute_count_as_they_arrive(self):
+        peer, _, _ = self.open_session()
+        peer.recv_json()
+        for text in ("one", "two"):  # 7 tokens each: the second response puts the client over 10 a minute
+            peer.send_json({"text": text})
+            peer.recv_json()
+            self.assertEqual(peer.recv_json()["type"], "response.done")
+        code, reason = peer.recv_close()
+        self.assertEqual(code, 1008)
+        self.assertRegex(reason, r"^this client is over its RATE_LIMIT_TPM; retry in (\d+ s|1 min)$")
 
 
 class RealtimeShutdownTest(RealtimeTestCase):
