@@ -4684,26 +4684,27 @@ def open_handshake(handler: "ProxyHandler", exchange: Exchange, target: str) -> 
     if upstream is None:
         raise UpstreamsDown("every upstream failed repeatedly and is out for a cool-down; retry shortly",
                             headers={"Retry-After": "5"})
-    connector = upstreams.connector(upstream)
+    connector, breaker = upstreams.connector(upstream), upstreams.breaker(upstream, config)
     attempts.count, attempts.upstream_name = 1, upstream.name
-    connection = connector.connect(exchange, config)
-    connection.response_class = _HandshakeResponse
-    exchange.attach_upstream(connection.sock)
     try:
-        connection.request("GET", connector.url_prefix + connector.path + target, None,
-                           handshake_headers(handler, connector, upstream))
-        response = connection.getresponse()
-    except socket.timeout:
-        connection.close()
-        exchange.raise_if_cancelled()
-        raise UpstreamTimeout(f"the upstream at {connector.host} did not answer the WebSocket handshake "
-                              f"within {config.idle_timeout:g} s") from None
-    except (http.client.HTTPException, OSError) as error:
-        connection.close()
-        exchange.raise_if_cancelled()
-        raise UpstreamBadResponse(f"the upstream at {connector.host} gave no valid answer to the WebSocket "
-                                  f"handshake ({_describe_os_error(error)[:LOG_VALUE_LIMIT]})") from None
-    response.connection, response.reused = connection, False
+        connection = connector.connect(exchange, config)
+        connection.response_class = _HandshakeResponse
+        response = _send(connection, False, connector, config, exchange, "GET",
+                         connector.url_prefix + connector.path + target, None,
+                         handshake_headers(handler, connector, upstream))
+    except RETRYABLE_ERRORS as error:  # the breaker hears of it, as for any request
+        breaker.failed()
+        attempts.report(upstream, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), 0, None)
+        raise
+    except BaseException:
+        breaker.abandon()
+        raise
+    if response.status in RETRYABLE_STATUSES:
+        breaker.failed()
+        attempts.report(upstream, str(response.status), 0, None)
+    else:
+        breaker.succeeded()
+        attempts.report(upstream, "answered", 0, None)
     return response
 
 

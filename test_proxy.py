@@ -3668,6 +3668,18 @@ class RealtimeRelayTest(RealtimeTestCase):
                 self.assertNotIn(TEST_KEY[4:12].encode(), body)
                 self.assertIn(b"error", body)
 
+    def test_an_unreachable_upstream_is_a_502_and_counts_for_its_breaker(self):
+        self.server.config = dataclasses.replace(self.config, base_url=f"http://127.0.0.1:{free_port()}/v1",
+                                                 breaker_threshold=1)
+        with self.assertLogs("proxy", "WARNING"):
+            status_line, head, peer = self.handshake(headers=bearer(ALICE_KEY))
+        self.assertIn(" 502 ", status_line)
+        self.assertIn("could not reach the upstream", self.error_of(peer, head)["message"])
+        self.assertEqual(self.request("GET", "/healthz").status, 503)  # the breaker took it out
+        status_line, head, peer = self.handshake(headers=bearer(ALICE_KEY))
+        self.assertIn(" 503 ", status_line)
+        self.assertIn("cool-down", self.error_of(peer, head)["message"])
+
     def test_client_departure_closes_the_upstream_within_a_second(self):
         peer, upstream, _ = self.open_session(headers=bearer(ALICE_KEY))
         self.assertEqual(peer.recv_json()["type"], "session.created")
