@@ -3865,6 +3865,37 @@ class RealtimeShutdownTest(RealtimeTestCase):
         self.assertIn("shutting down", reason)
 
 
+class RealtimeSignalTest(unittest.TestCase):
+    """The real process: SIGTERM lets sessions run for DRAIN_TIMEOUT, then sends them 1001, never a reset."""
+
+    def test_sigterm_ends_open_sessions_with_1001_and_logs_them_in_json(self):
+        realtime = FakeRealtime()
+        self.addCleanup(realtime.close)
+        process = ProxyProcess("--base-url", realtime.base_url, env={
+            "OA_API_KEY": TEST_KEY, "DRAIN_TIMEOUT": "0.5", "LOG_FORMAT": "json", "PROXY_API_KEYS": f"alice={ALICE_KEY}"})
+        self.addCleanup(process.kill)
+        status_line, _, peer = open_websocket(self, process.port, headers=bearer(ALICE_KEY))
+        self.assertIn(" 101 ", status_line)
+        peer.send_json({"text": "before the signal"})
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        self.assertEqual(peer.recv_json()["delta"], "before the signal")
+        peer.recv_json()
+        process.signal(signal.SIGTERM)
+        code, reason = peer.recv_close(timeout=10)
+        self.assertEqual((code, reason), (1001, "the proxy is shutting down"))
+        self.assertTrue(peer.ended_within(3))
+        self.assertEqual(process.wait(), 0)
+        process.lines.put(None)
+        records = [json.loads(line) for line in process.log + list(iter(process.lines.get, None))]
+        access = next(record for record in records if record.get("path") == "/v1/realtime")
+        self.assertEqual({name: access[name] for name in ("status", "client", "model", "outcome", "closed_by",
+                                                          "close_code", "prompt_tokens", "completion_tokens")},
+                         {"status": 101, "client": "alice", "model": "gpt-realtime", "outcome": "shutdown",
+                          "closed_by": "proxy", "close_code": 1001, "prompt_tokens": 3, "completion_tokens": 4})
+        self.assertGreater(access["bytes_in"], 0)
+        self.assertNotIn(ALICE_KEY, json.dumps(records))
+
+
 class RealtimeManySessionsTest(RealtimeTestCase):
     def test_200_idle_sessions_at_once_and_healthz_stays_fast(self):
         self.realtime.session = lambda upstream_peer: upstream_peer.recv_frame(timeout=60)
@@ -4059,8 +4090,8 @@ class RealtimeNodeSdkTest(RealtimeTestCase):
         self.assertNotIn("sec-websocket-extensions", headers)
 
 
-class RealtimeTlsUpstreamTest(RealtimeTestCase):
-    """A wss:// upstream: messages larger than a TLS record, each way, arrive whole and in order."""
+class RealtimeTlsTestCase(RealtimeTestCase):
+    """A proxy in front of a wss:// FakeRealtime, whose certificate it trusts."""
 
     def setUp(self):
         files = write_test_cert(self)
@@ -4074,6 +4105,10 @@ class RealtimeTlsUpstreamTest(RealtimeTestCase):
         self.addCleanup(self.stop_server)
         self.port = self.server.server_port
 
+
+class RealtimeTlsUpstreamTest(RealtimeTlsTestCase):
+    """A wss:// upstream: messages larger than a TLS record, each way, arrive whole and in order."""
+
     def test_large_messages_cross_a_tls_upstream_both_ways(self):
         peer, _, _ = self.open_session()
         self.assertEqual(peer.recv_json()["type"], "session.created")
@@ -4084,6 +4119,62 @@ class RealtimeTlsUpstreamTest(RealtimeTestCase):
             self.assertEqual(peer.recv_json()["type"], "response.done")
         peer.send(0x8, struct.pack("!H", 1000))
         self.assertEqual(peer.recv_close()[0], 1000)
+
+
+class ConnectProxy:
+    """A forward proxy that speaks CONNECT (as HTTPS_PROXY names one): it records each request head and
+    tunnels every one to `target`, whatever host it names."""
+
+    def __init__(self, test, target):
+        self.heads, self._target = [], target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        test.addCleanup(self.listener.close)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        for _ in range(100):
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            rfile = sock.makefile("rb")
+            self.heads.append(read_head(rfile))
+            rfile.close()
+            back = socket.create_connection(self._target)
+            sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for source, target in ((sock, back), (back, sock)):
+                threading.Thread(target=TlsFront.pump, args=(source, target), daemon=True).start()
+
+
+class RealtimeForwardProxyTest(RealtimeTlsTestCase):
+    """A wss:// upstream reached through HTTPS_PROXY's CONNECT tunnel, with its credentials."""
+
+    def test_a_session_through_https_proxy(self):
+        forward = ConnectProxy(self, self.realtime.server.server_address)
+        saved = {name: os.environ.pop(name, None) for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")}
+        os.environ["HTTPS_PROXY"] = f"http://user:secret-pass@127.0.0.1:{forward.port}"
+        try:
+            config = dataclasses.replace(self.config, base_url="https://api.example.test/v1")
+            connector = self.server.upstreams.connector(proxy.configured_upstreams(config)[0])  # reads HTTPS_PROXY
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name, None)
+                if value is not None:
+                    os.environ[name] = value
+        connector.context.check_hostname = False  # the test certificate names 127.0.0.1, not api.example.test
+        connector.context.verify_mode = ssl.CERT_NONE
+        self.server.config = config
+        peer, _, _ = self.open_session()
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        peer.send_json({"text": "tunnelled"})
+        self.assertEqual(peer.recv_json()["delta"], "tunnelled")
+        request_line, head = forward.heads[0]
+        self.assertEqual(request_line.split(" ")[:2], ["CONNECT", "api.example.test:443"])
+        self.assertEqual(head["proxy-authorization"], ["Basic " + base64.b64encode(b"user:secret-pass").decode()])
+        path, headers = self.realtime.handshakes[0]
+        self.assertEqual((path, headers["host"]), ("/v1/realtime?model=gpt-realtime", ["api.example.test"]))
+        self.assertNotIn("proxy-authorization", headers)
 
 
 class TlsFront:
@@ -4106,10 +4197,10 @@ class TlsFront:
                 return
             back = socket.create_connection(("127.0.0.1", self._port))
             for source, target in ((front, back), (back, front)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
 
     @staticmethod
-    def _pump(source, target):
+    def pump(source, target):
         try:
             for _ in range(1000000):
                 data = source.recv(65536)
