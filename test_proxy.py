@@ -3321,8 +3321,18 @@ class NodeSdkTest(ProxyTestCase):
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
 
 
-def ws_frame(opcode, payload, masked, fin=True, rsv=0, declared=None):
-    """One WebSocket frame, written from RFC 6455 5.2 here, apart from the proxy's own encoder."""
+def ws_xor(payload, key):
+    """payload XOR the 4-byte key repeated (RFC 6455, 5.3), as one big-integer operation."""
+    count = len(payload)
+    if not count or key == bytes(4):
+        return bytes(payload)
+    keys = (key * (count // 4 + 1))[:count]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(keys, "little")).to_bytes(count, "little")
+
+
+def ws_frame(opcode, payload, masked, fin=True, rsv=0, declared=None, key=None):
+    """One WebSocket frame, written from RFC 6455 5.2 here, apart from the proxy's own encoder; a masked one
+    with a random key, or `key` (four zero bytes leave the payload as it is: fast for large ones)."""
     length = len(payload) if declared is None else declared
     head = bytes([(0x80 if fin else 0) | rsv | opcode])
     bit = 0x80 if masked else 0
@@ -3334,8 +3344,8 @@ def ws_frame(opcode, payload, masked, fin=True, rsv=0, declared=None):
         head += bytes([bit | 127]) + struct.pack("!Q", length)
     if not masked:
         return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+    key = key or os.urandom(4)
+    return head + key + ws_xor(payload, key)
 
 
 class WSPeer:
@@ -3367,7 +3377,7 @@ class WSPeer:
         except (ConnectionError, OSError):
             return None
         if key is not None:
-            payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+            payload = ws_xor(payload, key)
         return bool(head[0] & 0x80), head[0] & 0x0F, payload
 
     def recv_json(self, timeout=5):
@@ -3894,6 +3904,54 @@ class RealtimeSignalTest(unittest.TestCase):
                           "closed_by": "proxy", "close_code": 1001, "prompt_tokens": 3, "completion_tokens": 4})
         self.assertGreater(access["bytes_in"], 0)
         self.assertNotIn(ALICE_KEY, json.dumps(records))
+
+
+class RealtimeMemoryTest(unittest.TestCase):
+    """100 MiB each way through a session of a real proxy process must not grow it by 100 MiB: client
+    frames pass as they arrive, and a server message is held only until its end (1 MiB here)."""
+
+    def test_a_session_moves_100_mib_each_way_in_bounded_memory(self):
+        status_file = "/proc/%d/status"
+        require(os.path.exists(status_file % os.getpid()), "/proc (Linux) to read a process's peak memory")
+        block = bytes(range(256)) * 4096  # 1 MiB
+        audio_delta = json.dumps({"type": "response.output_audio.delta", "delta": base64.b64encode(
+            block[:786000]).decode()}).encode()
+        received = []
+
+        def sink_then_send(upstream_peer):
+            total = 0
+            for _ in range(200):
+                frame = upstream_peer.recv_frame(timeout=30)
+                if frame is None or frame[1] not in (0x0, 0x2):
+                    break
+                total += len(frame[2])
+                if total >= 100 * len(block):
+                    break
+            received.append(total)
+            for _ in range(100):  # as the Realtime API sends audio: base64 in JSON events, here 1 MiB each
+                upstream_peer.send(0x1, audio_delta)
+            upstream_peer.recv_frame(timeout=30)
+        realtime = FakeRealtime()
+        self.addCleanup(realtime.close)
+        process = ProxyProcess("--base-url", realtime.base_url, env={"OA_API_KEY": TEST_KEY})
+        self.addCleanup(process.kill)
+
+        def peak_kib():
+            with open(status_file % process.process.pid) as status:
+                return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1))
+
+        status_line, _, warm = open_websocket(self, process.port)  # imports and first-session allocations
+        warm.send(0x8, struct.pack("!H", 1000))
+        self.assertTrue(warm.ended_within(5))
+        realtime.session = sink_then_send
+        before = peak_kib()
+        status_line, _, peer = open_websocket(self, process.port)
+        for _ in range(100):  # frames pass on as they arrive: never held by the proxy
+            peer.sock.sendall(ws_frame(0x2, block, True, key=bytes(4)))
+        self.assertEqual(sum(len(peer.recv_frame(timeout=30)[2]) for _ in range(100)), 100 * len(audio_delta))
+        self.assertEqual(received, [100 * len(block)])
+        growth_mib = (peak_kib() - before) / 1024
+        self.assertLess(growth_mib, 20, f"the proxy's peak memory grew by {growth_mib:.1f} MiB")
 
 
 class RealtimeManySessionsTest(RealtimeTestCase):
