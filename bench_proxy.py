@@ -40,11 +40,19 @@ reference rows: Debian's nginx (one worker, proxy_buffering off, upstream
 keepalive) on /v1, and with --with-limits this proxy.py with per-client
 limits in the process. --baseline REV runs proxy.py as of an earlier commit
 (a git worktree) in turn with this one, in every scenario of the run.
+
+Realtime: `realtime` opens 200 WebSocket sessions at once, each sending
+100 stamped audio-sized events each way 20 ms apart (as the Realtime API's
+input_audio_buffer.append and response.output_audio.delta go): the delay
+each way against the direct path, and the CPU per event; nginx (with the
+README's Upgrade mapping) is the reference row.
 """
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -110,7 +118,7 @@ BURST_CHUNKS, BURST_GAP = 50, 0.1
 # checkout; --baseline's worktree if given; with --with-limits, this checkout with LIMIT_FLAGS. The
 # extra systems run only in the scenarios that have reference rows (REFERENCED), as nginx does, on /v1.
 SYSTEMS = {"proxy.py": (HERE, ())}
-REFERENCED = ("requests", "burst")
+REFERENCED = ("requests", "burst", "realtime")
 
 SCENARIOS = {
     "latency": (50, 100, 0.02, 0.0),
@@ -125,6 +133,7 @@ SCENARIOS = {
     "limits": KEEPALIVE,
     "requests": (1, 1, 0.0, 0.0),
     "burst": (max(BURST_CLIENTS), BURST_CHUNKS, BURST_GAP, 0.0),
+    "realtime": (200, 100, 0.02, 0.0),  # REALTIME_SESSIONS, REALTIME_EVENTS, REALTIME_GAP (set below)
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -792,8 +801,10 @@ class NginxProcess:
                       f"pid {self.folder}/nginx.pid;\nerror_log {self.folder}/error.log crit;\n"
                       f"events {{ worker_connections 16384; }}\nhttp {{\naccess_log off;\n{temp}"
                       f"upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 1024; }}\n"
+                      f"map $http_upgrade $connection_upgrade {{ websocket upgrade; default \"\"; }}\n"
                       f"server {{ listen 127.0.0.1:{self.port} backlog=4096; location / {{\n"
-                      f"proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";\n"
+                      f"proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade;\n"
+                      f"proxy_set_header Connection $connection_upgrade;\n"
                       f"proxy_buffering off; proxy_read_timeout 600s; }} }}\n}}\n")
         self.process = subprocess.Popen([binary, "-c", conf, "-p", self.folder],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1005,6 +1016,8 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.p
         return [await requests(route, cpus, proxy_args, system)]
     if name == "burst":
         return [await burst(route, cpus, proxy_args, system, clients) for clients in BURST_CLIENTS]
+    if name == "realtime":
+        return [await realtime(cpus, proxy_args, system)]
     ProxyProcess.home = SYSTEMS[system][0]
     if name == "overload":
         return await overload(route, cpus, proxy_args, shape or OVERLOAD)
@@ -1059,6 +1072,167 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.p
         upstream.close()
 
 
+# --------------------------------------------------------------------------
+# realtime: WebSocket sessions, as the Realtime API's
+# --------------------------------------------------------------------------
+
+# realtime: REALTIME_SESSIONS sessions at once, each with REALTIME_EVENTS events each way REALTIME_GAP s apart
+# (audio deltas every 20 ms, base64 of about 2.3 KB as 24 kHz PCM16 for 50 ms is), every event stamped with
+# its send time: the delay each way, and the CPU per event relayed.
+REALTIME_SESSIONS, REALTIME_EVENTS, REALTIME_GAP = 200, 100, 0.02
+REALTIME_AUDIO = "QUFB" * 800  # 3,200 characters of base64
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(opcode, payload, masked):
+    """One whole WebSocket frame (RFC 6455, 5.2); masked with a zero key, which leaves the payload as it is."""
+    count = len(payload)
+    bit = 0x80 if masked else 0
+    if count < 126:
+        head = bytes([0x80 | opcode, bit | count])
+    elif count < 65536:
+        head = bytes([0x80 | opcode, bit | 126]) + count.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, bit | 127]) + count.to_bytes(8, "big")
+    return head + (bytes(4) if masked else b"") + payload
+
+
+async def ws_read(reader):
+    """(opcode, payload) of the next frame; the payload unmasked (the bench's own frames use a zero key)."""
+    head = await reader.readexactly(2)
+    count = head[1] & 0x7F
+    if count == 126:
+        count = int.from_bytes(await reader.readexactly(2), "big")
+    elif count == 127:
+        count = int.from_bytes(await reader.readexactly(8), "big")
+    key = await reader.readexactly(4) if head[1] & 0x80 else None
+    payload = await reader.readexactly(count)
+    if key and key != bytes(4):
+        payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+    return head[0] & 0x0F, payload
+
+
+def stamped_event(kind):
+    return json.dumps({"type": kind, "stamp": time.monotonic(), "delta": REALTIME_AUDIO}).encode()
+
+
+async def ws_session(reader, writer, masked, kind, results, side):
+    """Send REALTIME_EVENTS stamped events REALTIME_GAP apart while reading the other side's, noting each
+    one's delay; then a close, answered."""
+    async def send():
+        await asyncio.sleep(random.uniform(0, REALTIME_GAP))
+        for _ in range(REALTIME_EVENTS):
+            writer.write(ws_frame(0x1, stamped_event(kind), masked))
+            await asyncio.sleep(REALTIME_GAP)
+
+    sending = asyncio.ensure_future(send())
+    got = 0
+    try:
+        while got < REALTIME_EVENTS:
+            opcode, payload = await ws_read(reader)
+            if opcode == 0x1:
+                results[side].append(time.monotonic() - json.loads(payload)["stamp"])
+                got += 1
+        await sending
+        if side == "down":  # the client ends the session, as an SDK's close() does
+            writer.write(ws_frame(0x8, (1000).to_bytes(2, "big"), masked))
+        opcode, payload = await ws_read(reader)
+        if side == "up":
+            writer.write(ws_frame(0x8, payload, masked))
+    finally:
+        sending.cancel()
+
+
+class RealtimeUpstream:
+    """A Realtime-like WebSocket server: it answers the handshake, then streams stamped events."""
+
+    def __init__(self, results):
+        self.results = results
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, backlog=4096)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader, writer):
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            key = re.search(r"(?i)^sec-websocket-key:\s*(\S+)", head, re.M).group(1)
+            accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest())
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept)
+            await ws_session(reader, writer, False, "response.output_audio.delta", self.results, "up")
+        except (OSError, asyncio.IncompleteReadError, AttributeError) as error:
+            self.results["errors"].append(f"upstream: {error!r}")
+        finally:
+            writer.close()
+
+    def close(self):
+        self.server.close()
+
+
+async def realtime_client(port, results):
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as error:
+        results["errors"].append(repr(error))
+        return
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                     f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer client-key\r\n\r\n".encode())
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        if " 101 " not in head.split("\r\n")[0]:
+            results["errors"].append(head.split("\r\n")[0])
+            return
+        await ws_session(reader, writer, True, "input_audio_buffer.append", results, "down")
+    except (OSError, asyncio.IncompleteReadError) as error:
+        results["errors"].append(repr(error))
+    finally:
+        writer.close()
+
+
+async def run_realtime(port, results):
+    started = time.monotonic()
+    await asyncio.gather(*(realtime_client(port, results) for _ in range(REALTIME_SESSIONS)))
+    return time.monotonic() - started
+
+
+async def realtime(cpus, proxy_args, system):
+    """Sessions relayed both ways at audio pace: the delay each way and the CPU per event, against direct."""
+    direct = {"up": [], "down": [], "errors": []}
+    upstream = RealtimeUpstream(direct)
+    upstream_port = await upstream.start()
+    random.seed(REALTIME_SESSIONS)
+    await run_realtime(upstream_port, direct)
+    via = {"up": [], "down": [], "errors": []}
+    upstream.results = via
+    target = start_system(system, upstream_port, cpus, proxy_args)
+    try:
+        warm = {"up": [], "down": [], "errors": []}
+        upstream.results = warm
+        await realtime_client(target.port, warm)
+        upstream.results = via
+        cpu_before = target.cpu_seconds()
+        random.seed(REALTIME_SESSIONS)
+        seconds = await run_realtime(target.port, via)
+        cpu = target.cpu_seconds() - cpu_before
+        events = len(via["up"]) + len(via["down"])
+        return {"scenario": "realtime", "route": "/v1/realtime", "system": system, "sessions": REALTIME_SESSIONS,
+                "events": events, "errors": len(via["errors"]) + len(direct["errors"]),
+                "events_per_s": round(events / seconds),
+                "cpu_us_per_event": round(cpu / max(1, events) * 1e6, 1),
+                "up_added_p50_ms": ms(percentile(via["up"], 50) - percentile(direct["up"], 50)),
+                "up_added_p99_ms": ms(percentile(via["up"], 99) - percentile(direct["up"], 99)),
+                "down_added_p50_ms": ms(percentile(via["down"], 50) - percentile(direct["down"], 50)),
+                "down_added_p99_ms": ms(percentile(via["down"], 99) - percentile(direct["down"], 99)),
+                "peak_rss_mb": round(target.status("VmHWM") / 1024, 1),
+                "sample_error": (via["errors"] or direct["errors"] or [None])[0]}
+    finally:
+        target.stop()
+        upstream.close()
+
+
 TABLES = (
     ("per token", ("scenario", "route", "system", "streams", "chunks", "errors", "ttfb_ms", "added_p50_ms", "added_p99_ms",
                    "added_p99_after_first_ms", "cpu_us_per_chunk", "chunks_per_s", "peak_rss_mb",
@@ -1077,6 +1251,8 @@ TABLES = (
                   "ttfb_p50_ms", "added_ttfb_p50_ms", "added_ttfb_p99_ms")),
     ("burst", ("route", "system", "clients", "requests", "served", "errors", "chunks_per_s", "direct_chunks_per_s",
                "cpu_us_per_chunk", "added_p99_ms", "ttfb_p99_ms", "direct_ttfb_p99_ms", "peak_rss_mb")),
+    ("realtime", ("system", "sessions", "events", "errors", "events_per_s", "cpu_us_per_event", "up_added_p50_ms",
+                  "up_added_p99_ms", "down_added_p50_ms", "down_added_p99_ms", "peak_rss_mb")),
     ("limits", ("route", "clients", "redis_ping_ms", "redis_away_ping_ms", "direct_p50_ms", "none_p50_ms", "none_p99_ms", "process_p50_ms",
                 "process_p99_ms", "redis_p50_ms", "redis_p99_ms", "redis_trips_per_request", "redis_away_p50_ms",
                 "redis_away_p99_ms", "redis_away_trips_per_request", "redis_away_unshared", "errors")),
@@ -1087,7 +1263,7 @@ def print_table(rows):
     """One table for the per-token scenarios, one each for overload, keepalive and flood."""
     for title, columns in TABLES:
         kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt", "limits",
-                                                                       "requests", "burst")
+                                                                       "requests", "burst", "realtime")
                                     else "per token") == title]
         if not kind:
             continue
@@ -1134,7 +1310,7 @@ def runs_of(name, route):
     """(system, route) pairs for one scenario, each system in turn per route so that they share the run's
     conditions: this checkout and the baseline everywhere; nginx and the limits row only where the scenario
     has reference rows, nginx on /v1 only."""
-    routes = [route] if route else (ROUTES[:1] if name == "flood" else ROUTES)
+    routes = [route] if route else (ROUTES[:1] if name == "flood" else ROUTES[1:] if name == "realtime" else ROUTES)
 
     def runs(system, each):
         if system == "nginx":
