@@ -4127,20 +4127,35 @@ class RealtimeNodeSdkTest(RealtimeTestCase):
 
     config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),)}
 
-    def test_text_round_trip_through_openai_realtime_ws(self):
+    def run_node(self, port, key):
+        """NODE_REALTIME_SCRIPT against the proxy on port, behind a TLS front: its JSON output."""
         node_modules = os.environ.get("PROXY_TEST_NODE_MODULES", "")
         require(shutil.which("node") and os.path.isdir(os.path.join(node_modules, "openai"))
                 and os.path.isdir(os.path.join(node_modules, "ws")),
                 "node with the openai and ws npm packages (PROXY_TEST_NODE_MODULES)")
-        self.realtime.session = sdk_like_session
         files = write_test_cert(self)
-        front = TlsFront(self, self.port, files)
+        front = TlsFront(self, port, files)
         result = subprocess.run(["node", "-e", NODE_REALTIME_SCRIPT], capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "NODE_PATH": node_modules, "CLIENT_KEY": ALICE_KEY,
+                                env={**os.environ, "NODE_PATH": node_modules, "CLIENT_KEY": key,
                                      "NODE_EXTRA_CA_CERTS": files[0],
                                      "PROXY_URL": f"https://127.0.0.1:{front.port}/v1"})
         self.assertEqual(result.returncode, 0, result.stderr)
-        output = json.loads(result.stdout)
+        return json.loads(result.stdout)
+
+    def test_against_the_demo(self):
+        demo = proxy.DemoUpstream(word_delay=0.001)
+        demo.start()
+        self.addCleanup(demo.close)
+        server = proxy.ProxyServer(make_config(base_url=demo.base_url, api_key="demo-key-not-secret", demo=True))
+        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+        self.addCleanup(server.close)
+        self.addCleanup(server.shutdown)
+        output = self.run_node(server.server_port, "unused")
+        self.assertEqual((output["text"], output["usage"]["total_tokens"]), ("from node", 4))
+
+    def test_text_round_trip_through_openai_realtime_ws(self):
+        self.realtime.session = sdk_like_session
+        output = self.run_node(self.port, ALICE_KEY)
         self.assertEqual((output["text"], output["usage"]["total_tokens"]), ("from node", 9))
         self.assertEqual(output["extensions"], "")  # offered by ws, not negotiated through the proxy
         headers = self.realtime.handshakes[0][1]
