@@ -338,27 +338,50 @@ class Config:
         return self.__dict__["_hash"]
 
 
+def _number(text: str, kind: type, rule: str):
+    """text as an int or a float, or a ValueError that says the rule in plain words (never Python's own)."""
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        raise ValueError(rule) from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(rule)
+    return value
+
+
 def _parse_positive_float(text: str) -> float:
     """A timeout in seconds."""
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
+    rule = "must be a number of seconds above 0, like 30 or 0.5"
+    value = _number(text, float, rule)
+    if value <= 0:
+        raise ValueError(rule)
     return value
 
 
 def _parse_port(text: str) -> int:
     """A TCP port."""
-    value = int(text)
+    rule = "must be a whole number from 0 to 65535, like 8080 (0 picks a free port)"
+    value = _number(text, int, rule)
     if not 0 <= value <= 65535:
-        raise ValueError("must be a whole number from 0 to 65535")
+        raise ValueError(rule)
     return value
 
 
 def _parse_size(text: str) -> int:
     """A positive byte count."""
-    value = int(text)
+    rule = "must be a whole number of bytes above 0, like 1048576 for 1 MiB"
+    value = _number(text, int, rule)
     if value < 1:
-        raise ValueError("must be a positive whole number of bytes")
+        raise ValueError(rule)
+    return value
+
+
+def _parse_positive_count(text: str) -> int:
+    """A count that cannot be turned off."""
+    rule = "must be a whole number above 0, like 2048"
+    value = _number(text, int, rule)
+    if value < 1:
+        raise ValueError(rule)
     return value
 
 
@@ -369,7 +392,7 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("", "0", "false", "no", "off"):
         return False
-    raise ValueError("must be true or false")
+    raise ValueError("must be true or false (also 1 or 0, yes or no, on or off)")
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110, 5.6.2)
@@ -400,9 +423,10 @@ def _parse_extra_headers(text: str) -> Tuple[Tuple[str, str], ...]:
 
 def _parse_count(text: str) -> int:
     """A limit; 0 turns it off."""
-    value = int(text)
+    rule = "must be 0 (off) or a whole number above 0, like 60"
+    value = _number(text, int, rule)
     if value < 0:
-        raise ValueError("must be a whole number, 0 for no limit")
+        raise ValueError(rule)
     return value
 
 
@@ -433,7 +457,7 @@ def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
 def _parse_log_format(text: str) -> str:
     """LOG_FORMAT: text or json."""
     if text.strip().lower() not in ("text", "json"):
-        raise ValueError("must be text or json")
+        raise ValueError("must be text (lines for people) or json (JSON lines for a log collector)")
     return text.strip().lower()
 
 
@@ -501,7 +525,7 @@ def _parse_origins(text: str) -> Tuple[str, ...]:
     """CORS_ORIGINS: origins without trailing slashes, or *."""
     origins = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
     if not origins:
-        raise ValueError("must list at least one origin, or *")
+        raise ValueError("must list at least one origin, like https://app.example, or be * for any")
     return origins
 
 
@@ -521,147 +545,191 @@ class Setting:
         return "--" + self.field.replace("_", "-")
 
 
-SETTINGS = (
-    Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", str.strip,
-            "upstream API key (prefer the environment: flags show in ps)", secret=True),
-    Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
-            "upstream base URL: OpenAI or any OpenAI-compatible server"),
-    Setting("model", ("OA_MODEL",), DEFAULT_MODEL, str.strip, "model used when a request names none"),
-    Setting("host", ("HOST",), "127.0.0.1", str.strip, "address to listen on"),
-    Setting("port", ("PORT",), "8080", _parse_port, "port to listen on (0 picks a free one)"),
-    Setting("cors_origins", ("CORS_ORIGINS",), "*", _parse_origins,
-            "browser origins allowed to call the proxy, comma list; * allows any"),
-    Setting("connect_timeout", ("CONNECT_TIMEOUT",), "10", _parse_positive_float,
-            "seconds to connect to the upstream"),
-    Setting("idle_timeout", ("IDLE_TIMEOUT",), "300", _parse_positive_float,
-            "seconds the upstream may stay silent before the request fails"),
-    Setting("upstream_keepalive", ("UPSTREAM_KEEPALIVE",), "64", _parse_count,
-            "idle connections kept open to each upstream for later requests; 0: a new connection each time"),
-    Setting("upstream_keepalive_timeout", ("UPSTREAM_KEEPALIVE_TIMEOUT",), "30", _parse_positive_float,
-            "seconds an idle upstream connection is kept before it is closed"),
-    Setting("heartbeat_interval", ("HEARTBEAT_INTERVAL",), "15", _parse_positive_float,
-            "seconds of silence on a stream before a ': keep-alive' comment is sent"),
-    Setting("drain_timeout", ("DRAIN_TIMEOUT",), "30", _parse_positive_float,
-            "seconds running streams get to finish after SIGTERM or SIGINT"),
-    Setting("client_timeout", ("CLIENT_TIMEOUT",), "30", _parse_positive_float,
-            "seconds an idle keep-alive connection is kept, and a client may take to accept a write"),
-    Setting("header_timeout", ("HEADER_TIMEOUT",), "10", _parse_positive_float,
-            "seconds a client may take from the first byte of a request to the end of its headers"),
-    Setting("body_timeout", ("BODY_TIMEOUT",), "60", _parse_positive_float,
-            "seconds a request body may take to arrive, in all"),
-    Setting("max_connections", ("MAX_CONNECTIONS",), "2048", _parse_size,
-            "client connections open at once, idle ones included; at the cap the longest-idle one is closed"),
-    Setting("max_body_bytes", ("MAX_BODY_BYTES",), "1048576", _parse_size,
-            "largest POST /message body accepted, in bytes"),
-    Setting("max_upload_bytes", ("MAX_UPLOAD_BYTES",), "67108864", _parse_size,
-            "largest /v1 request body accepted, in bytes (streamed to the upstream, never held whole)"),
-    Setting("max_frame_bytes", ("MAX_FRAME_BYTES",), "33554432", _parse_size,
-            "largest WebSocket frame (and server message) of a Realtime API session, in bytes; a larger "
-            "one ends the session with close code 1009"),
-    Setting("auth_header", ("OA_AUTH_HEADER",), "Authorization", _parse_header_name,
-            "header that carries the key: Authorization sends 'Bearer <key>', any other sends the bare key"),
-    Setting("extra_headers", ("OA_EXTRA_HEADERS",), "", _parse_extra_headers,
-            "fixed headers for every upstream request, as a JSON object"),
-    Setting("proxy_api_keys", ("PROXY_API_KEYS",), "", _parse_client_keys,
-            "client keys, comma list of key or name=key; when set, /message and /v1/ need "
-            "'Authorization: Bearer <key>'", secret=True),
-    Setting("rate_limit_rpm", ("RATE_LIMIT_RPM",), "0", _parse_count,
-            "requests per minute per client (its key name, or its IP without keys); 0: no limit"),
-    Setting("rate_limit_tpm", ("RATE_LIMIT_TPM",), "0", _parse_count,
-            "tokens per minute per client, counted from the usage the upstream reports; 0: no limit"),
-    Setting("max_streams_per_client", ("MAX_STREAMS_PER_CLIENT",), "0", _parse_count,
-            "relayed requests one client may have running at once; 0: no limit"),
-    Setting("max_streams", ("MAX_STREAMS",), "500", _parse_count,
-            "relayed requests running at once in all; 0: no limit"),
-    Setting("token_budget_day", ("TOKEN_BUDGET_DAY",), "0", _parse_count,
-            "tokens one client may use per UTC day, counted from the usage the upstream reports; 0: no budget"),
-    Setting("token_budget_month", ("TOKEN_BUDGET_MONTH",), "0", _parse_count,
-            "tokens one client may use per UTC calendar month; 0: no budget"),
-    Setting("redis_url", ("REDIS_URL",), "", _parse_redis_url,
-            "redis://[user:password@]host:port/db, rediss:// for TLS or unix:///path?db=N: per-client limits "
-            "and budgets are kept there, shared by every copy that uses it; unset: in this process only",
-            secret=True),
-    Setting("redis_timeout", ("REDIS_TIMEOUT",), "0.5", _parse_positive_float,
-            "seconds a request may wait on Redis before it counts as unreachable"),
-    Setting("redis_failure_mode", ("REDIS_FAILURE_MODE",), "open", _parse_failure_mode,
-            "while Redis is unreachable: open serves, each copy enforcing its own limits; closed answers 503"),
-    Setting("stream_lease", ("STREAM_LEASE",), "30", _parse_positive_float,
-            "seconds a stream slot held in Redis outlives the copy holding it (a crash); renewed every third"),
-    Setting("allowed_models", ("ALLOWED_MODELS",), "", _parse_list,
-            "models clients may use, comma list; others get 400; empty: any"),
-    Setting("max_tokens", ("MAX_TOKENS",), "0", _parse_count,
-            "cap on output tokens for /message and /v1 chat and responses: larger values are "
-            "lowered to it, and requests without one get it; 0: no cap"),
-    Setting("retries", ("RETRIES",), "2", _parse_count,
-            "retries of a /message request on a retryable upstream failure, before its first byte"),
-    Setting("v1_retries", ("V1_RETRIES",), "0", _parse_count,
-            "retries of a /v1 request; off by default, as the SDKs retry themselves"),
-    Setting("retry_max_wait", ("RETRY_MAX_WAIT",), "20", _parse_positive_float,
-            "longest upstream Retry-After to wait for; a longer one is returned to the client at once"),
-    Setting("retry_backoff", ("RETRY_BACKOFF",), "0.5", _parse_positive_float,
-            "first backoff between retries in seconds; it doubles each retry, with full jitter"),
-    Setting("fallback_base_url", ("OA_FALLBACK_BASE_URL",), "", str.strip,
-            "a second upstream, used when the first fails in a retryable way after its retries"),
-    Setting("fallback_api_key", ("OA_FALLBACK_API_KEY",), "", str.strip, "the fallback upstream's key",
-            secret=True),
-    Setting("fallback_model", ("OA_FALLBACK_MODEL",), "", str.strip,
-            "model to ask the fallback for; empty: the request's own"),
-    Setting("fallback_auth_header", ("OA_FALLBACK_AUTH_HEADER",), "", str.strip,
-            "header for the fallback's key; empty: as OA_AUTH_HEADER"),
-    Setting("breaker_threshold", ("BREAKER_THRESHOLD",), "5", _parse_count,
-            "consecutive retryable failures after which an upstream is skipped for a cool-down; 0: never"),
-    Setting("breaker_cooldown", ("BREAKER_COOLDOWN",), "30", _parse_positive_float,
-            "seconds a failing upstream is skipped before one request tries it again"),
-    Setting("log_format", ("LOG_FORMAT",), "text", _parse_log_format,
-            "access log on stderr: text lines, or json for JSON lines"),
-    Setting("metrics_token", ("METRICS_TOKEN",), "", str.strip,
-            "bearer token that may read GET /metrics; unset: only loopback clients may", secret=True),
-    Setting("demo", ("DEMO",), "false", _parse_bool,
-            "serve from a built-in demo upstream: no key, no network"),
+SETTING_GROUPS = (
+    ("upstream", (
+        Setting("demo", ("DEMO",), "false", _parse_bool,
+                "a built-in demo upstream: no key, no network"),
+        Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", str.strip,
+                "the upstream key (env is safer than a flag)", secret=True),
+        Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
+                "OpenAI or a compatible server"),
+        Setting("model", ("OA_MODEL",), DEFAULT_MODEL, str.strip,
+                "for requests that name none"),
+        Setting("auth_header", ("OA_AUTH_HEADER",), "Authorization", _parse_header_name,
+                "key header; api-key sends it bare"),
+        Setting("extra_headers", ("OA_EXTRA_HEADERS",), "", _parse_extra_headers,
+                "headers for every upstream request"),
+        Setting("upstream_keepalive", ("UPSTREAM_KEEPALIVE",), "64", _parse_count,
+                "idle upstream connections kept"),
+        Setting("upstream_keepalive_timeout", ("UPSTREAM_KEEPALIVE_TIMEOUT",), "30", _parse_positive_float,
+                "an idle one's life"),
+        Setting("retries", ("RETRIES",), "2", _parse_count,
+                "retries of a /message request"),
+        Setting("v1_retries", ("V1_RETRIES",), "0", _parse_count,
+                "retries of a /v1 request"),
+        Setting("retry_max_wait", ("RETRY_MAX_WAIT",), "20", _parse_positive_float,
+                "longest Retry-After waited for"),
+        Setting("retry_backoff", ("RETRY_BACKOFF",), "0.5", _parse_positive_float,
+                "first wait between retries"),
+        Setting("fallback_base_url", ("OA_FALLBACK_BASE_URL",), "", str.strip,
+                "second upstream, for failures"),
+        Setting("fallback_api_key", ("OA_FALLBACK_API_KEY",), "", str.strip,
+                "its key", secret=True),
+        Setting("fallback_model", ("OA_FALLBACK_MODEL",), "", str.strip,
+                "its model; none: the request's"),
+        Setting("fallback_auth_header", ("OA_FALLBACK_AUTH_HEADER",), "", str.strip,
+                "its key header; none: as the first"),
+        Setting("breaker_threshold", ("BREAKER_THRESHOLD",), "5", _parse_count,
+                "failures that take one out"),
+        Setting("breaker_cooldown", ("BREAKER_COOLDOWN",), "30", _parse_positive_float,
+                "how long it stays out"),
+    )),
+    ("listening", (
+        Setting("host", ("HOST",), "127.0.0.1", str.strip,
+                "address to listen on"),
+        Setting("port", ("PORT",), "8080", _parse_port,
+                "0 picks a free one"),
+        Setting("cors_origins", ("CORS_ORIGINS",), "*", _parse_origins,
+                "browser origins allowed, or *"),
+        Setting("max_connections", ("MAX_CONNECTIONS",), "2048", _parse_positive_count,
+                "open at once, idle included"),
+        Setting("max_body_bytes", ("MAX_BODY_BYTES",), "1048576", _parse_size,
+                "largest POST /message body"),
+        Setting("max_upload_bytes", ("MAX_UPLOAD_BYTES",), "67108864", _parse_size,
+                "largest /v1 body (streamed)"),
+        Setting("max_frame_bytes", ("MAX_FRAME_BYTES",), "33554432", _parse_size,
+                "largest Realtime frame"),
+    )),
+    ("clients and limits", (
+        Setting("proxy_api_keys", ("PROXY_API_KEYS",), "", _parse_client_keys,
+                "key or name=key, comma list", secret=True),
+        Setting("rate_limit_rpm", ("RATE_LIMIT_RPM",), "0", _parse_count,
+                "requests a minute per client"),
+        Setting("rate_limit_tpm", ("RATE_LIMIT_TPM",), "0", _parse_count,
+                "tokens a minute per client"),
+        Setting("max_streams_per_client", ("MAX_STREAMS_PER_CLIENT",), "0", _parse_count,
+                "running per client"),
+        Setting("max_streams", ("MAX_STREAMS",), "500", _parse_count,
+                "running in all"),
+        Setting("token_budget_day", ("TOKEN_BUDGET_DAY",), "0", _parse_count,
+                "tokens per client per UTC day"),
+        Setting("token_budget_month", ("TOKEN_BUDGET_MONTH",), "0", _parse_count,
+                "per UTC calendar month"),
+        Setting("allowed_models", ("ALLOWED_MODELS",), "", _parse_list,
+                "models clients may use"),
+        Setting("max_tokens", ("MAX_TOKENS",), "0", _parse_count,
+                "cap on output tokens"),
+    )),
+    ("Redis (limits shared by several copies)", (
+        Setting("redis_url", ("REDIS_URL",), "", _parse_redis_url,
+                "where the shared limits live", secret=True),
+        Setting("redis_timeout", ("REDIS_TIMEOUT",), "0.5", _parse_positive_float,
+                "a request's wait on Redis"),
+        Setting("redis_failure_mode", ("REDIS_FAILURE_MODE",), "open", _parse_failure_mode,
+                "while Redis is out"),
+        Setting("stream_lease", ("STREAM_LEASE",), "30", _parse_positive_float,
+                "a dead copy's slots stay taken"),
+    )),
+    ("timeouts", (
+        Setting("connect_timeout", ("CONNECT_TIMEOUT",), "10", _parse_positive_float,
+                "to connect to the upstream"),
+        Setting("idle_timeout", ("IDLE_TIMEOUT",), "300", _parse_positive_float,
+                "upstream silence allowed"),
+        Setting("heartbeat_interval", ("HEARTBEAT_INTERVAL",), "15", _parse_positive_float,
+                "silence before a keep-alive"),
+        Setting("drain_timeout", ("DRAIN_TIMEOUT",), "30", _parse_positive_float,
+                "for streams after SIGTERM"),
+        Setting("client_timeout", ("CLIENT_TIMEOUT",), "30", _parse_positive_float,
+                "an idle client connection's life"),
+        Setting("header_timeout", ("HEADER_TIMEOUT",), "10", _parse_positive_float,
+                "for a request's head"),
+        Setting("body_timeout", ("BODY_TIMEOUT",), "60", _parse_positive_float,
+                "for a request's body"),
+    )),
+    ("logging and metrics", (
+        Setting("log_format", ("LOG_FORMAT",), "text", _parse_log_format,
+                "access log format"),
+        Setting("metrics_token", ("METRICS_TOKEN",), "", str.strip,
+                "may read /metrics; none: loopback", secret=True),
+    )),
 )
+SETTINGS = tuple(setting for _, settings in SETTING_GROUPS for setting in settings)
+
+
+HELP_EXAMPLES = """\
+Try it, no key:  python3 proxy.py --demo, then open http://127.0.0.1:8080/
+With your key:   OA_API_KEY=sk-... python3 proxy.py --port 8080
+
+Each flag shows its environment variable and default (ENV=default); the flag
+wins. S is seconds, N a count (0 turns a limit off). docs/configuration.md
+says more of each."""
+
+# What each parser's value looks like, for --help: a placeholder, not an instruction.
+METAVARS = {_parse_port: "PORT", _parse_positive_float: "S", _parse_size: "BYTES", _parse_count: "N",
+            _parse_positive_count: "N", _parse_header_name: "HEADER", _parse_extra_headers: "JSON",
+            _parse_client_keys: "KEYS", _parse_redis_url: "URL", _parse_failure_mode: "open|closed",
+            _parse_list: "LIST", _parse_origins: "ORIGINS", _parse_log_format: "text|json"}
+FIELD_METAVARS = {"api_key": "KEY", "fallback_api_key": "KEY", "metrics_token": "TOKEN", "base_url": "URL",
+                  "fallback_base_url": "URL", "model": "MODEL", "fallback_model": "MODEL", "host": "ADDRESS",
+                  "fallback_auth_header": "HEADER"}
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line: one flag per setting, each naming its environment variable and default."""
+    """The command line: one flag per setting, in groups, each naming its environment variable and default."""
     parser = argparse.ArgumentParser(
-        prog="proxy.py",
-        description="A single-file streaming proxy for the OpenAI API. "
-                    "Each flag overrides its environment variable.")
-    for setting in SETTINGS:
-        shown_default = setting.default or "none"
-        help_text = f"{setting.help} (env {', '.join(setting.envs)}; default {shown_default})"
-        if setting.parse is _parse_bool:
-            parser.add_argument(setting.flag, dest=setting.field, action="store_const",
-                                const="true", default=None, help=help_text)
-        else:
-            parser.add_argument(setting.flag, dest=setting.field, default=None,
-                                metavar=setting.envs[0], help=help_text)
+        prog="proxy.py", usage="python3 proxy.py [--demo] [options]",
+        description="A single-file streaming proxy for the OpenAI API.", epilog=None,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=80))
+    parser.description += "\n\n" + HELP_EXAMPLES
     parser.add_argument("--version", action="version", version=f"proxy.py {__version__}")
+    for title, settings in SETTING_GROUPS:
+        group = parser.add_argument_group(title)
+        for setting in settings:
+            help_text = f"{' or '.join(setting.envs)}={setting.default or '(none)'}: {setting.help}"
+            if setting.parse is _parse_bool:
+                group.add_argument(setting.flag, dest=setting.field, action="store_const",
+                                   const="true", default=None, help=help_text)
+            else:
+                metavar = FIELD_METAVARS.get(setting.field) or METAVARS.get(setting.parse, "TEXT")
+                group.add_argument(setting.flag, dest=setting.field, default=None, metavar=metavar,
+                                   help=help_text)
     return parser
 
 
 def _raw_setting(setting: Setting, flags: argparse.Namespace, environ) -> Tuple[str, str]:
-    """The text of one setting and where it came from: flag over environment over default."""
+    """The text of one setting and where it came from: flag over environment over default.
+
+    An environment variable set but empty counts as unset where the
+    default is none; where there is a default, it is an error: an empty
+    CORS_ORIGINS= would otherwise mean any origin, unseen.
+    """
     flag_value = getattr(flags, setting.field)
     if flag_value is not None:
         return flag_value, setting.flag
+    empty = None
     for name in setting.envs:
-        if environ.get(name, "") != "":
+        if environ.get(name, "").strip() != "":
             return environ[name], name
+        if name in environ and empty is None:
+            empty = name
+    if empty is not None and setting.default:
+        raise ConfigError(f"{empty} is set but empty; unset it for the default ({setting.default}), or give a value")
     return setting.default, setting.envs[0]
 
 
 def _parse_settings(flags: argparse.Namespace, environ) -> dict:
-    """Each setting parsed on its own: Config's fields by name."""
+    """Each setting parsed on its own: Config's fields by name. A bad one is named, with what was given
+    (unless it is a secret), what is allowed and an example."""
     values = {}
     for setting in SETTINGS:
         text, source = _raw_setting(setting, flags, environ)
+        if not text.strip() and setting.default and source.startswith("--"):
+            raise ConfigError(f"{source} is empty; leave it out for the default ({setting.default}), or give a value")
         try:
             values[setting.field] = setting.parse(text)
         except ValueError as error:
-            reason = str(error) if setting.parse is not int else "must be a number"
             shown = "" if setting.secret else f"; got {text!r}"
-            raise ConfigError(f"{source} {reason}{shown}") from None
+            raise ConfigError(f"{source} {error}{shown}") from None
     return values
 
 
@@ -675,7 +743,8 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
             raise ConfigError("OA_FALLBACK_BASE_URL is set: set OA_FALLBACK_API_KEY to the fallback's key "
                               "(any value for a server that needs none)")
     if values["fallback_auth_header"] and not _TOKEN.fullmatch(values["fallback_auth_header"]):
-        raise ConfigError("OA_FALLBACK_AUTH_HEADER must be a header name such as Authorization or api-key")
+        raise ConfigError("OA_FALLBACK_AUTH_HEADER must be a header name such as Authorization or api-key; "
+                          f"got {values['fallback_auth_header']!r}")
     if not values["api_key"] and not values["demo"]:
         raise ConfigError("set OA_API_KEY (or OPENAI_API_KEY) to your upstream API key, "
                           "or run with --demo to try it without one")
@@ -4192,7 +4261,8 @@ def check_websocket_handshake(method: str, version: str, headers) -> None:
         raise BadRequest("a WebSocket handshake needs HTTP/1.1")
     if "upgrade" not in (token.lower() for token in _header_tokens(headers, "Connection")):
         raise BadRequest("a WebSocket handshake needs 'Connection: Upgrade'")
-    if headers.get("Transfer-Encoding") or any(value.strip() != "0" for value in headers.get_all("Content-Length") or []):
+    lengths = headers.get_all("Content-Length") or []
+    if headers.get("Transfer-Encoding") or any(value.strip() != "0" for value in lengths):
         raise BadRequest("a WebSocket handshake has no body")
     versions = _header_tokens(headers, "Sec-WebSocket-Version")
     if versions != ["13"]:

@@ -792,22 +792,22 @@ def run_proxy_cli(*args, env=None, timeout=10):
 
 
 class CommandLineTest(unittest.TestCase):
-    def test_help_lists_every_setting_with_its_default(self):
+    def test_help_lists_every_setting_in_groups_with_its_variable_and_default(self):
         result = run_proxy_cli("--help")
         self.assertEqual(result.returncode, 0)
+        lines = result.stdout.splitlines()
+        self.assertLess(len(lines), 100)
+        self.assertEqual([line for line in lines if len(line) > 80], [])
+        self.assertIn("python3 proxy.py --demo", "\n".join(lines[:8]))  # the way to try it, at the top
         help_text = re.sub(r"\s+", " ", result.stdout)
-        for env, default in [("OA_API_KEY", "none"), ("OPENAI_API_KEY", None),
-                             ("OPENAI_BASE_URL", "https://api.openai.com/v1"), ("OA_BASE_URL", None),
-                             ("OA_MODEL", "gpt-4o-mini"), ("HOST", "127.0.0.1"), ("PORT", "8080"),
-                             ("CORS_ORIGINS", "*"), ("CONNECT_TIMEOUT", "10"), ("IDLE_TIMEOUT", "300"),
-                             ("HEARTBEAT_INTERVAL", "15"), ("DRAIN_TIMEOUT", "30"), ("CLIENT_TIMEOUT", "30"),
-                             ("MAX_BODY_BYTES", "1048576"), ("DEMO", "false")]:
-            self.assertIn(env, help_text)
-            if default:
-                self.assertRegex(help_text, rf"env {re.escape(env)}[^)]*; default {re.escape(default)}\)")
-        for flag in ("--api-key", "--base-url", "--model", "--host", "--port", "--cors-origins", "--demo",
-                     "--connect-timeout", "--idle-timeout", "--heartbeat-interval", "--drain-timeout"):
-            self.assertIn(flag, help_text)
+        for title in ("upstream:", "listening:", "clients and limits:", "Redis", "timeouts:", "logging and metrics:"):
+            self.assertIn(title, help_text)
+        for setting in proxy.SETTINGS:
+            self.assertIn(setting.flag, help_text)
+            shown = f"{' or '.join(setting.envs)}={setting.default or '(none)'}:"
+            self.assertIn(shown, help_text.replace("- ", "-"))  # argparse may break a line at a hyphen
+        for placeholder in ("OA_API_KEY OA", "--api-key OA_API_KEY", "--port PORT_"):
+            self.assertNotIn(placeholder, help_text)  # placeholders name what to give, not a variable
 
     def test_no_key_exits_2_with_one_line(self):
         result = run_proxy_cli("--port", "0")
@@ -816,6 +816,64 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(len(lines), 1, result.stderr)
         self.assertIn("OA_API_KEY", lines[0])
         self.assertIn("--demo", lines[0])
+
+    def test_every_bad_setting_is_answered_in_plain_words(self):
+        # For each setting: values of the wrong type or out of range. A setting that takes any text has none.
+        bad = {"api_key": ["two words"], "base_url": ["ftp://x", "not a url", "http://x/v1?q=1"], "model": [],
+               "host": [], "port": ["abc", "70000", "-1", "8.5"], "cors_origins": [",", " , "],
+               "auth_header": ["two words", "a:b"], "extra_headers": ["X-Title: x", "[1]", '{"X": 1}'],
+               "proxy_api_keys": ["short", "a b c d e f g h i j k l m n o p"], "redis_url": ["http://x", "redis://"],
+               "redis_failure_mode": ["maybe"], "allowed_models": [], "fallback_base_url": ["nope"],
+               "fallback_api_key": [], "fallback_model": [], "fallback_auth_header": ["two words"],
+               "log_format": ["xml"], "metrics_token": [], "demo": ["perhaps"],
+               "max_connections": ["abc", "0", "-5", "1.5"]}
+        for setting in proxy.SETTINGS:
+            if setting.field in bad:
+                continue
+            if setting.parse is proxy._parse_positive_float:
+                bad[setting.field] = ["abc", "0", "-1", "inf", "nan", "1e999"]
+            elif setting.parse in (proxy._parse_count, proxy._parse_size):
+                bad[setting.field] = ["abc", "-1", "1.5", "10k"]
+        self.assertEqual(set(bad), {setting.field for setting in proxy.SETTINGS})  # every setting is walked
+        python_words = ("invalid literal", "could not convert", "base 10", "Traceback", "Error", "int()", "float()")
+        for setting in proxy.SETTINGS:
+            name = setting.envs[0]
+            base = {"OA_API_KEY": "k"} if name != "OA_API_KEY" else {}
+            extra = {"OA_FALLBACK_API_KEY": "k"} if name == "OA_FALLBACK_BASE_URL" else {}
+            for value in bad[setting.field] + [""]:
+                with self.subTest(setting=name, value=value):
+                    environ = {**base, **extra, name: value}
+                    try:
+                        proxy.load_config([], environ)
+                    except proxy.ConfigError as error:
+                        message = str(error)
+                        self.assertIn(name, message)
+                        for words in python_words:
+                            self.assertNotIn(words, message)
+                        if value and not setting.secret:
+                            self.assertIn(repr(value), message)
+                        if setting.secret:
+                            self.assertNotIn("got", message)  # what was given is never echoed
+                        continue
+                    self.assertEqual((value, setting.default), ("", ""), "accepted a bad value")  # empty: none
+        for flag, words in (("--port", "PORT"), ("--idle-timeout", "IDLE_TIMEOUT")):
+            result = run_proxy_cli(flag, "", env={"OA_API_KEY": "k"})
+            self.assertEqual(result.returncode, 2)
+            self.assertIn(flag, result.stderr)
+
+    def test_plain_words_for_the_likely_mistakes(self):
+        cases = {"PORT": ("abc", "PORT must be a whole number from 0 to 65535, like 8080 (0 picks a free port); "
+                                 "got 'abc'"),
+                 "IDLE_TIMEOUT": ("abc", "IDLE_TIMEOUT must be a number of seconds above 0, like 30 or 0.5; "
+                                         "got 'abc'"),
+                 "RATE_LIMIT_RPM": ("-1", "RATE_LIMIT_RPM must be 0 (off) or a whole number above 0, like 60; "
+                                          "got '-1'"),
+                 "CORS_ORIGINS": ("", "CORS_ORIGINS is set but empty; unset it for the default (*), or give a "
+                                      "value")}
+        for name, (value, message) in cases.items():
+            with self.subTest(name=name), self.assertRaises(proxy.ConfigError) as caught:
+                proxy.load_config([], {"OA_API_KEY": "k", name: value})
+            self.assertEqual(str(caught.exception), message)
 
     def test_bad_setting_exits_2_with_one_line(self):
         result = run_proxy_cli("--port", "x", env={"OA_API_KEY": "k"})
