@@ -329,6 +329,7 @@ class Config:
     log_format: str              # "text" or "json" (JSON lines)
     metrics_token: str           # bearer token for GET /metrics; empty: loopback clients only
     demo: bool                   # serve from the built-in demo upstream, no key, no network
+    api_key_source: str = "OA_API_KEY"  # the variable (or flag) the upstream key came from, for messages
 
     def __hash__(self) -> int:
         """The fields' hash, worked out once: secrets_of looks a config up on every request."""
@@ -723,6 +724,8 @@ def _parse_settings(flags: argparse.Namespace, environ) -> dict:
     values = {}
     for setting in SETTINGS:
         text, source = _raw_setting(setting, flags, environ)
+        if setting.field == "api_key":
+            values["api_key_source"] = source
         if not text.strip() and setting.default and source.startswith("--"):
             raise ConfigError(f"{source} is empty; leave it out for the default ({setting.default}), or give a value")
         try:
@@ -1761,6 +1764,20 @@ TOKEN_CAP_FIELDS = {
     "/chat/completions": (("max_tokens", "max_completion_tokens"), "max_completion_tokens"),
     "/responses": (("max_output_tokens",), "max_output_tokens"),
 }
+
+
+def client_key_refusal(presented: Optional[str]) -> ProxyError:
+    """The 401 for a request without a client key (how to send one) or with one not recognised (never
+    echoed: it may be a real key sent to the wrong place)."""
+    if presented is None or not presented.strip():
+        message = ("this proxy needs a client key: send 'Authorization: Bearer <key>' with a key from its "
+                   "PROXY_API_KEYS (SDKs: pass it as api_key; a browser's WebSocket: the subprotocol "
+                   "openai-insecure-api-key.<key>)")
+    else:
+        message = ("the client key sent was not recognised: it is not one of this proxy's PROXY_API_KEYS; "
+                   "check the key your app sends (as 'Authorization: Bearer <key>')")
+    return ProxyError(message, status=HTTPStatus.UNAUTHORIZED, type="invalid_request_error",
+                      headers={"WWW-Authenticate": 'Bearer realm="proxy.py"'}, detail={"code": "invalid_api_key"})
 
 
 def check_field_type(name: str, value, kind: type, want: str) -> None:
@@ -4079,7 +4096,25 @@ def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, 
     return {"message": text or "no error message"}
 
 
-def check_upstream_response(response: http.client.HTTPResponse, config: Config) -> None:
+def key_setting_of(config: Config, upstream_name: Optional[str]) -> str:
+    """The setting an upstream's key came from: what the operator should check."""
+    return "OA_FALLBACK_API_KEY" if upstream_name == "fallback" else config.api_key_source
+
+
+def upstream_key_refused(status: int, config: Config, upstream_name: Optional[str]) -> UpstreamBadResponse:
+    """The 502 for an upstream that refused the proxy's key (none of its text: it quotes part of the key).
+
+    It says x-should-retry: false, which the OpenAI SDKs obey: retrying a key
+    the upstream refuses only triples the wait before the app hears of it.
+    """
+    return UpstreamBadResponse(f"the upstream refused the proxy's API key (HTTP {status}): the proxy's operator "
+                               f"must fix {key_setting_of(config, upstream_name)}; retrying will not help",
+                               type="upstream_auth_error", detail={"code": "upstream_key_refused"},
+                               headers={"x-should-retry": "false"})
+
+
+def check_upstream_response(response: http.client.HTTPResponse, config: Config,
+                            upstream_name: Optional[str] = None) -> None:
     """Raise the ProxyError an upstream answer calls for; return if it is a 2xx event stream."""
     status = response.status
     if 200 <= status < 300:
@@ -4090,9 +4125,7 @@ def check_upstream_response(response: http.client.HTTPResponse, config: Config) 
         return
     error = read_upstream_error(response, secrets_of(config))
     if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
-        # Upstream auth errors quote part of the key: none of their text is passed on.
-        raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {status}); "
-                                  "the operator should check OA_API_KEY", type="upstream_auth_error")
+        raise upstream_key_refused(status, config, upstream_name)
     message = mask_secrets(error["message"], secrets_of(config))
     headers = {"Retry-After": response.headers["Retry-After"]} if response.headers.get("Retry-After") else {}
     if 400 <= status < 500:
@@ -4102,11 +4135,11 @@ def check_upstream_response(response: http.client.HTTPResponse, config: Config) 
     raise UpstreamBadResponse(f"the upstream answered {status}: {message}", headers=headers)
 
 
-def check_passthrough_response(response: http.client.HTTPResponse) -> None:
+def check_passthrough_response(response: http.client.HTTPResponse, config: Config,
+                               upstream_name: Optional[str]) -> None:
     """Upstream answers pass as they are, except auth failures, which quote part of the key."""
     if response.status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
-        raise UpstreamBadResponse(f"the upstream rejected the proxy's API key (HTTP {response.status}); "
-                                  "the operator should check OA_API_KEY", type="upstream_auth_error")
+        raise upstream_key_refused(response.status, config, upstream_name)
 
 
 def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Optional[bytes]:
@@ -5306,8 +5339,8 @@ class FloodLog:
 
     EVERY = 10.0
 
-    def __init__(self, level: int, message: str):
-        self._level, self._message = level, message  # message: one %d, for the count
+    def __init__(self, level: int, message: str, every: float = EVERY):
+        self._level, self._message, self._every = level, message, every  # message: one %d, for the count
         self._pending = 0
         self._logged_at = -math.inf
 
@@ -5317,7 +5350,7 @@ class FloodLog:
 
     def flush(self, now: float) -> None:
         """Log what was counted, if there is something and the last line is old enough."""
-        if self._pending and now - self._logged_at >= self.EVERY:
+        if self._pending and now - self._logged_at >= self._every:
             logger.log(self._level, self._message, self._pending)
             self._pending, self._logged_at = 0, now
 
@@ -5998,13 +6031,10 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         keys = self.server.config.proxy_api_keys
         if not keys:
             return self.client_address[0]
-        name = identify_client(presented_authorization(self.headers), keys)
+        presented = presented_authorization(self.headers)
+        name = identify_client(presented, keys)
         if name is None:
-            raise ProxyError("this proxy needs a client key: send 'Authorization: Bearer <key>' with a key "
-                             "from its PROXY_API_KEYS (SDKs: pass it as api_key)",
-                             status=HTTPStatus.UNAUTHORIZED, type="invalid_request_error",
-                             headers={"WWW-Authenticate": 'Bearer realm="proxy.py"'},
-                             detail={"code": "invalid_api_key"})
+            raise client_key_refusal(presented)
         return name
 
     def fail(self, error: ProxyError):
@@ -6286,7 +6316,7 @@ def relaying(handler: ProxyHandler, response: http.client.HTTPResponse, exchange
 def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange):
     """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
     config = handler.server.config
-    check_passthrough_response(response)
+    check_passthrough_response(response, config, handler.state.attempts.upstream_name)
     error_body = masked_error_body(response, config)
     if error_body is not None:
         exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), event_stream=False)
@@ -6387,7 +6417,7 @@ def serve_message(handler: ProxyHandler) -> None:
         response = handler.server.upstreams.open(config, exchange, upstream_request, config.retries,
                                                  handler.state.attempts)
         with relaying(handler, response, exchange):
-            check_upstream_response(response, config)
+            check_upstream_response(response, config, handler.state.attempts.upstream_name)
             exchange.begin(lambda: write_message_head(handler), event_stream=True)
             handler.state.usage = relay_chat_as_messages(response, exchange, config)
 
@@ -6454,7 +6484,7 @@ def serve_realtime(handler: ProxyHandler) -> None:
         note_upstream_answer(handler, response)
         try:
             if response.status != HTTPStatus.SWITCHING_PROTOCOLS:
-                check_passthrough_response(response)
+                check_passthrough_response(response, handler.server.config, handler.state.attempts.upstream_name)
                 error_body = masked_error_body(response, handler.server.config)
                 if error_body is None:
                     raise UpstreamBadResponse(f"the upstream answered the WebSocket handshake with "
@@ -6557,6 +6587,7 @@ class ProxyServer(http.server.HTTPServer):
         self.draining = False
         self._active = 0
         self._idle = threading.Condition()
+        self._key_refusals: Dict[str, FloodLog] = {}  # by upstream name; guarded by _idle's lock
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         self.clients = ClientConnections(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
@@ -6643,6 +6674,23 @@ class ProxyServer(http.server.HTTPServer):
         record = state.access_record(address, method, path)
         self.metrics.record(record, state.rejected_by, cancelled_upstream)
         logger.info("%s", format_access_line(record), extra={"access": record})
+        if state.error_type == "upstream_auth_error":
+            self.note_key_refused(state.attempts.upstream_name or "primary")
+
+    KEY_REFUSAL_EVERY = 60.0  # seconds between warnings that an upstream refuses the proxy's key
+
+    def note_key_refused(self, upstream_name: str) -> None:
+        """An upstream refused the proxy's key: a WARNING an operator watching the console sees, at once and
+        then at most once a minute with the count since, naming the setting to fix."""
+        with self._idle:
+            log = self._key_refusals.get(upstream_name)
+            if log is None:
+                setting = key_setting_of(self.config, upstream_name)
+                log = self._key_refusals[upstream_name] = FloodLog(
+                    logging.WARNING, f"the {upstream_name} upstream refused the proxy's API key %d time(s) since the "
+                    f"last warning: every request that reaches it fails with 502 until {setting} is fixed",
+                    self.KEY_REFUSAL_EVERY)
+            log.count(time.monotonic())
 
     def server_activate(self):
         super().server_activate()

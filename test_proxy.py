@@ -1549,9 +1549,36 @@ class UpstreamErrorTest(ProxyTestCase):
                 raw = response.read()
                 self.assertEqual(response.status, 502)
                 error = json.loads(raw)["error"]
-                self.assertIn("rejected the proxy's API key", error["message"])
+                self.assertIn("refused the proxy's API key", error["message"])
+                self.assertIn("must fix --api-key", error["message"])  # where make_config's key came from
+                self.assertEqual((error["type"], error["code"]), ("upstream_auth_error", "upstream_key_refused"))
+                self.assertEqual(response.getheader("x-should-retry"), "false")
                 for fragment in (TEST_KEY, TEST_KEY[:8], TEST_KEY[-4:], "Incorrect API key"):
                     self.assertNotIn(fragment.encode(), raw)
+
+    def test_a_refused_key_is_a_warning_at_most_once_a_minute_naming_its_setting(self):
+        self.upstream.script = json_script({"error": {"message": "Incorrect API key"}}, status=401)
+        with self.assertLogs("proxy", "WARNING") as logs:
+            for _ in range(3):
+                self.assertEqual(self.post_message().status, 502)
+            self.server.wait_idle(5)
+        warnings = [line for line in logs.output if "refused the proxy's API key" in line]
+        self.assertEqual(len(warnings), 1, logs.output)  # the first at once; the next two wait for the minute
+        self.assertIn("WARNING:proxy:the primary upstream refused the proxy's API key 1 time(s)", warnings[0])
+        self.assertIn("until --api-key is fixed", warnings[0])
+        log = proxy.FloodLog(logging.WARNING, "refused %d time(s)", every=60)
+        with self.assertLogs("proxy", "WARNING") as logs:
+            for moment in (0, 10, 20, 61, 62):  # the count since the last line, once the minute has passed
+                log.count(moment)
+        self.assertEqual(logs.output, ["WARNING:proxy:refused 1 time(s)", "WARNING:proxy:refused 3 time(s)"])
+
+    def test_the_message_names_the_variable_the_key_came_from(self):
+        for environ, name in (({"OPENAI_API_KEY": "k"}, "OPENAI_API_KEY"), ({"OA_API_KEY": "k"}, "OA_API_KEY")):
+            config = proxy.load_config([], environ)
+            self.assertIn(f"must fix {name};", proxy.upstream_key_refused(401, config, "primary").message)
+        config = proxy.load_config([], {"OA_API_KEY": "k", "OA_FALLBACK_BASE_URL": "http://127.0.0.1:9/v1",
+                                        "OA_FALLBACK_API_KEY": "f"})
+        self.assertIn("must fix OA_FALLBACK_API_KEY;", proxy.upstream_key_refused(403, config, "fallback").message)
 
     def test_upstream_5xx_is_502_with_its_status(self):
         self.upstream.script = Script(status=503, headers={"Content-Type": "application/json", "Retry-After": "3"},
@@ -2711,7 +2738,8 @@ class PassthroughTest(ProxyTestCase):
                 raw = response.read()
                 self.assertEqual(response.status, 502)
                 self.assertNotIn(TEST_KEY[-6:].encode(), raw)
-                self.assertIn(b"rejected the proxy's API key", raw)
+                self.assertIn(b"refused the proxy's API key", raw)
+                self.assertEqual(response.getheader("x-should-retry"), "false")
 
     def test_wrong_method_and_bare_prefix(self):
         response = self.request("PUT", "/v1/models")
@@ -3280,6 +3308,16 @@ class PythonSdkTest(ProxyTestCase):
             self.client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
         self.assertIn("Rate limit reached", str(caught.exception))
         self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_a_refused_upstream_key_is_not_retried_by_the_sdk(self):
+        self.upstream.script = json_script({"error": {"message": "Incorrect API key"}}, status=401)
+        client = openai.OpenAI(base_url=self.base_url, api_key="client-key", max_retries=2,
+                               http_client=openai.DefaultHttpxClient(trust_env=False))
+        self.addCleanup(client.close)
+        with self.assertLogs("proxy", "WARNING"), self.assertRaises(openai.InternalServerError) as caught:
+            client.models.list()
+        self.assertIn("must fix --api-key", str(caught.exception))
+        self.assertEqual(len(self.upstream.requests), 1)  # x-should-retry: false, obeyed: no retries
 
     def test_bad_request_raises_bad_request_error_with_the_upstream_message(self):
         self.upstream.script = json_script({"error": {"message": "Invalid value for 'temperature'",
@@ -4418,12 +4456,15 @@ class ClientKeyTest(ProxyTestCase):
     def test_relayed_routes_need_a_key(self):
         for method, path, body in (("POST", "/message", chat_body()), ("GET", "/v1/models", None),
                                    ("POST", "/v1/chat/completions", b"{}")):
-            for headers in ({}, bearer("wrong-key-0123456789abcdef"), {"Authorization": ALICE_KEY}):
+            for headers, said in (({}, "needs a client key"), (bearer("wrong-key-0123456789abcdef"), "not recognised"),
+                                  ({"Authorization": ALICE_KEY}, "not recognised")):
                 with self.subTest(path=path, headers=headers):
                     response = self.request(method, path, body, headers)
-                    error = self.assert_json_error(response, 401, "Authorization: Bearer")
+                    error = self.assert_json_error(response, 401, "Authorization: Bearer", said)
                     self.assertEqual(error["code"], "invalid_api_key")
                     self.assertEqual(response.getheader("WWW-Authenticate"), 'Bearer realm="proxy.py"')
+                    self.assertNotIn("wrong-key", error["message"])  # a key sent is never echoed
+                    self.assertNotIn(ALICE_KEY, error["message"])
         self.assertEqual(self.upstream.requests, [])
 
     def test_a_valid_key_is_served_and_never_forwarded(self):
