@@ -6052,6 +6052,55 @@ class BenchmarkSmokeTest(unittest.TestCase):
 # The shape of proxy.py: small functions, a thin handler
 # --------------------------------------------------------------------------
 
+def github_slug(heading):
+    """The anchor GitHub gives a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+class DocsTest(unittest.TestCase):
+    """The README and docs/ say what the code does: every setting and metric, nothing else, links that lead
+    somewhere."""
+
+    def read(self, path):
+        with open(os.path.join(HERE, path), encoding="utf-8") as page:
+            return page.read()
+
+    def test_the_readme_is_a_front_door(self):
+        lines = self.read("README.md").splitlines()
+        self.assertLessEqual(len(lines), 310)
+        for page in ("configuration", "api", "realtime-and-responses", "security", "reliability", "scaling",
+                     "observability", "performance", "architecture", "tests"):
+            self.assertIn(f"(docs/{page}.md)", "\n".join(lines))
+
+    def test_every_setting_is_documented_and_nothing_else(self):
+        rows = re.findall(r"^\| (`[A-Z][A-Z0-9_]*`.*?) \| `(--[a-z0-9-]+)` \|", self.read("docs/configuration.md"),
+                          re.M)
+        documented = {name for names, _ in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", names)}
+        self.assertEqual(documented, {name for setting in proxy.SETTINGS for name in setting.envs})
+        self.assertEqual({flag for _, flag in rows}, {setting.flag for setting in proxy.SETTINGS})
+
+    def test_every_metric_is_documented_and_nothing_else(self):
+        rows = re.findall(r"^\| `((?:proxy|process)_[a-z_]+)(?:\{[^}]*\})?` \|", self.read("docs/observability.md"),
+                          re.M)
+        self.assertEqual(set(rows), {name for name, _, _ in proxy.Metrics.FAMILIES})
+
+    def test_every_relative_link_leads_to_a_page_and_heading(self):
+        pages = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(HERE, "docs"))
+                                       if name.endswith(".md"))
+        anchors = {page: {github_slug(heading) for heading in re.findall(r"^#{1,6} (.*)$", self.read(page), re.M)}
+                   for page in pages}
+        for page in pages:
+            for target in re.findall(r"\]\(([^)\s]+)\)", self.read(page)):
+                if target.startswith(("http://", "https://")):
+                    continue
+                path, _, anchor = target.partition("#")
+                linked = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+                with self.subTest(page=page, target=target):
+                    self.assertTrue(os.path.exists(os.path.join(HERE, linked)), linked)
+                    if anchor and linked.endswith(".md"):
+                        self.assertIn(anchor, anchors[linked])
+
+
 class ShapeTest(unittest.TestCase):
     """What a newcomer can hold in their head: no function over 40 lines or of cyclomatic complexity over
     15, and a request handler of about 300 lines that reads, routes, writes and is the error boundary."""
