@@ -5671,6 +5671,93 @@ class BrowserChatTest(BrowserTestCase):
                 self.assertGreater(os.path.getsize(path), 5000)
 
 
+class BrowserConversationsTest(BrowserTestCase):
+    """Conversations kept in the browser: a side list, newest first, that a reload and a new tab show."""
+
+    def titles(self, page):
+        return page.locator("#conversations .open").all_inner_texts()
+
+    def chat(self, page, text, answer):
+        self.upstream.script = Script(steps=reply(answer))
+        self.send(page, text)
+        self.wait_for_reply(page, answer)
+        self.wait_for_stats(page)
+
+    def test_conversations_survive_a_reload_and_show_in_a_new_tab(self):
+        page = self.open_page()
+        self.chat(page, "How do **streams** work?", "One token at a time")
+        self.chat(page, "And errors?", "As an error frame")
+        page.click("#new-chat")
+        self.assertEqual(page.locator(".message").count(), 0)
+        self.chat(page, "A second chat", "Hello again")
+        self.assertEqual(self.titles(page), ["A second chat", "How do streams work?"])  # newest first
+        page.reload()
+        page.wait_for_selector("#conversations .open")
+        self.assertEqual(self.titles(page), ["A second chat", "How do streams work?"])
+        self.assertEqual(page.locator(".message .body").all_inner_texts(), ["A second chat", "Hello again"])
+        page.click("#conversations li:nth-child(2) .open")
+        self.assertEqual(page.locator(".message .body").all_inner_texts(),
+                         ["How do streams work?", "One token at a time", "And errors?", "As an error frame"])
+        self.chat(page, "Go on", "Continued")  # the conversation goes on where it was, and moves to the top
+        self.assertEqual([m["content"] for m in self.upstream.requests[-1].json()["messages"]],
+                         ["How do **streams** work?", "One token at a time", "And errors?", "As an error frame",
+                          "Go on"])
+        self.assertEqual(self.titles(page), ["How do streams work?", "A second chat"])
+        tab = page.context.new_page()
+        tab.goto(f"http://127.0.0.1:{self.port}/")
+        tab.wait_for_selector("#conversations .open")
+        self.assertEqual(self.titles(tab), ["How do streams work?", "A second chat"])
+        self.assertEqual(self.page_errors, [])
+
+    def test_rename_and_delete(self):
+        page = self.open_page()
+        self.chat(page, "First", "one")
+        page.click("#new-chat")
+        self.chat(page, "Second", "two")
+        page.click("#conversations li:nth-child(1) .small:text('Rename')")
+        page.fill("#conversations input", "My renamed chat")
+        page.press("#conversations input", "Enter")
+        self.assertEqual(self.titles(page), ["My renamed chat", "First"])
+        page.reload()
+        page.wait_for_selector("#conversations .open")
+        self.assertEqual(self.titles(page), ["My renamed chat", "First"])
+        page.click("#conversations li:nth-child(1) .small:text('Delete')")  # the one on screen
+        self.assertEqual(self.titles(page), ["First"])
+        self.assertEqual(page.locator(".message").count(), 0)
+        page.reload()
+        page.wait_for_selector("#conversations .open")
+        self.assertEqual(self.titles(page), ["First"])
+        self.assertEqual(page.locator(".message .body").all_inner_texts(), ["First", "one"])
+
+    def test_a_stopped_reply_is_kept_marked_as_stopped(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), HANG])
+        page = self.open_page()
+        self.send(page, "Think for long")
+        self.wait_for_reply(page, "partial")
+        page.click("#stop")
+        page.wait_for_selector(".message.assistant .note")
+        page.reload()
+        page.wait_for_selector(".message.assistant .note")
+        self.assertEqual(page.inner_text(".message.assistant .body p:first-child"), "partial")
+        self.assertEqual(page.inner_text(".message.assistant .note"), "Stopped.")
+
+    def test_without_storage_the_chat_works_for_the_session_and_says_so(self):
+        context = self.browser.new_context(viewport={"width": 1280, "height": 800})
+        self.addCleanup(context.close)
+        context.add_init_script("Storage.prototype.setItem = function () { "
+                                "throw new DOMException('full', 'QuotaExceededError'); };")
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"http://127.0.0.1:{self.port}/")
+        page.wait_for_function("() => document.activeElement?.id === 'input'")
+        self.chat(page, "Hello", "Hello world")
+        self.assertTrue(page.is_visible("#storage-note"))
+        self.assertIn("lasts until the page is closed", page.inner_text("#storage-note"))
+        self.assertEqual(self.titles(page), ["Hello"])  # listed for this session
+        self.assertEqual(errors, [])
+
+
 class BrowserDemoTest(BrowserTestCase):
     """The chat page in front of the real --demo upstream: what the README's quick start shows."""
 

@@ -2,10 +2,13 @@
 
 import { SSEParser } from "./sse.js";
 import { renderMarkdown } from "./markdown.js";
+import { History } from "./history.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "proxy-key";
-const state = { messages: [], controller: null, config: { model: "", models: [], auth_required: false } };
+const state = { controller: null, config: { model: "", models: [], auth_required: false } };
+const history = new History(() => { $("storage-note").hidden = false; });
+let current = history.create(); // the conversation on screen; listed once it has a message
 
 start();
 
@@ -22,6 +25,9 @@ async function start() {
   });
   $("stop").addEventListener("click", () => state.controller?.abort());
   $("new-chat").addEventListener("click", newChat);
+  $("history-toggle").addEventListener("click", () => showHistory($("history-toggle").ariaExpanded !== "true"));
+  listConversations();
+  if (history.conversations.length) openConversation(history.conversations[0].id);
   $("key").value = sessionStorage.getItem(KEY_STORAGE) || "";
   $("key").addEventListener("input", () => sessionStorage.setItem(KEY_STORAGE, $("key").value));
   try {
@@ -56,7 +62,10 @@ async function send() {
   if (!text || state.controller) return;
   $("input").value = "";
   $("empty")?.remove();
-  state.messages.push({ role: "user", content: text });
+  const conversation = current;
+  conversation.messages.push({ role: "user", content: text });
+  history.touch(conversation);
+  listConversations();
   addMessage("user").body.append(renderMarkdown(text));
   const reply = addMessage("assistant");
   const controller = new AbortController();
@@ -65,7 +74,8 @@ async function send() {
   const run = { started: performance.now(), firstToken: null, content: "", frames: 0, usage: null, ended: false };
   try {
     const response = await fetch("/message", {
-      method: "POST", headers: requestHeaders(), body: JSON.stringify(requestBody()), signal: controller.signal,
+      method: "POST", headers: requestHeaders(), body: JSON.stringify(requestBody(conversation)),
+      signal: controller.signal,
     });
     if (!response.ok) {
       showError(reply, await httpErrorText(response));
@@ -74,11 +84,15 @@ async function send() {
       if (!run.ended) showError(reply, "The connection ended before the reply was finished.");
     }
   } catch (error) {
-    if (error.name === "AbortError") showNote(reply, "Stopped.");
-    else showError(reply, `Lost the connection to the proxy (${error.message}).`);
+    if (error.name === "AbortError") {
+      showNote(reply, "Stopped.");
+      run.stopped = true;
+    } else {
+      showError(reply, `Lost the connection to the proxy (${error.message}).`);
+    }
   } finally {
-    if (run.content) state.messages.push({ role: "assistant", content: run.content });
     if (run.firstToken !== null) showStats(reply, run);
+    keepReply(conversation, reply, run);
     reply.body.removeAttribute("aria-busy");
     state.controller = null;
     setBusy(false);
@@ -93,8 +107,22 @@ function requestHeaders() {
   return headers;
 }
 
-function requestBody() {
-  const body = { messages: state.messages };
+// What a reply leaves in its conversation: its text (a stopped one's part of it), and what the page
+// showed under it, so that a reload shows the same.
+function keepReply(conversation, reply, run) {
+  const message = { role: "assistant", content: run.content };
+  if (run.stopped) message.stopped = true;
+  const error = reply.body.querySelector(".error");
+  if (error) message.error = error.textContent;
+  if (reply.meta.textContent) message.meta = reply.meta.textContent;
+  conversation.messages.push(message);
+  history.touch(conversation);
+}
+
+function requestBody(conversation) {
+  const messages = conversation.messages.filter((message) => message.content)
+    .map(({ role, content }) => ({ role, content }));
+  const body = { messages };
   const model = chosenModel();
   if (model) body.model = model;
   return body;
@@ -192,13 +220,100 @@ function setBusy(busy) {
 
 function newChat() {
   state.controller?.abort();
-  state.messages = [];
-  const hint = document.createElement("p");
-  hint.id = "empty";
-  hint.className = "hint";
-  hint.textContent = "Send a message to start. The reply streams in token by token.";
-  $("conversation").replaceChildren(hint);
+  current = history.create();
+  showConversation();
+  listConversations();
+  showHistory(false);
   $("input").focus();
+}
+
+function openConversation(id) {
+  const conversation = history.get(id);
+  if (!conversation) return;
+  state.controller?.abort();
+  current = conversation;
+  showConversation();
+  listConversations();
+  showHistory(false);
+}
+
+// The conversation on screen, drawn again from what was kept of it.
+function showConversation() {
+  if (!current.messages.length) {
+    const hint = document.createElement("p");
+    hint.id = "empty";
+    hint.className = "hint";
+    hint.textContent = "Send a message to start. The reply streams in token by token.";
+    $("conversation").replaceChildren(hint);
+    return;
+  }
+  $("conversation").replaceChildren();
+  for (const message of current.messages) {
+    const view = addMessage(message.role);
+    view.body.removeAttribute("aria-busy");
+    view.body.append(renderMarkdown(message.content));
+    if (message.stopped) showNote(view, "Stopped.");
+    if (message.error) showError(view, message.error);
+    if (message.meta) view.meta.textContent = message.meta;
+  }
+}
+
+// The side list: each conversation, newest first, with rename and delete.
+function listConversations() {
+  const items = history.conversations.map((conversation) => {
+    const item = document.createElement("li");
+    if (conversation.id === current.id) item.setAttribute("aria-current", "true");
+    const open = button(conversation.title, "open", () => openConversation(conversation.id));
+    const rename = button("Rename", "quiet small", () => renameConversation(item, conversation));
+    rename.setAttribute("aria-label", `Rename “${conversation.title}”`);
+    const remove = button("Delete", "quiet small", () => deleteConversation(conversation.id));
+    remove.setAttribute("aria-label", `Delete “${conversation.title}”`);
+    item.append(open, rename, remove);
+    return item;
+  });
+  $("conversations").replaceChildren(...items);
+}
+
+function renameConversation(item, conversation) {
+  const field = document.createElement("input");
+  field.value = conversation.title;
+  field.setAttribute("aria-label", "New name");
+  const done = (keep) => {
+    if (keep) history.rename(conversation.id, field.value);
+    listConversations();
+  };
+  field.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") done(true);
+    if (event.key === "Escape") done(false);
+  });
+  field.addEventListener("blur", () => done(true));
+  item.replaceChildren(field);
+  field.focus();
+  field.select();
+}
+
+function deleteConversation(id) {
+  history.remove(id);
+  if (id === current.id) {
+    state.controller?.abort();
+    current = history.create();
+    showConversation();
+  }
+  listConversations();
+}
+
+function showHistory(open) {
+  $("history-toggle").setAttribute("aria-expanded", String(open));
+  document.body.classList.toggle("history-open", open);
+}
+
+function button(text, className, onClick) {
+  const node = document.createElement("button");
+  node.type = "button";
+  node.className = className;
+  node.textContent = text;
+  node.addEventListener("click", onClick);
+  return node;
 }
 
 function scrollToEnd() {
