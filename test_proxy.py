@@ -5526,6 +5526,10 @@ class BrowserTestCase(ProxyTestCase):
         page.wait_for_function("text => document.querySelector('.message.assistant:last-of-type .body')"
                                "?.innerText.trim() === text", arg=text, timeout=10000)
 
+    def chat_requests(self):
+        """What the page sent to be answered: its GET /v1/models, for the model list, is not one."""
+        return [received for received in self.upstream.requests if received.method == "POST"]
+
 
 class BrowserChatTest(BrowserTestCase):
     def test_reply_streams_in_token_by_token(self):
@@ -5543,15 +5547,16 @@ class BrowserChatTest(BrowserTestCase):
         second.set()
         self.wait_for_reply(page, "Hello streaming world")
         self.wait_for_stats(page)
-        self.assertRegex(page.inner_text(".message.assistant .meta"), r"^first token \d+\.\d\d s · \d+\.\d tokens/s$")
+        self.assertRegex(page.inner_text(".message.assistant .meta"),
+                         r"^first token \d+\.\d\d s · \d+\.\d tokens/s · 3 in, 2 out$")  # usage from event:done
         self.assertTrue(page.is_visible("#send"))
-        self.assertEqual(self.upstream.requests[0].json()["messages"], [{"role": "user", "content": "Say hello"}])
+        self.assertEqual(self.chat_requests()[0].json()["messages"], [{"role": "user", "content": "Say hello"}])
         self.upstream.script = Script(steps=reply("Again"))
         self.send(page, "Once more")
         self.wait_for_reply(page, "Again")
-        self.assertEqual([m["role"] for m in self.upstream.requests[1].json()["messages"]],
+        self.assertEqual([m["role"] for m in self.chat_requests()[1].json()["messages"]],
                          ["user", "assistant", "user"])
-        self.assertEqual(self.upstream.requests[1].json()["messages"][1]["content"], "Hello streaming world")
+        self.assertEqual(self.chat_requests()[1].json()["messages"][1]["content"], "Hello streaming world")
         self.assertEqual(self.page_errors, [])
 
     def test_shift_enter_adds_a_line_and_enter_sends(self):
@@ -5560,10 +5565,10 @@ class BrowserChatTest(BrowserTestCase):
         page.press("#input", "Shift+Enter")
         page.type("#input", "second line")
         self.assertEqual(page.input_value("#input"), "first line\nsecond line")
-        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.chat_requests(), [])
         page.press("#input", "Enter")
         self.wait_for_reply(page, "Hello world")
-        self.assertEqual(self.upstream.requests[0].json()["messages"][0]["content"], "first line\nsecond line")
+        self.assertEqual(self.chat_requests()[0].json()["messages"][0]["content"], "first line\nsecond line")
 
     def test_stop_aborts_and_the_upstream_is_closed(self):
         self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), HANG])
@@ -5645,10 +5650,10 @@ class BrowserChatTest(BrowserTestCase):
         page = self.open_page()
         page.click("h1")  # a user clicks the page top: Tab starts from there
         order = []
-        for _ in range(4):
+        for _ in range(6):
             page.keyboard.press("Tab")
             order.append(page.evaluate("() => document.activeElement.id"))
-        self.assertEqual(order, ["new-chat", "model", "input", "send"])
+        self.assertEqual(order, ["theme", "new-chat", "system-toggle", "model", "input", "send"])
         self.assertEqual(page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle"), "solid")
         self.assertEqual(page.get_attribute("#model-field", "hidden"), None)
         self.assertTrue(page.locator("label[for=input]").count())
@@ -5699,7 +5704,7 @@ class BrowserConversationsTest(BrowserTestCase):
         self.assertEqual(page.locator(".message .body").all_inner_texts(),
                          ["How do streams work?", "One token at a time", "And errors?", "As an error frame"])
         self.chat(page, "Go on", "Continued")  # the conversation goes on where it was, and moves to the top
-        self.assertEqual([m["content"] for m in self.upstream.requests[-1].json()["messages"]],
+        self.assertEqual([m["content"] for m in self.chat_requests()[-1].json()["messages"]],
                          ["How do **streams** work?", "One token at a time", "And errors?", "As an error frame",
                           "Go on"])
         self.assertEqual(self.titles(page), ["How do streams work?", "A second chat"])

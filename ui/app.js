@@ -1,54 +1,106 @@
-// The chat page: sends the conversation to POST /message and streams the reply in.
+// The chat page: sends a conversation to POST /message and streams the reply in; conversations are kept
+// in this browser (history.js).
 
 import { SSEParser } from "./sse.js";
 import { renderMarkdown } from "./markdown.js";
 import { History } from "./history.js";
 
 const $ = (id) => document.getElementById(id);
-const KEY_STORAGE = "proxy-key";
-const state = { controller: null, config: { model: "", models: [], auth_required: false } };
+const KEY_STORAGE = "proxy-key";            // sessionStorage: the client key, for this tab's session only
+const MODEL_STORAGE = "proxy-chat-model";   // localStorage: the last model chosen
+const THEME_STORAGE = "proxy-chat-theme";   // localStorage: "light" or "dark"; none: the system's
+const state = { controller: null, editing: null, config: { model: "", models: [], auth_required: false } };
 const history = new History(() => { $("storage-note").hidden = false; });
 let current = history.create(); // the conversation on screen; listed once it has a message
 
 start();
 
 async function start() {
+  applyTheme(recall(THEME_STORAGE));
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     send();
   });
-  $("input").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-      event.preventDefault();
-      send();
-    }
+  $("input").addEventListener("keydown", onInputKey);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && state.controller) state.controller.abort();
   });
   $("stop").addEventListener("click", () => state.controller?.abort());
   $("new-chat").addEventListener("click", newChat);
   $("history-toggle").addEventListener("click", () => showHistory($("history-toggle").ariaExpanded !== "true"));
-  listConversations();
-  if (history.conversations.length) openConversation(history.conversations[0].id);
+  $("theme").addEventListener("click", toggleTheme);
+  $("forget-key").addEventListener("click", forgetKey);
+  $("system").addEventListener("input", () => { current.system = $("system").value; saveIfListed(); });
   $("key").value = sessionStorage.getItem(KEY_STORAGE) || "";
   $("key").addEventListener("input", () => sessionStorage.setItem(KEY_STORAGE, $("key").value));
+  listConversations();
+  if (history.conversations.length) openConversation(history.conversations[0].id);
   try {
     const response = await fetch("/ui/config.json");
     if (response.ok) state.config = await response.json();
   } catch {
     // The defaults above still work against a proxy without client keys.
   }
-  showSettings(state.config);
+  $("key-field").hidden = !state.config.auth_required;
   $("input").focus();
+  await showModels();
 }
 
-function showSettings({ model, models, auth_required: authRequired }) {
-  if (models.length > 1) {
-    for (const name of models) $("model-select").append(new Option(name, name, name === model, name === model));
-    $("model-choice").hidden = false;
-  } else if (models.length === 0) {
-    $("model").placeholder = model;
-    $("model-field").hidden = false;
+function onInputKey(event) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  } else if (event.key === "Escape" && state.editing !== null && !state.controller) {
+    stopEditing();
   }
-  $("key-field").hidden = !authRequired;
+}
+
+// The model picker: the proxy's allowed models; else a free-text field, which becomes a list once
+// /v1/models has answered with one. The last choice is remembered.
+async function showModels() {
+  const remembered = recall(MODEL_STORAGE);
+  $("model-select").addEventListener("change", () => remember(MODEL_STORAGE, chosenModel()));
+  $("model").addEventListener("change", () => remember(MODEL_STORAGE, chosenModel()));
+  let models = state.config.models;
+  if (!models.length) {
+    $("model").placeholder = state.config.model;
+    $("model").value = remembered || "";
+    $("model-field").hidden = false;
+    models = await listedModels();
+  }
+  if (models.length) {
+    const chosen = models.includes(remembered) ? remembered : state.config.model;
+    $("model-select").replaceChildren(...models.map((name) => new Option(name, name, name === chosen,
+                                                                       name === chosen)));
+    $("model-choice").hidden = false;
+    $("model-field").hidden = true;
+  }
+}
+
+function recall(name) {
+  try {
+    return localStorage.getItem(name);
+  } catch {
+    return null;
+  }
+}
+
+function remember(name, value) {
+  try {
+    localStorage.setItem(name, value);
+  } catch {
+    // Not kept: storage is full or disabled.
+  }
+}
+
+async function listedModels() {
+  try {
+    const response = await fetch("/v1/models", { headers: requestHeaders(), signal: AbortSignal.timeout(5000) });
+    const list = response.ok ? (await response.json()).data : [];
+    return Array.isArray(list) ? list.map((model) => model?.id).filter((id) => typeof id === "string") : [];
+  } catch {
+    return [];
+  }
 }
 
 function chosenModel() {
@@ -60,13 +112,39 @@ function chosenModel() {
 async function send() {
   const text = $("input").value.trim();
   if (!text || state.controller) return;
+  if (state.editing !== null) { // what follows the edited message is replaced
+    current.messages.splice(state.editing);
+    stopEditing();
+  }
   $("input").value = "";
-  $("empty")?.remove();
-  const conversation = current;
-  conversation.messages.push({ role: "user", content: text });
-  history.touch(conversation);
+  current.messages.push({ role: "user", content: text });
+  history.touch(current);
+  await ask(current);
+}
+
+// Regenerate the last reply: it is dropped, and the conversation is sent again as it was before it.
+async function retry() {
+  if (state.controller) return;
+  while (current.messages.length && current.messages.at(-1).role === "assistant") current.messages.pop();
+  if (current.messages.length) await ask(current);
+}
+
+function editMessage(index) {
+  if (state.controller) return;
+  state.editing = index;
+  $("input").value = current.messages[index].content;
+  $("editing").hidden = false;
+  $("input").focus();
+}
+
+function stopEditing() {
+  state.editing = null;
+  $("editing").hidden = true;
+}
+
+async function ask(conversation) {
+  showConversation();
   listConversations();
-  addMessage("user").body.append(renderMarkdown(text));
   const reply = addMessage("assistant");
   const controller = new AbortController();
   state.controller = controller;
@@ -93,18 +171,11 @@ async function send() {
   } finally {
     if (run.firstToken !== null) showStats(reply, run);
     keepReply(conversation, reply, run);
-    reply.body.removeAttribute("aria-busy");
     state.controller = null;
     setBusy(false);
+    if (conversation === current) showConversation();
     $("input").focus();
   }
-}
-
-function requestHeaders() {
-  const headers = { "Content-Type": "application/json" };
-  const key = $("key").value.trim();
-  if (state.config.auth_required && key) headers.Authorization = `Bearer ${key}`;
-  return headers;
 }
 
 // What a reply leaves in its conversation: its text (a stopped one's part of it), and what the page
@@ -119,9 +190,17 @@ function keepReply(conversation, reply, run) {
   history.touch(conversation);
 }
 
+function requestHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  const key = $("key").value.trim();
+  if (state.config.auth_required && key) headers.Authorization = `Bearer ${key}`;
+  return headers;
+}
+
 function requestBody(conversation) {
   const messages = conversation.messages.filter((message) => message.content)
     .map(({ role, content }) => ({ role, content }));
+  if (conversation.system?.trim()) messages.unshift({ role: "system", content: conversation.system.trim() });
   const body = { messages };
   const model = chosenModel();
   if (model) body.model = model;
@@ -166,10 +245,19 @@ async function httpErrorText(response) {
     // Not JSON: keep the status text.
   }
   if (response.status === 401) $("key-field").hidden = false;
-  return `Error ${response.status}: ${message}`;
+  const wait = Number(response.headers.get("Retry-After"));
+  const later = response.status === 429 && wait > 0 ? ` Try again in ${waitText(wait)}.` : "";
+  return `Error ${response.status}: ${message}${later}`;
+}
+
+function waitText(seconds) {
+  if (seconds < 90) return `${seconds} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${Math.round(seconds / 3600)} h`;
 }
 
 function addMessage(role) {
+  $("empty")?.remove();
   const article = document.createElement("article");
   article.className = `message ${role}`;
   const who = document.createElement("h2");
@@ -183,10 +271,12 @@ function addMessage(role) {
     body.setAttribute("aria-live", "polite");
     body.setAttribute("aria-busy", "true");
   }
-  article.append(who, body, meta);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  article.append(who, body, meta, actions);
   $("conversation").append(article);
   scrollToEnd();
-  return { article, body, meta };
+  return { article, body, meta, actions };
 }
 
 function showError(reply, text) {
@@ -209,7 +299,8 @@ function showStats(reply, run) {
   const tokens = run.usage?.completion_tokens ?? run.frames;
   const rate = seconds > 0 ? `${(tokens / seconds).toFixed(1)} tokens/s` : "";
   const ttft = `first token ${((run.firstToken - run.started) / 1000).toFixed(2)} s`;
-  reply.meta.textContent = [ttft, rate].filter(Boolean).join(" · ");
+  const usage = run.usage ? `${run.usage.prompt_tokens} in, ${run.usage.completion_tokens} out` : "";
+  reply.meta.textContent = [ttft, rate, usage].filter(Boolean).join(" · ");
 }
 
 function setBusy(busy) {
@@ -220,6 +311,7 @@ function setBusy(busy) {
 
 function newChat() {
   state.controller?.abort();
+  stopEditing();
   current = history.create();
   showConversation();
   listConversations();
@@ -231,14 +323,17 @@ function openConversation(id) {
   const conversation = history.get(id);
   if (!conversation) return;
   state.controller?.abort();
+  stopEditing();
   current = conversation;
   showConversation();
   listConversations();
   showHistory(false);
 }
 
-// The conversation on screen, drawn again from what was kept of it.
+// The conversation on screen, drawn again from what was kept of it, each message with its actions.
 function showConversation() {
+  $("system").value = current.system || "";
+  $("system-prompt").open = Boolean(current.system);
   if (!current.messages.length) {
     const hint = document.createElement("p");
     hint.id = "empty";
@@ -248,14 +343,33 @@ function showConversation() {
     return;
   }
   $("conversation").replaceChildren();
-  for (const message of current.messages) {
+  current.messages.forEach((message, index) => {
     const view = addMessage(message.role);
     view.body.removeAttribute("aria-busy");
     view.body.append(renderMarkdown(message.content));
     if (message.stopped) showNote(view, "Stopped.");
     if (message.error) showError(view, message.error);
     if (message.meta) view.meta.textContent = message.meta;
-  }
+    if (message.role === "user") view.actions.append(button("Edit", "quiet small", () => editMessage(index)));
+    if (message.role === "assistant" && message.content) view.actions.append(copyButton(message.content));
+    if (message.role === "assistant" && index === current.messages.length - 1) {
+      view.actions.append(button("Retry", "quiet small", retry));
+    }
+  });
+}
+
+function copyButton(text) {
+  const copy = button("Copy", "quiet small", async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      copy.textContent = "Copied";
+    } catch {
+      copy.textContent = "Copy failed";
+    }
+    setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+  });
+  copy.setAttribute("aria-label", "Copy the reply");
+  return copy;
 }
 
 // The side list: each conversation, newest first, with rename and delete.
@@ -278,7 +392,10 @@ function renameConversation(item, conversation) {
   const field = document.createElement("input");
   field.value = conversation.title;
   field.setAttribute("aria-label", "New name");
+  let finished = false;
   const done = (keep) => {
+    if (finished) return;
+    finished = true;
     if (keep) history.rename(conversation.id, field.value);
     listConversations();
   };
@@ -302,9 +419,35 @@ function deleteConversation(id) {
   listConversations();
 }
 
+function saveIfListed() {
+  if (history.get(current.id)) history.save();
+}
+
 function showHistory(open) {
   $("history-toggle").setAttribute("aria-expanded", String(open));
   document.body.classList.toggle("history-open", open);
+}
+
+function applyTheme(theme) {
+  if (theme === "light" || theme === "dark") document.documentElement.dataset.theme = theme;
+  else delete document.documentElement.dataset.theme;
+  const dark = theme ? theme === "dark" : matchMedia("(prefers-color-scheme: dark)").matches;
+  $("theme").textContent = dark ? "Light" : "Dark";
+  $("theme").setAttribute("aria-label", dark ? "Switch to the light theme" : "Switch to the dark theme");
+}
+
+function toggleTheme() {
+  const dark = document.documentElement.dataset.theme
+    ? document.documentElement.dataset.theme === "dark" : matchMedia("(prefers-color-scheme: dark)").matches;
+  const theme = dark ? "light" : "dark";
+  remember(THEME_STORAGE, theme);
+  applyTheme(theme);
+}
+
+function forgetKey() {
+  sessionStorage.removeItem(KEY_STORAGE);
+  $("key").value = "";
+  $("key").focus();
 }
 
 function button(text, className, onClick) {
