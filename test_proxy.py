@@ -5763,6 +5763,208 @@ class BrowserConversationsTest(BrowserTestCase):
         self.assertEqual(errors, [])
 
 
+CONTRAST_SCRIPT = """() => {
+  const rgb = (text) => text.match(/\\d+(\\.\\d+)?/g).slice(0, 3).map(Number);
+  const luminance = (text) => {
+    const [r, g, b] = rgb(text).map((value) => {
+      const c = value / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const ratio = (a, b) => {
+    const [light, dark] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+    return (light + 0.05) / (dark + 0.05);
+  };
+  const style = (selector) => getComputedStyle(document.querySelector(selector));
+  const page = style("body").backgroundColor;
+  return { background: style("body").backgroundColor, text: ratio(style("body").color, page),
+           muted: ratio(style(".message .meta").color, page), error: ratio(style(".error").color, page),
+           button: ratio(style("#send").color, style("#send").backgroundColor) };
+}"""
+
+
+class BrowserProductTest(BrowserTestCase):
+    """The chat page as a small product: retry and edit, copy, models from the server, a system prompt,
+    errors a user understands, dark mode, a phone, the keyboard, the key, and its size."""
+
+    def chat(self, page, text, answer):
+        self.upstream.script = Script(steps=reply(answer))
+        self.send(page, text)
+        self.wait_for_reply(page, answer)
+        self.wait_for_stats(page)
+
+    def sent(self, index=-1):
+        return [message["content"] for message in self.chat_requests()[index].json()["messages"]]
+
+    def test_retry_and_edit(self):
+        page = self.open_page()
+        self.chat(page, "First question", "First answer")
+        self.chat(page, "Second question", "Second answer")
+        self.upstream.script = Script(steps=reply("Second answer, again"))
+        page.click(".message.assistant:last-of-type .actions button:text('Retry')")
+        self.wait_for_reply(page, "Second answer, again")
+        self.assertEqual(self.sent(), ["First question", "First answer", "Second question"])
+        self.assertEqual(page.locator(".message.assistant").count(), 2)  # the old reply was replaced
+        page.click(".message.user:first-of-type .actions button:text('Edit')")
+        self.assertEqual(page.input_value("#input"), "First question")
+        self.assertTrue(page.is_visible("#editing"))
+        page.fill("#input", "A better first question")
+        self.upstream.script = Script(steps=reply("A better answer"))
+        page.press("#input", "Enter")
+        self.wait_for_reply(page, "A better answer")
+        self.assertEqual(self.sent(), ["A better first question"])  # what followed it is gone
+        self.assertEqual(page.locator(".message .body").all_inner_texts(), ["A better first question",
+                                                                             "A better answer"])
+        self.assertFalse(page.is_visible("#editing"))
+
+    def test_copy_puts_the_reply_on_the_clipboard(self):
+        page = self.open_page()
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        self.upstream.script = Script(steps=reply("Some **bold** text"))
+        self.send(page, "Copy me")
+        self.wait_for_reply(page, "Some bold text")
+        self.wait_for_stats(page)
+        page.click(".message.assistant .actions button:text('Copy')")
+        self.assertEqual(page.evaluate("() => navigator.clipboard.readText()"), "Some **bold** text")  # as written
+        self.upstream.script = Script(steps=reply("```python\nprint(1)\n```"))
+        self.send(page, "Code")
+        page.wait_for_selector(".message.assistant:nth-of-type(4) .code code")
+        self.assertEqual(page.inner_text(".message.assistant:last-of-type .code code"), "print(1)")
+        self.assertEqual(page.get_attribute(".message.assistant:last-of-type .code code", "data-language"), "python")
+        page.click(".message.assistant:last-of-type .code .copy")
+        self.assertEqual(page.evaluate("() => navigator.clipboard.readText()"), "print(1)")
+
+    def test_models_come_from_the_server_and_the_choice_is_remembered(self):
+        self.upstream.script = openai_like  # GET /v1/models lists gpt-4o-mini and text-embedding-3-small
+        page = self.open_page()
+        page.wait_for_selector("#model-choice:not([hidden])")
+        self.assertEqual(page.locator("#model-select option").all_inner_texts(),
+                         ["gpt-4o-mini", "text-embedding-3-small"])
+        page.select_option("#model-select", "text-embedding-3-small")
+        page.reload()
+        page.wait_for_selector("#model-choice:not([hidden])")
+        self.assertEqual(page.input_value("#model-select"), "text-embedding-3-small")
+        self.upstream.script = Script(steps=reply("ok"))
+        self.send(page, "Which model?")
+        self.wait_for_reply(page, "ok")
+        self.assertEqual(self.chat_requests()[-1].json()["model"], "text-embedding-3-small")
+
+    def test_a_system_prompt_per_conversation(self):
+        page = self.open_page()
+        self.assertFalse(page.is_visible("#system"))  # folded away
+        page.click("#system-toggle")
+        page.fill("#system", "Answer in French.")
+        self.chat(page, "Hello", "Bonjour")
+        self.assertEqual(self.chat_requests()[-1].json()["messages"][0], {"role": "system",
+                                                                            "content": "Answer in French."})
+        page.click("#new-chat")
+        self.assertEqual(page.input_value("#system"), "")
+        page.click("#conversations li:nth-child(1) .open")  # the new chat is listed once it has a message
+        self.assertEqual(page.input_value("#system"), "Answer in French.")
+
+    def test_a_429_says_when_to_try_again_and_a_lost_connection_can_be_retried(self):
+        self.upstream.script = json_script({"error": {"message": "Rate limit reached", "type": "requests"}},
+                                           status=429, headers={"Retry-After": "20"})
+        page = self.open_page()
+        self.send(page, "Too fast")
+        page.wait_for_selector(".message.assistant .error")
+        self.assertEqual(page.inner_text(".message.assistant .error"),
+                         "Error 429: Rate limit reached Try again in 20 s.")
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="cut"), ABORT])
+        page.click(".message.assistant .actions button:text('Retry')")
+        page.wait_for_selector(".message.assistant:last-of-type .error")  # the stream broke: an error, and Retry
+        self.assertEqual(page.inner_text(".message.assistant:last-of-type .body p:first-child"), "cut")
+        self.upstream.script = Script(steps=reply("whole"))
+        page.click(".message.assistant:last-of-type .actions button:text('Retry')")
+        self.wait_for_reply(page, "whole")
+
+    def test_escape_stops_a_reply(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), HANG])
+        page = self.open_page()
+        self.send(page, "Long")
+        self.wait_for_reply(page, "partial")
+        page.keyboard.press("Escape")
+        self.assertTrue(self.upstream.disconnected.wait(2))
+        page.wait_for_selector(".message.assistant .note")
+
+    def test_dark_mode_follows_the_system_and_the_toggle_and_both_read_well(self):
+        colours = {}
+        for scheme in ("light", "dark"):
+            context = self.browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme=scheme)
+            self.addCleanup(context.close)
+            page = context.new_page()
+            page.goto(f"http://127.0.0.1:{self.port}/")
+            page.wait_for_function("() => document.activeElement?.id === 'input'")
+            self.upstream.script = json_script({"error": {"message": "bad"}}, status=400)
+            self.send(page, "An error, for its colour")
+            page.wait_for_selector(".message.assistant .error")
+            self.chat(page, "Hello", "Hello world")
+            found = page.evaluate(CONTRAST_SCRIPT)
+            colours[scheme] = found["background"]
+            for part in ("text", "muted", "error", "button"):
+                self.assertGreaterEqual(found[part], 4.5, f"{scheme} {part}: WCAG AA needs 4.5:1")
+            page.screenshot(path=os.path.join(SCREENSHOTS, f"ui-{scheme}-desktop.png"))
+            page.set_viewport_size({"width": 360, "height": 740})
+            page.screenshot(path=os.path.join(SCREENSHOTS, f"ui-{scheme}-phone.png"))
+            if scheme == "light":
+                page.set_viewport_size({"width": 1280, "height": 800})
+                page.click("#theme")  # dark, by the toggle, kept across a reload
+                page.reload()
+                page.wait_for_function("() => document.activeElement?.id === 'input'")
+                self.assertEqual(page.evaluate("() => document.documentElement.dataset.theme"), "dark")
+                toggled = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        self.assertNotEqual(colours["light"], colours["dark"])
+        self.assertEqual(toggled, colours["dark"])
+
+    def test_a_phone_folds_the_list_and_keeps_the_input_reachable(self):
+        page = self.open_page(360, 740)
+        self.chat(page, "On a phone", "Small screen")
+        self.assertFalse(page.is_visible("#history"))
+        self.assertTrue(page.is_visible("#history-toggle"))
+        box = page.locator("#input").bounding_box()
+        self.assertLessEqual(box["y"] + box["height"], 740)
+        self.assertLessEqual(page.evaluate("() => document.documentElement.scrollWidth"), 360)
+        page.click("#history-toggle")
+        self.assertTrue(page.is_visible("#conversations .open"))
+        page.click("#conversations .open")
+        self.assertFalse(page.is_visible("#history"))
+
+    def test_every_control_has_a_label_and_ui_stays_small(self):
+        page = self.open_page()
+        self.chat(page, "Hi", "Hello")
+        unlabeled = page.evaluate("""() => [...document.querySelectorAll('button, input, select, textarea')]
+            .filter((node) => node.offsetParent !== null)
+            .filter((node) => !(node.labels?.length || node.getAttribute('aria-label') || node.textContent.trim()))
+            .map((node) => node.id || node.outerHTML.slice(0, 60))""")
+        self.assertEqual(unlabeled, [])
+        lines = sum(len(open(os.path.join(HERE, "ui", name), encoding="utf-8").readlines())
+                    for name in os.listdir(os.path.join(HERE, "ui")))
+        self.assertLess(lines, 1500)
+
+    def test_the_key_is_kept_for_the_session_only_and_can_be_forgotten(self):
+        page = self.open_page()
+        page.evaluate("() => { document.getElementById('key-field').hidden = false; }")
+        page.fill("#key", "a-key-for-this-session-only")
+        self.assertEqual(page.evaluate("() => sessionStorage.getItem('proxy-key')"), "a-key-for-this-session-only")
+        self.assertNotIn("a-key-for-this-session-only",
+                         page.evaluate("() => JSON.stringify(Object.entries(localStorage))"))
+        page.click("#forget-key")
+        self.assertEqual(page.evaluate("() => sessionStorage.getItem('proxy-key')"), None)
+        self.assertEqual(page.input_value("#key"), "")
+
+    def test_the_page_asks_nothing_of_any_other_origin(self):
+        origins = []
+        context = self.browser.new_context()
+        self.addCleanup(context.close)
+        page = context.new_page()
+        page.on("request", lambda request: origins.append(request.url.split("/")[2]))
+        page.goto(f"http://127.0.0.1:{self.port}/")
+        page.wait_for_function("() => document.activeElement?.id === 'input'")
+        self.chat(page, "Hi", "Hello")
+        self.assertEqual(set(origins), {f"127.0.0.1:{self.port}"})
+
+
 class BrowserDemoTest(BrowserTestCase):
     """The chat page in front of the real --demo upstream: what the README's quick start shows."""
 
