@@ -5835,6 +5835,23 @@ class BrowserProductTest(BrowserTestCase):
         page.click(".message.assistant:last-of-type .code .copy")
         self.assertEqual(page.evaluate("() => navigator.clipboard.readText()"), "print(1)")
 
+    def test_headings_and_tables_render_and_html_stays_text(self):
+        self.upstream.script = Script(steps=reply(
+            "## Plan\n\n| name | <b>value</b> |\n|---|---|\n| `a` | [x](javascript:alert(1)) |\n"
+            "| **b** | <img src=x onerror=alert(2)> |\n\n```js\nlet a = 1;\n```"))
+        page = self.open_page()
+        self.send(page, "Format")
+        self.wait_for_stats(page)
+        body = page.locator(".message.assistant .body")
+        self.assertEqual(body.locator("h4").inner_text(), "Plan")
+        self.assertEqual(body.locator("th").all_inner_texts(), ["name", "<b>value</b>"])
+        self.assertEqual(body.locator("td").all_inner_texts(), ["a", "[x](javascript:alert(1))", "b",
+                                                                "<img src=x onerror=alert(2)>"])
+        self.assertEqual(body.locator("td code").inner_text(), "a")
+        self.assertEqual(body.locator("img, a, script, b").count(), 0)
+        self.assertEqual(body.locator(".code > span").inner_text(), "js")  # the language label, shown
+        self.assertEqual(self.dialogs, [])
+
     def test_models_come_from_the_server_and_the_choice_is_remembered(self):
         self.upstream.script = openai_like  # GET /v1/models lists gpt-4o-mini and text-embedding-3-small
         page = self.open_page()
@@ -5904,7 +5921,7 @@ class BrowserProductTest(BrowserTestCase):
             colours[scheme] = found["background"]
             for part in ("text", "muted", "error", "button"):
                 self.assertGreaterEqual(found[part], 4.5, f"{scheme} {part}: WCAG AA needs 4.5:1")
-            page.screenshot(path=os.path.join(SCREENSHOTS, f"ui-{scheme}-desktop.png"))
+            page.screenshot(path=os.path.join(SCREENSHOTS, f"ui-{scheme}-desktop.png"))  # docs/ui-{scheme}.png
             page.set_viewport_size({"width": 360, "height": 740})
             page.screenshot(path=os.path.join(SCREENSHOTS, f"ui-{scheme}-phone.png"))
             if scheme == "light":

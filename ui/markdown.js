@@ -6,6 +6,9 @@ const FENCE_END = /^\s*```\s*$/;
 const LIST_ITEM = /^\s*([-*+]|\d+[.)])\s+/;
 const ORDERED = /^\s*\d+[.)]\s+/;
 const INLINE = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(\*[^*\s][^*\n]*\*|_[^_\s][^_\n]*_)|(\[[^\]\n]+\]\([^)\s]+\))/g;
+const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
+const TABLE_ROW = /^\s*\|.*\|\s*$/;
+const TABLE_RULE = /^\s*\|(\s*:?-{3,}:?\s*\|)+\s*$/;
 
 export function renderMarkdown(text) {
   const fragment = document.createDocumentFragment();
@@ -17,6 +20,16 @@ export function renderMarkdown(text) {
       for (i++; i < lines.length && !FENCE_END.test(lines[i]); i++) code.push(lines[i]);
       i++; // the closing fence, or the end of a reply still streaming
       fragment.append(codeBlock(code.join("\n"), fence[1]));
+    } else if (HEADING.test(lines[i])) {
+      const [, marks, title] = lines[i].match(HEADING);
+      const heading = document.createElement(`h${Math.min(6, marks.length + 2)}`); // below the page's own
+      appendInline(heading, title);
+      fragment.append(heading);
+      i++;
+    } else if (TABLE_ROW.test(lines[i]) && TABLE_RULE.test(lines[i + 1] || "")) {
+      const rows = [lines[i]];
+      for (i += 2; i < lines.length && TABLE_ROW.test(lines[i]); i++) rows.push(lines[i]);
+      fragment.append(table(rows));
     } else if (LIST_ITEM.test(lines[i])) {
       const ordered = ORDERED.test(lines[i]);
       const list = document.createElement(ordered ? "ol" : "ul");
@@ -31,7 +44,7 @@ export function renderMarkdown(text) {
     } else {
       const paragraph = document.createElement("p");
       for (let first = true; i < lines.length && lines[i].trim() && !FENCE.test(lines[i]) &&
-           !LIST_ITEM.test(lines[i]); i++, first = false) {
+           !LIST_ITEM.test(lines[i]) && !HEADING.test(lines[i]); i++, first = false) {
         if (!first) paragraph.append(document.createElement("br"));
         appendInline(paragraph, lines[i]);
       }
@@ -84,6 +97,24 @@ function link(token) {
   return anchor;
 }
 
+// A table: the first row its header; each cell's text inline-formatted, as a paragraph's.
+function table(rows) {
+  const node = document.createElement("table");
+  rows.forEach((row, index) => {
+    const line = document.createElement("tr");
+    for (const cell of row.trim().slice(1, -1).split("|")) {
+      const part = document.createElement(index === 0 ? "th" : "td");
+      appendInline(part, cell.trim());
+      line.append(part);
+    }
+    node.append(line);
+  });
+  const scroll = document.createElement("div");
+  scroll.className = "table";
+  scroll.append(node);
+  return scroll;
+}
+
 function codeBlock(code, language) {
   const block = document.createElement("div");
   block.className = "code";
@@ -105,5 +136,6 @@ function codeBlock(code, language) {
   if (language) body.dataset.language = language;
   pre.append(body);
   block.append(copy, pre);
+  if (language) block.prepend(element("span", language));
   return block;
 }
