@@ -205,6 +205,8 @@ class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
         with fake.lock:
             fake.requests.append(received)
         script = fake.script(received) if callable(fake.script) else fake.script
+        if fake.model_list is not None and self.command == "GET" and self.path.endswith("/models"):
+            script = json_script({"object": "list", "data": [{"id": name} for name in fake.model_list]})
         try:
             self.play(script)
         except (BrokenPipeError, ConnectionResetError):
@@ -278,6 +280,7 @@ class FakeUpstream:
 
     def __init__(self, tls_files=None):
         self.script = Script(steps=reply("Hello", " world"))
+        self.model_list = None  # set: GET .../models answers these ids, whatever the script
         self.requests = []
         self.heads = []  # the paths of requests whose head has arrived, body or not
         self.connections = []  # the proxy's port of each connection accepted
@@ -5500,6 +5503,11 @@ class BrowserTestCase(ProxyTestCase):
             cls.browser.close()
             cls.playwright.stop()
 
+    def setUp(self):
+        super().setUp()
+        # The page asks GET /v1/models once it loads: answered at once, whatever a test scripts for its chat.
+        self.upstream.model_list = []
+
     def open_page(self, width=1280, height=800):
         context = self.browser.new_context(viewport={"width": width, "height": height})
         self.addCleanup(context.close)
@@ -5853,6 +5861,7 @@ class BrowserProductTest(BrowserTestCase):
         self.assertEqual(self.dialogs, [])
 
     def test_models_come_from_the_server_and_the_choice_is_remembered(self):
+        self.upstream.model_list = None
         self.upstream.script = openai_like  # GET /v1/models lists gpt-4o-mini and text-embedding-3-small
         page = self.open_page()
         page.wait_for_selector("#model-choice:not([hidden])")
@@ -5955,8 +5964,10 @@ class BrowserProductTest(BrowserTestCase):
             .filter((node) => !(node.labels?.length || node.getAttribute('aria-label') || node.textContent.trim()))
             .map((node) => node.id || node.outerHTML.slice(0, 60))""")
         self.assertEqual(unlabeled, [])
-        lines = sum(len(open(os.path.join(HERE, "ui", name), encoding="utf-8").readlines())
-                    for name in os.listdir(os.path.join(HERE, "ui")))
+        lines = 0
+        for name in os.listdir(os.path.join(HERE, "ui")):
+            with open(os.path.join(HERE, "ui", name), encoding="utf-8") as source:
+                lines += len(source.readlines())
         self.assertLess(lines, 1500)
 
     def test_the_key_is_kept_for_the_session_only_and_can_be_forgotten(self):
