@@ -679,7 +679,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """The command line: one flag per setting, in groups, each naming its environment variable and default."""
     parser = argparse.ArgumentParser(
         prog="proxy.py", usage="python3 proxy.py [--demo] [options]",
-        description="A single-file streaming proxy for the OpenAI API.", epilog=None,
+        description="A single-file streaming proxy for the OpenAI API.",
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=80))
     parser.description += "\n\n" + HELP_EXAMPLES
     parser.add_argument("--version", action="version", version=f"proxy.py {__version__}")

@@ -4293,30 +4293,73 @@ class RealtimeTlsUpstreamTest(RealtimeTlsTestCase):
         self.assertEqual(peer.recv_close()[0], 1000)
 
 
-class ConnectProxy:
-    """A forward proxy that speaks CONNECT (as HTTPS_PROXY names one): it records each request head and
-    tunnels every one to `target`, whatever host it names."""
+class Tunnel:
+    """A loopback listener that joins each connection it accepts to `target`, bytes both ways; `front`
+    is what is done with an accepted socket first (a TLS handshake, a CONNECT head), returning the
+    socket to relay."""
 
     def __init__(self, test, target):
-        self.heads, self._target = [], target
+        self._target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         test.addCleanup(self.listener.close)
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
+    def front(self, sock):
+        return sock
+
     def _accept(self):
         for _ in range(100):
             try:
                 sock, _ = self.listener.accept()
-            except OSError:
+                front = self.front(sock)
+            except (OSError, ssl.SSLError):
                 return
-            rfile = sock.makefile("rb")
-            self.heads.append(read_head(rfile))
-            rfile.close()
             back = socket.create_connection(self._target)
-            sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            for source, target in ((sock, back), (back, sock)):
-                threading.Thread(target=TlsFront.pump, args=(source, target), daemon=True).start()
+            for source, target in ((front, back), (back, front)):
+                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def pump(source, target):
+        try:
+            for _ in range(1000000):
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except (OSError, ssl.SSLError):
+            pass
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)  # the end passed on; the other pump closes target
+        source.close()
+
+
+class ConnectProxy(Tunnel):
+    """A forward proxy that speaks CONNECT (as HTTPS_PROXY names one): it records each request head and
+    tunnels every one to `target`, whatever host it names."""
+
+    def __init__(self, test, target):
+        self.heads = []
+        super().__init__(test, target)
+
+    def front(self, sock):
+        rfile = sock.makefile("rb")
+        self.heads.append(read_head(rfile))
+        rfile.close()
+        sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        return sock
+
+
+class TlsFront(Tunnel):
+    """A TLS terminator in front of the proxy, as nginx or a load balancer is in production: the openai
+    npm package opens the Realtime API on wss:// only."""
+
+    def __init__(self, test, port, files):
+        self._context = tls_server_context(files)
+        super().__init__(test, ("127.0.0.1", port))
+
+    def front(self, sock):
+        return self._context.wrap_socket(sock, server_side=True)
 
 
 class RealtimeForwardProxyTest(RealtimeTlsTestCase):
@@ -4347,43 +4390,6 @@ class RealtimeForwardProxyTest(RealtimeTlsTestCase):
         path, headers = self.realtime.handshakes[0]
         self.assertEqual((path, headers["host"]), ("/v1/realtime?model=gpt-realtime", ["api.example.test"]))
         self.assertNotIn("proxy-authorization", headers)
-
-
-class TlsFront:
-    """A TLS terminator in front of the proxy, as nginx or a load balancer is in production: the openai
-    npm package opens the Realtime API on wss:// only."""
-
-    def __init__(self, test, port, files):
-        self._context, self._port = tls_server_context(files), port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        test.addCleanup(self.listener.close)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        for _ in range(100):
-            try:
-                sock, _ = self.listener.accept()
-                front = self._context.wrap_socket(sock, server_side=True)
-            except (OSError, ssl.SSLError):
-                return
-            back = socket.create_connection(("127.0.0.1", self._port))
-            for source, target in ((front, back), (back, front)):
-                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
-
-    @staticmethod
-    def pump(source, target):
-        try:
-            for _ in range(1000000):
-                data = source.recv(65536)
-                if not data:
-                    break
-                target.sendall(data)
-        except (OSError, ssl.SSLError):
-            pass
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)  # the end passed on; the other pump closes target
-        source.close()
 
 
 class FrameStreamTest(unittest.TestCase):

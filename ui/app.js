@@ -2,7 +2,7 @@
 // in this browser (history.js).
 
 import { SSEParser } from "./sse.js";
-import { renderMarkdown } from "./markdown.js";
+import { copyButton, renderMarkdown } from "./markdown.js";
 import { History } from "./history.js";
 
 const $ = (id) => document.getElementById(id);
@@ -351,25 +351,13 @@ function showConversation() {
     if (message.error) showError(view, message.error);
     if (message.meta) view.meta.textContent = message.meta;
     if (message.role === "user") view.actions.append(button("Edit", "quiet small", () => editMessage(index)));
-    if (message.role === "assistant" && message.content) view.actions.append(copyButton(message.content));
+    if (message.role === "assistant" && message.content) {
+      view.actions.append(copyButton(message.content, "Copy the reply", "quiet small"));
+    }
     if (message.role === "assistant" && index === current.messages.length - 1) {
       view.actions.append(button("Retry", "quiet small", retry));
     }
   });
-}
-
-function copyButton(text) {
-  const copy = button("Copy", "quiet small", async () => {
-    try {
-      await navigator.clipboard.writeText(text);
-      copy.textContent = "Copied";
-    } catch {
-      copy.textContent = "Copy failed";
-    }
-    setTimeout(() => { copy.textContent = "Copy"; }, 1500);
-  });
-  copy.setAttribute("aria-label", "Copy the reply");
-  return copy;
 }
 
 // The side list: each conversation, newest first, with rename and delete.

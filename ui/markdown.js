@@ -115,22 +115,28 @@ function table(rows) {
   return scroll;
 }
 
-function codeBlock(code, language) {
-  const block = document.createElement("div");
-  block.className = "code";
+// A button that puts text on the clipboard and says, for a moment, whether it did.
+export function copyButton(text, label, className) {
   const copy = element("button", "Copy");
   copy.type = "button";
-  copy.className = "copy";
-  copy.setAttribute("aria-label", "Copy code");
+  copy.className = className;
+  copy.setAttribute("aria-label", label);
   copy.addEventListener("click", async () => {
     try {
-      await navigator.clipboard.writeText(code);
+      await navigator.clipboard.writeText(text);
       copy.textContent = "Copied";
     } catch {
       copy.textContent = "Copy failed";
     }
     setTimeout(() => { copy.textContent = "Copy"; }, 1500);
   });
+  return copy;
+}
+
+function codeBlock(code, language) {
+  const block = document.createElement("div");
+  block.className = "code";
+  const copy = copyButton(code, "Copy code", "copy");
   const pre = document.createElement("pre");
   const body = element("code", code);
   if (language) body.dataset.language = language;
