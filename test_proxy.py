@@ -3317,8 +3317,10 @@ class PythonSdkTest(ProxyTestCase):
         client = openai.OpenAI(base_url=self.base_url, api_key="client-key", max_retries=2,
                                http_client=openai.DefaultHttpxClient(trust_env=False))
         self.addCleanup(client.close)
-        with self.assertLogs("proxy", "WARNING"), self.assertRaises(openai.InternalServerError) as caught:
-            client.models.list()
+        with self.assertLogs("proxy", "WARNING"):
+            with self.assertRaises(openai.InternalServerError) as caught:
+                client.models.list()
+            self.assertTrue(self.server.wait_idle(5))  # the warning comes with the access line, after the reply
         self.assertIn("must fix --api-key", str(caught.exception))
         self.assertEqual(len(self.upstream.requests), 1)  # x-should-retry: false, obeyed: no retries
 
