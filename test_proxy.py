@@ -187,6 +187,7 @@ class _FakeUpstreamServer(http.server.ThreadingHTTPServer):
 
 class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as OpenAI's servers: each event goes out when written
 
     def setup(self):
         super().setup()
@@ -2361,7 +2362,7 @@ class ConcurrencyTest(ProxyTestCase):
 class KeepAliveLoadTest(ProxyTestCase):
     config_overrides = {"heartbeat_interval": 0.2}
     CLIENTS = 8
-    SECONDS = 10.0
+    SECONDS = 3.0  # about a thousand requests, each connection handed between the loop and a worker each time
 
     def script(self, received):
         body = received.body.decode()
@@ -3506,18 +3507,22 @@ class WSPeer:
         self.sock.close()
 
     def ended_within(self, seconds):
-        """True when the other side closes the connection within the time (frames before are read away)."""
+        """True when the other side closes the connection within the time (frames before are read away);
+        then this side closes too, as a client does, so that the proxy's linger ends at once."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
                 self.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 if not self.rfile.read1(65536):
-                    return True
+                    break
             except socket.timeout:
                 return False
             except OSError:
-                return True
-        return False
+                break
+        else:
+            return False
+        self.close()
+        return True
 
 
 def ws_accept(key):
@@ -4560,6 +4565,7 @@ class TokenBudgetTest(ProxyTestCase):
         self.assertLessEqual(abs(int(response.getheader("Retry-After")) - (next_month - now).total_seconds()), 5)
         self.assertEqual(self.post_message(headers=bearer(BOB_KEY)).status, 200)
         self.assertEqual(len(self.upstream.requests), 3)
+        self.assertTrue(self.server.wait_idle(5))  # a refusal is counted once its handler ends
         self.assertRegex(self.request("GET", "/metrics").read().decode(),
                          r'proxy_budget_rejections_total\{period="month"\} 1')
 
