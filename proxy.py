@@ -85,6 +85,7 @@ import socketserver
 import ssl
 import string
 import sys
+import _thread
 import threading
 import time
 import urllib.parse
@@ -5393,7 +5394,10 @@ class WorkerPool:
     checks and refusals itself. So it only queues a job. A worker that
     finishes one waits for the next; when none is waiting, a spawner thread
     starts another, up to `maximum`; one idle for IDLE_TIMEOUT ends, down to
-    `minimum`.
+    `minimum`. The spawner starts workers with _thread, which does not wait
+    for each new thread to run as threading.Thread.start does: under a burst
+    that wait was up to a second a worker, so the spawner fell behind and
+    requests queued until a running stream ended (bench_proxy.py burst).
     """
 
     IDLE_TIMEOUT = 60.0  # seconds a worker waits for a job before it ends, if more than `minimum` are left
@@ -5412,7 +5416,7 @@ class WorkerPool:
         """Start the minimum of workers, before any request comes, and the spawner."""
         self._spare = self._total = self._minimum
         for _ in range(self._minimum):
-            threading.Thread(target=self._work, name="worker", daemon=True).start()
+            _thread.start_new_thread(self._work, ())
         self._spawner.start()
 
     def submit(self, job: Callable[[], None]) -> bool:
@@ -5453,7 +5457,7 @@ class WorkerPool:
                         break
                     self._spare += 1
                     self._total += 1
-                threading.Thread(target=self._work, name="worker", daemon=True).start()
+                _thread.start_new_thread(self._work, ())  # a daemon thread, started without waiting for it
 
     def _work(self) -> None:
         while True:
