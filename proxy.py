@@ -5396,7 +5396,7 @@ class WorkerPool:
     starts another, up to `maximum`; one idle for IDLE_TIMEOUT ends, down to
     `minimum`. The spawner starts workers with _thread, which does not wait
     for each new thread to run as threading.Thread.start does: under a burst
-    that wait was up to a second a worker, so the spawner fell behind and
+    that wait was up to 0.7 s a worker, so the spawner fell behind and
     requests queued until a running stream ended (bench_proxy.py burst).
     """
 
