@@ -187,7 +187,7 @@ class _FakeUpstreamServer(http.server.ThreadingHTTPServer):
 
 class _FakeUpstreamHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # as OpenAI's servers: each event goes out when written
+    disable_nagle_algorithm = True  # TCP_NODELAY, as servers set it (Go's net/http does by default)
 
     def setup(self):
         super().setup()
