@@ -6458,17 +6458,19 @@ def relay_session(handler: ProxyHandler, response: _HandshakeResponse, exchange:
     check_switch(response, handler.headers["Sec-WebSocket-Key"].strip(), forwarded_subprotocols(handler.headers))
     upstream_sock, from_upstream = response.connection.sock, response.rest()
     response.connection.sock = None  # the session's now, closed when it ends
-    exchange.begin(lambda: write_switch_head(handler, response), event_stream=False)
-    handler.rfile.raw.probing = True
-    from_client = handler.rfile.read1(CLIENT_READ_BUFFER) or b""  # frames sent right after the handshake
-    session = RealtimeSession(handler.connection, upstream_sock, exchange, server.config,
-                              lambda usage: server.limits.count_usage(client, usage))
-    server.metrics.inc("proxy_realtime_sessions")
+    session: Optional[RealtimeSession] = None
+    server.metrics.inc("proxy_realtime_sessions")  # before the 101: a client that has it is counted already
     try:
+        exchange.begin(lambda: write_switch_head(handler, response), event_stream=False)
+        handler.rfile.raw.probing = True
+        from_client = handler.rfile.read1(CLIENT_READ_BUFFER) or b""  # frames sent right after the handshake
+        session = RealtimeSession(handler.connection, upstream_sock, exchange, server.config,
+                                  lambda usage: server.limits.count_usage(client, usage))
         session.run(from_client, from_upstream)
     finally:
         server.metrics.inc("proxy_realtime_sessions", value=-1)
-        server.metrics.inc("proxy_realtime_sessions_total", (("outcome", session.outcome or "error"),))
+        if session is not None:
+            server.metrics.inc("proxy_realtime_sessions_total", (("outcome", session.outcome or "error"),))
     linger_close(handler.connection)
     return session
 
