@@ -3366,20 +3366,25 @@ const OpenAI = require('openai');
 """
 
 
+def start_demo_proxy(test, **config):
+    """A proxy in front of the --demo upstream, both stopped when the test ends; the proxy's port."""
+    demo = proxy.DemoUpstream(word_delay=0.001)
+    demo.start()
+    test.addCleanup(demo.close)
+    server = proxy.ProxyServer(make_config(base_url=demo.base_url, api_key="demo-key-not-secret", **config))
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    test.addCleanup(server.close)
+    test.addCleanup(server.shutdown)
+    return server.server_port
+
+
 class DemoSdkTest(unittest.TestCase):
     """openai-python against the proxy in --demo mode: the Responses API works with no key, as chat does."""
 
     def setUp(self):
         require(openai is not None, "the openai Python package")
-        demo = proxy.DemoUpstream(word_delay=0.001)
-        demo.start()
-        self.addCleanup(demo.close)
-        config = make_config(base_url=demo.base_url, api_key="demo-key-not-secret")  # as --demo sets them
-        server = proxy.ProxyServer(config)
-        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
-        self.addCleanup(server.close)
-        self.addCleanup(server.shutdown)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused",
+        port = start_demo_proxy(self)  # the base URL and key as --demo sets them
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                                     max_retries=0, http_client=openai.DefaultHttpxClient(trust_env=False))
         self.addCleanup(self.client.close)
 
@@ -4199,14 +4204,8 @@ class RealtimeDemoSdkTest(unittest.TestCase):
 
     def test_the_demo_answers_with_the_last_user_text(self):
         require(openai is not None and websockets is not None, "openai-python with its realtime extra")
-        demo = proxy.DemoUpstream(word_delay=0.001)
-        demo.start()
-        self.addCleanup(demo.close)
-        server = proxy.ProxyServer(make_config(base_url=demo.base_url, api_key="demo-key-not-secret", demo=True))
-        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
-        self.addCleanup(server.close)
-        self.addCleanup(server.shutdown)
-        reply, usage = python_realtime_round_trip(f"http://127.0.0.1:{server.server_port}/v1", "unused",
+        port = start_demo_proxy(self, demo=True)
+        reply, usage = python_realtime_round_trip(f"http://127.0.0.1:{port}/v1", "unused",
                                                   "offline through the relay")
         self.assertEqual(reply, "offline through the relay")
         self.assertEqual((usage.input_tokens, usage.output_tokens, usage.total_tokens), (4, 4, 8))
@@ -4214,7 +4213,7 @@ class RealtimeDemoSdkTest(unittest.TestCase):
             snippet = readme.read().split('The Realtime API over its WebSocket, in Python', 1)[1]
         snippet = re.search(r"```python\n(.*?)```", snippet, re.S).group(1)
         self.assertIn('base_url="http://localhost:8080/v1"', snippet)
-        snippet = snippet.replace("localhost:8080", f"127.0.0.1:{server.server_port}")
+        snippet = snippet.replace("localhost:8080", f"127.0.0.1:{port}")
         result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
         self.assertEqual((result.returncode, result.stdout), (0, "Hello over the Realtime API\n"), result.stderr)
 
@@ -4261,14 +4260,8 @@ class RealtimeNodeSdkTest(RealtimeTestCase):
         return json.loads(result.stdout)
 
     def test_against_the_demo(self):
-        demo = proxy.DemoUpstream(word_delay=0.001)
-        demo.start()
-        self.addCleanup(demo.close)
-        server = proxy.ProxyServer(make_config(base_url=demo.base_url, api_key="demo-key-not-secret", demo=True))
-        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
-        self.addCleanup(server.close)
-        self.addCleanup(server.shutdown)
-        output = self.run_node(server.server_port, "unused")
+        port = start_demo_proxy(self, demo=True)
+        output = self.run_node(port, "unused")
         self.assertEqual((output["text"], output["usage"]["total_tokens"]), ("from node", 4))
 
     def test_text_round_trip_through_openai_realtime_ws(self):
