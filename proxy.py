@@ -54,6 +54,7 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import bisect
 import collections
@@ -63,6 +64,7 @@ import datetime
 import email.utils
 import functools
 import hashlib
+import heapq
 import hmac
 import http.client
 import http.server
@@ -97,6 +99,11 @@ try:
     import resource  # Unix only: the open-file limit
 except ImportError:
     resource = None
+try:  # Unix only: how many bytes a socket holds, without reading them
+    import fcntl
+    import termios
+except ImportError:
+    fcntl = termios = None
 
 __version__ = "0.1.0"
 
@@ -118,11 +125,6 @@ MESSAGE_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "st
 # read1() returns what has arrived, up to this many bytes.
 UPSTREAM_READ_SIZE = 65536
 
-# Seconds a thread waiting for the GIL waits before it asks the holder to give it up (Python's default is
-# 0.005). Every waiting thread wakes up once an interval to ask, and with a thread per stream, a thousand
-# streams meant a thousand threads waking 200 times a second for nothing: the CPU per chunk doubled and
-# the streams fell behind. The proxy's threads give the GIL up at every socket call, long before 50 ms.
-GIL_SWITCH_INTERVAL = 0.05
 # An upstream error body is read up to this size, never more.
 UPSTREAM_ERROR_BODY_LIMIT = 65536
 # One SSE event may grow to this size before the upstream counts as broken.
@@ -254,6 +256,11 @@ class ShuttingDown(ProxyError):
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "server_shutting_down"
+
+
+def shutting_down() -> ShuttingDown:
+    """The error a stream the drain could not wait for ends with."""
+    return ShuttingDown("the proxy is shutting down and could not wait for this stream to finish")
 
 
 class ProtocolError(BadRequest):
@@ -2252,6 +2259,11 @@ class Limits:
         """Relayed requests running now."""
         return self._streams
 
+    @property
+    def shared(self) -> bool:
+        """True when settling a request is a round trip to Redis, which the relay loop must not wait on."""
+        return self._shared is not None
+
     def check(self, client: str) -> None:
         """At a request's head: count it against the client's limits, and refuse it at once if no slot is free.
 
@@ -2792,7 +2804,7 @@ class Metrics:
 
 
 # --------------------------------------------------------------------------
-# Exchanges and the stream supervisor
+# Exchanges
 # --------------------------------------------------------------------------
 
 class WakeableSelector:
@@ -2874,7 +2886,11 @@ def _shutdown_quietly(sock: socket.socket) -> None:
 
 
 class Exchange:
-    """One relayed request: the client's socket, the upstream's, and who may write when."""
+    """One relayed request: the client's socket, the upstream's, and how it is cancelled.
+
+    Its worker writes the head (and, for an answer it ends itself, the body);
+    once handed to the relay loop, only the loop touches it.
+    """
 
     CLIENT_LEFT = "client_left"
     SHUTDOWN = "shutdown"
@@ -2895,11 +2911,11 @@ class Exchange:
         self.cancelled = threading.Event()
         self.cancel_reason: Optional[str] = None
         self.streaming = False       # the response head is out; body bytes may follow
-        self.last_write = time.monotonic()
         self.frames = 0
         self.bytes_sent = 0          # body bytes, heartbeats included, framing not
         self.first_token_at: Optional[float] = None
-        self._write_lock = threading.Lock()
+        self.watched = False         # the relay loop was asked to watch its client during the request phase
+        self.handed_over = False     # the relay loop carries it now
         self._upstream_lock = threading.Lock()
         self._upstream_sock: Optional[socket.socket] = None
 
@@ -2917,12 +2933,17 @@ class Exchange:
             return self.cancel_reason is None
 
     def cancel(self, reason: str) -> None:
-        """Stop the exchange from another thread: the upstream socket is shut at once."""
+        """Stop the exchange from another thread: the upstream socket is shut at once.
+
+        The shutdown is made under the exchange's own lock, which no other
+        exchange shares: once detached, the socket may serve another request,
+        and must not be cut. shutdown() never waits.
+        """
         with self._upstream_lock:
             if self.cancel_reason is None:
                 self.cancel_reason = reason
             self.cancelled.set()
-            if self._upstream_sock is not None:  # under the lock: once detached, the socket may serve another
+            if self._upstream_sock is not None:
                 _shutdown_quietly(self._upstream_sock)
 
     def raise_if_cancelled(self) -> None:
@@ -2930,28 +2951,25 @@ class Exchange:
         if not self.cancelled.is_set():
             return
         if self.cancel_reason == self.SHUTDOWN:
-            raise ShuttingDown("the proxy is shutting down and could not wait for this stream to finish")
+            raise shutting_down()
         raise ClientLeft()
 
     def begin(self, write_head: Callable[[], str], event_stream: bool) -> None:
         """Write the response head; write_head returns the body's framing."""
-        with self._write_lock:
-            self.framing = write_head()
-            self.event_stream = event_stream and self.framing != SIZED  # a comment would break the length
-            self.streaming = True
-            self.last_write = time.monotonic()
+        self.framing = write_head()
+        self.event_stream = event_stream and self.framing != SIZED  # a comment would break the length
+        self.streaming = True
 
-    def send(self, data: bytes, count: int = 1, last: bool = False) -> None:
-        """Write body bytes as one chunk; raise ClientLeft if the client is gone or stuck.
+    def send(self, data: bytes, last: bool = False) -> None:
+        """On the worker: write body bytes as one chunk; raise ClientLeft if the client is gone or stuck.
 
         last: these bytes complete a sized body, so the client sees its end with them.
         """
         if last:
             self.before_end()
-        with self._write_lock:
-            self._write(encode_chunk(data) if self.framing == CHUNKED else data)
-            self.frames += count
-            self.bytes_sent += len(data)
+        self._write(encode_chunk(data) if self.framing == CHUNKED else data)
+        self.frames += 1
+        self.bytes_sent += len(data)
 
     def mark_first_token(self) -> None:
         """Note when the first model output went to the client (time to first token)."""
@@ -2965,25 +2983,11 @@ class Exchange:
         return self._error_payload(error)
 
     def end(self) -> None:
-        """Write the last chunk; no heartbeat can follow it."""
+        """On the worker: write the last chunk."""
         self.before_end()
-        with self._write_lock:
-            self.streaming = False
-            if self.framing == CHUNKED:
-                self._write(CHUNKED_END)
-
-    def send_heartbeat(self) -> None:
-        """Write a keep-alive comment if that cannot block; called by the supervisor."""
-        if not self._write_lock.acquire(blocking=False):
-            return  # the handler is writing right now, so the stream is not silent
-        try:
-            if self.streaming and self.event_stream and _is_ready(self.client_sock, writing=True):
-                self._write(encode_chunk(HEARTBEAT_FRAME) if self.framing == CHUNKED else HEARTBEAT_FRAME)
-                self.bytes_sent += len(HEARTBEAT_FRAME)
-        except ClientLeft:
-            pass
-        finally:
-            self._write_lock.release()
+        self.streaming = False
+        if self.framing == CHUNKED:
+            self._write(CHUNKED_END)
 
     def _write(self, data: bytes) -> None:
         try:
@@ -2992,7 +2996,6 @@ class Exchange:
             self.streaming = False
             self.cancel(self.CLIENT_LEFT)
             raise ClientLeft() from None
-        self.last_write = time.monotonic()
 
 
 def _is_ready(sock: socket.socket, writing: bool = False, within: float = 0.0) -> bool:
@@ -3009,116 +3012,23 @@ def _is_ready(sock: socket.socket, writing: bool = False, within: float = 0.0) -
 
 
 def _is_client_gone(sock: socket.socket) -> Optional[bool]:
-    """Peek at a readable client socket: True if the client left, False if it sent bytes."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError, socket.timeout):
+    """Look at a client socket without reading it, never waiting: True if the client left, False if it
+    sent bytes, None if it is not readable (after all).
+
+    Not recv(MSG_PEEK): on a socket with a timeout, Python waits for it to be
+    readable first, and the bytes may have been read meanwhile by the thread
+    the socket has moved on to: the relay loop would wait CLIENT_TIMEOUT.
+    """
+    if not _is_ready(sock):
         return None
-    except OSError:
+    if fcntl is None:
+        return None  # no way to tell without a read; the relay will see it when it writes
+    try:
+        waiting = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+    except (OSError, ValueError):
         return True
-
-
-class StreamSupervisor:
-    """One thread for all streams: notices clients that leave and keeps silent streams alive."""
-
-    def __init__(self, heartbeat_interval: float):
-        self._interval = heartbeat_interval
-        self._selector = WakeableSelector()
-        self._lock = threading.Lock()
-        self._exchanges: set = set()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="stream-supervisor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """End the supervisor thread."""
-        with self._lock:
-            self._stopping = True
-        self._selector.wake()
-        self._thread.join(timeout=5)
-        self._selector.close()
-
-    @contextlib.contextmanager
-    def tracking(self, exchange: Exchange) -> Iterator[Exchange]:
-        """Keep the exchange alive with heartbeats, and cancellable, for its whole life."""
-        with self._lock:  # no wake: the supervisor wakes within an interval, idle or not, which is soon enough
-            self._exchanges.add(exchange)
-        try:
-            yield exchange
-        finally:
-            with self._lock:  # from now on, the supervisor does not touch its socket
-                self._exchanges.discard(exchange)
-            self._selector.unregister(exchange.client_sock)  # a system call: never under the shared lock
-
-    def watch_client(self, exchange: Exchange) -> None:
-        """Cancel the exchange when its client leaves; call once the request body is read, on the thread
-        that tracks it (so it is tracked still)."""
-        self._selector.register(exchange.client_sock, exchange)
-
-    def cancel_all(self, reason: str) -> int:
-        """Cancel every open exchange; return how many there were."""
-        with self._lock:
-            exchanges = list(self._exchanges)
-        for exchange in exchanges:
-            exchange.cancel(reason)
-        return len(exchanges)
-
-    def _run(self) -> None:
-        # The streams are looked through only when a heartbeat may be due, never for a client that
-        # leaves: with a thousand streams, a scan for each departure cost more than the departures.
-        next_scan = time.monotonic()
-        while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                if time.monotonic() >= next_scan:
-                    self._send_due_heartbeats()
-                    next_scan = time.monotonic() + self._next_heartbeat_in()
-            ready = self._selector.select(max(0.0, next_scan - time.monotonic()))
-            with self._lock:
-                if self._stopping:
-                    return
-                for exchange in ready:
-                    # A stream may have ended, and its socket moved on to the
-                    # next request, while select() returned: not ours to touch.
-                    if exchange in self._exchanges:
-                        self._check_client(exchange)
-
-    def _check_client(self, exchange: Exchange) -> None:
-        # Never blocks, though the lock is held: the socket is readable and,
-        # while its exchange is tracked, no other thread reads it.
-        gone = _is_client_gone(exchange.client_sock)
-        if gone is None:
-            return
-        # Either way stop watching: a hung-up socket stays readable, and bytes
-        # from a pipelining client are the handler's to read after this stream.
-        self._selector.unregister(exchange.client_sock)
-        if gone:
-            exchange.cancel(Exchange.CLIENT_LEFT)
-
-    def _next_heartbeat_in(self) -> float:
-        """Seconds to the next heartbeat due, and never more than one interval.
-
-        Idle, it still wakes once an interval: a stream that starts owes no
-        heartbeat for an interval after its head goes out, so it need not
-        wake this thread (a turn per request, when requests come one by one).
-        """
-        if not self._exchanges:
-            return self._interval
-        now = time.monotonic()
-        # An exchange whose head is not out yet owes no heartbeat for a full
-        # interval after it goes out, so waking one interval from now is early enough.
-        due = min(exchange.last_write if exchange.streaming and exchange.event_stream else now
-                  for exchange in self._exchanges)
-        return max(0.0, due + self._interval - now)
-
-    def _send_due_heartbeats(self) -> None:
-        now = time.monotonic()
-        for exchange in self._exchanges:
-            if exchange.streaming and exchange.event_stream and now - exchange.last_write >= self._interval:
-                exchange.send_heartbeat()
+    return waiting[0] == 0  # readable with nothing to read: the end of the connection
 
 
 # --------------------------------------------------------------------------
@@ -3193,6 +3103,21 @@ def read_fields(fp, max_lines: int) -> Fields:
     raise http.client.HTTPException(f"the upstream sent over {max_lines} header lines")
 
 
+class _SocketReader(io.RawIOBase):
+    """A socket as a raw stream, whose reads return nothing rather than wait once `probing` is set."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self._sock = sock
+        self.probing = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> Optional[int]:
+        return None if self.probing else self._sock.recv_into(buffer)
+
+
 class _UpstreamResponse(http.client.HTTPResponse):
     """http.client's response, but every interim 1xx is skipped, not only 100 (RFC 9110, 15.2).
 
@@ -3204,11 +3129,27 @@ class _UpstreamResponse(http.client.HTTPResponse):
     SWITCH_ASKED = False  # 101 is the answer (a WebSocket handshake), not an interim response
     MAX_LINES = 100    # header lines of one, as http.client bounds a final head
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, sock: socket.socket, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # Read through a buffer whose read-ahead rest() can take, for the relay loop reads the socket. The
+        # makefile() stream stays open until the response closes: while it is, closing the connection
+        # (http.client does at once for a response that ends with the connection) leaves the socket open.
+        self._holder = self.fp
+        self._reader = _SocketReader(sock)
+        self.fp = io.BufferedReader(self._reader, UPSTREAM_READ_SIZE)
+        self.upstream_sock = sock
         self.connection: Optional[http.client.HTTPConnection] = None  # set once the head is read
         self.reused = False   # it came on a kept-alive connection
         self.spoiled = False  # its stream reported an error: its connection is not kept
+
+    def _close_conn(self):
+        super()._close_conn()
+        self._holder.close()
+
+    def rest(self) -> bytes:
+        """What arrived after the head (or what was read of the body), without waiting for more."""
+        self._reader.probing = True
+        return self.fp.read1(UPSTREAM_READ_SIZE) or b""
 
     def begin(self):
         """http.client's begin (status, fields, framing), with the fields read by read_fields."""
@@ -3807,20 +3748,6 @@ class Upstreams:
 # Relay
 # --------------------------------------------------------------------------
 
-def read_upstream(response: http.client.HTTPResponse, exchange: Exchange, config: Config) -> bytes:
-    """Whatever has arrived from the upstream (b"" at its end), waiting at most the idle timeout."""
-    try:
-        chunk = response.read1(UPSTREAM_READ_SIZE)
-    except socket.timeout:
-        exchange.raise_if_cancelled()
-        raise UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s") from None
-    except (http.client.HTTPException, OSError, ValueError):
-        exchange.raise_if_cancelled()
-        raise UpstreamBadResponse("the upstream connection broke in the middle of the stream") from None
-    exchange.raise_if_cancelled()
-    return chunk
-
-
 class ChatToMessages:
     """Turns chat completion chunks into the seed's frames and remembers how the reply ended."""
 
@@ -3875,38 +3802,46 @@ class ChatToMessages:
         return UpstreamBadResponse(message, type=error_type, detail=detail)
 
 
-def relay_chat_as_messages(response: http.client.HTTPResponse, exchange: Exchange,
-                           config: Config) -> Optional[Usage]:
-    """Relay an upstream chat completion stream as event:message frames, done frame included; return its
-    usage. The caller ends the response."""
-    decoder = SSEDecoder()
-    translator = ChatToMessages(secrets_of(config))
-    while not translator.done:
-        chunk = read_upstream(response, exchange, config)
-        events = decoder.feed(chunk) if chunk else decoder.finish()
-        frames = []
+class MessageFrames:
+    """/message's body: the upstream's chat completion stream as the seed's event:message frames, then
+    its done frame."""
+
+    def __init__(self, secrets: Tuple[str, ...]):
+        self._decoder = SSEDecoder()
+        self._translator = ChatToMessages(secrets)
+
+    @property
+    def done(self) -> bool:
+        """True once [DONE] came: what follows it is not read for the client."""
+        return self._translator.done
+
+    def feed(self, chunk: bytes, out: List[bytes]) -> bool:
+        """Add the frames these upstream bytes complete to out; True when one carried the first output.
+        An upstream error event raises, the frames before it in out."""
+        return self._frames(self._decoder.feed(chunk), out)
+
+    def finish(self, out: List[bytes]) -> None:
+        """At [DONE] or the end of the upstream's body: the done frame, or the error of a cut reply."""
+        translator = self._translator
+        if not translator.done:
+            self._frames(self._decoder.finish(), out)
+        if not translator.done and translator.finish_reason is None:
+            raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
+        out.append(done_frame(translator.finish_reason or "stop", translator.usage))
+
+    def usage(self) -> Optional[Usage]:
+        return parse_usage(self._translator.usage)
+
+    def _frames(self, events: List[SSEEvent], out: List[bytes]) -> bool:
+        translator = self._translator
         saw_output = translator.saw_output
-        try:
-            for event in events:
-                frame = translator.frame_for(event)
-                if frame:
-                    frames.append(frame)
-                if translator.done:
-                    break
-        except ProxyError:  # the upstream reported an error: its connection is not kept
-            response.spoiled = True
-            raise
-        finally:  # frames before a failing event still reach the client, before its error frame
-            if frames:
-                exchange.send(b"".join(frames), count=len(frames))
-            if translator.saw_output and not saw_output:
-                exchange.mark_first_token()
-        if not chunk:
-            break
-    if not translator.done and translator.finish_reason is None:
-        raise UpstreamBadResponse("the upstream ended the stream before the reply was finished")
-    exchange.send(done_frame(translator.finish_reason or "stop", translator.usage))
-    return parse_usage(translator.usage)
+        for event in events:
+            frame = translator.frame_for(event)
+            if frame:
+                out.append(frame)
+            if translator.done:
+                break
+        return translator.saw_output and not saw_output
 
 
 class EventSplitter:
@@ -4048,6 +3983,13 @@ class StreamObserver:
         self._take_usage(payload)
         return first_output
 
+    @classmethod
+    def usage_of(cls, body: bytes) -> Optional[Usage]:
+        """The usage a whole body that is not an event stream reports."""
+        observer = cls()
+        observer.see_bytes(body)
+        return observer.finish()
+
     def see_bytes(self, chunk: bytes) -> None:
         """Look at the next bytes of a body that is not an event stream."""
         self._tail = (self._tail + chunk[-self.TAIL:])[-self.TAIL:]
@@ -4164,34 +4106,39 @@ def masked_error_body(response: http.client.HTTPResponse, config: Config) -> Opt
     return mask_upstream_body(raw, secrets_of(config))
 
 
-def relay_passthrough(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
-                      observer: StreamObserver, strip_usage: bool = False) -> None:
-    """Relay the upstream's body as it arrives, bytes untouched; event streams event by event. The caller
-    ends the response.
+class PassthroughBody:
+    """A /v1 body as the client gets it: bytes untouched, an event stream event by event, with what is
+    not model output masked and, when the proxy asked for usage on the client's behalf, its usage-only
+    chunk dropped (strip_usage)."""
 
-    strip_usage drops the usage-only chunk the proxy asked for on the client's behalf.
-    """
-    splitter = EventSplitter() if exchange.event_stream else None
-    secrets = secrets_of(config)
-    while True:
-        chunk = read_upstream(response, exchange, config)
-        if not chunk:
-            break
-        first_output = False
-        if splitter is None:
-            observer.see_bytes(chunk)
-        else:
-            chunk, first_output = _events_to_relay(splitter.feed(chunk), response, observer, strip_usage, secrets)
-        if chunk:
-            exchange.send(chunk, last=exchange.framing == SIZED and response.length == 0)
-        if first_output:
-            exchange.mark_first_token()
-    rest = splitter.rest() if splitter is not None else b""
-    if rest:  # the upstream ended cleanly after bytes that end no event: relay them, masked
-        exchange.send(mask_event(rest, secrets))
-    if response.length:  # http.client's read1() returns b"" at EOF even when bytes are missing
-        raise UpstreamBadResponse(f"the upstream closed the connection {response.length} bytes "
-                                  "before the end of its body")
+    done = False  # read to the end of the upstream's body
+
+    def __init__(self, response: http.client.HTTPResponse, event_stream: bool, strip_usage: bool,
+                 secrets: Tuple[str, ...]):
+        self._response, self._strip_usage, self._secrets = response, strip_usage, secrets
+        self._splitter = EventSplitter() if event_stream else None
+        self._observer = StreamObserver()
+
+    def feed(self, chunk: bytes, out: List[bytes]) -> bool:
+        """Add what the client gets of these upstream bytes to out (one piece); True at the first output."""
+        if self._splitter is None:
+            self._observer.see_bytes(chunk)
+            out.append(chunk)
+            return False
+        data, first_output = _events_to_relay(self._splitter.feed(chunk), self._response, self._observer,
+                                              self._strip_usage, self._secrets)
+        if data:
+            out.append(data)
+        return first_output
+
+    def finish(self, out: List[bytes]) -> None:
+        """At the end of the upstream's body: bytes that end no event are relayed, masked."""
+        rest = self._splitter.rest() if self._splitter is not None else b""
+        if rest:
+            out.append(mask_event(rest, self._secrets))
+
+    def usage(self) -> Optional[Usage]:
+        return self._observer.finish()
 
 
 def _events_to_relay(events: List[bytes], response: http.client.HTTPResponse, observer: StreamObserver,
@@ -4731,37 +4678,10 @@ class RealtimeSession:
             raise WebSocketError(CLOSE_GOING_AWAY, "the upstream stopped reading", "upstream_gone") from None
 
 
-class _SocketReader(io.RawIOBase):
-    """A socket as a raw stream, whose reads return nothing rather than wait once `probing` is set."""
-
-    def __init__(self, sock: socket.socket):
-        super().__init__()
-        self._sock = sock
-        self.probing = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> Optional[int]:
-        return None if self.probing else self._sock.recv_into(buffer)
-
-
 class _HandshakeResponse(_UpstreamResponse):
-    """The upstream's answer to a WebSocket handshake, where 101 is what was asked for. Its head is read
-    through a buffer that `rest()` empties: the first frames may have come with it."""
+    """The upstream's answer to a WebSocket handshake, where 101 is what was asked for."""
 
     SWITCH_ASKED = True
-
-    def __init__(self, sock: socket.socket, *args, **kwargs):
-        super().__init__(sock, *args, **kwargs)
-        self.fp.close()
-        self._reader = _SocketReader(sock)
-        self.fp = io.BufferedReader(self._reader, SESSION_READ_SIZE)
-
-    def rest(self) -> bytes:
-        """What arrived after the head, without waiting for more."""
-        self._reader.probing = True
-        return self.fp.read1(SESSION_READ_SIZE) or b""
 
 
 def handshake_headers(handler: "ProxyHandler", connector: UpstreamConnector, upstream: Upstream) -> Dict[str, str]:
@@ -4838,6 +4758,724 @@ def linger_close(sock: socket.socket) -> None:
                 return
     except OSError:
         pass
+
+
+# --------------------------------------------------------------------------
+# The relay loop: every response once its head is out
+# --------------------------------------------------------------------------
+
+RELAY_BUFFER_LIMIT = 256 * 1024  # bytes held for a client that reads slowly; past them its upstream is not read
+_CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
+
+
+class UpstreamBody:
+    """An upstream response body with its framing undone as its bytes arrive (RFC 9112, 6 and 7.1):
+    chunked, sized by Content-Length, or ended by the close of the connection (length None)."""
+
+    MAX_LINE = 4096  # bytes of a chunk-size or trailer line
+
+    def __init__(self, chunked: bool, length: Optional[int]):
+        self._chunked = chunked
+        self._left = length           # sized: bytes still to come; chunked: of the chunk being read
+        self._state = "size"          # chunked: "size", "data", "crlf" (after the data) or "trailer"
+        self._held = b""              # a chunked line not yet whole
+        self.ended = not chunked and length == 0
+        self.extra = False            # bytes came after the end: the connection cannot carry another request
+
+    def feed(self, data: bytes) -> bytes:
+        """The body bytes in data; UpstreamBadResponse for a malformed chunked framing."""
+        if self.ended:
+            self.extra = self.extra or bool(data)
+            return b""
+        if self._chunked:
+            return self._dechunk(self._held + data if self._held else data)
+        if self._left is None:
+            return data
+        piece = data[:self._left]
+        self._left -= len(piece)
+        if not self._left:
+            self.ended, self.extra = True, len(data) > len(piece)
+        return piece
+
+    def end_of_connection(self) -> None:
+        """The upstream closed: fine only where the body was complete or is ended by the close."""
+        if self.ended or (not self._chunked and self._left is None):
+            self.ended = True
+            return
+        if self._chunked:
+            raise UpstreamBadResponse("the upstream connection broke in the middle of the stream")
+        raise UpstreamBadResponse(f"the upstream closed the connection {self._left} bytes before the end "
+                                  "of its body")
+
+    def _dechunk(self, data: bytes) -> bytes:
+        pieces, position, size = [], 0, len(data)
+        while position < size and not self.ended:
+            if self._state == "data":
+                take = min(self._left, size - position)
+                pieces.append(data[position:position + take])
+                position += take
+                self._left -= take
+                if not self._left:
+                    self._state = "crlf"
+                continue
+            end = data.find(b"\n", position)
+            if end < 0:
+                if size - position > self.MAX_LINE:
+                    raise UpstreamBadResponse("the upstream sent a chunked body with a line too long")
+                break
+            line = data[position:end].rstrip(b"\r")
+            position = end + 1
+            self._line(line)
+        self._held = data[position:] if not self.ended else b""
+        self.extra = self.ended and position < size
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _line(self, line: bytes) -> None:
+        if self._state == "crlf":
+            if line:
+                raise UpstreamBadResponse("the upstream sent a chunk longer than its size")
+            self._state = "size"
+        elif self._state == "size":
+            size = line.partition(b";")[0].strip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size):
+                raise UpstreamBadResponse("the upstream sent a malformed chunk size")
+            self._left = int(size, 16)
+            self._state = "data" if self._left else "trailer"
+        elif not line:  # the blank line after the trailer fields
+            self.ended = True
+
+
+class RelayLoop:
+    """The one thread that carries every response once its head is written.
+
+    Workers read a request, take its limits, open the upstream and write the
+    response head; then they hand the exchange to this thread and are free
+    for the next request. This thread waits on every relayed socket at once
+    (selectors: epoll on Linux), reads what arrived, writes what the client
+    takes without blocking, and keeps the timers (heartbeats, IDLE_TIMEOUT,
+    CLIENT_TIMEOUT) in one heap. While a request is still on its worker,
+    it watches the client, so that a client leaving during the upstream's
+    silence cuts the upstream at once. Its selector is touched by this
+    thread only: other threads ask through call_soon. Nothing here waits:
+    the one thing that may (a Redis round trip when settling a request) runs
+    on a helper thread and comes back through call_soon.
+    """
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()  # guards _calls' wake flag and _exchanges; no system call under it
+        self._calls: collections.deque = collections.deque()
+        self._woken = False
+        self._exchanges: set = set()   # every exchange tracked, on a worker or here: what a drain cancels
+        self._relays: set = set()      # the relays running here (this thread's)
+        self._timers: list = []        # a heap of (when, sequence, relay)
+        self._sequence = 0
+        self._stopping = False
+        self._helper_jobs: "Optional[queue.SimpleQueue[Callable[[], None]]]" = None
+        self._thread = threading.Thread(target=self._run, name="relay-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the loop; a relay still running has its sockets closed."""
+        self.call_soon(self._stop)
+        self._thread.join(timeout=5)
+
+    # ---- from any thread
+
+    def call_soon(self, function: Callable, *args) -> None:
+        """Run function(*args) on the loop's thread, in the order asked; never waits."""
+        with self._lock:
+            self._calls.append((function, args))
+            wake, self._woken = not self._woken, True
+        if wake:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass  # the pipe is full: the loop is awake already
+
+    @contextlib.contextmanager
+    def tracking(self, exchange: Exchange) -> Iterator[Exchange]:
+        """Count an exchange as running (a drain cancels it) for as long as its worker has it, then for as
+        long as the loop carries it, if it is handed over."""
+        with self._lock:
+            self._exchanges.add(exchange)
+        try:
+            yield exchange
+        finally:
+            if not exchange.handed_over:
+                with self._lock:
+                    self._exchanges.discard(exchange)
+                if exchange.watched:
+                    self.call_soon(self._unwatch, exchange)
+
+    def watch(self, exchange: Exchange) -> None:
+        """Cancel the exchange if its client leaves while its worker waits on the upstream; call once the
+        request body is read: from then, a readable client socket means one that left (or pipelines)."""
+        exchange.watched = True
+        self.call_soon(self._watch, exchange)
+
+    def adopt(self, relay: "StreamRelay") -> None:
+        """Carry a response from now on; its worker must not touch the exchange again."""
+        relay.exchange.handed_over = True
+        self.call_soon(self._start, relay)
+
+    def off_loop(self, job: Callable[[], None]) -> None:
+        """Run a job that may wait (a Redis round trip) on the helper thread, in the order asked."""
+        if self._helper_jobs is None:
+            self._helper_jobs = queue.SimpleQueue()
+            _thread.start_new_thread(self._help, (self._helper_jobs,))
+        self._helper_jobs.put(job)
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every exchange, on a worker or here; return how many there were."""
+        with self._lock:
+            exchanges = list(self._exchanges)
+        for exchange in exchanges:
+            exchange.cancel(reason)
+        self.call_soon(self._end_cancelled)
+        return len(exchanges)
+
+    @property
+    def running(self) -> int:
+        """Responses the loop carries now."""
+        return len(self._relays)
+
+    # ---- on the loop's thread
+
+    def schedule(self, relay: "StreamRelay", when: float) -> None:
+        """Have relay.on_timer called at `when`, unless it is to be called earlier already."""
+        if when < relay.next_check:
+            relay.next_check = when
+            self._sequence += 1
+            heapq.heappush(self._timers, (when, self._sequence, relay))
+
+    def register(self, sock: socket.socket, events: int, callback: Callable[[int], None]) -> None:
+        """Watch a socket for events (0: stop watching it), callback(mask) when they come."""
+        key = self._key_of(sock)
+        if events == 0:
+            if key is not None:
+                self._unregister(sock)
+        elif key is None:
+            self._selector.register(sock, events, callback)
+        elif key.events != events or key.data is not callback:
+            self._selector.modify(sock, events, callback)
+
+    def forget(self, relay: "StreamRelay") -> None:
+        """A relay ended: it is no longer running nor tracked."""
+        self._relays.discard(relay)
+        with self._lock:
+            self._exchanges.discard(relay.exchange)
+
+    def _key_of(self, sock: socket.socket) -> Optional[selectors.SelectorKey]:
+        """The socket's registration, if any (found also once the socket is closed)."""
+        try:
+            return self._selector.get_map().get(sock)
+        except ValueError:  # closed, and not registered
+            return None
+
+    def _unregister(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _watch(self, exchange: Exchange) -> None:
+        if exchange.handed_over:  # the relay watches it from now on
+            return
+        try:
+            self._selector.register(exchange.client_sock, selectors.EVENT_READ,
+                                    functools.partial(self._client_readable, exchange))
+        except (KeyError, ValueError, OSError):
+            pass  # closed already: the request has ended
+
+    def _unwatch(self, exchange: Exchange) -> None:
+        key = self._key_of(exchange.client_sock)
+        if key is not None and isinstance(key.data, functools.partial) and key.data.args == (exchange,):
+            self._unregister(exchange.client_sock)
+
+    def _client_readable(self, exchange: Exchange, mask: int) -> None:
+        """A watched client sent bytes or left; peeked, never read: bytes are its worker's, or the next request's."""
+        gone = _is_client_gone(exchange.client_sock)
+        if gone is None:
+            return
+        self._unwatch(exchange)  # a hung-up socket stays readable; bytes from a pipelining client stay for later
+        if gone:
+            exchange.cancel(Exchange.CLIENT_LEFT)
+
+    def _start(self, relay: "StreamRelay") -> None:
+        self._unwatch(relay.exchange)
+        self._relays.add(relay)
+        relay.start()
+
+    def _end_cancelled(self) -> None:
+        for relay in list(self._relays):
+            if relay.exchange.cancelled.is_set():
+                self._guarded(relay, relay.cancelled)
+
+    def _stop(self) -> None:
+        self._stopping = True
+
+    def _help(self, jobs: "queue.SimpleQueue[Callable[[], None]]") -> None:
+        while True:
+            job = jobs.get()
+            try:
+                job()
+            except Exception:  # one failed job never stops the others
+                logger.exception("internal error in work handed off by the relay loop")
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, mask in self._selector.select(self._timeout()):
+                if key.data is None:
+                    _discard_pending(self._wake_r)
+                    with self._lock:
+                        self._woken = False
+                else:
+                    self._guarded(getattr(key.data, "__self__", None), key.data, mask)
+            self._run_calls()
+            self._run_timers()
+        for relay in list(self._relays):
+            relay.abort()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _timeout(self) -> Optional[float]:
+        if self._calls:
+            return 0
+        return max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
+
+    def _run_calls(self) -> None:
+        for _ in range(len(self._calls)):  # those asked for meanwhile wait for the next turn
+            function, args = self._calls.popleft()
+            self._guarded(getattr(function, "__self__", None), function, *args)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            when, _, relay = heapq.heappop(self._timers)
+            if relay.ended or when != relay.next_check:
+                continue  # superseded by an earlier check, or ended
+            relay.next_check = math.inf
+            self._guarded(relay, relay.on_timer, now)
+
+    def _guarded(self, owner, function: Callable, *args) -> None:
+        """Run one step; a bug in one relay ends that relay, never the loop."""
+        try:
+            function(*args)
+        except Exception:
+            logger.exception("internal error in the relay loop")
+            if isinstance(owner, StreamRelay) and not owner.ended:
+                owner.abort()
+
+
+class StreamRelay:
+    """One response in the relay loop, from the end of its head to its end.
+
+    The upstream's body is read as it arrives, its framing undone
+    (UpstreamBody), turned into what the client gets (the route's body:
+    MessageFrames or PassthroughBody) and written at once, the pieces one
+    read completes in one write. What the client does not take at once waits
+    in a buffer; past RELAY_BUFFER_LIMIT the upstream is no longer read, and
+    a client that takes nothing for CLIENT_TIMEOUT is dropped. It ends as
+    the threaded relay did: the upstream connection back to its pool after a
+    clean end, the request settled before the client can see the end, then
+    the end (or an error event, or a cut body where none can be told), and
+    `on_end` once the client has it all.
+    """
+
+    def __init__(self, loop: RelayLoop, config: Config, exchange: Exchange, response: http.client.HTTPResponse, body,
+                 settle: Callable[[Optional[Usage]], None], settle_waits: bool,
+                 note_failure: Callable[[ProxyError], None], on_end: Callable[["StreamRelay"], None],
+                 leftover: bytes):
+        self.loop, self.exchange, self.response, self.body = loop, exchange, response, body
+        self.client, self.upstream = exchange.client_sock, response.upstream_sock
+        self._settle, self._settle_waits, self._note_failure, self._on_end = settle, settle_waits, note_failure, on_end
+        self._framing = UpstreamBody(response.chunked, response.length)
+        self._config = config
+        self.out = bytearray()          # written to the client when it can take it
+        self.leftover = bytearray(leftover)  # what the client sent of its next request meanwhile
+        self.next_check = math.inf      # when on_timer is due (the loop's heap)
+        self.ended = False
+        self.client_left = False
+        self.clean = False              # the response ended as its framing says: the connection can go on
+        self._closing = False           # the end is under way: nothing more is read
+        self._settling = self._settled_now = False  # the request's settling has begun; has ended
+        self._draining_until: Optional[float] = None  # after [DONE], until the upstream's body ends
+        self._reading = False
+        self._upstream_released = False  # its connection is back in its pool, or closed
+        self._client_events = 0
+        self._last_read = self._last_write = time.monotonic()
+        self._stalled_since: Optional[float] = None  # since when the client has taken nothing of `out`
+
+    # ---- start, events and timers
+
+    def start(self) -> None:
+        self.client.setblocking(False)
+        self.upstream.setblocking(False)
+        self._watch_client(selectors.EVENT_READ)
+        self._read_upstream(True)
+        first = self.response.rest()  # what came with the head
+        if first:
+            self._from_upstream(first)
+        if not self.ended and not self._closing:
+            self._drain_tls()
+        if self._framing.ended and not self._closing and not self.ended:
+            self._from_upstream(b"")  # a body of no bytes: it ends now
+        self._schedule()
+
+    def on_upstream(self, mask: int) -> None:
+        if self.ended or not self._reading:
+            return
+        data = self._recv_upstream(UPSTREAM_READ_SIZE)
+        if data is not None:
+            self._from_upstream(data)
+            self._drain_tls()
+
+    def on_client(self, mask: int) -> None:
+        if self.ended:
+            return
+        if mask & selectors.EVENT_READ:
+            self._client_readable()
+        if mask & selectors.EVENT_WRITE and not self.ended:
+            self._flush()
+
+    def on_timer(self, now: float) -> None:
+        """Whatever is due: a client that took nothing for too long, the upstream's silence, a heartbeat."""
+        config = self._config
+        if self.out and now - self._stalled_since >= config.client_timeout:
+            self._client_gone()  # it stopped reading: as if it had left
+            return
+        if self._draining_until is not None and now >= self._draining_until:
+            self._drained(keep=False)
+            return
+        if self._reading and not self._closing and now - self._last_read >= config.idle_timeout:
+            self.fail(UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s"))
+            return
+        if (self.exchange.event_stream and not self.out and not self._closing
+                and now - self._last_write >= config.heartbeat_interval):
+            self._queue(HEARTBEAT_FRAME, frames=0)
+        self._schedule()
+
+    def cancelled(self) -> None:
+        """A drain cut this stream: it ends with an error event where one can be told."""
+        if not self.ended and not self._closing:
+            self.fail(shutting_down())
+
+    def abort(self) -> None:
+        """End at once, both connections closed (a bug, or the loop stopping)."""
+        if self.ended:
+            return
+        self._close_upstream()
+        self.exchange.streaming = False
+        self._complete()
+
+    def _schedule(self) -> None:
+        if self.ended:
+            return
+        config, due = self._config, []
+        if self.out:
+            due.append(self._stalled_since + self._config.client_timeout)
+        if self._draining_until is not None:
+            due.append(self._draining_until)
+        if self._reading and not self._closing:
+            due.append(self._last_read + config.idle_timeout)
+        if self.exchange.event_stream and not self._closing:
+            due.append(self._last_write + config.heartbeat_interval)
+        if due:
+            self.loop.schedule(self, min(due))
+
+    # ---- the upstream's side
+
+    def _read_upstream(self, on: bool) -> None:
+        if on == self._reading:
+            return
+        self._reading = on
+        if on:
+            self._last_read = time.monotonic()  # the silence counts from now, not from when it was paused
+        self.loop.register(self.upstream, selectors.EVENT_READ if on else 0, self.on_upstream)
+
+    def _recv_upstream(self, size: int) -> Optional[bytes]:
+        """What the upstream sent (b"" at its end), or None for nothing yet; a break ends the relay."""
+        try:
+            return self.upstream.recv(size)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except OSError:
+            if self.exchange.cancelled.is_set():
+                self._cancelled_by_exchange()
+            else:
+                self.fail(UpstreamBadResponse("the upstream connection broke in the middle of the stream"))
+            return None
+
+    def _drain_tls(self) -> None:
+        """A TLS record may hold more than was asked for: its bytes are readable with no event to say so."""
+        for _ in range(64):  # bounded: a fast upstream gets its next turn after the others
+            if not (self._reading and not self.ended and isinstance(self.upstream, ssl.SSLSocket)):
+                return
+            pending = self.upstream.pending()
+            if not pending:
+                return
+            data = self._recv_upstream(pending)
+            if data is None:
+                return
+            self._from_upstream(data)
+
+    def _from_upstream(self, data: bytes) -> None:
+        self._last_read = time.monotonic()
+        if self._draining_until is not None:  # after [DONE]: only the end of the upstream's body is looked for
+            try:
+                self._framing.feed(data)
+            except ProxyError:
+                data = b""
+            if not data or self._framing.ended:
+                self._drained(keep=bool(data))
+            return
+        if not data and not self._framing.ended:
+            if self.exchange.cancelled.is_set():
+                self._cancelled_by_exchange()
+                return
+            try:
+                self._framing.end_of_connection()
+            except ProxyError as error:
+                self.fail(error)
+                return
+        try:
+            payload = self._framing.feed(data)
+        except ProxyError as error:
+            self.fail(error)
+            return
+        self._relay(payload)
+
+    def _relay(self, payload: bytes) -> None:
+        """Turn upstream body bytes into the client's, and write them; at the body's end, end the response."""
+        out: List[bytes] = []
+        ending = self._framing.ended
+        try:
+            first_output = self.body.feed(payload, out) if payload else False
+            if first_output:
+                self.exchange.mark_first_token()
+            if self.body.done or ending:
+                self.body.finish(out)
+        except ProxyError as error:  # an error the upstream reported: the events before it still go out
+            self.response.spoiled = True
+            self._write(out)
+            self.fail(error)
+            return
+        if ending:
+            self._release_upstream(keep=True)
+            self._end(out)
+            return
+        self._write(out)
+        if self.body.done:  # [DONE]: the client has its done frame; the upstream's body end is read, briefly
+            self._draining_until = time.monotonic() + UPSTREAM_DRAIN_TIMEOUT
+            self._schedule()
+
+    def _drained(self, keep: bool) -> None:
+        self._draining_until = None
+        self._release_upstream(keep=keep)
+        self._end([])
+
+    def _release_upstream(self, keep: bool) -> None:
+        """The upstream connection back to its pool if it can carry another request, else closed."""
+        response, connection = self.response, self.response.connection
+        if self._upstream_released:
+            return
+        self._upstream_released = True
+        self._read_upstream(False)
+        framing = self._framing
+        keep = (keep and framing.ended and not framing.extra and not response.spoiled and not response.will_close
+                and self._config.upstream_keepalive > 0 and self.exchange.detach_upstream())
+        response.close()
+        if keep:
+            connection.sock.settimeout(self._config.idle_timeout)
+            connection.pool.give_back(connection, time.monotonic(), self._config.upstream_keepalive)
+        else:
+            connection.close()
+
+    def _close_upstream(self) -> None:
+        if not self._upstream_released:
+            self._upstream_released = True
+            self._read_upstream(False)
+            self.response.close()
+            self.response.connection.close()
+
+    def _cancelled_by_exchange(self) -> None:
+        if self.exchange.cancel_reason == Exchange.SHUTDOWN:
+            self.fail(shutting_down())
+        else:
+            self._client_gone()
+
+    # ---- the client's side
+
+    def _watch_client(self, events: int) -> None:
+        if events != self._client_events:
+            self._client_events = events
+            self.loop.register(self.client, events, self.on_client)
+
+    def _client_readable(self) -> None:
+        """The client left, or sent bytes of its next request, which are kept for it."""
+        try:
+            data = self.client.recv(CLIENT_READ_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._client_gone()
+            return
+        self.leftover += data
+        if len(self.leftover) > HEAD_LIMIT:  # enough for its next head: the rest waits in the kernel
+            self._watch_client(self._client_events & ~selectors.EVENT_READ)
+
+    def _write(self, pieces: List[bytes]) -> None:
+        """Write body pieces as one chunk (a framing of its own, so that an error event can follow)."""
+        if pieces:
+            self._queue(pieces[0] if len(pieces) == 1 else b"".join(pieces), frames=len(pieces))
+
+    def _queue(self, data: bytes, frames: int, end: bytes = b"") -> None:
+        exchange = self.exchange
+        exchange.frames += frames
+        exchange.bytes_sent += len(data)
+        if exchange.framing == CHUNKED and data:
+            data = encode_chunk(data)
+        data += end
+        if not self.out:
+            try:
+                sent = self.client.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._client_gone()
+                return
+            self._last_write = time.monotonic()
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._stalled_since = self._last_write
+            self._watch_client(self._client_events | selectors.EVENT_WRITE)
+            self.out += data
+            self._schedule()  # its CLIENT_TIMEOUT counts from now
+        else:
+            self.out += data
+        if len(self.out) > RELAY_BUFFER_LIMIT:
+            self._read_upstream(False)  # back-pressure: the upstream waits in the kernel's buffers
+
+    def _flush(self) -> None:
+        try:
+            sent = self.client.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._client_gone()
+            return
+        del self.out[:sent]
+        self._last_write = self._stalled_since = time.monotonic()
+        if self.out:
+            if len(self.out) <= RELAY_BUFFER_LIMIT // 2 and not self._closing and self._draining_until is None:
+                self._resume()
+            return
+        self._watch_client(self._client_events & ~selectors.EVENT_WRITE)
+        if self._closing:
+            self._complete()
+        elif self._draining_until is None:
+            self._resume()
+
+    def _resume(self) -> None:
+        if not self._reading and not self.ended and not self._upstream_released:
+            self._read_upstream(True)
+            self._drain_tls()
+
+    # ---- how it ends
+
+    def fail(self, error: ProxyError) -> None:
+        """The stream failed after its head: an error event and a clean end where the body can carry one,
+        else the body is left incomplete (the connection closes) so the client sees a failure."""
+        if self.ended or self._closing:
+            return
+        self._note_failure(error)
+        self._close_upstream()
+        payload = self.exchange.error_payload(error)
+        if payload is None:
+            self._closing = True
+            self._settled(self._complete)
+            return
+        self._end([payload])
+
+    def _client_gone(self) -> None:
+        """The client left (or stopped reading): the upstream is cut at once, nothing more is written."""
+        if self.ended:
+            return
+        self.client_left = True
+        self.exchange.cancel(Exchange.CLIENT_LEFT)
+        self._close_upstream()
+        self.out.clear()
+        self._closing = True
+        if not self._settling:
+            self._settled(self._complete)
+        elif self._settled_now:
+            self._complete()
+        # else the settling under way completes it
+
+    def _end(self, last: List[bytes]) -> None:
+        """The request is settled, then the client gets the last pieces and the end of the body."""
+        self._closing = True
+        self._draining_until = None
+        self._settled(functools.partial(self._write_end, last))
+
+    def _settled(self, then: Callable[[], None]) -> None:
+        """Give back the request's slot and count its usage, then `then`, on this thread; with Redis the
+        settling is a round trip, made on the helper thread."""
+        self._settling = True
+        usage = self.body.usage()
+
+        def settled():
+            self._settled_now = True
+            then()
+
+        if not self._settle_waits:
+            self._settle(usage)
+            settled()
+            return
+
+        def settle_then():
+            try:
+                self._settle(usage)
+            finally:
+                self.loop.call_soon(settled)
+        self.loop.off_loop(settle_then)
+
+    def _write_end(self, last: List[bytes]) -> None:
+        if self.ended:
+            return
+        if self.client_left:
+            self._complete()
+            return
+        exchange = self.exchange
+        exchange.streaming = False
+        self.clean = exchange.framing != CLOSE
+        data = (last[0] if len(last) == 1 else b"".join(last)) if last else b""
+        self._queue(data, frames=len(last), end=CHUNKED_END if exchange.framing == CHUNKED else b"")
+        if not self.out and not self.ended:
+            self._complete()
+
+    def _complete(self) -> None:
+        """Done: the client has the whole response (or is gone); the handler logs it and keeps or closes
+        the connection."""
+        if self.ended:
+            return
+        self.ended = True
+        self._close_upstream()
+        self._watch_client(0)
+        self.loop.forget(self)
+        self.clean = self.clean and not self.client_left
+        self._on_end(self)
 
 
 # --------------------------------------------------------------------------
@@ -5908,6 +6546,7 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         self.door_pass = door_pass    # let in at the door: counted against MAX_STREAMS until it takes its slot
         self.keep_open = False
         self.leftover = b""
+        self.relayed = False          # the relay loop carries the response, and the connection, from its head on
         super().__init__(request, client_address, server)
 
     def setup(self):
@@ -5973,19 +6612,21 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         """The one error boundary: run work as one request, whose every failure becomes a JSON error or an
         error frame, whose client leaving is a client_left line, and which gets one access line."""
         self.start_request()
-        with self.server.tracking_request():
-            try:
-                work()
-            except ClientLeft:
-                self.close_connection = True
-                self.state.client_left = True
-            except ProxyError as error:
-                self.fail(error)
-            except Exception:
-                logger.exception("internal error serving %s %s", self.command, self.path_only)
-                self.fail(ProxyError("internal error in the proxy; its log has the details"))
-            finally:
+        self.server.request_started()
+        try:
+            work()
+        except ClientLeft:
+            self.close_connection = True
+            self.state.client_left = True
+        except ProxyError as error:
+            self.fail(error)
+        except Exception:
+            logger.exception("internal error serving %s %s", self.command, self.path_only)
+            self.fail(ProxyError("internal error in the proxy; its log has the details"))
+        finally:
+            if not self.relayed:  # else the relay loop ends it
                 self.log_exchange()
+                self.server.request_ended()
 
     @property
     def path_only(self) -> str:
@@ -6001,7 +6642,7 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
                              "and the OpenAI API under /v1/, the chat page is at /",
                              status=HTTPStatus.NOT_FOUND, type="not_found_error")
         if self.command == "OPTIONS":
-            self.answer_preflight(route.methods)
+            answer_preflight(self, route.methods)
             return
         if self.command not in route.methods:
             allowed = allowed_methods(route.methods)
@@ -6020,7 +6661,8 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         try:
             route.serve(self)
         finally:
-            self.settle()
+            if not self.relayed:  # else the relay loop settles it, before the client sees the end
+                self.settle()
 
     def settle(self, usage: Optional[Usage] = None) -> None:
         """Give back the request's stream slot and count its usage, once: before the client can see the end
@@ -6041,12 +6683,16 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
             raise client_key_refusal(presented)
         return name
 
-    def fail(self, error: ProxyError):
-        """Tell the client what went wrong, in whatever form the response still allows."""
-        mask_error(error, secrets_of(self.server.config))  # its text may quote the upstream
+    def note_failure(self, error: ProxyError) -> None:
+        """Mask what the error quotes of the upstream, and note it for the access record."""
+        mask_error(error, secrets_of(self.server.config))
         self.state.error_type = error.log_type
         if isinstance(error, TooManyRequests):
             self.state.rejected_by = error.reason
+
+    def fail(self, error: ProxyError):
+        """Tell the client what went wrong, in whatever form the response still allows."""
+        self.note_failure(error)
         try:
             if self.state.exchange is not None and self.state.exchange.streaming:
                 payload = self.state.exchange.error_payload(error)
@@ -6069,17 +6715,6 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         then = f"retrying in {wait:.2f}s" if wait is not None else "no more retries on it"
         logger.warning('%s "%s %s" attempt %d to the %s upstream failed (%s); %s', self.client_address[0],
                        self.command, log_value(self.path_only), attempt + 1, upstream.name, outcome, then)
-
-    def answer_preflight(self, methods: Tuple[str, ...]):
-        """OPTIONS: the CORS preflight (Fetch standard); an origin not allowed gets no allow headers."""
-        self.send_response(HTTPStatus.NO_CONTENT)
-        if is_origin_allowed(self.server.config.cors_origins, self.headers.get("Origin")):
-            self.send_header("Access-Control-Allow-Methods", allowed_methods(methods))
-            requested = self.headers.get("Access-Control-Request-Headers")
-            self.send_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
-            self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.finish_head()
 
     # ---- reading the request
 
@@ -6216,6 +6851,18 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
 # Routes: what each one does with a request the handler has read
 # --------------------------------------------------------------------------
 
+def answer_preflight(handler: ProxyHandler, methods: Tuple[str, ...]):
+    """OPTIONS: the CORS preflight (Fetch standard); an origin not allowed gets no allow headers."""
+    handler.send_response(HTTPStatus.NO_CONTENT)
+    if is_origin_allowed(handler.server.config.cors_origins, handler.headers.get("Origin")):
+        handler.send_header("Access-Control-Allow-Methods", allowed_methods(methods))
+        requested = handler.headers.get("Access-Control-Request-Headers")
+        handler.send_header("Access-Control-Allow-Headers", requested or "Authorization, Content-Type")
+        handler.send_header("Access-Control-Max-Age", "600")
+    handler.send_header("Content-Length", "0")
+    handler.finish_head()
+
+
 def write_message_head(handler: ProxyHandler) -> str:
     """The head of a /message stream; returns its framing."""
     handler.send_response(HTTPStatus.OK)
@@ -6299,42 +6946,106 @@ def inspect_body(handler: ProxyHandler, target: str) -> bytes:
     return json_bytes(body) if changed else raw
 
 
-@contextlib.contextmanager
-def relaying(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange) -> Iterator[None]:
-    """Relay an upstream answer, then end the response to the client.
+def hand_over(handler: ProxyHandler, response: http.client.HTTPResponse, body) -> None:
+    """The head is out: the relay loop carries the rest of the response (body: MessageFrames or
+    PassthroughBody), then the connection; the worker is free at once."""
+    exchange, server = handler.state.exchange, handler.server
+    keep = not handler.close_connection and not server.draining and exchange.framing != CLOSE
+    handler.rfile.raw.probing = True
+    leftover = handler.rfile.read1(CLIENT_READ_BUFFER) if keep else b""  # a pipelined request's first bytes
+    handler.relayed, handler.close_connection = True, True  # from here, the loop decides
+    server.relays.adopt(StreamRelay(server.relays, server.config, exchange, response, body, handler.settle,
+                                    server.limits.shared, handler.note_failure,
+                                    functools.partial(relay_ended, handler, keep), leftover))
 
-    The upstream connection is kept for another request (or closed if
-    anything failed) before the client sees the end, so that a client
-    sending its next request at once finds the connection free.
-    """
+
+def relay_ended(handler: ProxyHandler, keep: bool, relay: StreamRelay) -> None:
+    """On the relay loop: the response is over; log it, then keep the connection for the next request
+    (with what the client sent of it meanwhile) or close it."""
+    handler.state.client_left = handler.state.client_left or relay.client_left
+    handler.log_exchange()
+    handler.server.request_ended()
+    if keep and relay.clean:
+        handler.server.clients.give_back(handler.connection, handler.client_address, bytes(relay.leftover))
+    else:
+        handler.server.clients.done(handler.connection)
+
+
+@contextlib.contextmanager
+def answer_on_worker(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange) -> Iterator[None]:
+    """Until the response is handed to the relay loop: an upstream answer the worker fails on, or ends
+    itself, gives its connection back (or closes it) before the client sees the end, so that a client
+    sending its next request at once finds the connection free."""
     note_upstream_answer(handler, response)
-    clean = False
     try:
         yield
-        clean = True
-    finally:
-        release_upstream(response, exchange, handler.server.config, clean)
-    exchange.end()
+    except BaseException:
+        release_upstream(response, exchange, handler.server.config, clean=False)
+        raise
+
+
+SMALL_BODY = 65536  # bytes of a sized answer that is not a stream, read whole on the worker and written at once
+
+
+def read_small_body(response: http.client.HTTPResponse, exchange: Exchange,
+                    config: Config) -> Tuple[bytes, Optional[ProxyError]]:
+    """A small sized body as far as it came, and the ProxyError of a failure to read the rest."""
+    parts, left, error = [], response.length, None
+    try:
+        while left:
+            piece = response.read1(left)  # b"" at the end of the connection, even with bytes missing
+            if not piece:
+                break
+            parts.append(piece)
+            left -= len(piece)
+    except socket.timeout:
+        exchange.raise_if_cancelled()
+        error = UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s")
+    except (http.client.HTTPException, OSError):
+        exchange.raise_if_cancelled()
+        error = UpstreamBadResponse("the upstream connection broke in the middle of its answer")
+    if left and error is None:
+        error = UpstreamBadResponse(f"the upstream closed the connection {left} bytes before the end of its body")
+    return b"".join(parts), error
+
+
+def answer_whole(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange,
+                 body: Optional[bytes], length: Optional[int], failure: Optional[ProxyError]) -> None:
+    """An answer the worker ends itself: read whole (an error, or a small body such as most JSON
+    answers), or without a body. It saves a hand-over to the relay loop, and the worker serves the
+    connection's next request if it follows. A body cut short is written as far as it came and the
+    connection closed, as the relay loop does: the client sees a failure, not a success."""
+    if failure is None:
+        release_upstream(response, exchange, handler.server.config, clean=True)
+    exchange.begin(lambda: write_passthrough_head(handler, response, length), event_stream=False)
+    if failure is not None:
+        exchange.send(body)
+        raise failure
+    if body is None:
+        exchange.end()
+    else:
+        exchange.send(body, last=True)
 
 
 def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange):
     """The upstream's answer to a /v1 request, to the client: its status, headers and body."""
     config = handler.server.config
-    check_passthrough_response(response, config, handler.state.attempts.upstream_name)
-    error_body = masked_error_body(response, config)
-    if error_body is not None:
-        exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), event_stream=False)
-        exchange.send(error_body, last=True)
-        return
-    is_event_stream = response.headers.get_content_type() == "text/event-stream"
-    exchange.begin(lambda: write_passthrough_head(handler, response, event_stream=is_event_stream),
-                   event_stream=is_event_stream)
-    observer = StreamObserver()
-    exchange.before_end = lambda: handler.settle(observer.finish())
-    try:
-        relay_passthrough(response, exchange, config, observer, handler.state.strip_usage)
-    finally:
-        handler.state.usage = observer.finish()
+    with answer_on_worker(handler, response, exchange):
+        check_passthrough_response(response, config, handler.state.attempts.upstream_name)
+        body, failure = masked_error_body(response, config), None
+        length = None if body is None else len(body)  # an error body is masked: its length may change
+        is_event_stream = response.headers.get_content_type() == "text/event-stream"
+        if body is None and not is_event_stream and response.length is not None and response.length <= SMALL_BODY:
+            length = response.length  # as announced, also when the body falls short of it
+            body, failure = read_small_body(response, exchange, config)
+            handler.state.usage = StreamObserver.usage_of(body)
+        if body is not None or response.length == 0:
+            answer_whole(handler, response, exchange, body, length, failure)
+            return
+        exchange.begin(lambda: write_passthrough_head(handler, response, event_stream=is_event_stream),
+                       event_stream=is_event_stream)
+    hand_over(handler, response, PassthroughBody(response, is_event_stream, handler.state.strip_usage,
+                                                 secrets_of(config)))
 
 
 def serve_healthz(handler: ProxyHandler) -> None:
@@ -6410,20 +7121,20 @@ def serve_message(handler: ProxyHandler) -> None:
     request = build_chat_request(body, config)
     handler.state.model = request["model"]
     handler.state.ignored_fields = ignored_message_fields(body)
-    supervisor = handler.server.supervisor
+    relays = handler.server.relays
     take_slot(handler)
-    with supervisor.tracking(Exchange(handler.connection, error_payload=error_frame)) as exchange:
+    with relays.tracking(Exchange(handler.connection, error_payload=error_frame)) as exchange:
         handler.state.exchange = exchange
         exchange.before_end = handler.settle
-        supervisor.watch_client(exchange)
+        relays.watch(exchange)
         upstream_request = UpstreamRequest("POST", "/chat/completions", json_bytes(request),
                                            {"Content-Type": "application/json", "Accept": "text/event-stream"}, None)
         response = handler.server.upstreams.open(config, exchange, upstream_request, config.retries,
                                                  handler.state.attempts)
-        with relaying(handler, response, exchange):
+        with answer_on_worker(handler, response, exchange):
             check_upstream_response(response, config, handler.state.attempts.upstream_name)
             exchange.begin(lambda: write_message_head(handler), event_stream=True)
-            handler.state.usage = relay_chat_as_messages(response, exchange, config)
+        hand_over(handler, response, MessageFrames(secrets_of(config)))
 
 
 def check_ws_origin(handler: ProxyHandler) -> None:
@@ -6484,7 +7195,7 @@ def serve_realtime(handler: ProxyHandler) -> None:
     handler.state.model = urllib.parse.parse_qs(target.partition("?")[2]).get("model", [None])[0]
     handler.close_connection = True  # the connection is the session's, never another request's
     take_slot(handler)
-    with handler.server.supervisor.tracking(Exchange(handler.connection)) as exchange:
+    with handler.server.relays.tracking(Exchange(handler.connection)) as exchange:
         handler.state.exchange = exchange
         response = open_handshake(handler, exchange, target)
         note_upstream_answer(handler, response)
@@ -6513,21 +7224,21 @@ def serve_passthrough(handler: ProxyHandler) -> None:
     if is_websocket_upgrade(handler.headers):
         serve_realtime(handler)
         return
-    config, supervisor = handler.server.config, handler.server.supervisor
+    config, relays = handler.server.config, handler.server.relays
     target = upstream_target(handler.path)
     length = handler.declared_length()
     headers = forwarded_request_headers(handler.headers, config)
     body = inspect_body(handler, target) if length and needs_body_check(handler) else None
     if body is not None:
         length = len(body)
-    with supervisor.tracking(Exchange(handler.connection, error_payload=sse_error_event)) as exchange:
+    with relays.tracking(Exchange(handler.connection, error_payload=sse_error_event)) as exchange:
         handler.state.exchange = exchange
         exchange.before_end = handler.settle
 
         def body_read(force: bool = False):
             take_slot(handler, force)
             handler.state.body_read = True
-            supervisor.watch_client(exchange)  # from here, readable means the client left
+            relays.watch(exchange)  # from here, readable means the client left
 
         if body is None and length:
             # Streamed on as it arrives: its slot is taken when it has all
@@ -6538,8 +7249,7 @@ def serve_passthrough(handler: ProxyHandler) -> None:
         response = handler.server.upstreams.open(config, exchange, UpstreamRequest(
             handler.command, target, body, headers, length if body is not None else None),
             config.v1_retries, handler.state.attempts)
-        with relaying(handler, response, exchange):
-            relay_answer(handler, response, exchange)
+        relay_answer(handler, response, exchange)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6578,14 +7288,14 @@ def find_route(path: str) -> Optional[Route]:
 # --------------------------------------------------------------------------
 
 class ProxyServer(http.server.HTTPServer):
-    """The listening server: holds the config, the client connections, the stream supervisor and the drain state."""
+    """The listening server: holds the config, the client connections, the relay loop and the drain state."""
 
     request_queue_size = 1024   # a burst of connections waits in the kernel instead of being refused
     REQUESTS_PER_TURN = 100     # requests of one connection a worker serves in a row before it hands it back
 
     def __init__(self, config: Config, handler_class=ProxyHandler):
         self.config = config
-        self.supervisor = StreamSupervisor(config.heartbeat_interval)
+        self.relays = RelayLoop()
         self.limits = make_limits(config)
         self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model} - {""}))
         self.ui = load_ui(UI_DIR)
@@ -6599,7 +7309,7 @@ class ProxyServer(http.server.HTTPServer):
         self.clients = ClientConnections(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
             "proxy_rate_limit_rejections_total", (("reason", "connections"),)), self.at_the_door)
         super().__init__((config.host.strip("[]"), config.port), handler_class)
-        self.supervisor.start()
+        self.relays.start()
         self.clients.start()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -6725,6 +7435,8 @@ class ProxyServer(http.server.HTTPServer):
         the connection's next ones while they follow at once; then back to ClientConnections."""
         for served in range(1, self.REQUESTS_PER_TURN + 1):
             handler = self._serve_one(sock, client_address, read_ahead, at_once, door_pass)
+            if handler is not None and handler.relayed:  # the relay loop hands the connection back
+                return
             if handler is None or not handler.keep_open:
                 self.clients.done(sock)
                 return
@@ -6751,7 +7463,7 @@ class ProxyServer(http.server.HTTPServer):
         """Stop listening and close every connection between requests, the clients' and the upstreams'."""
         self.server_close()
         self.clients.close()
-        self.supervisor.stop()
+        self.relays.stop()
         self.upstreams.close()
         self.limits.stop()
 
@@ -6767,17 +7479,15 @@ class ProxyServer(http.server.HTTPServer):
         else:
             logger.exception("unexpected error serving %s", client_address[0])
 
-    @contextlib.contextmanager
-    def tracking_request(self) -> Iterator[None]:
-        """Count the request as running until it ends, so a drain can wait for it."""
+    def request_started(self) -> None:
+        """Count a request as running until request_ended(), so that a drain can wait for it."""
         with self._idle:
             self._active += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
+
+    def request_ended(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is running; False if the timeout came first."""
@@ -6795,11 +7505,11 @@ class ProxyServer(http.server.HTTPServer):
         while not force.is_set() and time.monotonic() < deadline:
             if self.wait_idle(min(0.1, max(0.0, deadline - time.monotonic()))):
                 break
-        cut = self.supervisor.cancel_all(Exchange.SHUTDOWN)
+        cut = self.relays.cancel_all(Exchange.SHUTDOWN)
         if cut:
             logger.warning("drain timeout: ended %d stream(s) with an error frame", cut)
         self.wait_idle(5)
-        self.supervisor.stop()
+        self.relays.stop()
         self.upstreams.close()
         self.limits.stop()
 
@@ -6931,7 +7641,6 @@ def run(config: Config) -> int:
         demo.start()
         config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
     too_few_files = raise_open_file_limit(config.max_connections)  # before the first connection is taken
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         server = ProxyServer(config)
     except OSError as error:

@@ -2073,6 +2073,9 @@ class PerRequestCostTest(ProxyTestCase):
 
     def test_a_kept_alive_connections_requests_are_served_by_one_thread_in_a_row(self):
         self.server.clients.NEXT_REQUEST_WAIT = 5.0  # a loaded machine's client may be slow to send the next
+        # A JSON answer, as /v1/models is: one that comes whole with its head is written by the worker. A
+        # stream's end is written by the relay loop, and its connection's next request waits for a worker.
+        self.upstream.script = json_script({"object": "list", "data": []})
         conn = self.connect()
         self.addCleanup(conn.close)
         for index in range(6):
