@@ -5058,7 +5058,9 @@ class RelayLoop:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
+        for _ in range(len(self._timers)):  # bounded: a check scheduled again for now waits for the next turn
+            if self._timers[0][0] > now:
+                break
             when, _, relay = heapq.heappop(self._timers)
             if relay.ended or when != relay.next_check:
                 continue  # superseded by an earlier check, or ended
@@ -5186,7 +5188,7 @@ class StreamRelay:
             due.append(self._draining_until)
         if self._reading and not self._closing:
             due.append(self._last_read + config.idle_timeout)
-        if self.exchange.event_stream and not self._closing:
+        if self.exchange.event_stream and not self._closing and not self.out:
             due.append(self._last_write + config.heartbeat_interval)
         if due:
             self.loop.schedule(self, min(due))

@@ -1951,6 +1951,106 @@ class SlowClientTest(ProxyTestCase):
         self.assertEqual(self.upstream.requests, [])
 
 
+class RelayLoopTest(ProxyTestCase):
+    """Once its head is out, a response is carried by the one relay loop: no thread a stream, one slow
+    client harms nobody, a client leaving is noticed at once, heartbeats fall only between events."""
+
+    config_overrides = {"client_timeout": 1.0, "heartbeat_interval": 0.2, "max_streams": 1000}
+
+    def test_300_running_streams_hold_no_thread_of_their_own(self):
+        require(os.path.isdir("/proc/self/task"), "Linux's /proc, to count a process's threads")
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), hold] + reply("end")[1:])
+        process = ProxyProcess("--base-url", self.upstream.base_url, env={"OA_API_KEY": TEST_KEY})
+        self.addCleanup(process.kill)
+
+        def threads():
+            return len(os.listdir(f"/proc/{process.process.pid}/task"))
+
+        baseline = threads()  # the workers' minimum, the connections' thread, the loop, the log's, main
+        socks, body = [], chat_body()
+        for _ in range(300):  # one after another, as a steady flow of users: each worker is free again at once
+            sock = socket.create_connection(("127.0.0.1", process.port), timeout=10)
+            self.addCleanup(sock.close)
+            sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            self.assertIn(b"event:message", read_until_closed_or(sock, b"event:message", 10))
+            socks.append(sock)
+        running = threads()
+        self.assertLessEqual(running, baseline + 5, f"{running} threads with 300 streams running; {baseline} before")
+        hold.set()
+        for sock in socks:
+            self.assertTrue(read_until_closed_or(sock, b"0\r\n\r\n", 10).endswith(b"0\r\n\r\n"))
+
+    def test_a_stuck_client_costs_another_stream_no_delay_and_is_dropped_at_client_timeout(self):
+        big = [chunk(content="z" * 60000) for _ in range(200)]  # about 12 MB, far past socket buffers
+        gates = [threading.Event() for _ in range(5)]
+        for gate in gates:
+            self.addCleanup(gate.set)
+        steps = [chunk(role="assistant", content="")]
+        for number, gate in enumerate(gates):
+            steps += [gate, chunk(content=f"w{number}")]
+        self.upstream.script = lambda received: (
+            Script(steps=[chunk(role="assistant", content="")] + big + [chunk(finish="stop"), DONE])
+            if "stuck" in received.body.decode() else Script(steps=steps + reply()[-3:]))
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(5)
+        stuck.connect(("127.0.0.1", self.port))
+        self.addCleanup(stuck.close)
+        body = chat_body("stuck")
+        stuck.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        self.assertTrue(wait_until(lambda: len(self.upstream.sent_at) > 10), "the stuck stream never started")
+        stuck_since = time.monotonic()
+        reader = FrameReader(self.post_message(chat_body("other")))
+        reader.next_frame()
+        delays = []
+        for number, gate in enumerate(gates):
+            released = time.monotonic()
+            gate.set()
+            self.assertIn(f"w{number}", reader.next_frame())
+            delays.append(time.monotonic() - released)
+        self.assertLess(max(delays), 0.05, f"chunk delays {delays} beside a stuck client")
+        self.assertTrue(self.upstream.disconnected.wait(5), "the stuck client's upstream was never closed")
+        dropped_after = time.monotonic() - stuck_since
+        self.assertLess(dropped_after, 1.0 + 2.0, f"dropped {dropped_after:.2f} s after it stopped reading")
+
+    def test_a_client_leaving_during_the_upstreams_silence_closes_it_within_100_ms(self):
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), HANG])
+        for path, body in (("/message", chat_body()), ("/v1/chat/completions", v1_chat(True))):
+            with self.subTest(path=path):
+                self.upstream.disconnected.clear()
+                sock = self.raw_socket()
+                sock.sendall(b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(body), body))
+                read_until_closed_or(sock, b"\r\n\r\n", 5)
+                self.assertTrue(wait_until(lambda: self.server.relays.running == 1, 5))
+                left = time.monotonic()
+                sock.close()
+                self.assertTrue(self.upstream.disconnected.wait(1), "the upstream was not hung up on")
+                # The fake upstream looks for the hang-up every 50 ms; the rest is the proxy's.
+                self.assertLess(time.monotonic() - left, 0.1 + 0.05)
+
+    def test_heartbeats_fall_between_events_split_across_upstream_writes(self):
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        event = chunk(content="split")
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), event[:20], hold, event[20:]]
+                                      + reply()[-3:])
+        for path, body in (("/message", chat_body()), ("/v1/chat/completions", v1_chat(True))):
+            with self.subTest(path=path):
+                hold.clear()
+                response = self.request("POST", path, body, {"Content-Type": "application/json"})
+                reader = FrameReader(response)
+                frames = [reader.next_frame(), reader.next_frame()]  # the first event, then a heartbeat
+                self.assertEqual(frames[1], ": keep-alive\n\n")
+                hold.set()
+                text = "".join(frames) + reader.rest()
+                self.assertIn("split", text)
+                for block in text.split("\n\n")[:-1]:  # each one whole: a heartbeat alone, or an event
+                    self.assertTrue(block == ": keep-alive" or block.startswith(("event:", "data:")), block)
+
+
 class ClientConnectionsTest(ProxyTestCase):
     config_overrides = {"header_timeout": 0.5, "client_timeout": 0.8}
 
@@ -2587,6 +2687,20 @@ class TlsUpstreamTest(unittest.TestCase):
         FrameReader(conn.getresponse()).next_frame()
         conn.close()
         self.assertTrue(self.upstream.disconnected.wait(1.0), "the TLS upstream was not hung up on within 1 s")
+
+    def test_events_split_across_tls_records_pass_byte_for_byte(self):
+        # Each step is one write, so one TLS record or more: an event cut in three records, then one of
+        # 100 KB that spans seven (a record holds 16 KiB), whose bytes arrive with no new readiness event.
+        first = chunk(role="assistant", content="")
+        split = chunk(content="split")
+        large = chunk(content="L" * 100000)
+        steps = [first, split[:7], split[7:30], split[30:], large, chunk(finish="stop"), DONE]
+        self.upstream.script = Script(steps=steps)
+        process = self.start_proxy(trust_cert=True)
+        conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", body=v1_chat(True), headers={"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().read(), b"".join(steps))
 
     def test_a_new_connection_resumes_the_tls_session(self):
         process = self.start_proxy(trust_cert=True)
@@ -6607,6 +6721,27 @@ class ProcessTest(unittest.TestCase):
         self.assertEqual(self.contents_of(frames), ["after", ""])
         self.assertEqual(frames[-1][0], "done")
         self.assertEqual(process.wait(), 0)
+
+    def test_sigterm_with_200_streams_in_the_relay_loop_ends_each_and_exits_0(self):
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        upstream.script = Script(steps=[chunk(role="assistant", content=""), HANG])
+        process = self.start("--base-url", upstream.base_url, "--drain-timeout", "0.5",
+                             env={"OA_API_KEY": TEST_KEY})
+        socks, body = [], chat_body()
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", process.port), timeout=10)
+            self.addCleanup(sock.close)
+            sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            self.assertIn(b"event:message", read_until_closed_or(sock, b"event:message", 10))
+            socks.append(sock)
+        process.signal(signal.SIGTERM)
+        for sock in socks:  # each ends with its error frame and the end of its body, none is cut
+            ending = read_until_closed_or(sock, b"0\r\n\r\n", 10)
+            self.assertIn(b"server_shutting_down", ending)
+            self.assertTrue(ending.endswith(b"0\r\n\r\n"), ending[-80:])
+        self.assertEqual(process.wait(), 0)
+        process.wait_for_line(r"drain timeout: ended 200 stream\(s\)")
 
     def test_drain_timeout_ends_streams_with_an_error_frame(self):
         upstream = FakeUpstream().start()
