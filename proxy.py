@@ -12,18 +12,21 @@ Every setting is an environment variable with a matching flag (the flag wins);
 `python3 proxy.py --help` lists them with their defaults.
 
 Design decisions:
-- A thread per running request, not per connection: between requests, and
-  while a request's headers arrive, connections wait in one thread
-  (ClientConnections), so idle and slow clients cost a socket, not a
-  thread. The upstream is read with read1(), which returns whatever has
-  arrived, so each chunk is relayed the moment it lands; frames completed
-  by one read go out in one chunked write, with no buffering of our own.
-- One supervisor thread watches every open stream. It notices a client that
-  leaves, even while the upstream is still thinking, and shuts the upstream
-  socket at once so nobody pays for tokens nobody reads. It also writes
-  `: keep-alive` comments through long silences, only ever between frames.
-  It touches a client socket only while that socket's stream is running,
-  and never waits on one, so keep-alive clients cannot stall it.
+- Threads for requests, one loop for streams. Between requests, and while
+  a request's headers arrive, connections wait in one thread
+  (ClientConnections); a worker thread reads a request, checks it, takes
+  its limits, opens the upstream and writes the response head. From there
+  the relay loop (RelayLoop: selectors, non-blocking sockets) carries the
+  body, and the worker is free: a running stream costs two sockets and a
+  small object, never a thread. The upstream is read as it arrives, and the
+  frames one read completes go out in one write, with no buffering of our
+  own; what a slow client does not take waits in a bounded buffer, and
+  past it its upstream is not read (back-pressure).
+- The loop notices a client that leaves, even while the upstream is still
+  thinking (it watches the client from the moment its body is in), and
+  shuts the upstream socket at once so nobody pays for tokens nobody reads.
+  It writes `: keep-alive` comments through long silences, only ever
+  between frames, and drops a client that takes nothing for CLIENT_TIMEOUT.
 - Overload is refused, not spread: past MAX_STREAMS a relayed request gets
   503 at once. Health checks, metrics and those refusals are answered by
   ClientConnections' own thread, never queued behind the streams. A
