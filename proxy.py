@@ -4484,203 +4484,6 @@ def usage_of_message(payload: bytes) -> Optional[Usage]:
     return parse_usage(event["response"].get("usage"))
 
 
-def _recv_all_ready(sock: socket.socket) -> bytes:
-    """What a ready socket has: one read, and for TLS what its last record still holds decrypted."""
-    data = sock.recv(SESSION_READ_SIZE)
-    while data and isinstance(sock, ssl.SSLSocket) and sock.pending():
-        data += sock.recv(sock.pending())
-    return data
-
-
-class RealtimeSession:
-    """One relayed WebSocket: the client's socket and the upstream's, each direction's frames, and how the
-    session ended.
-
-    Client frames pass on as they arrive; server messages go on whole, each
-    as soon as its last byte is in (a WebSocket client reads nothing of a
-    message before its end), so that the proxy can read each one: the usage
-    of response.done is counted as it arrives, and anything but model output
-    is masked as every upstream error is. Control frames are passed on in
-    both directions; a close frame from either side is passed on, and the
-    session ends once the other side answers it (or CLOSE_WAIT passes).
-    """
-
-    def __init__(self, client: socket.socket, upstream: socket.socket, exchange: Exchange, config: Config,
-                 count_usage: Callable[[Usage], Optional[ProxyError]]):
-        self.client, self.upstream, self.exchange = client, upstream, exchange
-        self._config, self._count_usage = config, count_usage
-        self._secrets = secrets_of(config)
-        self._from_client = FrameStream(True, False, config.max_frame_bytes, "client")
-        self._from_upstream = FrameStream(False, True, config.max_frame_bytes, "upstream")
-        self.bytes_in = 0  # from the client
-        self.usage: Optional[Usage] = None
-        self.closed_by = self.outcome = ""
-        self.close_code: Optional[int] = None
-        self._closing_since: Optional[float] = None
-        self._closes_seen = 0
-        self._last_activity = time.monotonic()
-
-    def run(self, from_client: bytes, from_upstream: bytes) -> None:
-        """Relay until either side ends the session; from_client, from_upstream: what each sent already."""
-        selector = selectors.DefaultSelector()
-        try:
-            selector.register(self.client, selectors.EVENT_READ, "client")
-            selector.register(self.upstream, selectors.EVENT_READ, "upstream")
-            if from_upstream:
-                self._arrived("upstream", from_upstream)
-            if from_client:
-                self._arrived("client", from_client)
-            while not self.outcome:
-                self._turn(selector)
-        except WebSocketError as error:
-            self._end_for(error)
-        finally:
-            selector.close()
-            _close_quietly(self.upstream)
-
-    def _turn(self, selector: selectors.BaseSelector) -> None:
-        """Wait for either side (until the session's next deadline) and relay what it sent."""
-        wait = self._time_left()
-        if self.outcome:
-            return
-        for side in self._ready(selector, wait):
-            sock = self.client if side == "client" else self.upstream
-            try:
-                data = _recv_all_ready(sock)
-            except (OSError, ssl.SSLError):
-                data = b""
-            if not data:
-                self._left(side)
-                return
-            self._arrived(side, data)
-
-    def _time_left(self) -> float:
-        """Seconds until the session must end if nothing comes; raise (or set the outcome) once it must."""
-        now = time.monotonic()
-        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
-            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
-        if self._closing_since is not None and now - self._closing_since >= CLOSE_WAIT:
-            self.outcome = f"{self.closed_by}_closed"  # the other side never answered the close
-            return 0.0
-        idle_left = self._last_activity + self._config.idle_timeout - now
-        if idle_left <= 0:
-            raise WebSocketError(CLOSE_GOING_AWAY, f"the session was idle for {self._config.idle_timeout:g} s "
-                                 "(IDLE_TIMEOUT)", "idle")
-        return idle_left if self._closing_since is None else min(idle_left, CLOSE_WAIT)
-
-    def _ready(self, selector: selectors.BaseSelector, wait: float) -> List[str]:
-        """The sides with something to read; a TLS upstream may hold decrypted bytes no select sees."""
-        pending = isinstance(self.upstream, ssl.SSLSocket) and self.upstream.pending()
-        ready = [key.data for key, _ in selector.select(0 if pending else wait)]
-        if pending and "upstream" not in ready:
-            ready.append("upstream")
-        return ready
-
-    def _arrived(self, side: str, data: bytes) -> None:
-        self._last_activity = time.monotonic()
-        if side == "client":
-            self.bytes_in += len(data)
-            for item in self._from_client.feed(data):
-                self._from_client_item(item)
-        else:
-            for item in self._from_upstream.feed(data):
-                self._from_upstream_item(item)
-
-    def _from_client_item(self, item: tuple) -> None:
-        if item[0] == "raw":
-            self._send("upstream", item[1])
-            return
-        _, opcode, payload, raw = item
-        self._send("upstream", raw)
-        if opcode == OP_CLOSE:
-            self._saw_close("client", payload)
-
-    def _from_upstream_item(self, item: tuple) -> None:
-        if item[0] == "message":
-            _, opcode, payload = item
-            usage = usage_of_message(payload) if opcode == OP_TEXT else None
-            self._send("client", encode_frame(opcode, mask_server_message(opcode, payload, self._secrets)))
-            if self.exchange.first_token_at is None and b'.delta"' in payload[:200]:
-                self.exchange.mark_first_token()
-            if usage is not None:
-                self._counted(usage)
-            return
-        _, opcode, payload, raw = item
-        masked = mask_bytes(payload, self._secrets)
-        self._send("client", raw if masked is payload else encode_frame(opcode, masked[:125]))
-        if opcode == OP_CLOSE:
-            self._saw_close("upstream", payload)
-
-    def _counted(self, usage: Usage) -> None:
-        """Count a response's usage now, and end the session if it put the client over a limit."""
-        self.usage = Usage(*(mine + theirs for mine, theirs in zip(self.usage or (0, 0, 0), usage)))
-        refusal = self._count_usage(usage)
-        if refusal is not None:  # the reason must fit a close frame: the limit, and when to come back
-            settings = {"tokens_per_minute": "RATE_LIMIT_TPM",
-                        **{f"token_budget_{period}": name for period, name in BUDGET_SETTINGS.items()}}
-            setting = settings.get(refusal.reason, "limits")
-            wait = _duration(int(refusal.headers.get("Retry-After", "1")))
-            raise WebSocketError(CLOSE_POLICY, f"this client is over its {setting}; retry in {wait}", "limits")
-
-    def _saw_close(self, side: str, payload: bytes) -> None:
-        self._closes_seen += 1
-        if self._closing_since is None:
-            self._closing_since = time.monotonic()
-            self.closed_by, self.close_code = side, parse_close(payload)[0]
-        if self._closes_seen >= 2:  # both sides said it: the closing handshake is done
-            self.outcome = f"{self.closed_by}_closed"
-
-    def _left(self, side: str) -> None:
-        """A side's connection ended (or broke); the other side is told, if the session was still open."""
-        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
-            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
-        if self._closing_since is not None:
-            self.outcome = f"{self.closed_by}_closed"
-            return
-        self.closed_by, self.outcome = side, f"{side}_left"
-        if side == "client":
-            self.close_code = CLOSE_GOING_AWAY
-            self._tell("upstream", CLOSE_GOING_AWAY, "the client left")
-        else:
-            self.close_code = CLOSE_INTERNAL
-            self._tell("client", CLOSE_INTERNAL, "the upstream closed the connection")
-
-    def _end_for(self, error: WebSocketError) -> None:
-        """End the session for a reason of the proxy's (or a side's fault): each side gets a close frame."""
-        outcomes = {"client": "client_protocol_error", "upstream": "upstream_protocol_error",
-                    "limits": "over_limit", "idle": "idle_timeout", "shutdown": "shutdown",
-                    "client_gone": "client_left", "upstream_gone": "upstream_left"}
-        self.outcome = "too_big" if error.code == CLOSE_TOO_BIG else outcomes.get(error.side, "error")
-        self.closed_by, self.close_code = "proxy", error.code
-        to_upstream = CLOSE_GOING_AWAY if error.side == "client" and error.code != CLOSE_TOO_BIG else error.code
-        to_client = CLOSE_INTERNAL if error.side == "upstream" and error.code == CLOSE_PROTOCOL_ERROR else error.code
-        reason = error.reason
-        if error.side == "upstream":
-            told = "sent" if error.code == CLOSE_TOO_BIG else "broke the protocol:"
-            reason = f"the upstream {told} {reason}"
-        self._tell("client", to_client, reason)
-        if error.side != "shutdown":
-            self._tell("upstream", to_upstream, error.reason)
-
-    def _tell(self, side: str, code: int, reason: str) -> None:
-        """Send a side a close frame of the proxy's own, where one can go in; never raises."""
-        if side == "upstream" and not self._from_client.between_frames:
-            return  # a client frame is half passed on: the upstream connection is just closed
-        with contextlib.suppress(OSError, WebSocketError):
-            self._send(side, encode_frame(OP_CLOSE, close_payload(code, reason), masked=side == "upstream"))
-
-    def _send(self, side: str, data: bytes) -> None:
-        try:
-            if side == "client":
-                self.exchange.send(data)
-            else:
-                self.upstream.sendall(data)
-        except ClientLeft:
-            raise WebSocketError(CLOSE_GOING_AWAY, "the client stopped reading", "client_gone") from None
-        except OSError:
-            raise WebSocketError(CLOSE_GOING_AWAY, "the upstream stopped reading", "upstream_gone") from None
-
-
 class _HandshakeResponse(_UpstreamResponse):
     """The upstream's answer to a WebSocket handshake, where 101 is what was asked for."""
 
@@ -4747,20 +4550,6 @@ def check_switch(response: _HandshakeResponse, key: str, offered: List[str]) -> 
     chosen = (headers.get("Sec-WebSocket-Protocol") or "").strip()
     if chosen and chosen not in offered:
         raise UpstreamBadResponse("the upstream chose a subprotocol it was not offered")
-
-
-def linger_close(sock: socket.socket) -> None:
-    """End a client connection after a close frame without a reset that could lose it: stop writing,
-    then read (and drop) what the client still sends until it closes, for a second at most."""
-    deadline = time.monotonic() + 1.0
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        for _ in range(64):
-            left = deadline - time.monotonic()
-            if left <= 0 or not _is_ready(sock, within=left) or not sock.recv(SESSION_READ_SIZE):
-                return
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------
@@ -5076,7 +4865,7 @@ class RelayLoop:
             function(*args)
         except Exception:
             logger.exception("internal error in the relay loop")
-            if isinstance(owner, StreamRelay) and not owner.ended:
+            if isinstance(owner, (StreamRelay, RealtimeSession)) and not owner.ended:
                 owner.abort()
 
 
@@ -5480,6 +5269,297 @@ class StreamRelay:
         self._watch_client(0)
         self.loop.forget(self)
         self.clean = self.clean and not self.client_left
+        self._on_end(self)
+
+
+class RealtimeSession:
+    """One relayed WebSocket in the relay loop, after the 101: the client's socket and the upstream's,
+    each direction's frames, and how the session ended.
+
+    Client frames pass on as they arrive; server messages go on whole, each
+    as soon as its last byte is in (a WebSocket client reads nothing of a
+    message before its end), so that the proxy can read each one: the usage
+    of response.done is counted as it arrives, and anything but model output
+    is masked as every upstream error is. Control frames are passed on in
+    both directions; a close frame from either side is passed on, and the
+    session ends once the other side answers it (or CLOSE_WAIT passes). What
+    a side does not take at once waits in its buffer; past
+    RELAY_BUFFER_LIMIT the other side is not read (back-pressure).
+    """
+
+    SIDES = ("client", "upstream")
+
+    def __init__(self, loop: RelayLoop, config: Config, exchange: Exchange, upstream: socket.socket,
+                 count_usage: Callable[[Usage], Optional[TooManyRequests]], count_waits: bool,
+                 on_end: Callable[["RealtimeSession"], None], from_client: bytes, from_upstream: bytes):
+        self.loop, self._config, self.exchange = loop, config, exchange
+        self.client, self.upstream = exchange.client_sock, upstream
+        self._count_usage, self._count_waits, self._on_end = count_usage, count_waits, on_end
+        self._secrets = secrets_of(config)
+        self._from_client = FrameStream(True, False, config.max_frame_bytes, "client")
+        self._from_upstream = FrameStream(False, True, config.max_frame_bytes, "upstream")
+        self._first = {"client": from_client, "upstream": from_upstream}
+        self._out = {"client": bytearray(), "upstream": bytearray()}  # what a side has not taken yet
+        self._stalled_since = {"client": 0.0, "upstream": 0.0}
+        self._events = {"client": 0, "upstream": 0}
+        self.bytes_in = 0  # from the client
+        self.usage: Optional[Usage] = None
+        self.closed_by = self.outcome = ""
+        self.close_code: Optional[int] = None
+        self._closing_since: Optional[float] = None
+        self._closes_seen = 0
+        self._last_activity = time.monotonic()
+        self.next_check = math.inf
+        self.ended = False
+
+    # ---- the loop's calls
+
+    def start(self) -> None:
+        for side in self.SIDES:
+            self._sock(side).setblocking(False)
+            self._watch(side, selectors.EVENT_READ)
+        self._step(self._arrive_first)
+
+    def on_client(self, mask: int) -> None:
+        self._step(self._ready, "client", mask)
+
+    def on_upstream(self, mask: int) -> None:
+        self._step(self._ready, "upstream", mask)
+
+    def on_timer(self, now: float) -> None:
+        self._step(self._check_times, now)
+
+    def cancelled(self) -> None:
+        """A drain: the client gets 1001, the upstream is already cut."""
+        self._step(self._left, "upstream")
+
+    def abort(self) -> None:
+        """End at once (a bug, or the loop stopping)."""
+        if not self.ended:
+            self.outcome = self.outcome or "error"
+            self._finish()
+
+    def _step(self, work: Callable, *args) -> None:
+        """One piece of the session's work; a WebSocketError ends the session, each side told why."""
+        if self.ended:
+            return
+        try:
+            work(*args)
+        except WebSocketError as error:
+            self._end_for(error)
+        if self.outcome:
+            self._finish()
+        else:
+            self._schedule()
+
+    def _arrive_first(self) -> None:
+        for side in ("upstream", "client"):  # what each sent with the handshake
+            if self._first[side]:
+                self._arrived(side, self._first.pop(side))
+        self._read(self.upstream, "upstream")  # a TLS record may hold more than the head's read took
+
+    def _ready(self, side: str, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(side)
+        if mask & selectors.EVENT_READ and not self.outcome:
+            self._read(self._sock(side), side)
+
+    def _read(self, sock: socket.socket, side: str) -> None:
+        for _ in range(64):  # bounded: a TLS upstream's records already decrypted, then the others' turn
+            try:
+                data = sock.recv(SESSION_READ_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._left(side)
+                return
+            self._arrived(side, data)
+            if self.outcome or not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                return
+
+    def _check_times(self, now: float) -> None:
+        """Raise (or set the outcome) once the session must end: a side that takes nothing, a close never
+        answered, a silence past IDLE_TIMEOUT."""
+        for side, limit in (("client", self._config.client_timeout), ("upstream", self._config.idle_timeout)):
+            if self._out[side] and now - self._stalled_since[side] >= limit:
+                raise WebSocketError(CLOSE_GOING_AWAY, f"the {side} stopped reading", f"{side}_gone")
+        if self._closing_since is not None and now - self._closing_since >= CLOSE_WAIT:
+            self.outcome = f"{self.closed_by}_closed"  # the other side never answered the close
+            return
+        if now - self._last_activity >= self._config.idle_timeout:
+            raise WebSocketError(CLOSE_GOING_AWAY, f"the session was idle for {self._config.idle_timeout:g} s "
+                                 "(IDLE_TIMEOUT)", "idle")
+
+    def _schedule(self) -> None:
+        due = [self._last_activity + self._config.idle_timeout]
+        if self._closing_since is not None:
+            due.append(self._closing_since + CLOSE_WAIT)
+        due += [self._stalled_since[side] + self._config.client_timeout for side in self.SIDES if self._out[side]]
+        self.loop.schedule(self, min(due))
+
+    def _arrived(self, side: str, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        if side == "client":
+            self.bytes_in += len(data)
+            for item in self._from_client.feed(data):
+                self._from_client_item(item)
+        else:
+            for item in self._from_upstream.feed(data):
+                self._from_upstream_item(item)
+
+    def _from_client_item(self, item: tuple) -> None:
+        if item[0] == "raw":
+            self._send("upstream", item[1])
+            return
+        _, opcode, payload, raw = item
+        self._send("upstream", raw)
+        if opcode == OP_CLOSE:
+            self._saw_close("client", payload)
+
+    def _from_upstream_item(self, item: tuple) -> None:
+        if item[0] == "message":
+            _, opcode, payload = item
+            usage = usage_of_message(payload) if opcode == OP_TEXT else None
+            self._send("client", encode_frame(opcode, mask_server_message(opcode, payload, self._secrets)))
+            if self.exchange.first_token_at is None and b'.delta"' in payload[:200]:
+                self.exchange.mark_first_token()
+            if usage is not None:
+                self._counted(usage)
+            return
+        _, opcode, payload, raw = item
+        masked = mask_bytes(payload, self._secrets)
+        self._send("client", raw if masked is payload else encode_frame(opcode, masked[:125]))
+        if opcode == OP_CLOSE:
+            self._saw_close("upstream", payload)
+
+    def _counted(self, usage: Usage) -> None:
+        """Count a response's usage now (with Redis, on the loop's helper thread), and end the session if it
+        put the client over a limit."""
+        self.usage = Usage(*(mine + theirs for mine, theirs in zip(self.usage or (0, 0, 0), usage)))
+        if not self._count_waits:
+            self._refused(self._count_usage(usage))
+            return
+
+        def count():
+            refusal = self._count_usage(usage)
+            self.loop.call_soon(self._step, self._refused, refusal)
+        self.loop.off_loop(count)
+
+    def _refused(self, refusal: Optional[TooManyRequests]) -> None:
+        if refusal is not None:  # the reason must fit a close frame: the limit, and when to come back
+            settings = {"tokens_per_minute": "RATE_LIMIT_TPM",
+                        **{f"token_budget_{period}": name for period, name in BUDGET_SETTINGS.items()}}
+            setting = settings.get(refusal.reason, "limits")
+            wait = _duration(int(refusal.headers.get("Retry-After", "1")))
+            raise WebSocketError(CLOSE_POLICY, f"this client is over its {setting}; retry in {wait}", "limits")
+
+    def _saw_close(self, side: str, payload: bytes) -> None:
+        self._closes_seen += 1
+        if self._closing_since is None:
+            self._closing_since = time.monotonic()
+            self.closed_by, self.close_code = side, parse_close(payload)[0]
+        if self._closes_seen >= 2:  # both sides said it: the closing handshake is done
+            self.outcome = f"{self.closed_by}_closed"
+
+    def _left(self, side: str) -> None:
+        """A side's connection ended (or broke); the other side is told, if the session was still open."""
+        if self.exchange.cancelled.is_set() and self.exchange.cancel_reason == Exchange.SHUTDOWN:
+            raise WebSocketError(CLOSE_GOING_AWAY, "the proxy is shutting down", "shutdown")
+        if self._closing_since is not None:
+            self.outcome = f"{self.closed_by}_closed"
+            return
+        self.closed_by, self.outcome = side, f"{side}_left"
+        if side == "client":
+            self.close_code = CLOSE_GOING_AWAY
+            self._tell("upstream", CLOSE_GOING_AWAY, "the client left")
+        else:
+            self.close_code = CLOSE_INTERNAL
+            self._tell("client", CLOSE_INTERNAL, "the upstream closed the connection")
+
+    def _end_for(self, error: WebSocketError) -> None:
+        """End the session for a reason of the proxy's (or a side's fault): each side gets a close frame."""
+        outcomes = {"client": "client_protocol_error", "upstream": "upstream_protocol_error",
+                    "limits": "over_limit", "idle": "idle_timeout", "shutdown": "shutdown",
+                    "client_gone": "client_left", "upstream_gone": "upstream_left"}
+        self.outcome = "too_big" if error.code == CLOSE_TOO_BIG else outcomes.get(error.side, "error")
+        self.closed_by, self.close_code = "proxy", error.code
+        to_upstream = CLOSE_GOING_AWAY if error.side == "client" and error.code != CLOSE_TOO_BIG else error.code
+        to_client = CLOSE_INTERNAL if error.side == "upstream" and error.code == CLOSE_PROTOCOL_ERROR else error.code
+        reason = error.reason
+        if error.side == "upstream":
+            told = "sent" if error.code == CLOSE_TOO_BIG else "broke the protocol:"
+            reason = f"the upstream {told} {reason}"
+        self._tell("client", to_client, reason)
+        if error.side != "shutdown":
+            self._tell("upstream", to_upstream, error.reason)
+
+    def _tell(self, side: str, code: int, reason: str) -> None:
+        """Send a side a close frame of the proxy's own, where one can go in; never raises."""
+        if side == "upstream" and not self._from_client.between_frames:
+            return  # a client frame is half passed on: the upstream connection is just closed
+        with contextlib.suppress(OSError, WebSocketError):
+            self._send(side, encode_frame(OP_CLOSE, close_payload(code, reason), masked=side == "upstream"))
+
+    def _send(self, side: str, data: bytes) -> None:
+        """Write to a side what it can take now; the rest waits for it, and past the buffer's bound the
+        other side is not read."""
+        if side == "client":
+            self.exchange.frames += 1
+            self.exchange.bytes_sent += len(data)
+        out = self._out[side]
+        if not out:
+            sent = self._send_now(side, data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._stalled_since[side] = time.monotonic()
+            self._watch(side, self._events[side] | selectors.EVENT_WRITE)
+        out += data
+        other = "upstream" if side == "client" else "client"
+        if len(out) > RELAY_BUFFER_LIMIT:
+            self._watch(other, self._events[other] & ~selectors.EVENT_READ)
+
+    def _send_now(self, side: str, data) -> int:
+        try:
+            return self._sock(side).send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return 0
+        except OSError:
+            raise WebSocketError(CLOSE_GOING_AWAY, f"the {side} stopped reading", f"{side}_gone") from None
+
+    def _flush(self, side: str) -> None:
+        out = self._out[side]
+        del out[:self._send_now(side, out)]
+        self._stalled_since[side] = time.monotonic()
+        other = "upstream" if side == "client" else "client"
+        if len(out) <= RELAY_BUFFER_LIMIT // 2:
+            self._watch(other, self._events[other] | selectors.EVENT_READ)
+        if not out:
+            self._watch(side, self._events[side] & ~selectors.EVENT_WRITE)
+
+    def _sock(self, side: str) -> socket.socket:
+        return self.client if side == "client" else self.upstream
+
+    def _watch(self, side: str, events: int) -> None:
+        if events != self._events[side]:
+            self._events[side] = events
+            self.loop.register(self._sock(side), events, self.on_client if side == "client" else self.on_upstream)
+
+    def _finish(self) -> None:
+        """The session is over: what is still owed goes out if it can at once; the upstream is closed, the
+        client's connection lingers until the client closes it."""
+        if self.ended:
+            return
+        self.ended = True
+        for side in self.SIDES:
+            self._watch(side, 0)
+            if self._out[side]:
+                with contextlib.suppress(WebSocketError):
+                    self._send_now(side, self._out[side])
+        _close_quietly(self.upstream)
+        self.loop.forget(self)
         self._on_end(self)
 
 
@@ -6312,6 +6392,13 @@ class ClientConnections:
         with self._lock:
             self._busy -= 1
         self._wait(sock, address, read_ahead)
+
+    def linger(self, sock: socket.socket) -> None:
+        """A connection that ends once the client has read all and closed it (after a WebSocket's close
+        frame): no more is written, what it sends is dropped, for LINGER at most."""
+        with self._lock:
+            self._busy -= 1
+        self._answer_and_close(sock, b"")
 
     def done(self, sock: socket.socket) -> None:
         """A worker finished with a connection it closes."""
@@ -7168,27 +7255,49 @@ def write_switch_head(handler: ProxyHandler, response: http.client.HTTPResponse)
     return CLOSE
 
 
-def relay_session(handler: ProxyHandler, response: _HandshakeResponse, exchange: Exchange) -> RealtimeSession:
-    """After the upstream's 101: the client gets its own, and the session runs until either side ends it."""
+def relay_session(handler: ProxyHandler, response: _HandshakeResponse, exchange: Exchange) -> None:
+    """After the upstream's 101: the client gets its own, and the relay loop carries the session until
+    either side ends it; the worker is free."""
     server, client = handler.server, handler.state.client_name
     check_switch(response, handler.headers["Sec-WebSocket-Key"].strip(), forwarded_subprotocols(handler.headers))
-    upstream_sock, from_upstream = response.connection.sock, response.rest()
+    upstream_sock, from_upstream = response.upstream_sock, response.rest()
     response.connection.sock = None  # the session's now, closed when it ends
-    session: Optional[RealtimeSession] = None
     server.metrics.inc("proxy_realtime_sessions")  # before the 101: a client that has it is counted already
     try:
         exchange.begin(lambda: write_switch_head(handler, response), event_stream=False)
-        handler.rfile.raw.probing = True
-        from_client = handler.rfile.read1(CLIENT_READ_BUFFER) or b""  # frames sent right after the handshake
-        session = RealtimeSession(handler.connection, upstream_sock, exchange, server.config,
-                                  lambda usage: server.limits.count_usage(client, usage))
-        session.run(from_client, from_upstream)
-    finally:
+    except BaseException:
         server.metrics.inc("proxy_realtime_sessions", value=-1)
-        if session is not None:
-            server.metrics.inc("proxy_realtime_sessions_total", (("outcome", session.outcome or "error"),))
-    linger_close(handler.connection)
-    return session
+        _close_quietly(upstream_sock)
+        raise
+    handler.rfile.raw.probing = True
+    from_client = handler.rfile.read1(CLIENT_READ_BUFFER) or b""  # frames sent right after the handshake
+    handler.relayed = handler.close_connection = True
+    server.relays.adopt(RealtimeSession(server.relays, server.config, exchange, upstream_sock,
+                                        lambda usage: server.limits.count_usage(client, usage), server.limits.shared,
+                                        functools.partial(session_ended, handler), from_client, from_upstream))
+
+
+def session_ended(handler: ProxyHandler, session: RealtimeSession) -> None:
+    """On the relay loop: a session is over; its slot is given back (its usage was counted as it came;
+    with Redis, on the loop's helper thread), it is logged, and the client's connection lingers until the
+    client closes it."""
+    server = handler.server
+    server.metrics.inc("proxy_realtime_sessions", value=-1)
+    server.metrics.inc("proxy_realtime_sessions_total", (("outcome", session.outcome or "error"),))
+    handler.state.session = {"outcome": session.outcome, "closed_by": session.closed_by,
+                             "close_code": session.close_code, "bytes_in": session.bytes_in}
+    server.clients.linger(handler.connection)
+
+    def settle_and_log():
+        handler.settle()
+        handler.state.usage = session.usage
+        handler.log_exchange()
+        server.request_ended()
+
+    if server.limits.shared:
+        server.relays.off_loop(settle_and_log)
+    else:
+        settle_and_log()
 
 
 def serve_realtime(handler: ProxyHandler) -> None:
@@ -7214,14 +7323,10 @@ def serve_realtime(handler: ProxyHandler) -> None:
                 exchange.begin(lambda: write_passthrough_head(handler, response, len(error_body)), False)
                 exchange.send(error_body, last=True)
                 return
-            session = relay_session(handler, response, exchange)
+            relay_session(handler, response, exchange)
         finally:
             response.close()
             response.connection.close()
-    handler.settle()  # the slot; the usage was counted as it came
-    handler.state.usage = session.usage
-    handler.state.session = {"outcome": session.outcome, "closed_by": session.closed_by,
-                             "close_code": session.close_code, "bytes_in": session.bytes_in}
 
 
 def serve_passthrough(handler: ProxyHandler) -> None:
