@@ -106,6 +106,11 @@ LIMITS_REDIS_DELAY = 0.001  # seconds each way; the relay's timer makes a round 
 LIMIT_FLAGS = ("--rate-limit-rpm", "100000000", "--rate-limit-tpm", "1000000000000", "--max-streams-per-client",
                "10000", "--token-budget-day", "1000000000000")
 
+# quiet: QUIET streams open at once, each a chunk every 10 s (a reasoning model thinking), heartbeats at their
+# default, no stream cap: every one served? the proxy's memory, CPU and threads, /healthz while they run.
+QUIET = (8000, 3, 10.0, 0.0)
+QUIET_FLAGS = ("--max-streams", "0", "--max-connections", "8200")
+
 # requests: REQUESTS one-chunk streams one after another on one kept-alive connection (what a request costs).
 REQUESTS = 1000
 # burst: each of BURST_CLIENTS clients starts within RAMP seconds and sends BURST_REQUESTS_PER_CLIENT streams of
@@ -133,7 +138,8 @@ SCENARIOS = {
     "limits": KEEPALIVE,
     "requests": (1, 1, 0.0, 0.0),
     "burst": (max(BURST_CLIENTS), BURST_CHUNKS, BURST_GAP, 0.0),
-    "realtime": (200, 100, 0.02, 0.0),  # REALTIME_SESSIONS, REALTIME_EVENTS, REALTIME_GAP (set below)
+    "realtime": (200, 100, 0.02, 0.0),
+    "quiet": QUIET,  # REALTIME_SESSIONS, REALTIME_EVENTS, REALTIME_GAP (set below)
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -547,6 +553,48 @@ async def overload(route, cpus, proxy_args, shape=None):
                 "healthz_max_ms": ms(max(latencies, default=None)), "healthz_failed": len(failures),
                 "active_max": max(probed["active"], default=None),
                 "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1),
+                "sample_error": (via["errors"] or [None])[0]}
+    finally:
+        proxy.stop()
+        upstream.close()
+
+
+async def quiet(route, cpus, proxy_args):
+    """Many streams open at once, each nearly silent: what holding them costs the proxy, and whether it
+    still answers /healthz at once."""
+    streams, chunks, gap, think = QUIET
+    upstream = Upstream()
+    upstream.chunks, upstream.gap, upstream.think = chunks, gap, think
+    upstream_port = await upstream.start()
+    upstream.phase = "proxy"
+    proxy = ProxyProcess(upstream_port, cpus[0] if cpus else None, (*QUIET_FLAGS, *proxy_args))
+    peaks = {"Threads": 0, "VmRSS": 0}
+    running = {}  # the threads once every stream has started, between two chunks, and the burst's workers gone
+
+    async def sample():
+        started = time.monotonic()
+        while True:
+            for name in peaks:
+                peaks[name] = max(peaks[name], proxy.status(name))
+            if "threads" not in running and time.monotonic() - started > RAMP + gap * (chunks - 0.5):
+                running["threads"] = proxy.status("Threads")
+            await asyncio.sleep(0.5)
+
+    try:
+        cpu_before = proxy.cpu_seconds()
+        prober = Prober(proxy.port, RAMP + chunks * gap)
+        sampler = asyncio.ensure_future(sample())
+        via = await run_clients(proxy.port, route, streams, stagger=RAMP)
+        sampler.cancel()
+        probed = prober.result()
+        latencies = probed["latencies"]
+        return {"scenario": "quiet", "route": route, "streams": streams, "served": via["served"],
+                "errors": len(via["errors"]) + len(via["refused"]), "cpu_s": round(proxy.cpu_seconds() - cpu_before, 2),
+                "gap_p99_ms": ms(percentile(via["gaps"], 99)), "threads_max": peaks["Threads"],
+                "threads_running": running.get("threads"),
+                "rss_max_mb": round(peaks["VmRSS"] / 1024, 1), "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1),
+                "healthz_p50_ms": ms(percentile(latencies, 50)), "healthz_p99_ms": ms(percentile(latencies, 99)),
+                "healthz_max_ms": ms(max(latencies, default=None)), "healthz_failed": len(probed["failures"]),
                 "sample_error": (via["errors"] or [None])[0]}
     finally:
         proxy.stop()
@@ -1021,6 +1069,8 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.p
     ProxyProcess.home = SYSTEMS[system][0]
     if name == "overload":
         return await overload(route, cpus, proxy_args, shape or OVERLOAD)
+    if name == "quiet":
+        return await quiet(route, cpus, proxy_args)
     if name == "keepalive":
         return await keepalive(route, cpus, (*UNLIMITED, *proxy_args))
     if name == "rtt":
@@ -1240,6 +1290,9 @@ TABLES = (
     ("overload", ("route", "system", "streams", "served", "gap_p99_ms", "direct_gap_p99_ms", "gap_max_ms", "refused",
                   "with_retry_after", "refusal_p99_ms", "refusal_max_ms", "unanswered", "healthz_p50_ms",
                   "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "active_max", "peak_rss_mb")),
+    ("quiet", ("route", "system", "streams", "served", "errors", "cpu_s", "gap_p99_ms", "threads_max",
+               "threads_running", "rss_max_mb",
+               "peak_rss_mb", "healthz_p50_ms", "healthz_p99_ms", "healthz_max_ms", "healthz_failed")),
     ("keepalive", ("route", "system", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
                    "direct_p50_ms", "direct_max_ms")),
     ("flood", ("system", "flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
@@ -1263,7 +1316,7 @@ def print_table(rows):
     """One table for the per-token scenarios, one each for overload, keepalive and flood."""
     for title, columns in TABLES:
         kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt", "limits",
-                                                                       "requests", "burst", "realtime")
+                                                                       "requests", "burst", "realtime", "quiet")
                                     else "per token") == title]
         if not kind:
             continue

@@ -2918,6 +2918,7 @@ class Exchange:
         self.bytes_sent = 0          # body bytes, heartbeats included, framing not
         self.first_token_at: Optional[float] = None
         self.watched = False         # the relay loop was asked to watch its client during the request phase
+        self.watching = False        # ... and does (the loop's thread alone reads and sets this)
         self.handed_over = False     # the relay loop carries it now
         self._upstream_lock = threading.Lock()
         self._upstream_sock: Optional[socket.socket] = None
@@ -4747,15 +4748,15 @@ class RelayLoop:
             self._sequence += 1
             heapq.heappush(self._timers, (when, self._sequence, relay))
 
-    def register(self, sock: socket.socket, events: int, callback: Callable[[int], None]) -> None:
-        """Watch a socket for events (0: stop watching it), callback(mask) when they come."""
-        key = self._key_of(sock)
-        if events == 0:
-            if key is not None:
-                self._unregister(sock)
-        elif key is None:
+    def register(self, sock: socket.socket, before: int, events: int, callback: Callable[[int], None]) -> None:
+        """Watch a socket for events instead of `before` (0: not at all), callback(mask) when they come.
+        The caller knows what it asked for: a look-up in the selector costs more than the change (a miss
+        formats the socket, with two system calls)."""
+        if not before:
             self._selector.register(sock, events, callback)
-        elif key.events != events or key.data is not callback:
+        elif not events:
+            self._unregister(sock)
+        else:
             self._selector.modify(sock, events, callback)
 
     def forget(self, relay: "StreamRelay") -> None:
@@ -4763,13 +4764,6 @@ class RelayLoop:
         self._relays.discard(relay)
         with self._lock:
             self._exchanges.discard(relay.exchange)
-
-    def _key_of(self, sock: socket.socket) -> Optional[selectors.SelectorKey]:
-        """The socket's registration, if any (found also once the socket is closed)."""
-        try:
-            return self._selector.get_map().get(sock)
-        except ValueError:  # closed, and not registered
-            return None
 
     def _unregister(self, sock: socket.socket) -> None:
         try:
@@ -4783,12 +4777,13 @@ class RelayLoop:
         try:
             self._selector.register(exchange.client_sock, selectors.EVENT_READ,
                                     functools.partial(self._client_readable, exchange))
+            exchange.watching = True
         except (KeyError, ValueError, OSError):
             pass  # closed already: the request has ended
 
     def _unwatch(self, exchange: Exchange) -> None:
-        key = self._key_of(exchange.client_sock)
-        if key is not None and isinstance(key.data, functools.partial) and key.data.args == (exchange,):
+        if exchange.watching:
+            exchange.watching = False
             self._unregister(exchange.client_sock)
 
     def _client_readable(self, exchange: Exchange, mask: int) -> None:
@@ -4993,7 +4988,8 @@ class StreamRelay:
         self._reading = on
         if on:
             self._last_read = time.monotonic()  # the silence counts from now, not from when it was paused
-        self.loop.register(self.upstream, selectors.EVENT_READ if on else 0, self.on_upstream)
+        self.loop.register(self.upstream, 0 if on else selectors.EVENT_READ, selectors.EVENT_READ if on else 0,
+                           self.on_upstream)
 
     def _recv_upstream(self, size: int) -> Optional[bytes]:
         """What the upstream sent (b"" at its end), or None for nothing yet; a break ends the relay."""
@@ -5110,8 +5106,8 @@ class StreamRelay:
 
     def _watch_client(self, events: int) -> None:
         if events != self._client_events:
+            self.loop.register(self.client, self._client_events, events, self.on_client)
             self._client_events = events
-            self.loop.register(self.client, events, self.on_client)
 
     def _client_readable(self) -> None:
         """The client left, or sent bytes of its next request, which are kept for it."""
@@ -5544,8 +5540,9 @@ class RealtimeSession:
 
     def _watch(self, side: str, events: int) -> None:
         if events != self._events[side]:
+            self.loop.register(self._sock(side), self._events[side], events,
+                               self.on_client if side == "client" else self.on_upstream)
             self._events[side] = events
-            self.loop.register(self._sock(side), events, self.on_client if side == "client" else self.on_upstream)
 
     def _finish(self) -> None:
         """The session is over: what is still owed goes out if it can at once; the upstream is closed, the
@@ -6123,7 +6120,11 @@ class WorkerPool:
     requests queued until a running stream ended (bench_proxy.py burst).
     """
 
-    IDLE_TIMEOUT = 60.0  # seconds a worker waits for a job before it ends, if more than `minimum` are left
+    # Seconds a worker waits for a job before it ends, if more than `minimum` are left. A worker is busy only
+    # while a request is read and its upstream answers (the relay loop carries the rest), so the workers a
+    # burst started are not needed for long: they go within seconds, and the threads follow the requests
+    # starting, not the streams running.
+    IDLE_TIMEOUT = 5.0
 
     def __init__(self, minimum: int, maximum: int):
         self._minimum, self._maximum = minimum, max(minimum, maximum)
