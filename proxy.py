@@ -4864,6 +4864,59 @@ class RelayLoop:
                 owner.abort()
 
 
+class Peer:
+    """One socket of an exchange in the relay loop: what the loop watches it for, and what it has not taken
+    yet (written as soon as it can take it)."""
+
+    def __init__(self, loop: RelayLoop, sock: socket.socket, callback: Callable[[int], None]):
+        self.loop, self.sock, self._callback = loop, sock, callback
+        self.out = bytearray()
+        self.events = 0
+        self.last_write = self.stalled_since = time.monotonic()  # since when it has taken nothing of `out`
+
+    def watch(self, events: int) -> None:
+        if events != self.events:
+            self.loop.register(self.sock, self.events, events, self._callback)
+            self.events = events
+
+    def read(self, on: bool) -> None:
+        self.watch(self.events | selectors.EVENT_READ if on else self.events & ~selectors.EVENT_READ)
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.events & selectors.EVENT_READ)
+
+    def send(self, data: bytes) -> None:
+        """Write what the socket takes now and keep the rest for later; OSError if its peer is gone."""
+        if not self.out:
+            sent = self._send_now(data)
+            self.last_write = time.monotonic()
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.stalled_since = self.last_write
+            self.watch(self.events | selectors.EVENT_WRITE)
+        self.out += data
+
+    def flush(self) -> bool:
+        """Write what waits, as far as the socket takes it; True once nothing does. OSError if it is gone."""
+        del self.out[:self._send_now(self.out)]
+        self.last_write = self.stalled_since = time.monotonic()
+        if not self.out:
+            self.watch(self.events & ~selectors.EVENT_WRITE)
+        return not self.out
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """True when it has taken nothing of what waits for `limit` seconds."""
+        return bool(self.out) and now - self.stalled_since >= limit
+
+    def _send_now(self, data) -> int:
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return 0
+
+
 class StreamRelay:
     """One response in the relay loop, from the end of its head to its end.
 
@@ -4884,11 +4937,11 @@ class StreamRelay:
                  note_failure: Callable[[ProxyError], None], on_end: Callable[["StreamRelay"], None],
                  leftover: bytes):
         self.loop, self.exchange, self.response, self.body = loop, exchange, response, body
-        self.client, self.upstream = exchange.client_sock, response.upstream_sock
+        self.client, self.upstream = Peer(loop, exchange.client_sock, self.on_client), response.upstream_sock
+        self._up = Peer(loop, self.upstream, self.on_upstream)
         self._settle, self._settle_waits, self._note_failure, self._on_end = settle, settle_waits, note_failure, on_end
         self._framing = UpstreamBody(response.chunked, response.length)
         self._config = config
-        self.out = bytearray()          # written to the client when it can take it
         self.leftover = bytearray(leftover)  # what the client sent of its next request meanwhile
         self.next_check = math.inf      # when on_timer is due (the loop's heap)
         self.ended = False
@@ -4897,18 +4950,15 @@ class StreamRelay:
         self._closing = False           # the end is under way: nothing more is read
         self._settling = self._settled_now = False  # the request's settling has begun; has ended
         self._draining_until: Optional[float] = None  # after [DONE], until the upstream's body ends
-        self._reading = False
         self._upstream_released = False  # its connection is back in its pool, or closed
-        self._client_events = 0
-        self._last_read = self._last_write = time.monotonic()
-        self._stalled_since: Optional[float] = None  # since when the client has taken nothing of `out`
+        self._last_read = time.monotonic()
 
     # ---- start, events and timers
 
     def start(self) -> None:
-        self.client.setblocking(False)
+        self.client.sock.setblocking(False)
         self.upstream.setblocking(False)
-        self._watch_client(selectors.EVENT_READ)
+        self.client.read(True)
         self._read_upstream(True)
         first = self.response.rest()  # what came with the head
         if first:
@@ -4920,7 +4970,7 @@ class StreamRelay:
         self._schedule()
 
     def on_upstream(self, mask: int) -> None:
-        if self.ended or not self._reading:
+        if self.ended or not self._up.reading:
             return
         data = self._recv_upstream(UPSTREAM_READ_SIZE)
         if data is not None:
@@ -4937,18 +4987,18 @@ class StreamRelay:
 
     def on_timer(self, now: float) -> None:
         """Whatever is due: a client that took nothing for too long, the upstream's silence, a heartbeat."""
-        config = self._config
-        if self.out and now - self._stalled_since >= config.client_timeout:
+        config, client = self._config, self.client
+        if client.stalled(now, config.client_timeout):
             self._client_gone()  # it stopped reading: as if it had left
             return
         if self._draining_until is not None and now >= self._draining_until:
             self._drained(keep=False)
             return
-        if self._reading and not self._closing and now - self._last_read >= config.idle_timeout:
+        if self._up.reading and not self._closing and now - self._last_read >= config.idle_timeout:
             self.fail(UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s"))
             return
-        if (self.exchange.event_stream and not self.out and not self._closing
-                and now - self._last_write >= config.heartbeat_interval):
+        if (self.exchange.event_stream and not client.out and not self._closing
+                and now - client.last_write >= config.heartbeat_interval):
             self._queue(HEARTBEAT_FRAME, frames=0)
         self._schedule()
 
@@ -4968,28 +5018,24 @@ class StreamRelay:
     def _schedule(self) -> None:
         if self.ended:
             return
-        config, due = self._config, []
-        if self.out:
-            due.append(self._stalled_since + self._config.client_timeout)
+        config, client, due = self._config, self.client, []
+        if client.out:
+            due.append(client.stalled_since + config.client_timeout)
         if self._draining_until is not None:
             due.append(self._draining_until)
-        if self._reading and not self._closing:
+        if self._up.reading and not self._closing:
             due.append(self._last_read + config.idle_timeout)
-        if self.exchange.event_stream and not self._closing and not self.out:
-            due.append(self._last_write + config.heartbeat_interval)
+        if self.exchange.event_stream and not self._closing and not client.out:
+            due.append(client.last_write + config.heartbeat_interval)
         if due:
             self.loop.schedule(self, min(due))
 
     # ---- the upstream's side
 
     def _read_upstream(self, on: bool) -> None:
-        if on == self._reading:
-            return
-        self._reading = on
-        if on:
+        if on and not self._up.reading:
             self._last_read = time.monotonic()  # the silence counts from now, not from when it was paused
-        self.loop.register(self.upstream, 0 if on else selectors.EVENT_READ, selectors.EVENT_READ if on else 0,
-                           self.on_upstream)
+        self._up.read(on)
 
     def _recv_upstream(self, size: int) -> Optional[bytes]:
         """What the upstream sent (b"" at its end), or None for nothing yet; a break ends the relay."""
@@ -5007,7 +5053,7 @@ class StreamRelay:
     def _drain_tls(self) -> None:
         """A TLS record may hold more than was asked for: its bytes are readable with no event to say so."""
         for _ in range(64):  # bounded: a fast upstream gets its next turn after the others
-            if not (self._reading and not self.ended and isinstance(self.upstream, ssl.SSLSocket)):
+            if not (self._up.reading and not self.ended and isinstance(self.upstream, ssl.SSLSocket)):
                 return
             pending = self.upstream.pending()
             if not pending:
@@ -5104,15 +5150,10 @@ class StreamRelay:
 
     # ---- the client's side
 
-    def _watch_client(self, events: int) -> None:
-        if events != self._client_events:
-            self.loop.register(self.client, self._client_events, events, self.on_client)
-            self._client_events = events
-
     def _client_readable(self) -> None:
         """The client left, or sent bytes of its next request, which are kept for it."""
         try:
-            data = self.client.recv(CLIENT_READ_BUFFER)
+            data = self.client.sock.recv(CLIENT_READ_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -5122,7 +5163,7 @@ class StreamRelay:
             return
         self.leftover += data
         if len(self.leftover) > HEAD_LIMIT:  # enough for its next head: the rest waits in the kernel
-            self._watch_client(self._client_events & ~selectors.EVENT_READ)
+            self.client.read(False)
 
     def _write(self, pieces: List[bytes]) -> None:
         """Write body pieces as one chunk (a framing of its own, so that an error event can follow)."""
@@ -5130,55 +5171,35 @@ class StreamRelay:
             self._queue(pieces[0] if len(pieces) == 1 else b"".join(pieces), frames=len(pieces))
 
     def _queue(self, data: bytes, frames: int, end: bytes = b"") -> None:
-        exchange = self.exchange
+        exchange, client = self.exchange, self.client
         exchange.frames += frames
         exchange.bytes_sent += len(data)
         if exchange.framing == CHUNKED and data:
             data = encode_chunk(data)
-        data += end
-        if not self.out:
-            try:
-                sent = self.client.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._client_gone()
-                return
-            self._last_write = time.monotonic()
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self._stalled_since = self._last_write
-            self._watch_client(self._client_events | selectors.EVENT_WRITE)
-            self.out += data
+        waited = bool(client.out)
+        try:
+            client.send(data + end)
+        except OSError:
+            self._client_gone()
+            return
+        if client.out and not waited:
             self._schedule()  # its CLIENT_TIMEOUT counts from now
-        else:
-            self.out += data
-        if len(self.out) > RELAY_BUFFER_LIMIT:
+        if len(client.out) > RELAY_BUFFER_LIMIT:
             self._read_upstream(False)  # back-pressure: the upstream waits in the kernel's buffers
 
     def _flush(self) -> None:
         try:
-            sent = self.client.send(self.out)
-        except (BlockingIOError, InterruptedError):
-            return
+            drained = self.client.flush()
         except OSError:
             self._client_gone()
             return
-        del self.out[:sent]
-        self._last_write = self._stalled_since = time.monotonic()
-        if self.out:
-            if len(self.out) <= RELAY_BUFFER_LIMIT // 2 and not self._closing and self._draining_until is None:
-                self._resume()
-            return
-        self._watch_client(self._client_events & ~selectors.EVENT_WRITE)
-        if self._closing:
+        if drained and self._closing:
             self._complete()
-        elif self._draining_until is None:
+        elif len(self.client.out) <= RELAY_BUFFER_LIMIT // 2 and not self._closing and self._draining_until is None:
             self._resume()
 
     def _resume(self) -> None:
-        if not self._reading and not self.ended and not self._upstream_released:
+        if not self._up.reading and not self.ended and not self._upstream_released:
             self._read_upstream(True)
             self._drain_tls()
 
@@ -5205,7 +5226,7 @@ class StreamRelay:
         self.client_left = True
         self.exchange.cancel(Exchange.CLIENT_LEFT)
         self._close_upstream()
-        self.out.clear()
+        self.client.out.clear()
         self._closing = True
         if not self._settling:
             self._settled(self._complete)
@@ -5252,7 +5273,7 @@ class StreamRelay:
         self.clean = exchange.framing != CLOSE
         data = (last[0] if len(last) == 1 else b"".join(last)) if last else b""
         self._queue(data, frames=len(last), end=CHUNKED_END if exchange.framing == CHUNKED else b"")
-        if not self.out and not self.ended:
+        if not self.client.out and not self.ended:
             self._complete()
 
     def _complete(self) -> None:
@@ -5262,7 +5283,7 @@ class StreamRelay:
             return
         self.ended = True
         self._close_upstream()
-        self._watch_client(0)
+        self.client.watch(0)
         self.loop.forget(self)
         self.clean = self.clean and not self.client_left
         self._on_end(self)
@@ -5283,21 +5304,18 @@ class RealtimeSession:
     RELAY_BUFFER_LIMIT the other side is not read (back-pressure).
     """
 
-    SIDES = ("client", "upstream")
-
     def __init__(self, loop: RelayLoop, config: Config, exchange: Exchange, upstream: socket.socket,
                  count_usage: Callable[[Usage], Optional[TooManyRequests]], count_waits: bool,
                  on_end: Callable[["RealtimeSession"], None], from_client: bytes, from_upstream: bytes):
         self.loop, self._config, self.exchange = loop, config, exchange
         self.client, self.upstream = exchange.client_sock, upstream
+        self._peers = {"client": Peer(loop, self.client, self.on_client),
+                       "upstream": Peer(loop, upstream, self.on_upstream)}
         self._count_usage, self._count_waits, self._on_end = count_usage, count_waits, on_end
         self._secrets = secrets_of(config)
         self._from_client = FrameStream(True, False, config.max_frame_bytes, "client")
         self._from_upstream = FrameStream(False, True, config.max_frame_bytes, "upstream")
         self._first = {"client": from_client, "upstream": from_upstream}
-        self._out = {"client": bytearray(), "upstream": bytearray()}  # what a side has not taken yet
-        self._stalled_since = {"client": 0.0, "upstream": 0.0}
-        self._events = {"client": 0, "upstream": 0}
         self.bytes_in = 0  # from the client
         self.usage: Optional[Usage] = None
         self.closed_by = self.outcome = ""
@@ -5311,9 +5329,9 @@ class RealtimeSession:
     # ---- the loop's calls
 
     def start(self) -> None:
-        for side in self.SIDES:
-            self._sock(side).setblocking(False)
-            self._watch(side, selectors.EVENT_READ)
+        for peer in self._peers.values():
+            peer.sock.setblocking(False)
+            peer.read(True)
         self._step(self._arrive_first)
 
     def on_client(self, mask: int) -> None:
@@ -5358,7 +5376,7 @@ class RealtimeSession:
         if mask & selectors.EVENT_WRITE:
             self._flush(side)
         if mask & selectors.EVENT_READ and not self.outcome:
-            self._read(self._sock(side), side)
+            self._read(self._peers[side].sock, side)
 
     def _read(self, sock: socket.socket, side: str) -> None:
         for _ in range(64):  # bounded: a TLS upstream's records already decrypted, then the others' turn
@@ -5379,7 +5397,7 @@ class RealtimeSession:
         """Raise (or set the outcome) once the session must end: a side that takes nothing, a close never
         answered, a silence past IDLE_TIMEOUT."""
         for side, limit in (("client", self._config.client_timeout), ("upstream", self._config.idle_timeout)):
-            if self._out[side] and now - self._stalled_since[side] >= limit:
+            if self._peers[side].stalled(now, limit):
                 raise WebSocketError(CLOSE_GOING_AWAY, f"the {side} stopped reading", f"{side}_gone")
         if self._closing_since is not None and now - self._closing_since >= CLOSE_WAIT:
             self.outcome = f"{self.closed_by}_closed"  # the other side never answered the close
@@ -5392,7 +5410,7 @@ class RealtimeSession:
         due = [self._last_activity + self._config.idle_timeout]
         if self._closing_since is not None:
             due.append(self._closing_since + CLOSE_WAIT)
-        due += [self._stalled_since[side] + self._config.client_timeout for side in self.SIDES if self._out[side]]
+        due += [peer.stalled_since + self._config.client_timeout for peer in self._peers.values() if peer.out]
         self.loop.schedule(self, min(due))
 
     def _arrived(self, side: str, data: bytes) -> None:
@@ -5504,45 +5522,22 @@ class RealtimeSession:
         if side == "client":
             self.exchange.frames += 1
             self.exchange.bytes_sent += len(data)
-        out = self._out[side]
-        if not out:
-            sent = self._send_now(side, data)
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self._stalled_since[side] = time.monotonic()
-            self._watch(side, self._events[side] | selectors.EVENT_WRITE)
-        out += data
-        other = "upstream" if side == "client" else "client"
-        if len(out) > RELAY_BUFFER_LIMIT:
-            self._watch(other, self._events[other] & ~selectors.EVENT_READ)
-
-    def _send_now(self, side: str, data) -> int:
+        peer = self._peers[side]
         try:
-            return self._sock(side).send(data)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return 0
+            peer.send(data)
         except OSError:
             raise WebSocketError(CLOSE_GOING_AWAY, f"the {side} stopped reading", f"{side}_gone") from None
+        if len(peer.out) > RELAY_BUFFER_LIMIT:
+            self._peers["upstream" if side == "client" else "client"].read(False)
 
     def _flush(self, side: str) -> None:
-        out = self._out[side]
-        del out[:self._send_now(side, out)]
-        self._stalled_since[side] = time.monotonic()
-        other = "upstream" if side == "client" else "client"
-        if len(out) <= RELAY_BUFFER_LIMIT // 2:
-            self._watch(other, self._events[other] | selectors.EVENT_READ)
-        if not out:
-            self._watch(side, self._events[side] & ~selectors.EVENT_WRITE)
-
-    def _sock(self, side: str) -> socket.socket:
-        return self.client if side == "client" else self.upstream
-
-    def _watch(self, side: str, events: int) -> None:
-        if events != self._events[side]:
-            self.loop.register(self._sock(side), self._events[side], events,
-                               self.on_client if side == "client" else self.on_upstream)
-            self._events[side] = events
+        peer = self._peers[side]
+        try:
+            peer.flush()
+        except OSError:
+            raise WebSocketError(CLOSE_GOING_AWAY, f"the {side} stopped reading", f"{side}_gone") from None
+        if len(peer.out) <= RELAY_BUFFER_LIMIT // 2:
+            self._peers["upstream" if side == "client" else "client"].read(True)
 
     def _finish(self) -> None:
         """The session is over: what is still owed goes out if it can at once; the upstream is closed, the
@@ -5550,11 +5545,11 @@ class RealtimeSession:
         if self.ended:
             return
         self.ended = True
-        for side in self.SIDES:
-            self._watch(side, 0)
-            if self._out[side]:
-                with contextlib.suppress(WebSocketError):
-                    self._send_now(side, self._out[side])
+        for peer in self._peers.values():
+            peer.watch(0)
+            if peer.out:
+                with contextlib.suppress(OSError):
+                    peer.flush()
         _close_quietly(self.upstream)
         self.loop.forget(self)
         self._on_end(self)
