@@ -2964,15 +2964,16 @@ class Exchange:
         self.event_stream = event_stream and self.framing != SIZED  # a comment would break the length
         self.streaming = True
 
-    def send(self, data: bytes, last: bool = False) -> None:
-        """On the worker: write body bytes as one chunk; raise ClientLeft if the client is gone or stuck.
+    def send(self, data: bytes, count: int = 1, last: bool = False) -> None:
+        """On the worker: write body bytes (count frames) as one chunk; raise ClientLeft if the client is
+        gone or stuck.
 
         last: these bytes complete a sized body, so the client sees its end with them.
         """
         if last:
             self.before_end()
         self._write(encode_chunk(data) if self.framing == CHUNKED else data)
-        self.frames += 1
+        self.frames += count
         self.bytes_sent += len(data)
 
     def mark_first_token(self) -> None:
@@ -4638,6 +4639,21 @@ class UpstreamBody:
             self.ended = True
 
 
+def keep_or_close_upstream(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
+                           framing: UpstreamBody, keep: bool) -> None:
+    """A response whose socket was read directly (framing): its connection back to its pool if its body
+    was read to its end, and nothing after it, and nobody said otherwise; else closed."""
+    connection = response.connection
+    keep = (keep and framing.ended and not framing.extra and not response.spoiled and not response.will_close
+            and config.upstream_keepalive > 0 and exchange.detach_upstream())
+    response.close()
+    if keep:
+        connection.sock.settimeout(config.idle_timeout)
+        connection.pool.give_back(connection, time.monotonic(), config.upstream_keepalive)
+    else:
+        connection.close()
+
+
 class RelayLoop:
     """The one thread that carries every response once its head is written.
 
@@ -4935,12 +4951,12 @@ class StreamRelay:
     def __init__(self, loop: RelayLoop, config: Config, exchange: Exchange, response: http.client.HTTPResponse, body,
                  settle: Callable[[Optional[Usage]], None], settle_waits: bool,
                  note_failure: Callable[[ProxyError], None], on_end: Callable[["StreamRelay"], None],
-                 leftover: bytes):
+                 leftover: bytes, framing: UpstreamBody, first: bytes):
         self.loop, self.exchange, self.response, self.body = loop, exchange, response, body
         self.client, self.upstream = Peer(loop, exchange.client_sock, self.on_client), response.upstream_sock
         self._up = Peer(loop, self.upstream, self.on_upstream)
         self._settle, self._settle_waits, self._note_failure, self._on_end = settle, settle_waits, note_failure, on_end
-        self._framing = UpstreamBody(response.chunked, response.length)
+        self._framing, self._first = framing, first  # how the body is framed, what of it came with the head
         self._config = config
         self.leftover = bytearray(leftover)  # what the client sent of its next request meanwhile
         self.next_check = math.inf      # when on_timer is due (the loop's heap)
@@ -4960,13 +4976,10 @@ class StreamRelay:
         self.upstream.setblocking(False)
         self.client.read(True)
         self._read_upstream(True)
-        first = self.response.rest()  # what came with the head
-        if first:
-            self._from_upstream(first)
+        if self._first:
+            self._relay(self._first)
         if not self.ended and not self._closing:
             self._drain_tls()
-        if self._framing.ended and not self._closing and not self.ended:
-            self._from_upstream(b"")  # a body of no bytes: it ends now
         self._schedule()
 
     def on_upstream(self, mask: int) -> None:
@@ -5119,21 +5132,10 @@ class StreamRelay:
         self._end([])
 
     def _release_upstream(self, keep: bool) -> None:
-        """The upstream connection back to its pool if it can carry another request, else closed."""
-        response, connection = self.response, self.response.connection
-        if self._upstream_released:
-            return
-        self._upstream_released = True
-        self._read_upstream(False)
-        framing = self._framing
-        keep = (keep and framing.ended and not framing.extra and not response.spoiled and not response.will_close
-                and self._config.upstream_keepalive > 0 and self.exchange.detach_upstream())
-        response.close()
-        if keep:
-            connection.sock.settimeout(self._config.idle_timeout)
-            connection.pool.give_back(connection, time.monotonic(), self._config.upstream_keepalive)
-        else:
-            connection.close()
+        if not self._upstream_released:
+            self._upstream_released = True
+            self._read_upstream(False)
+            keep_or_close_upstream(self.response, self.exchange, self._config, self._framing, keep)
 
     def _close_upstream(self) -> None:
         if not self._upstream_released:
@@ -7036,15 +7038,47 @@ def inspect_body(handler: ProxyHandler, target: str) -> bytes:
 
 def hand_over(handler: ProxyHandler, response: http.client.HTTPResponse, body) -> None:
     """The head is out: the relay loop carries the rest of the response (body: MessageFrames or
-    PassthroughBody), then the connection; the worker is free at once."""
+    PassthroughBody), then the connection; the worker is free at once. A body that came whole with the
+    head is relayed by the worker itself (relay_at_once): most short answers, no hand-over."""
     exchange, server = handler.state.exchange, handler.server
+    framing = UpstreamBody(response.chunked, response.length)
+    try:
+        first = framing.feed(response.rest())  # what came with the head, never a wait
+    except ProxyError:
+        keep_or_close_upstream(response, exchange, server.config, framing, keep=False)
+        raise
+    if framing.ended:
+        relay_at_once(handler, response, body, framing, first)
+        return
     keep = not handler.close_connection and not server.draining and exchange.framing != CLOSE
     handler.rfile.raw.probing = True
     leftover = handler.rfile.read1(CLIENT_READ_BUFFER) if keep else b""  # a pipelined request's first bytes
     handler.relayed, handler.close_connection = True, True  # from here, the loop decides
     server.relays.adopt(StreamRelay(server.relays, server.config, exchange, response, body, handler.settle,
                                     server.limits.shared, handler.note_failure,
-                                    functools.partial(relay_ended, handler, keep), leftover))
+                                    functools.partial(relay_ended, handler, keep), leftover, framing, first))
+
+
+def relay_at_once(handler: ProxyHandler, response: http.client.HTTPResponse, body, framing: UpstreamBody,
+                  payload: bytes) -> None:
+    """On the worker: a response whose whole body is in hand, relayed as the loop would (one write, the
+    upstream connection kept first, the request settled before the end); an error the upstream reported
+    in it is told after the events before it, by the error boundary."""
+    exchange, config = handler.state.exchange, handler.server.config
+    out: List[bytes] = []
+    try:
+        if payload and body.feed(payload, out):
+            exchange.mark_first_token()
+        body.finish(out)
+    except ProxyError:
+        response.spoiled = True
+        raise
+    finally:
+        keep_or_close_upstream(response, exchange, config, framing, keep=True)
+        handler.state.usage = body.usage()
+        if out:
+            exchange.send(b"".join(out), count=len(out), last=exchange.framing == SIZED)
+    exchange.end()
 
 
 def relay_ended(handler: ProxyHandler, keep: bool, relay: StreamRelay) -> None:
