@@ -621,7 +621,7 @@ SETTING_GROUPS = (
                 "tokens a minute per client"),
         Setting("max_streams_per_client", ("MAX_STREAMS_PER_CLIENT",), "0", _parse_count,
                 "running per client"),
-        Setting("max_streams", ("MAX_STREAMS",), "500", _parse_count,
+        Setting("max_streams", ("MAX_STREAMS",), "1000", _parse_count,
                 "running in all"),
         Setting("token_budget_day", ("TOKEN_BUDGET_DAY",), "0", _parse_count,
                 "tokens per client per UTC day"),
