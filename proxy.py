@@ -5291,6 +5291,43 @@ class StreamRelay:
         self._on_end(self)
 
 
+class NextRequest:
+    """A kept-alive connection whose response the loop just ended, watched briefly for the client's next
+    request: once its head is here, it goes straight to a worker (ClientConnections hands a whole head
+    over at once), and the connections' thread has no turn to take; a client that sends nothing for
+    NEXT_REQUEST_WAIT waits there, as after any request."""
+
+    def __init__(self, loop: RelayLoop, sock: socket.socket, leftover: bytearray,
+                 hand_back: Callable[[Optional[bytes]], None]):
+        self.loop, self.sock, self.leftover, self._hand_back = loop, sock, leftover, hand_back
+        self.ended = False
+        self.next_check = math.inf
+        loop.register(sock, 0, selectors.EVENT_READ, self.on_client)
+        loop.schedule(self, time.monotonic() + ClientConnections.NEXT_REQUEST_WAIT)
+
+    def on_client(self, mask: int) -> None:
+        if self.ended:
+            return
+        try:
+            data = self.sock.recv(CLIENT_READ_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.leftover += data
+        if not data or _HEAD_END.search(self.leftover) or len(self.leftover) > HEAD_LIMIT:
+            self._end(alive=bool(data))
+
+    def on_timer(self, now: float) -> None:
+        self._end(alive=True)
+
+    def _end(self, alive: bool) -> None:
+        if not self.ended:
+            self.ended = True
+            self.loop.register(self.sock, selectors.EVENT_READ, 0, self.on_client)
+            self._hand_back(bytes(self.leftover) if alive else None)
+
+
 class RealtimeSession:
     """One relayed WebSocket in the relay loop, after the 101: the client's socket and the upstream's,
     each direction's frames, and how the session ended.
@@ -7083,14 +7120,25 @@ def relay_at_once(handler: ProxyHandler, response: http.client.HTTPResponse, bod
 
 def relay_ended(handler: ProxyHandler, keep: bool, relay: StreamRelay) -> None:
     """On the relay loop: the response is over; log it, then keep the connection for the next request
-    (with what the client sent of it meanwhile) or close it."""
+    (with what the client sent of it meanwhile: the loop waits briefly for its whole head) or close it."""
     handler.state.client_left = handler.state.client_left or relay.client_left
     handler.log_exchange()
     handler.server.request_ended()
-    if keep and relay.clean:
-        handler.server.clients.give_back(handler.connection, handler.client_address, bytes(relay.leftover))
-    else:
+    if not (keep and relay.clean):
         handler.server.clients.done(handler.connection)
+    elif _HEAD_END.search(relay.leftover) or len(relay.leftover) > HEAD_LIMIT:
+        connection_back(handler, bytes(relay.leftover))
+    else:
+        NextRequest(relay.loop, handler.connection, relay.leftover, functools.partial(connection_back, handler))
+
+
+def connection_back(handler: ProxyHandler, leftover: Optional[bytes]) -> None:
+    """A kept-alive connection goes back to ClientConnections with what the client sent of its next
+    request (a whole head is handed to a worker at once); None: the client left."""
+    if leftover is None:
+        handler.server.clients.done(handler.connection)
+    else:
+        handler.server.clients.give_back(handler.connection, handler.client_address, leftover)
 
 
 @contextlib.contextmanager
