@@ -2810,6 +2810,17 @@ class Metrics:
 # Exchanges
 # --------------------------------------------------------------------------
 
+def wakeable_selector() -> Tuple[selectors.BaseSelector, socket.socket, socket.socket]:
+    """A selector, and a socket pair whose reading end it watches (with data None): a byte written to the
+    other end wakes a select() from another thread."""
+    selector = selectors.DefaultSelector()
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    selector.register(wake_r, selectors.EVENT_READ, None)
+    return selector, wake_r, wake_w
+
+
 class WakeableSelector:
     """A selector for socket readability that another thread can wake from its wait."""
 
@@ -2819,11 +2830,7 @@ class WakeableSelector:
                            if hasattr(selectors, name))
 
     def __init__(self):
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector, self._wake_r, self._wake_w = wakeable_selector()
         self._wake_to_register = not isinstance(self._selector, self.LIVE_SELECTORS)
 
     def register(self, sock: socket.socket, data) -> None:
@@ -4671,11 +4678,7 @@ class RelayLoop:
     """
 
     def __init__(self):
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector, self._wake_r, self._wake_w = wakeable_selector()
         self._lock = threading.Lock()  # guards _calls' wake flag and _exchanges; no system call under it
         self._calls: collections.deque = collections.deque()
         self._woken = False

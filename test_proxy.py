@@ -614,6 +614,17 @@ def read_until_closed_or(sock, marker, limit=5.0):
     return data
 
 
+def start_stuck_client(test):
+    """A client that asks for a stream (its body says "stuck") and never reads it, with a tiny receive buffer."""
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.settimeout(5)
+    stuck.connect(("127.0.0.1", test.port))
+    test.addCleanup(stuck.close)
+    body = chat_body("stuck")
+    stuck.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+
 def reset(sock):
     """Close a socket with a TCP reset, as a crashed client or a middlebox would."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1923,13 +1934,7 @@ class SlowClientTest(ProxyTestCase):
         self.upstream.script = lambda received: (
             Script(steps=[chunk(role="assistant", content="")] + big + [chunk(finish="stop"), DONE])
             if "stuck" in received.body.decode() else Script(steps=reply("quick")))
-        stuck = socket.socket()
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.settimeout(5)
-        stuck.connect(("127.0.0.1", self.port))
-        self.addCleanup(stuck.close)
-        body = chat_body("stuck")
-        stuck.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        start_stuck_client(self)
         self.assertTrue(wait_until(lambda: self.upstream.sent_at), "the stuck stream never started")
         started = time.monotonic()
         frames = parse_frames(self.post_message(chat_body("other")).read().decode())
@@ -1993,13 +1998,7 @@ class RelayLoopTest(ProxyTestCase):
         self.upstream.script = lambda received: (
             Script(steps=[chunk(role="assistant", content="")] + big + [chunk(finish="stop"), DONE])
             if "stuck" in received.body.decode() else Script(steps=steps + reply()[-3:]))
-        stuck = socket.socket()
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.settimeout(5)
-        stuck.connect(("127.0.0.1", self.port))
-        self.addCleanup(stuck.close)
-        body = chat_body("stuck")
-        stuck.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        start_stuck_client(self)
         self.assertTrue(wait_until(lambda: len(self.upstream.sent_at) > 10), "the stuck stream never started")
         stuck_since = time.monotonic()
         reader = FrameReader(self.post_message(chat_body("other")))
