@@ -128,6 +128,12 @@ MESSAGE_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "st
 # read1() returns what has arrived, up to this many bytes.
 UPSTREAM_READ_SIZE = 65536
 
+# Seconds a thread waiting for the GIL waits before it asks the holder to give it up (Python's default is
+# 0.005). Streams hold no thread, but a burst of new ones does, for as long as each waits on its upstream's
+# head: 8,000 arriving within a second started about 3,000 workers, each waking 200 times a second to ask
+# for the GIL, and in five of eight runs (bench_proxy.py quiet) the process spent its core on that: the
+# relay loop fell tens of seconds behind and streams failed. With 50 ms, three runs of three kept the pace.
+GIL_SWITCH_INTERVAL = 0.05
 # An upstream error body is read up to this size, never more.
 UPSTREAM_ERROR_BODY_LIMIT = 65536
 # One SSE event may grow to this size before the upstream counts as broken.
@@ -7832,6 +7838,7 @@ def run(config: Config) -> int:
         demo.start()
         config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
     too_few_files = raise_open_file_limit(config.max_connections)  # before the first connection is taken
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
         server = ProxyServer(config)
     except OSError as error:
