@@ -4962,8 +4962,8 @@ class StreamRelay:
                  note_failure: Callable[[ProxyError], None], on_end: Callable[["StreamRelay"], None],
                  leftover: bytes, framing: UpstreamBody, first: bytes):
         self.loop, self.exchange, self.response, self.body = loop, exchange, response, body
-        self.client, self.upstream = Peer(loop, exchange.client_sock, self.on_client), response.upstream_sock
-        self._up = Peer(loop, self.upstream, self.on_upstream)
+        self.client = Peer(loop, exchange.client_sock, self.on_client)
+        self.upstream = Peer(loop, response.upstream_sock, self.on_upstream)
         self._settle, self._settle_waits, self._note_failure, self._on_end = settle, settle_waits, note_failure, on_end
         self._framing, self._first = framing, first  # how the body is framed, what of it came with the head
         self._config = config
@@ -4982,7 +4982,7 @@ class StreamRelay:
 
     def start(self) -> None:
         self.client.sock.setblocking(False)
-        self.upstream.setblocking(False)
+        self.upstream.sock.setblocking(False)
         self.client.read(True)
         self._read_upstream(True)
         if self._first:
@@ -4992,7 +4992,7 @@ class StreamRelay:
         self._schedule()
 
     def on_upstream(self, mask: int) -> None:
-        if self.ended or not self._up.reading:
+        if self.ended or not self.upstream.reading:
             return
         data = self._recv_upstream(UPSTREAM_READ_SIZE)
         if data is not None:
@@ -5016,7 +5016,7 @@ class StreamRelay:
         if self._draining_until is not None and now >= self._draining_until:
             self._drained(keep=False)
             return
-        if self._up.reading and not self._closing and now - self._last_read >= config.idle_timeout:
+        if self.upstream.reading and not self._closing and now - self._last_read >= config.idle_timeout:
             self.fail(UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s"))
             return
         if (self.exchange.event_stream and not client.out and not self._closing
@@ -5045,7 +5045,7 @@ class StreamRelay:
             due.append(client.stalled_since + config.client_timeout)
         if self._draining_until is not None:
             due.append(self._draining_until)
-        if self._up.reading and not self._closing:
+        if self.upstream.reading and not self._closing:
             due.append(self._last_read + config.idle_timeout)
         if self.exchange.event_stream and not self._closing and not client.out:
             due.append(client.last_write + config.heartbeat_interval)
@@ -5055,14 +5055,14 @@ class StreamRelay:
     # ---- the upstream's side
 
     def _read_upstream(self, on: bool) -> None:
-        if on and not self._up.reading:
+        if on and not self.upstream.reading:
             self._last_read = time.monotonic()  # the silence counts from now, not from when it was paused
-        self._up.read(on)
+        self.upstream.read(on)
 
     def _recv_upstream(self, size: int) -> Optional[bytes]:
         """What the upstream sent (b"" at its end), or None for nothing yet; a break ends the relay."""
         try:
-            return self.upstream.recv(size)
+            return self.upstream.sock.recv(size)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
         except OSError:
@@ -5075,9 +5075,9 @@ class StreamRelay:
     def _drain_tls(self) -> None:
         """A TLS record may hold more than was asked for: its bytes are readable with no event to say so."""
         for _ in range(64):  # bounded: a fast upstream gets its next turn after the others
-            if not (self._up.reading and not self.ended and isinstance(self.upstream, ssl.SSLSocket)):
+            if not (self.upstream.reading and not self.ended and isinstance(self.upstream.sock, ssl.SSLSocket)):
                 return
-            pending = self.upstream.pending()
+            pending = self.upstream.sock.pending()
             if not pending:
                 return
             data = self._recv_upstream(pending)
@@ -5210,7 +5210,7 @@ class StreamRelay:
             self._resume()
 
     def _resume(self) -> None:
-        if not self._up.reading and not self.ended and not self._upstream_released:
+        if not self.upstream.reading and not self.ended and not self._upstream_released:
             self._read_upstream(True)
             self._drain_tls()
 
@@ -5356,8 +5356,7 @@ class RealtimeSession:
                  count_usage: Callable[[Usage], Optional[TooManyRequests]], count_waits: bool,
                  on_end: Callable[["RealtimeSession"], None], from_client: bytes, from_upstream: bytes):
         self.loop, self._config, self.exchange = loop, config, exchange
-        self.client, self.upstream = exchange.client_sock, upstream
-        self._peers = {"client": Peer(loop, self.client, self.on_client),
+        self._peers = {"client": Peer(loop, exchange.client_sock, self.on_client),
                        "upstream": Peer(loop, upstream, self.on_upstream)}
         self._count_usage, self._count_waits, self._on_end = count_usage, count_waits, on_end
         self._secrets = secrets_of(config)
@@ -5418,7 +5417,7 @@ class RealtimeSession:
         for side in ("upstream", "client"):  # what each sent with the handshake
             if self._first[side]:
                 self._arrived(side, self._first.pop(side))
-        self._read(self.upstream, "upstream")  # a TLS record may hold more than the head's read took
+        self._read(self._peers["upstream"].sock, "upstream")  # a TLS record may hold more than the head's read took
 
     def _ready(self, side: str, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -5598,7 +5597,7 @@ class RealtimeSession:
             if peer.out:
                 with contextlib.suppress(OSError):
                     peer.flush()
-        _close_quietly(self.upstream)
+        _close_quietly(self._peers["upstream"].sock)
         self.loop.forget(self)
         self._on_end(self)
 
