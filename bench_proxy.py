@@ -314,6 +314,7 @@ async def stream(port, route, results, leave_after=None, stagger=0.0):
             writer.write(request_bytes(route))
             status, head = await read_head(reader)
             results["ttfb"].append(time.time() - started)
+            results["last_head_at"] = max(results["last_head_at"], time.monotonic())
             if status == 503:
                 results["refused"].append(time.time() - started)
                 results["retry_after"] += b"\r\nretry-after:" in head.lower()
@@ -330,7 +331,7 @@ async def stream(port, route, results, leave_after=None, stagger=0.0):
 
 def new_results():
     return {"ttfb": [], "delays": [], "steady": [], "gaps": [], "chunks": 0, "served": 0, "errors": [],
-            "refused": [], "retry_after": 0, "latency": []}
+            "refused": [], "retry_after": 0, "latency": [], "last_head_at": 0.0}
 
 
 async def run_clients(port, route, streams, leave_after=None, stagger=0.0):
@@ -364,7 +365,8 @@ def probe(port, seconds):
     Runs in a process of its own (--probe), so that its times are not the
     harness's event loop's, busy with every stream. Prints one JSON object.
     """
-    latencies, failures, active = [], [], []
+    latencies, failures, active = [], [], []  # active[i]: the streams running just after latencies[i], or None
+    times = []  # when each of latencies began (time.monotonic(): one clock for every process of the machine)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         started = time.monotonic()
@@ -375,16 +377,18 @@ def probe(port, seconds):
             response.read()
             status = response.status
             latencies.append(time.monotonic() - started)
+            times.append(started)
+            active.append(None)
             if status != 200:
                 failures.append(status)
             conn.request("GET", "/metrics")
             text = conn.getresponse().read().decode()
-            active.append(int(float(re.search(r"^proxy_active_streams (\S+)$", text, re.M).group(1))))
+            active[-1] = int(float(re.search(r"^proxy_active_streams (\S+)$", text, re.M).group(1)))
             conn.close()
         except (OSError, http.client.HTTPException) as error:
             failures.append(repr(error))
         time.sleep(max(0.0, started + PROBE_EVERY - time.monotonic()))
-    print(json.dumps({"latencies": latencies, "failures": failures, "active": active}))
+    print(json.dumps({"latencies": latencies, "failures": failures, "active": active, "times": times}))
 
 
 def probe_message(port, seconds):
@@ -551,7 +555,7 @@ async def overload(route, cpus, proxy_args, shape=None):
                 "unanswered": len(via["errors"]),
                 "healthz_p50_ms": ms(percentile(latencies, 50)), "healthz_p99_ms": ms(percentile(latencies, 99)),
                 "healthz_max_ms": ms(max(latencies, default=None)), "healthz_failed": len(failures),
-                "active_max": max(probed["active"], default=None),
+                "active_max": max((n for n in probed["active"] if n is not None), default=None),
                 "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1),
                 "sample_error": (via["errors"] or [None])[0]}
     finally:
@@ -588,6 +592,11 @@ async def quiet(route, cpus, proxy_args):
         sampler.cancel()
         probed = prober.result()
         latencies = probed["latencies"]
+        # "While they run": the probes made once every stream had its head, none still starting (the
+        # ramp, 8,000 requests within a second, keeps the one core busy for seconds on its own).
+        steady = [(latency, at - via["last_head_at"]) for latency, at in zip(latencies, probed["times"])
+                  if at >= via["last_head_at"]]
+        running_latencies = [latency for latency, _ in steady]
         return {"scenario": "quiet", "route": route, "streams": streams, "served": via["served"],
                 "errors": len(via["errors"]) + len(via["refused"]), "cpu_s": round(proxy.cpu_seconds() - cpu_before, 2),
                 "gap_p99_ms": ms(percentile(via["gaps"], 99)), "threads_max": peaks["Threads"],
@@ -595,6 +604,10 @@ async def quiet(route, cpus, proxy_args):
                 "rss_max_mb": round(peaks["VmRSS"] / 1024, 1), "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1),
                 "healthz_p50_ms": ms(percentile(latencies, 50)), "healthz_p99_ms": ms(percentile(latencies, 99)),
                 "healthz_max_ms": ms(max(latencies, default=None)), "healthz_failed": len(probed["failures"]),
+                "running_probes": len(running_latencies),
+                "running_healthz_p99_ms": ms(percentile(running_latencies, 99)) if running_latencies else None,
+                "running_healthz_max_ms": ms(max(running_latencies, default=None)),
+                "running_slowest_at_s": round(max(steady, default=(0, 0))[1], 2),
                 "sample_error": (via["errors"] or [None])[0]}
     finally:
         proxy.stop()
@@ -1292,7 +1305,8 @@ TABLES = (
                   "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "active_max", "peak_rss_mb")),
     ("quiet", ("route", "system", "streams", "served", "errors", "cpu_s", "gap_p99_ms", "threads_max",
                "threads_running", "rss_max_mb",
-               "peak_rss_mb", "healthz_p50_ms", "healthz_p99_ms", "healthz_max_ms", "healthz_failed")),
+               "peak_rss_mb", "healthz_p50_ms", "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "running_probes",
+               "running_healthz_p99_ms", "running_healthz_max_ms", "running_slowest_at_s")),
     ("keepalive", ("route", "system", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
                    "direct_p50_ms", "direct_max_ms")),
     ("flood", ("system", "flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
