@@ -4821,7 +4821,9 @@ class RelayLoop:
             exchange.cancel(Exchange.CLIENT_LEFT)
 
     def _start(self, relay: "StreamRelay") -> None:
-        self._unwatch(relay.exchange)
+        if relay.exchange.watching:  # its client is watched for leaving: the relay goes on watching
+            relay.exchange.watching = False
+            relay.client.take_over(selectors.EVENT_READ)
         self._relays.add(relay)
         relay.start()
 
@@ -4903,6 +4905,12 @@ class Peer:
         if events != self.events:
             self.loop.register(self.sock, self.events, events, self._callback)
             self.events = events
+
+    def take_over(self, events: int) -> None:
+        """The socket is registered for `events` already, for another callback: it is this Peer's now (no
+        system call: only the callback changes)."""
+        self.loop.register(self.sock, events, events, self._callback)
+        self.events = events
 
     def read(self, on: bool) -> None:
         self.watch(self.events | selectors.EVENT_READ if on else self.events & ~selectors.EVENT_READ)
@@ -5289,12 +5297,11 @@ class StreamRelay:
 
     def _complete(self) -> None:
         """Done: the client has the whole response (or is gone); the handler logs it and keeps or closes
-        the connection."""
+        the connection (`on_end` ends the client's registration, or hands it to NextRequest)."""
         if self.ended:
             return
         self.ended = True
         self._close_upstream()
-        self.client.watch(0)
         self.loop.forget(self)
         self.clean = self.clean and not self.client_left
         self._on_end(self)
@@ -5306,12 +5313,12 @@ class NextRequest:
     over at once), and the connections' thread has no turn to take; a client that sends nothing for
     NEXT_REQUEST_WAIT waits there, as after any request."""
 
-    def __init__(self, loop: RelayLoop, sock: socket.socket, leftover: bytearray,
+    def __init__(self, loop: RelayLoop, client: Peer, leftover: bytearray,
                  hand_back: Callable[[Optional[bytes]], None]):
-        self.loop, self.sock, self.leftover, self._hand_back = loop, sock, leftover, hand_back
+        self.loop, self.sock, self.leftover, self._hand_back = loop, client.sock, leftover, hand_back
         self.ended = False
         self.next_check = math.inf
-        loop.register(sock, 0, selectors.EVENT_READ, self.on_client)
+        loop.register(self.sock, client.events, selectors.EVENT_READ, self.on_client)  # the relay's, taken over
         loop.schedule(self, time.monotonic() + ClientConnections.NEXT_REQUEST_WAIT)
 
     def on_client(self, mask: int) -> None:
@@ -6155,24 +6162,29 @@ class WorkerPool:
     connections' thread must never wait like that, for it answers health
     checks and refusals itself. So it only queues a job. A worker that
     finishes one waits for the next; when none is waiting, a spawner thread
-    starts another, up to `maximum`; one idle for IDLE_TIMEOUT ends, down to
-    `minimum`. The spawner starts workers with _thread, which does not wait
+    starts another, up to `maximum`. The spawner also ends the workers that
+    were idle through a whole IDLE_TIMEOUT, down to `minimum`, a few at a
+    time. The spawner starts workers with _thread, which does not wait
     for each new thread to run as threading.Thread.start does: under a burst
     that wait was up to 0.7 s a worker, so the spawner fell behind and
     requests queued until a running stream ended (bench_proxy.py burst).
     """
 
-    # Seconds a worker waits for a job before it ends, if more than `minimum` are left. A worker is busy only
-    # while a request is read and its upstream answers (the relay loop carries the rest), so the workers a
-    # burst started are not needed for long: they go within seconds, and the threads follow the requests
-    # starting, not the streams running.
+    # Seconds in which workers that never ran a job end, if more than `minimum` are left. A worker is busy
+    # only while a request is read and its upstream answers (the relay loop carries the rest), so the
+    # workers a burst started are not needed for long: they go within seconds, and the threads follow the
+    # requests starting, not the streams running. They end RETIRE_PER_TICK a tick: the thousands a burst
+    # started, waking to end at once, held /healthz up for a third of a second (bench_proxy.py quiet).
     IDLE_TIMEOUT = 5.0
+    TICK = 0.1
+    RETIRE_PER_TICK = 50
 
     def __init__(self, minimum: int, maximum: int):
         self._minimum, self._maximum = minimum, max(minimum, maximum)
         self._jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._spare = 0      # workers not running a job, less the jobs queued for them: below 0, more are needed
+        self._fewest_spare = 0  # the fewest spare since the spawner last looked: the workers not needed meanwhile
         self._total = 0      # workers running or started
         self._closed = False
         self._wanted = threading.Event()
@@ -6192,6 +6204,7 @@ class WorkerPool:
                 return False
             self._jobs.put(job)  # under the lock: close() counts the workers to end after every job queued
             self._spare -= 1
+            self._fewest_spare = min(self._fewest_spare, self._spare)
             short = self._spare < 0
         if short:
             self._wanted.set()
@@ -6212,9 +6225,24 @@ class WorkerPool:
         self._wanted.set()
 
     def _spawn(self) -> None:
+        looked, idle = time.monotonic(), 0  # idle: workers found not needed through a whole IDLE_TIMEOUT
         while True:
-            self._wanted.wait()
+            self._wanted.wait(self.TICK)
             self._wanted.clear()
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    return
+                if now - looked >= self.IDLE_TIMEOUT:
+                    looked, idle = now, max(0, self._fewest_spare)
+                    self._fewest_spare = self._spare
+                ending = max(0, min(idle, self.RETIRE_PER_TICK, self._spare, self._total - self._minimum))
+                idle -= ending
+                self._spare -= ending
+                self._total -= ending
+                self._fewest_spare = min(self._fewest_spare, self._spare)
+                for _ in range(ending):
+                    self._jobs.put(None)  # the workers that take these end: any idle one will do
             while True:
                 with self._lock:
                     if self._closed:
@@ -6227,12 +6255,7 @@ class WorkerPool:
 
     def _work(self) -> None:
         while True:
-            try:
-                job = self._jobs.get(timeout=self.IDLE_TIMEOUT)
-            except queue.Empty:
-                if self._retire():
-                    return
-                continue
+            job = self._jobs.get()
             if job is None:
                 return
             try:
@@ -6241,15 +6264,6 @@ class WorkerPool:
                 logger.exception("unexpected error in a worker thread")
             with self._lock:
                 self._spare += 1
-
-    def _retire(self) -> bool:
-        """True when an idle worker may end: more than the minimum are left, and none is owed to a job."""
-        with self._lock:
-            if self._total > self._minimum and self._spare > 0:
-                self._spare -= 1
-                self._total -= 1
-                return True
-        return False
 
 
 class ClientConnections:
@@ -7132,12 +7146,14 @@ def relay_ended(handler: ProxyHandler, keep: bool, relay: StreamRelay) -> None:
     handler.state.client_left = handler.state.client_left or relay.client_left
     handler.log_exchange()
     handler.server.request_ended()
+    if keep and relay.clean and not _HEAD_END.search(relay.leftover) and len(relay.leftover) <= HEAD_LIMIT:
+        NextRequest(relay.loop, relay.client, relay.leftover, functools.partial(connection_back, handler))
+        return
+    relay.client.watch(0)  # the connection leaves the loop
     if not (keep and relay.clean):
         handler.server.clients.done(handler.connection)
-    elif _HEAD_END.search(relay.leftover) or len(relay.leftover) > HEAD_LIMIT:
-        connection_back(handler, bytes(relay.leftover))
     else:
-        NextRequest(relay.loop, handler.connection, relay.leftover, functools.partial(connection_back, handler))
+        connection_back(handler, bytes(relay.leftover))
 
 
 def connection_back(handler: ProxyHandler, leftover: Optional[bytes]) -> None:
