@@ -3122,7 +3122,8 @@ def read_fields(fp, max_lines: int) -> Fields:
 
 
 class _SocketReader(io.RawIOBase):
-    """A socket as a raw stream, whose reads return nothing rather than wait once `probing` is set."""
+    """A socket as a raw stream, whose reads take only what is here already, never waiting, once `probing`
+    is set (a break is left for the relay loop to find)."""
 
     def __init__(self, sock: socket.socket):
         super().__init__()
@@ -3133,7 +3134,17 @@ class _SocketReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> Optional[int]:
-        return None if self.probing else self._sock.recv_into(buffer)
+        sock = self._sock
+        if not self.probing:
+            return sock.recv_into(buffer)
+        try:
+            if isinstance(sock, ssl.SSLSocket):  # no flags there; what it has decrypted is here
+                pending = sock.pending()
+                return sock.recv_into(buffer, min(pending, len(buffer))) if pending else None
+            # Not MSG_DONTWAIT: on a socket with a timeout Python waits for it to be readable first.
+            return sock.recv_into(buffer) if sock.gettimeout() == 0.0 or _is_ready(sock) else None
+        except OSError:
+            return None
 
 
 class _UpstreamResponse(http.client.HTTPResponse):
@@ -3165,7 +3176,8 @@ class _UpstreamResponse(http.client.HTTPResponse):
         self._holder.close()
 
     def rest(self) -> bytes:
-        """What arrived after the head (or what was read of the body), without waiting for more."""
+        """What arrived after the head (or what was read of the body), without waiting for more; b"" for
+        nothing yet."""
         self._reader.probing = True
         return self.fp.read1(UPSTREAM_READ_SIZE) or b""
 
@@ -7097,12 +7109,17 @@ def inspect_body(handler: ProxyHandler, target: str) -> bytes:
 
 def hand_over(handler: ProxyHandler, response: http.client.HTTPResponse, body) -> None:
     """The head is out: the relay loop carries the rest of the response (body: MessageFrames or
-    PassthroughBody), then the connection; the worker is free at once. A body that came whole with the
-    head is relayed by the worker itself (relay_at_once): most short answers, no hand-over."""
+    PassthroughBody), then the connection; the worker is free at once. A body that is here whole by
+    then is relayed by the worker itself (relay_at_once): most short answers, no hand-over."""
     exchange, server = handler.state.exchange, handler.server
     framing = UpstreamBody(response.chunked, response.length)
     try:
-        first = framing.feed(response.rest())  # what came with the head, never a wait
+        first = b""
+        for _ in range(RELAY_BUFFER_LIMIT // UPSTREAM_READ_SIZE):  # what is here already: never a wait
+            data = response.rest()
+            first += framing.feed(data)
+            if not data or framing.ended:
+                break
     except ProxyError:
         keep_or_close_upstream(response, exchange, server.config, framing, keep=False)
         raise
