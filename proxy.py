@@ -127,6 +127,7 @@ MESSAGE_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "st
 
 # read1() returns what has arrived, up to this many bytes.
 UPSTREAM_READ_SIZE = 65536
+WATCH_AFTER = 0.02  # seconds an upstream may take to answer before the relay loop watches its client for leaving
 
 # Seconds a thread waiting for the GIL waits before it asks the holder to give it up (Python's default is
 # 0.005). Streams hold no thread, but a burst of new ones does, for as long as each waits on its upstream's
@@ -2931,6 +2932,7 @@ class Exchange:
         self.bytes_sent = 0          # body bytes, heartbeats included, framing not
         self.first_token_at: Optional[float] = None
         self.watched = False         # the relay loop was asked to watch its client during the request phase
+        self.watch_when_waiting: Optional[Callable[[], None]] = None  # asks it: see waiting()
         self.watching = False        # ... and does (the loop's thread alone reads and sets this)
         self.handed_over = False     # the relay loop carries it now
         self._upstream_lock = threading.Lock()
@@ -2962,6 +2964,15 @@ class Exchange:
             self.cancelled.set()
             if self._upstream_sock is not None:
                 _shutdown_quietly(self._upstream_sock)
+
+    def waiting(self, sock: Optional[socket.socket] = None) -> None:
+        """Its worker is about to wait (on the upstream's answer on `sock`, if given): the relay loop
+        watches the client from now, if asked to once the body was read, unless `sock` has its answer
+        within WATCH_AFTER. A quick answer costs the loop nothing."""
+        watch = self.watch_when_waiting
+        if watch is not None and not (sock is not None and _is_ready(sock, within=WATCH_AFTER)):
+            self.watch_when_waiting = None
+            watch()
 
     def raise_if_cancelled(self) -> None:
         """Turn a cancellation into the exception its reason calls for."""
@@ -3174,6 +3185,14 @@ class _UpstreamResponse(http.client.HTTPResponse):
     def _close_conn(self):
         super()._close_conn()
         self._holder.close()
+
+    def has_bytes(self) -> bool:
+        """True when a read of the body would not wait."""
+        self._reader.probing = True
+        try:
+            return bool(self.fp.peek(1))
+        finally:
+            self._reader.probing = False
 
     def rest(self) -> bytes:
         """What arrived after the head (or what was read of the body), without waiting for more; b"" for
@@ -3398,6 +3417,7 @@ class UpstreamConnector:
                 connection.set_tunnel(*self.tunnel, headers=self.proxy_headers)
         else:
             connection = _UpstreamHTTPConnection(*self.address, **args)
+        exchange.waiting()
         try:
             connection.connect()
         except socket.timeout:
@@ -3463,6 +3483,7 @@ def _send(connection: http.client.HTTPConnection, reused: bool, connector: Upstr
     exchange.attach_upstream(sock)
     try:
         connection.request(method, url, body, headers)
+        exchange.waiting(sock)
         response = connection.getresponse()
         connector.pool.keep_session(sock)
     except socket.timeout:
@@ -3709,6 +3730,7 @@ class Upstreams:
             attempts.report(upstream, reason, attempt, wait if again else None)
             if not again:
                 break
+            exchange.waiting()
             if self._wait(exchange, wait):  # the client left during the wait: no more attempts
                 breaker.abandon()
                 let_go_of(last, exchange, config)
@@ -4746,7 +4768,11 @@ class RelayLoop:
 
     def watch(self, exchange: Exchange) -> None:
         """Cancel the exchange if its client leaves while its worker waits on the upstream; call once the
-        request body is read: from then, a readable client socket means one that left (or pipelines)."""
+        request body is read: from then, a readable client socket means one that left (or pipelines).
+        The loop is asked when the worker starts to wait (Exchange.waiting)."""
+        exchange.watch_when_waiting = functools.partial(self._ask_to_watch, exchange)
+
+    def _ask_to_watch(self, exchange: Exchange) -> None:
         exchange.watched = True
         self.call_soon(self._watch, exchange)
 
@@ -7204,6 +7230,8 @@ def read_small_body(response: http.client.HTTPResponse, exchange: Exchange,
     parts, left, error = [], response.length, None
     try:
         while left:
+            if not response.has_bytes():
+                exchange.waiting()
             piece = response.read1(left)  # b"" at the end of the connection, even with bytes missing
             if not piece:
                 break
