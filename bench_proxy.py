@@ -111,8 +111,10 @@ LIMIT_FLAGS = ("--rate-limit-rpm", "100000000", "--rate-limit-tpm", "10000000000
 QUIET = (8000, 3, 10.0, 0.0)
 QUIET_FLAGS = ("--max-streams", "0", "--max-connections", "8200")
 
-# requests: REQUESTS one-chunk streams one after another on one kept-alive connection (what a request costs).
-REQUESTS = 1000
+# requests: REQUESTS one-chunk streams one after another on one kept-alive connection (what a request costs),
+# each system in REQUEST_ROUNDS turns.
+REQUESTS = 4000
+REQUEST_ROUNDS = 8
 # burst: each of BURST_CLIENTS clients starts within RAMP seconds and sends BURST_REQUESTS_PER_CLIENT streams of
 # BURST_CHUNKS chunks BURST_GAP s apart one after another, each on a new connection; no stream cap.
 BURST_CLIENTS = (1000, 500)  # the larger first: each 500 then follows a 1000, whichever system runs
@@ -906,29 +908,42 @@ def start_system(system, upstream_port, cpus, proxy_args):
     return ProxyProcess(upstream_port, cpu, (*UNLIMITED, *flags, *proxy_args))
 
 
-async def requests(route, cpus, proxy_args, system):
-    """REQUESTS one-chunk streams one after another on one kept-alive connection: what a request costs."""
+async def requests(route, cpus, proxy_args, systems):
+    """REQUESTS one-chunk streams one after another on one kept-alive connection to each system: what a
+    request costs. The systems run side by side and take turns, REQUEST_ROUNDS rounds of them, so that a
+    busy spell of this shared machine falls on each alike: a system's CPU per request is the median of
+    its rounds, shown with their range."""
     upstream = Upstream()
     upstream.chunks = 1
     upstream_port = await upstream.start()
     direct_route = route if route != "/message" else "/v1/chat/completions"
     direct = await timed_requests(upstream_port, direct_route, REQUESTS)
-    target = start_system(system, upstream_port, cpus, proxy_args)
+    targets = []
     try:
-        await timed_requests(target.port, route, 50)  # warm: threads, pooled connections
-        cpu_before = target.cpu_seconds()
-        started = time.monotonic()
-        via = await timed_requests(target.port, route, REQUESTS)
-        seconds = time.monotonic() - started
-        cpu = target.cpu_seconds() - cpu_before
-        return {"scenario": "requests", "route": route, "system": system, "requests": REQUESTS,
-                "cpu_us_per_request": round(cpu / REQUESTS * 1e6, 1),
-                "requests_per_s": round(REQUESTS / seconds),
-                "direct_ttfb_p50_ms": ms(percentile(direct, 50)), "ttfb_p50_ms": ms(percentile(via, 50)),
-                "added_ttfb_p50_ms": round((percentile(via, 50) - percentile(direct, 50)) * 1000, 3),
-                "added_ttfb_p99_ms": round((percentile(via, 99) - percentile(direct, 99)) * 1000, 3)}
+        for system in systems:
+            targets.append(start_system(system, upstream_port, cpus, proxy_args))
+            await timed_requests(targets[-1].port, route, 50)  # warm: threads, pooled connections
+        each = REQUESTS // REQUEST_ROUNDS
+        cpu = {system: [] for system in systems}
+        via = {system: [] for system in systems}
+        seconds = dict.fromkeys(systems, 0.0)
+        for _ in range(REQUEST_ROUNDS):
+            for system, target in zip(systems, targets):
+                cpu_before, started = target.cpu_seconds(), time.monotonic()
+                via[system] += await timed_requests(target.port, route, each)
+                seconds[system] += time.monotonic() - started
+                cpu[system].append((target.cpu_seconds() - cpu_before) / each * 1e6)
+        return [{"scenario": "requests", "route": route, "system": system, "requests": each * REQUEST_ROUNDS,
+                 "cpu_us_per_request": round(statistics.median(cpu[system]), 1),
+                 "cpu_us_range": f"{min(cpu[system]):.0f}-{max(cpu[system]):.0f}",
+                 "requests_per_s": round(each * REQUEST_ROUNDS / seconds[system]),
+                 "direct_ttfb_p50_ms": ms(percentile(direct, 50)), "ttfb_p50_ms": ms(percentile(via[system], 50)),
+                 "added_ttfb_p50_ms": round((percentile(via[system], 50) - percentile(direct, 50)) * 1000, 3),
+                 "added_ttfb_p99_ms": round((percentile(via[system], 99) - percentile(direct, 99)) * 1000, 3)}
+                for system in systems]
     finally:
-        target.stop()
+        for target in targets:
+            target.stop()
         upstream.close()
 
 
@@ -1073,8 +1088,6 @@ async def limits(route, cpus, proxy_args):
 
 async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.py"):
     """One scenario on one route: direct, then through the proxy (or the system named)."""
-    if name == "requests":
-        return [await requests(route, cpus, proxy_args, system)]
     if name == "burst":
         return [await burst(route, cpus, proxy_args, system, clients) for clients in BURST_CLIENTS]
     if name == "realtime":
@@ -1314,7 +1327,8 @@ TABLES = (
     ("rtt", ("route", "system", "rtt_ms", "sequential", "direct_p50_ms", "ttfb_p50_ms", "ttfb_p99_ms", "added_p50_ms",
              "direct_opened", "opened", "wave", "wave1_p50_ms", "wave2_p50_ms", "wave2_p99_ms", "wave1_opened",
              "wave2_opened", "errors")),
-    ("requests", ("route", "system", "requests", "cpu_us_per_request", "requests_per_s", "direct_ttfb_p50_ms",
+    ("requests", ("route", "system", "requests", "cpu_us_per_request", "cpu_us_range", "requests_per_s",
+                  "direct_ttfb_p50_ms",
                   "ttfb_p50_ms", "added_ttfb_p50_ms", "added_ttfb_p99_ms")),
     ("burst", ("route", "system", "clients", "requests", "served", "errors", "chunks_per_s", "direct_chunks_per_s",
                "cpu_us_per_chunk", "added_p99_ms", "ttfb_p99_ms", "direct_ttfb_p99_ms", "peak_rss_mb")),
@@ -1447,8 +1461,14 @@ def main():
         if args.with_limits:
             SYSTEMS["proxy.py+limits"] = (HERE, LIMIT_FLAGS)
         for name in args.scenarios or list(SCENARIOS):
-            for system, route in runs_of(name, args.route):
-                if name == "flood":  # one route: the floods are about connections, not relaying
+            pairs = runs_of(name, args.route)
+            if name == "requests":  # the systems side by side, in turns: one run a route
+                routes = list(dict.fromkeys(route for _, route in pairs))
+                pairs = [(tuple(system for system, each in pairs if each == route), route) for route in routes]
+            for system, route in pairs:
+                if name == "requests":
+                    new_rows = asyncio.run(requests(route, cpus, args.proxy_arg, system))
+                elif name == "flood":  # one route: the floods are about connections, not relaying
                     ProxyProcess.home = SYSTEMS[system][0]
                     new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
                 else:
