@@ -23,7 +23,7 @@ Design decisions:
   own; what a slow client does not take waits in a bounded buffer, and
   past it its upstream is not read (back-pressure).
 - The loop notices a client that leaves, even while the upstream is still
-  thinking (it watches the client from the moment its body is in), and
+  thinking (it watches the client once its worker waits on the upstream), and
   shuts the upstream socket at once so nobody pays for tokens nobody reads.
   It writes `: keep-alive` comments through long silences, only ever
   between frames, and drops a client that takes nothing for CLIENT_TIMEOUT.
