@@ -1289,6 +1289,32 @@ def returned_response_headers(headers) -> List[Tuple[str, str]]:
             if name.lower() not in dropped and not name.lower().startswith("access-control-")]
 
 
+_MEDIA_TYPE = (r"(?:application/(?:json|jsonl|x-ndjson|octet-stream|pdf|zip)|text/(?:event-stream|plain|html|csv|markdown)"
+               r"|audio/(?:mpeg|mp3|mp4|wav|x-wav|wave|ogg|opus|flac|aac|pcm|webm|basic)|image/(?:png|jpeg|webp|gif)"
+               r"|video/(?:mp4|webm))(?:\s*;\s*charset=(?:utf-8|us-ascii|iso-8859-1))?")
+_HEADER_NAMES = r"(?:origin|accept|accept-encoding|accept-language|authorization|cookie)"
+_CACHE_DIRECTIVES = r"(?:no-cache|no-store|no-transform|must-revalidate|private|public|immutable)"
+# Upstream headers whose values come from a fixed vocabulary. A value in it is never a secret's echo, and
+# is returned as it is whatever words a client key is made of (a key holding "application" must not
+# turn Content-Type into "[redacted]/json"); any other value is masked as every upstream header is.
+HEADER_VOCABULARIES = {name: re.compile(pattern, re.I) for name, pattern in (
+    ("content-type", _MEDIA_TYPE),
+    ("x-content-type-options", "nosniff"),
+    ("content-encoding", "gzip|br|deflate|identity|zstd"),
+    ("vary", rf"{_HEADER_NAMES}(?:\s*,\s*{_HEADER_NAMES})*"),
+    ("cache-control", rf"{_CACHE_DIRECTIVES}(?:\s*,\s*{_CACHE_DIRECTIVES})*"),
+)}
+
+
+def returned_header_value(name: str, value: str, secrets: Tuple[str, ...]) -> str:
+    """An upstream header's value as the client gets it: one from the header's fixed vocabulary as it is,
+    anything else with the secrets masked."""
+    vocabulary = HEADER_VOCABULARIES.get(name.lower())
+    if vocabulary is not None and vocabulary.fullmatch(value.strip()):
+        return value
+    return mask_known_secrets(value, secrets)
+
+
 def upstream_target(request_target: str) -> str:
     """Map /v1/<rest>?<query> to the path and query to append to OPENAI_BASE_URL.
 
@@ -4587,6 +4613,11 @@ def open_handshake(handler: "ProxyHandler", exchange: Exchange, target: str) -> 
     return response
 
 
+# The 101's headers check_switch holds to the handshake: the accept answers the client's key, the
+# subprotocol is one the client offered. They are never a secret's echo, and pass unchanged.
+SWITCH_HEADERS_CHECKED = frozenset({"sec-websocket-accept", "sec-websocket-protocol"})
+
+
 def check_switch(response: _HandshakeResponse, key: str, offered: List[str]) -> None:
     """Refuse a 101 that does not answer the handshake the proxy sent (RFC 6455, 4.1)."""
     headers = response.headers
@@ -7073,7 +7104,7 @@ def write_passthrough_head(handler: ProxyHandler, response: http.client.HTTPResp
     handler.send_response(response.status)  # the standard reason: the upstream's own might quote a key
     secrets = secrets_of(handler.server.config)
     for name, value in returned_response_headers(response.headers):
-        handler.send_header(name, mask_known_secrets(value, secrets))
+        handler.send_header(name, returned_header_value(name, value, secrets))
     if response.headers.get_content_type() == "text/event-stream" and "X-Accel-Buffering" not in response.headers:
         handler.send_header("X-Accel-Buffering", "no")
     if response.status in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
@@ -7396,7 +7427,10 @@ def write_switch_head(handler: ProxyHandler, response: http.client.HTTPResponse)
     handler.send_header("Upgrade", "websocket")
     handler.send_header("Connection", "Upgrade")
     for name, value in returned_response_headers(response.headers):
-        handler.send_header(name, mask_known_secrets(value, secrets))
+        if name.lower() in SWITCH_HEADERS_CHECKED:  # check_switch held them to the handshake: as they are
+            handler.send_header(name, value)
+        else:
+            handler.send_header(name, returned_header_value(name, value, secrets))
     handler.end_headers()
     handler.state.first_byte_at = time.monotonic()
     return CLOSE

@@ -1705,6 +1705,49 @@ class KeyMeaningTest(RawUpstreamTestCase):
         self.assertEqual(self.contents(frames)[0], ECHO_UPSTREAM_KEY)
 
 
+# Client keys made of ordinary words: every 8 characters of one is a "fragment" the masking looks for.
+WORDY_KEYS = (("frontend", "frontend-application-json-key-01"), ("mobile", "team-mobile-text-event-stream-2026"),
+              ("cache", "cache-control-no-cache-must-revalidate-key"))
+
+
+class ProtocolValuesTest(ProxyTestCase):
+    """Masking never alters what is not a secret: an upstream header from a fixed vocabulary passes as it
+    is, whatever words the client keys are made of; any other value is still masked."""
+
+    config_overrides = {"proxy_api_keys": WORDY_KEYS}
+
+    def test_vocabulary_headers_pass_unchanged_whatever_the_client_keys_hold(self):
+        cases = (
+            ("frontend", json_script({"object": "list", "data": []}, headers={
+                "Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-cache, must-revalidate",
+                "Vary": "Origin, Accept-Encoding", "X-Content-Type-Options": "nosniff"}), b"", "GET", "/v1/models"),
+            ("mobile", Script(steps=reply("Hi")), v1_chat(True), "POST", "/v1/chat/completions"),
+        )
+        for name, script, body, method, path in cases:
+            with self.subTest(path=path):
+                self.upstream.script = script
+                key = dict(WORDY_KEYS)[name]
+                response = self.request(method, path, body, bearer(key))
+                text = response.read()
+                self.assertEqual(response.status, 200)
+                for header, value in script.headers.items():
+                    self.assertEqual(response.getheader(header), value)
+                self.assertNotIn(b"[redacted]", text)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        self.assertIn(b"data: [DONE]", text)
+
+    def test_a_value_outside_the_vocabulary_is_still_masked(self):
+        secret = WORDY_KEYS[0][1]
+        self.upstream.script = json_script({"object": "list", "data": []}, headers={
+            "Content-Type": f"application/json; note={secret}", "Cache-Control": f"no-cache, {secret}",
+            "X-Echo": "application/json"})  # not a vocabulary header: its words are a fragment, masked
+        response = self.request("GET", "/v1/models", None, bearer(secret))
+        response.read()
+        for header in ("Content-Type", "Cache-Control", "X-Echo"):
+            self.assertIn("[redacted]", response.getheader(header))
+            self.assertNotIn(secret[:8], response.getheader(header))
+
+
 class InterimResponseTest(RawUpstreamTestCase):
     def test_interim_responses_are_skipped_not_relayed_as_the_answer(self):
         for path, method, body in (("/v1/chat/completions", "POST", v1_chat(True)),
@@ -4038,6 +4081,22 @@ class RealtimeRelayTest(RealtimeTestCase):
         values = self.metric("proxy_realtime_sessions")
         self.assertEqual(values["proxy_realtime_sessions"], 0)
         self.assertEqual(values['proxy_realtime_sessions_total{outcome="client_closed"}'], 1)
+
+
+class RealtimeWordyKeyTest(RealtimeTestCase):
+    """A client key that holds a subprotocol's name: the 101 still names the subprotocol the client offered."""
+
+    KEY = "my-realtime-client-key-0001"  # holds "realtime", the subprotocol browsers offer
+    config_overrides = {"proxy_api_keys": (("app", KEY),)}
+
+    def test_a_websockets_client_with_its_key_in_a_subprotocol_gets_the_one_it_offered(self):
+        require(websockets is not None, "websockets")
+        from websockets.sync.client import connect
+        with connect(f"ws://127.0.0.1:{self.port}/v1/realtime?model=gpt-realtime", open_timeout=5,
+                     subprotocols=["realtime", f"openai-insecure-api-key.{self.KEY}"]) as client:
+            self.assertEqual(client.subprotocol, "realtime")
+            self.assertEqual(json.loads(client.recv(timeout=5))["type"], "session.created")
+        self.assertEqual(self.realtime.handshakes[0][1]["sec-websocket-protocol"], ["realtime"])
 
 
 class RealtimeLimitsTest(RealtimeTestCase):
