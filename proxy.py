@@ -1525,12 +1525,42 @@ def mask_bytes(data: bytes, secrets: Tuple[str, ...]) -> bytes:
     return data if masked == text else masked.encode("latin-1")
 
 
+def _error_types(kind: type) -> set:
+    return {kind.type, *(name for sub in kind.__subclasses__() for name in _error_types(sub))}
+
+
+# Words of the APIs' own: error types and codes (the proxy's and OpenAI's), event types and field names.
+# A string that is exactly one is never a secret's echo, and passes unchanged whatever words a client key
+# is made of (one holding "upstream" must not make an error's type "[redacted]_error").
+PROTOCOL_WORDS = frozenset({*_error_types(ProxyError), *"""
+    invalid_request_error authentication_error permission_error not_found_error rate_limit_error
+    rate_limit_exceeded insufficient_quota server_error api_error overloaded_error timeout_error conflict_error
+    invalid_api_key upstream_key_refused context_length_exceeded model_not_found invalid_value invalid_event
+    invalid_type unknown_parameter missing_required_parameter unsupported_value string_above_max_length
+    session_expired conversation_already_has_active_response response_cancel_not_active content_filter
+    server_is_overloaded error response.created response.in_progress response.completed response.failed
+    response.incomplete response.queued response.done session.created session.updated rate_limits.updated
+    response event_id item_id response_id previous_item_id output_index content_index sequence_number
+    status_details incomplete_details rate_limits conversation created_at completed_at metadata usage
+    input_tokens output_tokens total_tokens prompt_tokens completion_tokens reasoning_tokens cached_tokens
+    input_tokens_details output_tokens_details instructions temperature max_output_tokens tool_choice
+    parallel_tool_calls previous_response_id status failed incomplete in_progress completed cancelled queued
+    object model output reasoning truncation background service_tier message param code type
+    """.split()})
+
+
+def mask_word(text: str, secrets: Tuple[str, ...]) -> str:
+    """A string that may be one of PROTOCOL_WORDS (kept) or the upstream's text (masked as mask_secrets)."""
+    return text if text in PROTOCOL_WORDS else mask_secrets(text, secrets)
+
+
 def mask_json(value, secrets: Tuple[str, ...]):
-    """A parsed JSON value with every string in it, names of fields too, masked as mask_secrets masks."""
+    """A parsed JSON value with every string in it, names of fields too, masked as mask_secrets masks (the
+    APIs' own words kept)."""
     if isinstance(value, str):
-        return mask_secrets(value, secrets)
+        return mask_word(value, secrets)
     if isinstance(value, dict):
-        return {mask_secrets(name, secrets): mask_json(item, secrets) for name, item in value.items()}
+        return {mask_word(name, secrets): mask_json(item, secrets) for name, item in value.items()}
     if isinstance(value, list):
         return [mask_json(item, secrets) for item in value]
     return value
@@ -1556,7 +1586,7 @@ def mask_upstream_body(raw: bytes, secrets: Tuple[str, ...]) -> bytes:
 def mask_error(error: ProxyError, secrets: Tuple[str, ...]) -> None:
     """Mask every text of the error in place: its message, type, detail and headers may quote the upstream."""
     error.message = mask_secrets(error.message, secrets)
-    error.type = mask_secrets(error.type, secrets)
+    error.type = mask_word(error.type, secrets)
     error.detail = mask_json(error.detail, secrets)
     error.headers = {name: mask_known_secrets(value, secrets) for name, value in error.headers.items()}
 
@@ -3989,7 +4019,7 @@ def mask_event(event: bytes, secrets: Tuple[str, ...]) -> bytes:
     except (ValueError, RecursionError):
         return masked
     name = events[0].event
-    field = b"" if name == "message" else b"event: %b\n" % mask_secrets(name, secrets).encode(
+    field = b"" if name == "message" else b"event: %b\n" % mask_word(name, secrets).encode(
         "utf-8", "backslashreplace")
     return field + b"data: " + data + b"\n\n"
 

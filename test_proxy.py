@@ -1707,7 +1707,7 @@ class KeyMeaningTest(RawUpstreamTestCase):
 
 # Client keys made of ordinary words: every 8 characters of one is a "fragment" the masking looks for.
 WORDY_KEYS = (("frontend", "frontend-application-json-key-01"), ("mobile", "team-mobile-text-event-stream-2026"),
-              ("cache", "cache-control-no-cache-must-revalidate-key"))
+              ("cache", "cache-control-no-cache-must-revalidate-key"), ("agent", "my-upstream-response-failed-key"))
 
 
 class ProtocolValuesTest(ProxyTestCase):
@@ -1735,6 +1735,25 @@ class ProtocolValuesTest(ProxyTestCase):
                 self.assertNotIn(b"[redacted]", text)
         self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
         self.assertIn(b"data: [DONE]", text)
+
+    def test_the_apis_own_words_pass_unchanged_in_errors_and_error_events(self):
+        key = dict(WORDY_KEYS)["agent"]  # holds "upstream" and "response"
+        self.upstream.script = json_script({"error": {"message": "too long", "type": "invalid_request_error",
+                                                      "code": "context_length_exceeded"}}, status=400)
+        response = self.request("POST", "/v1/chat/completions", v1_chat(False), bearer(key))
+        self.assertEqual(json.loads(response.read())["error"], {
+            "message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"})
+        self.upstream.script = json_script({"id": "x"})  # /message wants an event stream: the proxy's own error
+        response = self.request("POST", "/message", chat_body(), bearer(key))
+        self.assertEqual(response.status, 502)
+        self.assertEqual(json.loads(response.read())["error"]["type"], "upstream_error")
+        failed = {"type": "response.failed", "sequence_number": 3,
+                  "response": {"id": "resp_1", "status": "failed", "error": {"code": "server_error", "message": "boom"}}}
+        self.upstream.script = Script(steps=[b"event: response.failed\ndata: " + json.dumps(failed).encode() + b"\n\n"])
+        response = self.request("POST", "/v1/responses", json.dumps({"model": "m", "input": "hi", "stream": True}),
+                                bearer(key))
+        events = proxy.SSEDecoder().feed(response.read())
+        self.assertEqual([(event.event, json.loads(event.data)) for event in events], [("response.failed", failed)])
 
     def test_a_value_outside_the_vocabulary_is_still_masked(self):
         secret = WORDY_KEYS[0][1]
