@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import errno
 import functools
 import hashlib
 import heapq
@@ -7954,6 +7955,21 @@ def serve_until_signal(server: ProxyServer) -> int:
     return 0
 
 
+def listen_error(config: Config, error: OSError) -> str:
+    """Why the proxy cannot listen, and which setting to change."""
+    where = f"{format_url(config.host, config.port)}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: port {config.port} is in use by another process; stop it, or "
+                "choose another port with PORT or --port (0 picks a free one)")
+    if error.errno == errno.EACCES:
+        return (f"cannot listen on {where}: not allowed to use port {config.port} (below 1024 needs root); "
+                "choose PORT or --port 1024 or above")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {where}: {config.host} is not an address of this machine; "
+                "set HOST or --host to one of its addresses (127.0.0.1, or 0.0.0.0 for all)")
+    return f"cannot listen on {where}: {_describe_os_error(error)}; check HOST and PORT"
+
+
 def run(config: Config) -> int:
     """Serve with a configuration until a signal; return the exit status."""
     demo = None
@@ -7966,8 +7982,9 @@ def run(config: Config) -> int:
     try:
         server = ProxyServer(config)
     except OSError as error:
-        logger.error("cannot listen on %s:%s: %s", config.host, config.port, _describe_os_error(error))
-        return 1
+        if demo is not None:
+            demo.close()
+        raise ConfigError(listen_error(config, error)) from None
     for level, line in startup_lines(config, server.server_port, bool(server.ui)):
         logger.log(level, line)
     if too_few_files:
@@ -7989,8 +8006,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     log_writer = configure_logging(config.log_format, secrets_of(config))
     try:
         return run(config)
+    except ConfigError as error:  # found only on trying: the port is taken, say
+        failure = error
     finally:
         log_writer.stop()  # every record queued is written before the process ends
+    sys.stderr.write(f"proxy.py: {failure}\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -905,6 +905,17 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertIn("--port", result.stderr)
 
+    def test_a_port_in_use_is_said_like_any_other_setting(self):
+        taken = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        for args, env in ((("--port", str(port)), {}), ((), {"PORT": str(port)})):
+            result = run_proxy_cli(*args, env={"OA_API_KEY": "k", **env})
+            self.assertEqual(result.returncode, 2)
+            self.assertEqual(result.stderr.splitlines(), [
+                f"proxy.py: cannot listen on http://127.0.0.1:{port}: port {port} is in use by another process; "
+                "stop it, or choose another port with PORT or --port (0 picks a free one)"])
+
 
 # --------------------------------------------------------------------------
 # SSE decoding (pure)
