@@ -6366,6 +6366,9 @@ class WorkerPool:
                 self._spare += 1
 
 
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS record that starts a handshake (RFC 8446, 5.1)
+
+
 class ClientConnections:
     """Holds client connections between requests with no thread each, reading request heads.
 
@@ -6400,6 +6403,9 @@ class ClientConnections:
                                          "headers within %gs (HEADER_TIMEOUT) and got 408" % config.header_timeout)
         self._heads_too_large = FloodLog(logging.INFO, "%%d connection(s) sent a request head over %d KiB "
                                          "and got 431" % (HEAD_LIMIT // 1024))
+        self._tls_hellos = FloodLog(logging.WARNING, "%d connection(s) spoke TLS (an https:// or wss:// URL) to this "
+                                    "plain-HTTP port and were closed: use http:// and ws:// URLs, or put TLS in "
+                                    "front of the proxy (README.md, 'Behind nginx')", every=60.0)
         self._lock = threading.Lock()
         self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
         self._closing: Dict[socket.socket, _Closing] = {}
@@ -6673,6 +6679,10 @@ class ClientConnections:
             data = data.lstrip(b"\r\n")  # empty lines before a request line are ignored (RFC 9112, 2.2)
             if not data:
                 return None  # still idle: its idle deadline stands
+            if data[0] == TLS_HANDSHAKE:  # no request line starts so: a TLS client, which waits for an answer
+                del self._waiting[entry.sock]
+                self._tls_hellos.count(time.monotonic())
+                return "gone"
             entry.deadline = time.monotonic() + self._config.header_timeout  # the header clock starts
         entry.head += data
         end = _HEAD_END.search(entry.head)
@@ -6698,6 +6708,7 @@ class ClientConnections:
                 del self._closing[sock]
             self._header_timeouts.flush(now)
             self._heads_too_large.flush(now)
+            self._tls_hellos.flush(now)
             self._refusals.flush(now)
         for entry in late:
             if entry.head:  # a head that never finished: say so, as far as the socket takes it

@@ -2702,6 +2702,33 @@ class SlowlorisLogTest(ProxyTestCase):
         self.assertEqual(len(lines), 1, lines)
 
 
+class TlsToPlainPortTest(ProxyTestCase):
+    """A TLS client (an https:// or wss:// URL) on the plain-HTTP port is closed at once, with one warning a
+    minute that says what to do; it never waits out HEADER_TIMEOUT for a 408."""
+
+    def tls_handshake(self):
+        """A real TLS client's handshake against the proxy: the seconds until it failed, and how."""
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        sock = self.raw_socket()
+        started = time.monotonic()
+        with self.assertRaises((ssl.SSLError, ConnectionError)) as caught:
+            context.wrap_socket(sock, server_hostname="127.0.0.1")
+        return time.monotonic() - started, caught.exception
+
+    def test_a_tls_client_is_closed_at_once_and_told_once_a_minute(self):
+        with self.assertLogs("proxy", "WARNING") as logs:
+            for _ in range(3):
+                seconds, _ = self.tls_handshake()
+                self.assertLess(seconds, 1.0)  # HEADER_TIMEOUT is 10 s
+            self.assertTrue(self.server.wait_idle(2))
+        lines = [record.getMessage() for record in logs.records if "TLS" in record.getMessage()]
+        self.assertEqual(len(lines), 1, lines)  # the other two wait for the minute's count
+        self.assertIn("1 connection(s) spoke TLS (an https:// or wss:// URL) to this plain-HTTP port", lines[0])
+        self.assertIn("README.md, 'Behind nginx'", lines[0])
+        self.assertEqual(self.request("GET", "/healthz").status, 200)  # and plain HTTP still works
+
+
 class Http10ClientTest(ProxyTestCase):
     def test_http_1_0_client_gets_the_frames_unchunked_then_a_close(self):
         sock = self.raw_socket()
