@@ -457,12 +457,15 @@ def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
     """'key1,key2' or 'alice=key1,bob=key2': (name, key) pairs; unnamed keys are key1, key2, ..."""
     pairs = []
     for index, entry in enumerate(part.strip() for part in text.split(",") if part.strip()):
-        name, _, key = entry.rpartition("=")
-        name = name or f"key{index + 1}"
+        given, _, key = entry.rpartition("=")
+        name = given or f"key{index + 1}"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"has a bad client name {name!r}: use letters, digits, '.', '_' or '-'")
         if len(key) < MIN_CLIENT_KEY_LENGTH or not re.fullmatch(r"[\x21-\x7e]+", key):
-            raise ValueError(f"has a bad key for {name}: use at least {MIN_CLIENT_KEY_LENGTH} printable "
+            which = f"{name}'s key" if given else f"key number {index + 1} in the list"
+            problem = ("is too short" if len(key) < MIN_CLIENT_KEY_LENGTH
+                       else "holds a space or a character that is not printable")
+            raise ValueError(f"has a bad key: {which} {problem}; use at least {MIN_CLIENT_KEY_LENGTH} printable "
                              "characters without spaces, ',' or '=', e.g. from "
                              "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         pairs.append((name, key))
@@ -1841,13 +1844,16 @@ TOKEN_CAP_FIELDS = {
 }
 
 
-def client_key_refusal(presented: Optional[str]) -> ProxyError:
+def client_key_refusal(presented: Optional[str], in_subprotocol: bool = False) -> ProxyError:
     """The 401 for a request without a client key (how to send one) or with one not recognised (never
-    echoed: it may be a real key sent to the wrong place)."""
+    echoed: it may be a real key sent to the wrong place), said where it was sent."""
     if presented is None or not presented.strip():
         message = ("this proxy needs a client key: send 'Authorization: Bearer <key>' with a key from its "
                    "PROXY_API_KEYS (SDKs: pass it as api_key; a browser's WebSocket: the subprotocol "
                    "openai-insecure-api-key.<key>)")
+    elif in_subprotocol:
+        message = ("the client key sent in the WebSocket subprotocol openai-insecure-api-key.<key> was not "
+                   "recognised: it is not one of this proxy's PROXY_API_KEYS; check the key your app puts there")
     else:
         message = ("the client key sent was not recognised: it is not one of this proxy's PROXY_API_KEYS; "
                    "check the key your app sends (as 'Authorization: Bearer <key>')")
@@ -6940,7 +6946,7 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
         presented = presented_authorization(self.headers)
         name = identify_client(presented, keys)
         if name is None:
-            raise client_key_refusal(presented)
+            raise client_key_refusal(presented, "Authorization" not in self.headers)
         return name
 
     def note_failure(self, error: ProxyError) -> None:

@@ -3971,11 +3971,17 @@ class RealtimeRelayTest(RealtimeTestCase):
         self.assertNotIn("origin", headers)
 
     def test_a_wrong_or_missing_key_is_refused_before_any_upstream_connection(self):
-        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"},
-                        {"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.wrong-key-0123456789"}):
+        for headers, said in (({}, "needs a client key"),
+                              ({"Authorization": "Bearer wrong-key-0123456789"}, "'Authorization: Bearer <key>'"),
+                              ({"Sec-WebSocket-Protocol": "realtime, openai-insecure-api-key.wrong-key-0123456789"},
+                               "sent in the WebSocket subprotocol openai-insecure-api-key.<key> was not recognised")):
             status_line, head, peer = self.handshake(headers=headers)
             self.assertIn(" 401 ", status_line)
-            self.assertEqual(self.error_of(peer, head)["code"], "invalid_api_key")
+            error = self.error_of(peer, head)
+            self.assertEqual(error["code"], "invalid_api_key")
+            self.assertIn(said, error["message"])
+            if "Sec-WebSocket-Protocol" in headers:  # told where it sent the key, not of a header it never sent
+                self.assertNotIn("Authorization", error["message"])
         self.assertEqual(self.realtime.handshakes, [])
 
     def test_an_origin_not_allowed_is_refused(self):
@@ -4683,6 +4689,17 @@ class ClientKeyConfigTest(unittest.TestCase):
             self.assertIn("PROXY_API_KEYS", str(caught.exception))
             self.assertIn(words, str(caught.exception))
             self.assertNotIn(ALICE_KEY, str(caught.exception))
+
+    def test_a_bad_key_is_named_as_the_user_gave_it(self):
+        for value, said in (("short", "key number 1 in the list is too short"),
+                            (f"{ALICE_KEY},a long key with spaces in it",
+                             "key number 2 in the list holds a space or a character that is not printable"),
+                            ("alice=short", "alice's key is too short")):
+            with self.subTest(value=value), self.assertRaises(proxy.ConfigError) as caught:
+                proxy.load_config([], {"OA_API_KEY": "k", "PROXY_API_KEYS": value})
+            self.assertIn(f"PROXY_API_KEYS has a bad key: {said}; use at least 16", str(caught.exception))
+            self.assertNotIn("key1", str(caught.exception))  # a name the user never gave
+            self.assertNotIn("short", str(caught.exception).replace("too short", ""))  # nor the key
 
     def test_identify_client(self):
         keys = (("alice", ALICE_KEY), ("bob", BOB_KEY))
@@ -6280,7 +6297,14 @@ class BrowserSettingsTest(BrowserTestCase):
         page.select_option("#model-select", "gpt-4o")
         self.send(page, "No key yet")
         page.wait_for_selector(".message.assistant .error")
-        self.assertIn("Error 401", page.inner_text(".message.assistant .error"))
+        self.assertEqual(page.inner_text(".message.assistant .error"),
+                         "Error 401: This proxy needs a client key: enter yours in the Key field above.")
+        page.fill("#key", "not-a-key-of-this-proxy-0123")
+        self.send(page, "A wrong key")
+        page.wait_for_selector(".message.assistant:last-of-type .error")
+        wrong = page.inner_text(".message.assistant:last-of-type .error")
+        self.assertIn("The key in the Key field was not accepted", wrong)
+        self.assertNotIn("Authorization", wrong)  # the page's words, not the API's
         page.fill("#key", ALICE_KEY)
         self.send(page, "With a key")
         self.wait_for_reply(page, "Hello world")

@@ -239,12 +239,23 @@ function takeEvent(event, reply, run) {
 
 async function httpErrorText(response) {
   let message = response.statusText;
+  let code;
   try {
-    message = (await response.json()).error?.message || message;
+    const error = (await response.json()).error;
+    message = error?.message || message;
+    code = error?.code;
   } catch {
     // Not JSON: keep the status text.
   }
-  if (response.status === 401) $("key-field").hidden = false;
+  if (response.status === 401) {
+    $("key-field").hidden = false;
+    // The proxy's words are for API clients (headers, SDKs); on this page the key goes in the Key field.
+    if (code === "invalid_api_key") {
+      message = $("key").value.trim()
+        ? "The key in the Key field was not accepted. Check it: it must be one of this proxy's client keys."
+        : "This proxy needs a client key: enter yours in the Key field above.";
+    }
+  }
   const wait = Number(response.headers.get("Retry-After"));
   const later = response.status === 429 && wait > 0 ? ` Try again in ${waitText(wait)}.` : "";
   return `Error ${response.status}: ${message}${later}`;
