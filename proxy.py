@@ -2965,6 +2965,15 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         pass
 
 
+def _reset_on_close(sock: socket.socket) -> None:
+    """Have the socket's close send a reset, not a FIN: an upstream that only writes (a stream) learns
+    at its next write that nobody reads, not at the one after."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, array.array("i", [1, 0]).tobytes())
+    except OSError:
+        pass
+
+
 class Exchange:
     """One relayed request: the client's socket, the upstream's, and how it is cancelled.
 
@@ -3026,6 +3035,8 @@ class Exchange:
                 self.cancel_reason = reason
             self.cancelled.set()
             if self._upstream_sock is not None:
+                if reason == self.CLIENT_LEFT:
+                    _reset_on_close(self._upstream_sock)
                 _shutdown_quietly(self._upstream_sock)
 
     def waiting(self, sock: Optional[socket.socket] = None) -> None:

@@ -5847,12 +5847,16 @@ class BrowserChatTest(BrowserTestCase):
         self.assertEqual(self.chat_requests()[0].json()["messages"][0]["content"], "first line\nsecond line")
 
     def test_stop_aborts_and_the_upstream_is_closed(self):
-        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"), HANG])
+        # An upstream that goes on writing, as a model does, and learns of the close only from a write.
+        self.upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="partial"),
+                                             *[0.4, b": still thinking\n\n"] * 20])
         page = self.open_page()
         self.send(page, "Think for a long time")
         self.wait_for_reply(page, "partial")
         page.click("#stop")
+        stopped = time.monotonic()
         self.assertTrue(self.upstream.disconnected.wait(2), "the upstream was not closed after Stop")
+        self.assertLess(time.monotonic() - stopped, 0.5)  # as a raw client that closes its socket
         page.wait_for_selector(".message.assistant .note")
         self.assertEqual(page.inner_text(".message.assistant .note"), "Stopped.")
         self.assertTrue(page.is_visible("#send"))
