@@ -5968,6 +5968,68 @@ class BrowserConversationsTest(BrowserTestCase):
         self.wait_for_reply(page, answer)
         self.wait_for_stats(page)
 
+    def seed(self, page, count):
+        """count conversations kept in this browser, as the page keeps them, with long titles; then a reload."""
+        page.evaluate("""count => localStorage.setItem('proxy-chat-conversations', JSON.stringify(
+            Array.from({ length: count }, (_, i) => ({ id: 'c' + i, title: 'Conversation number ' + i + ' about streams',
+              updated: count - i, messages: [{ role: 'user', content: 'q' + i }, { role: 'assistant', content: 'a' }] }))))""",
+                      count)
+        page.reload()
+        page.wait_for_function("() => document.activeElement?.id === 'input'")
+
+    def test_the_keyboard_reaches_the_message_box_past_a_long_list(self):
+        page = self.open_page()
+        self.seed(page, 12)
+        page.click("h1")  # the top of the page: keyboard navigation goes on from there
+        page.keyboard.press("Shift+Tab")  # the skip link is the page's first stop
+        self.assertEqual(page.evaluate("() => document.activeElement.id"), "skip")
+        self.assertGreaterEqual(page.locator("#skip").bounding_box()["y"], 0)  # shown once focused
+        page.keyboard.press("Enter")
+        self.assertEqual(page.evaluate("() => document.activeElement.id"), "input")
+        tabs = {}
+        for count in (12, 2):  # without the skip link too: the list is one stop, however long
+            self.seed(page, count)
+            page.click("h1")
+            for tabs[count] in range(1, 40):
+                page.keyboard.press("Tab")
+                if page.evaluate("() => document.activeElement.id") == "input":
+                    break
+        self.assertEqual(tabs[12], tabs[2])
+        self.assertLessEqual(tabs[12], 11)  # the bar, New chat, the list, its buttons, the messages' ones, the settings
+        focused = page.evaluate("() => { const s = getComputedStyle(document.activeElement);"
+                                " return [s.outlineStyle, s.boxShadow, s.borderColor]; }")
+        page.evaluate("() => document.activeElement.blur()")
+        unfocused = page.evaluate("() => { const s = getComputedStyle(document.getElementById('input'));"
+                                  " return [s.outlineStyle, s.boxShadow, s.borderColor]; }")
+        self.assertEqual(focused[0], "solid")  # a visible ring ...
+        self.assertNotEqual(focused[1:], unfocused[1:])  # ... and the box itself changes
+        self.seed(page, 12)
+        page.focus("#conversations li[aria-current] .open")
+        page.keyboard.press("ArrowDown")
+        self.assertEqual(page.evaluate("() => document.activeElement.textContent"), "Conversation number 1 about streams")
+        page.keyboard.press("Enter")  # opens it, and the message box has the focus
+        self.assertEqual(page.evaluate("() => document.activeElement.id"), "input")
+        self.assertEqual(page.inner_text(".message.user .body"), "q1")
+
+    def test_titles_get_the_row_and_the_buttons_show_on_hover_focus_or_touch(self):
+        page = self.open_page()
+        self.seed(page, 12)
+        current = page.locator("#conversations li[aria-current]")
+        self.assertFalse(current.locator(".small").first.is_visible())  # not hovered, not focused
+        self.assertGreater(current.locator(".open").bounding_box()["width"], 0.9 * current.bounding_box()["width"])
+        current.hover()
+        self.assertTrue(current.locator("text=Rename").is_visible())
+        page.mouse.move(900, 700)
+        page.focus("#conversations li:nth-child(3) .open")
+        self.assertTrue(page.locator("#conversations li:nth-child(3) >> text=Delete").is_visible())
+        touch = self.browser.new_context(viewport={"width": 1280, "height": 800}, has_touch=True, is_mobile=True)
+        self.addCleanup(touch.close)
+        phone = touch.new_page()
+        phone.goto(f"http://127.0.0.1:{self.port}/")
+        self.seed(phone, 3)
+        self.assertTrue(phone.evaluate("() => matchMedia('(hover: none)').matches"))
+        self.assertEqual(phone.locator("#conversations .small:visible").count(), 6)  # always, on a touch screen
+
     def test_conversations_survive_a_reload_and_show_in_a_new_tab(self):
         page = self.open_page()
         self.chat(page, "How do **streams** work?", "One token at a time")
@@ -5999,6 +6061,7 @@ class BrowserConversationsTest(BrowserTestCase):
         self.chat(page, "First", "one")
         page.click("#new-chat")
         self.chat(page, "Second", "two")
+        page.hover("#conversations li:nth-child(1)")  # its buttons show on hover (or focus)
         page.click("#conversations li:nth-child(1) .small:text('Rename')")
         page.fill("#conversations input", "My renamed chat")
         page.press("#conversations input", "Enter")
@@ -6006,6 +6069,7 @@ class BrowserConversationsTest(BrowserTestCase):
         page.reload()
         page.wait_for_selector("#conversations .open")
         self.assertEqual(self.titles(page), ["My renamed chat", "First"])
+        page.hover("#conversations li:nth-child(1)")
         page.click("#conversations li:nth-child(1) .small:text('Delete')")  # the one on screen
         self.assertEqual(self.titles(page), ["First"])
         self.assertEqual(page.locator(".message").count(), 0)

@@ -27,6 +27,11 @@ async function start() {
   });
   $("stop").addEventListener("click", () => state.controller?.abort());
   $("new-chat").addEventListener("click", newChat);
+  $("skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    $("input").focus();
+  });
+  $("conversations").addEventListener("keydown", onListKey);
   $("history-toggle").addEventListener("click", () => showHistory($("history-toggle").ariaExpanded !== "true"));
   $("theme").addEventListener("click", toggleTheme);
   $("forget-key").addEventListener("click", forgetKey);
@@ -339,6 +344,7 @@ function openConversation(id) {
   showConversation();
   listConversations();
   showHistory(false);
+  $("input").focus();
 }
 
 // The conversation on screen, drawn again from what was kept of it, each message with its actions.
@@ -371,12 +377,16 @@ function showConversation() {
   });
 }
 
-// The side list: each conversation, newest first, with rename and delete.
+// The side list: each conversation, newest first, with rename and delete. The list is one stop for Tab
+// (the current conversation, else the first); the arrow keys move between conversations, so that a long
+// list never stands between the top of the page and the message box.
 function listConversations() {
+  const stop = history.get(current.id) ? current.id : history.conversations[0]?.id;
   const items = history.conversations.map((conversation) => {
     const item = document.createElement("li");
     if (conversation.id === current.id) item.setAttribute("aria-current", "true");
     const open = button(conversation.title, "open", () => openConversation(conversation.id));
+    open.tabIndex = conversation.id === stop ? 0 : -1;
     const rename = button("Rename", "quiet small", () => renameConversation(item, conversation));
     rename.setAttribute("aria-label", `Rename “${conversation.title}”`);
     const remove = button("Delete", "quiet small", () => deleteConversation(conversation.id));
@@ -385,6 +395,17 @@ function listConversations() {
     return item;
   });
   $("conversations").replaceChildren(...items);
+}
+
+function onListKey(event) {
+  const opens = [...$("conversations").querySelectorAll(".open")];
+  const at = opens.indexOf(event.target);
+  const step = { ArrowDown: 1, ArrowUp: -1 }[event.key];
+  if (at < 0 || !step) return;
+  event.preventDefault();
+  const next = opens[Math.min(opens.length - 1, Math.max(0, at + step))];
+  opens.forEach((open) => { open.tabIndex = open === next ? 0 : -1; });
+  next.focus();
 }
 
 function renameConversation(item, conversation) {
