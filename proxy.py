@@ -6083,6 +6083,9 @@ def read_request_head(head: bytes) -> RequestHead:
     for line in lines[1:]:
         name, _, value = line.decode("latin-1").partition(":")
         fields.append((name, value.strip(_OWS)))
+    hosts = sum(1 for name, _ in fields if name.lower() == "host")
+    if hosts > 1 or (hosts == 0 and version == "HTTP/1.1"):
+        raise BadRequest(f"an HTTP/1.1 request carries exactly one Host header (RFC 9112, 3.2); this one had {hosts}")
     if target.startswith("//"):  # as http.server: never read as a scheme-relative URL (gh-87389)
         target = "/" + target.lstrip("/")
     return RequestHead(method, target, version, Fields(fields), _HEAD_END.search(head).end())

@@ -1416,6 +1416,17 @@ class StrictHeadTest(ProxyTestCase):
         for word in words:
             self.assertIn(word, message)
 
+    def test_an_http_1_1_request_needs_exactly_one_host(self):
+        body = chat_body()
+        for case, hosts in (("none", b""), ("two", b"Host: a\r\nHost: b\r\n")):
+            with self.subTest(case=case):
+                answer = self.send_head(b"POST /message HTTP/1.1\r\n%bContent-Length: %d\r\n\r\n" % (hosts, len(body)),
+                                        body)
+                self.assert_refused(answer, 400, "exactly one Host header (RFC 9112, 3.2)")
+        self.assertEqual(self.upstream.requests, [])
+        answer = self.send_head(b"GET /healthz HTTP/1.0\r\n\r\n")  # HTTP/1.0 may go without
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+
     def test_malformed_field_lines_are_400_and_reach_nothing(self):
         for case, line in self.MALFORMED.items():
             for method, path in (("GET", b"/v1/models"), ("POST", b"/message")):
@@ -5382,7 +5393,7 @@ class MetricsTest(ProxyTestCase):
         self.upstream.script = Script(steps=[chunk(role="assistant", content=""), HANG])
         sock = self.raw_socket()
         body = chat_body()
-        sock.sendall(b"POST /message HTTP/1.1\r\nAuthorization: Bearer %b\r\nContent-Length: %d\r\n\r\n%b"
+        sock.sendall(b"POST /message HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b\r\nContent-Length: %d\r\n\r\n%b"
                      % (ALICE_KEY.encode(), len(body), body))
         self.assertIn(b"200 OK", sock.recv(4096))
         sock.close()  # a client that leaves
