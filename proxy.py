@@ -5958,12 +5958,16 @@ class _DemoHandler(http.server.BaseHTTPRequestHandler):
         logger.debug("demo upstream: " + format, *args)
 
 
+class _DemoServer(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024  # as the proxy's own: a burst of sessions waits in the kernel, never refused
+    daemon_threads = True
+
+
 class DemoUpstream:
     """A real loopback HTTP server speaking the OpenAI streaming format, for --demo."""
 
     def __init__(self, word_delay: float = 0.05):
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DemoHandler)
-        self._server.daemon_threads = True
+        self._server = _DemoServer(("127.0.0.1", 0), _DemoHandler)
         self._server.word_delay = word_delay
         self._thread = threading.Thread(target=self._server.serve_forever, name="demo-upstream", daemon=True)
 

@@ -3605,6 +3605,24 @@ def start_demo_proxy(test, **config):
     return server.server_port
 
 
+class DemoBacklogTest(unittest.TestCase):
+    def test_a_burst_of_connections_waits_in_the_kernel_not_refused(self):
+        demo = proxy.DemoUpstream()  # listening, not accepting yet: every connection waits in the backlog
+        port = int(demo.base_url.split(":")[2].split("/")[0])
+        socks = []
+        try:
+            for _ in range(300):  # 500 Realtime sessions at once had 27-131 wait 30 s on a backlog of 5
+                sock = socket.socket()
+                socks.append(sock)
+                sock.settimeout(0.9)  # a dropped SYN is sent again after 1 s
+                sock.connect(("127.0.0.1", port))
+        finally:
+            demo.start()
+            for sock in socks:
+                sock.close()
+            demo.close()
+
+
 class DemoSdkTest(unittest.TestCase):
     """openai-python against the proxy in --demo mode: the Responses API works with no key, as chat does."""
 
