@@ -6242,9 +6242,10 @@ class FloodLog:
         self._pending += 1
         self.flush(now)
 
-    def flush(self, now: float) -> None:
-        """Log what was counted, if there is something and the last line is old enough."""
-        if self._pending and now - self._logged_at >= self._every:
+    def flush(self, now: float, last: bool = False) -> None:
+        """Log what was counted, if there is something and the last line is old enough (or this is the
+        last chance: the proxy stops)."""
+        if self._pending and (last or now - self._logged_at >= self._every):
             logger.log(self._level, self._message, self._pending)
             self._pending, self._logged_at = 0, now
 
@@ -6600,6 +6601,8 @@ class ClientConnections:
             socks = list(self._waiting) + list(self._closing)
             self._waiting.clear()
             self._closing.clear()
+            for log in (self._refusals, self._header_timeouts, self._heads_too_large, self._tls_hellos):
+                log.flush(time.monotonic(), last=True)  # what the last interval counted is not lost
         for sock in socks:
             self._drop(sock)
         self._selector.wake()
@@ -7869,6 +7872,9 @@ class ProxyServer(http.server.HTTPServer):
         self.relays.stop()
         self.upstreams.close()
         self.limits.stop()
+        with self._idle:
+            for log in self._key_refusals.values():
+                log.flush(time.monotonic(), last=True)
 
 
 def raise_open_file_limit(max_connections: int) -> Optional[str]:

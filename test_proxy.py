@@ -2712,6 +2712,18 @@ class SlowlorisLogTest(ProxyTestCase):
         lines = [r.getMessage() for r in logs.records if "HEADER_TIMEOUT" in r.getMessage()]
         self.assertEqual(len(lines), 1, lines)
 
+    def test_what_was_counted_is_logged_when_the_proxy_stops(self):
+        with self.assertLogs("proxy", "INFO") as logs:
+            slow = [self.raw_socket() for _ in range(20)]
+            for sock in slow:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            for sock in slow:
+                self.assertIn(b"408 Request Timeout", sock.recv(4096))
+            self.server.drain(1.0, threading.Event())  # well within the 10 s between two summaries
+        counts = [int(record.getMessage().split(" ")[0]) for record in logs.records
+                  if "HEADER_TIMEOUT" in record.getMessage()]
+        self.assertEqual(sum(counts), 20, counts)  # 4,000 refusals were once logged as "1 connection(s)"
+
 
 class TlsToPlainPortTest(ProxyTestCase):
     """A TLS client (an https:// or wss:// URL) on the plain-HTTP port is closed at once, with one warning a
