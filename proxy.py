@@ -4470,6 +4470,21 @@ def close_payload(code: int, reason: str) -> bytes:
     return code.to_bytes(2, "big") + reason.encode("utf-8")[:CLOSE_REASON_LIMIT].decode("utf-8", "ignore").encode()
 
 
+def check_close(payload: bytes, side: str) -> None:
+    """Refuse a close frame RFC 6455 does not allow (5.5.1, 7.4): a one-byte payload, a code no endpoint
+    may send (under 1000, 1004-1006, 1015, unassigned 1016-2999, 5000 and up), a reason not in UTF-8."""
+    if not payload:
+        return
+    code = int.from_bytes(payload[:2], "big")
+    if len(payload) == 1 or not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        what = "a one-byte payload" if len(payload) == 1 else f"code {code}, which no endpoint may send"
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"a close frame with {what}", side)
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "a close frame whose reason is not UTF-8", side) from None
+
+
 def parse_close(payload: bytes) -> Tuple[int, str]:
     """A close frame's code (1005 for none) and reason."""
     if len(payload) < 2:
@@ -5599,6 +5614,8 @@ class RealtimeSession:
             self._send("upstream", item[1])
             return
         _, opcode, payload, raw = item
+        if opcode == OP_CLOSE:
+            check_close(payload, "client")
         self._send("upstream", raw)
         if opcode == OP_CLOSE:
             self._saw_close("client", payload)
@@ -5614,6 +5631,8 @@ class RealtimeSession:
                 self._counted(usage)
             return
         _, opcode, payload, raw = item
+        if opcode == OP_CLOSE:
+            check_close(payload, "upstream")
         masked = mask_bytes(payload, self._secrets)
         self._send("client", raw if masked is payload else encode_frame(opcode, masked[:125]))
         if opcode == OP_CLOSE:

@@ -4103,6 +4103,30 @@ class RealtimeRelayTest(RealtimeTestCase):
         peer.send(0x8, struct.pack("!H", 4000))
         self.assertTrue(peer.ended_within(3))
 
+    def test_a_close_frame_rfc_6455_forbids_ends_the_session_with_1002(self):
+        for case, payload in (("one byte", b"\x03"), ("code 999", struct.pack("!H", 999)),
+                              ("code 1005", struct.pack("!H", 1005)), ("code 5000", struct.pack("!H", 5000)),
+                              ("reason not UTF-8", struct.pack("!H", 1000) + b"\xff\xfe")):
+            with self.subTest(case=case):
+                peer, upstream, _ = self.open_session(headers=bearer(ALICE_KEY))
+                self.assertEqual(peer.recv_json()["type"], "session.created")
+                peer.send(0x8, payload)
+                code, reason = peer.recv_close()
+                self.assertEqual(code, 1002)
+                self.assertIn("close frame", reason)
+                self.assertTrue(peer.ended_within(3))
+                self.assertIsNotNone(self.realtime.ended.get(timeout=5))  # and the upstream's side ended too
+
+    def test_a_forbidden_close_from_the_upstream_is_the_upstreams_fault(self):
+        def bad_close(upstream_peer):
+            upstream_peer.send(0x8, struct.pack("!H", 1006))
+            upstream_peer.recv_frame()
+        self.realtime.session = bad_close
+        peer, _, _ = self.open_session(headers=bearer(ALICE_KEY))
+        code, reason = peer.recv_close()
+        self.assertEqual(code, 1011)  # the client did nothing wrong
+        self.assertIn("the upstream broke the protocol: a close frame with code 1006", reason)
+
     def test_fragments_with_control_frames_between_are_passed_on_as_one_message(self):
         def fragmented(upstream_peer):
             upstream_peer.send(0x1, b'{"type": "response.', fin=False)
