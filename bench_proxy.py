@@ -778,14 +778,19 @@ async def timed_requests(port, route, count, tls=None):
     return times
 
 
+def self_signed_certificate(folder):
+    """A certificate for 127.0.0.1 and its key, made for this run by the openssl command: (cert file, key file)."""
+    cert_file, key_file = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key_file, "-out", cert_file], check=True, capture_output=True)
+    return cert_file, key_file
+
+
 async def rtt(route, cpus, proxy_args):
     """Time to the first byte with an upstream a network away: connections kept or opened anew."""
     folder = tempfile.mkdtemp(prefix="bench-rtt-")
-    cert_file, key_file = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    from test_proxy import TEST_CERT, TEST_CERT_KEY  # a self-signed certificate for 127.0.0.1, test material
-    with open(cert_file, "w") as cert, open(key_file, "w") as key:
-        cert.write(TEST_CERT)
-        key.write(TEST_CERT_KEY)
+    cert_file, key_file = self_signed_certificate(folder)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert_file, key_file)
     client_tls = ssl.create_default_context(cafile=cert_file)

@@ -6724,6 +6724,7 @@ class BenchmarkSmokeTest(unittest.TestCase):
             setattr(module, name, value)
 
     def test_a_tiny_rtt_run_keeps_its_upstream_connection(self):
+        require(shutil.which("openssl"), "the openssl command (the bench makes its certificate with it)")
         import bench_proxy
         self.patch(bench_proxy, RTT_SEQUENTIAL=4, RTT_WAVE=3, RTT_DELAY=0.002)
         row = asyncio.run(bench_proxy.rtt("/v1/chat/completions", [], ()))
