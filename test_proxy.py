@@ -2702,23 +2702,23 @@ class ConnectionFloodTest(ProxyTestCase):
 class SlowlorisLogTest(ProxyTestCase):
     config_overrides = {"header_timeout": 0.3}
 
+    def time_out_heads(self, count):
+        """count connections that start a head and never finish it, each answered 408."""
+        slow = [self.raw_socket() for _ in range(count)]
+        for sock in slow:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for sock in slow:
+            self.assertIn(b"408 Request Timeout", sock.recv(4096))
+
     def test_header_timeouts_are_counted_not_logged_one_by_one(self):
         with self.assertLogs("proxy", "INFO") as logs:
-            slow = [self.raw_socket() for _ in range(20)]
-            for sock in slow:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-            for sock in slow:
-                self.assertIn(b"408 Request Timeout", sock.recv(4096))
+            self.time_out_heads(20)
         lines = [r.getMessage() for r in logs.records if "HEADER_TIMEOUT" in r.getMessage()]
         self.assertEqual(len(lines), 1, lines)
 
     def test_what_was_counted_is_logged_when_the_proxy_stops(self):
         with self.assertLogs("proxy", "INFO") as logs:
-            slow = [self.raw_socket() for _ in range(20)]
-            for sock in slow:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-            for sock in slow:
-                self.assertIn(b"408 Request Timeout", sock.recv(4096))
+            self.time_out_heads(20)
             self.server.drain(1.0, threading.Event())  # well within the 10 s between two summaries
         counts = [int(record.getMessage().split(" ")[0]) for record in logs.records
                   if "HEADER_TIMEOUT" in record.getMessage()]
