@@ -6413,6 +6413,23 @@ class WorkerPool:
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record that starts a handshake (RFC 8446, 5.1)
 
 
+def _first_quiet(entries: list) -> Optional["_Waiting"]:
+    """The first of the entries whose socket has nothing to read, asked of the kernel in one poll (a flood
+    at MAX_CONNECTIONS asks for every connection it makes: one poll a socket made accepting the bottleneck)."""
+    if not entries:
+        return None
+    if not hasattr(select, "poll"):
+        return next((entry for entry in entries if not _is_ready(entry.sock)), None)
+    poller = select.poll()
+    try:
+        for entry in entries:
+            poller.register(entry.sock, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(0)}
+    except (OSError, ValueError):
+        return None
+    return next((entry for entry in entries if entry.sock.fileno() not in ready), None)
+
+
 class ClientConnections:
     """Holds client connections between requests with no thread each, reading request heads.
 
@@ -6493,19 +6510,16 @@ class ClientConnections:
         Nor is one silent for less than EVICTION_GRACE: a client that has just
         connected, or just had its answer, has had no time to send a request.
         """
-        looked = 0
+        candidates = []
         too_recent = time.monotonic() - self.EVICTION_GRACE
         for entry in self._waiting.values():  # in the order they fell silent
             if entry.since > too_recent:
                 break  # and so are all after it
-            if entry.head:
-                continue
-            if not _is_ready(entry.sock):
-                return entry
-            looked += 1
-            if looked >= self.EVICTION_SCAN:
-                break
-        return None
+            if not entry.head:
+                candidates.append(entry)
+                if len(candidates) >= self.EVICTION_SCAN:
+                    break
+        return _first_quiet(candidates)
 
     # The lock guards the tables and counts only; no socket call is made
     # under it. Such a call gives up the GIL, and under load getting it back
