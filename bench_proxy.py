@@ -88,6 +88,11 @@ FLOODS = ("slowloris", "slowbody", "connections")
 FLOOD_ATTACKERS = 3000
 FLOOD_SECONDS = 60.0
 
+# siege: issue 32's outside run with the C tools (their own processes): SIEGE_SLOW slowloris connections
+# (slowhttptest -H, SIEGE_SLOW_RATE new ones a second) and SIEGE_WRK kept-alive clients hammering /healthz (wrk),
+# --flood-seconds long, while a new client posts to /message every PROBE_EVERY s; nginx beside it as the reference.
+SIEGE_SLOW, SIEGE_SLOW_RATE, SIEGE_WRK = 10000, 2000, 4000
+
 # rtt: an HTTPS upstream DELAY seconds away each way (a new connection's first bytes wait one round
 # trip more, as TCP's handshake does), RTT_SEQUENTIAL requests one after another, then two waves of
 # RTT_WAVE streams at once; short streams, for the time to the first byte is what a round trip costs.
@@ -136,6 +141,7 @@ SCENARIOS = {
     "overload": OVERLOAD,
     "keepalive": KEEPALIVE,
     "flood": (FLOOD_ATTACKERS, 5, 0.01, 0.0),
+    "siege": (SIEGE_WRK, 5, 0.01, 0.0),
     "rtt": RTT,
     "limits": KEEPALIVE,
     "requests": (1, 1, 0.0, 0.0),
@@ -704,6 +710,71 @@ async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
     return rows
 
 
+def listen_drops():
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt ListenDrops)."""
+    with open("/proc/net/netstat") as netstat:
+        names, values = [line.split() for line in netstat if line.startswith("TcpExt:")][:2]
+    return int(values[names.index("ListenDrops")])
+
+
+def siege_tool(name):
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"the siege scenario needs {name} (Debian's package {name})")
+    return path
+
+
+async def siege(cpus, proxy_args, system, seconds=FLOOD_SECONDS):
+    """slowhttptest and wrk against /healthz, a new client's POST /message every PROBE_EVERY s: is every probe
+    served or told 503 (never reset, never unanswered), and within a second?"""
+    wrk, slowhttptest = siege_tool("wrk"), siege_tool("slowhttptest")
+    upstream = Upstream()
+    upstream.chunks, upstream.gap = 5, 0.01
+    upstream_port = await upstream.start()
+    if system == "nginx":
+        target = NginxProcess(upstream_port, cpus[0] if cpus else None)
+    else:
+        ProxyProcess.home = SYSTEMS[system][0]
+        target = ProxyProcess(upstream_port, cpus[0] if cpus else None,
+                              ("--max-connections", "2048", *SYSTEMS[system][1], *proxy_args))
+    url = f"http://127.0.0.1:{target.port}/healthz"
+    tools = []
+    try:
+        drops_before = listen_drops()
+        settle = min(3.0, seconds / 4)
+        tools.append(subprocess.Popen(
+            [slowhttptest, "-H", "-c", str(SIEGE_SLOW), "-r", str(SIEGE_SLOW_RATE), "-l", str(int(seconds + 2 * settle)),
+             "-u", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        await asyncio.sleep(settle)  # the slow connections are opening
+        tools.append(subprocess.Popen(
+            [wrk, f"-c{SIEGE_WRK}", f"-t{min(2, SIEGE_WRK)}", f"-d{max(1, round(seconds))}s", url],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        await asyncio.sleep(settle)  # wrk's clients are in
+        prober = Prober(target.port, seconds - 2 * settle, "--probe-message")
+        while prober.process.poll() is None:
+            await asyncio.sleep(0.2)
+        probed = prober.result()
+        drops = listen_drops() - drops_before
+        wrk_out, _ = tools[1].communicate(timeout=seconds + 30)
+        rate = re.search(r"Requests/sec:\s*([\d.]+)", wrk_out)
+        outcomes, times = probed["outcomes"], probed["times"]
+        return {"scenario": "siege", "route": "/message", "system": system, "slow": SIEGE_SLOW, "wrk": SIEGE_WRK,
+                "seconds": seconds, "probes": len(outcomes), "served": outcomes.count("served"),
+                "told_503": outcomes.count("503"), "no_answer": outcomes.count("no answer"),
+                "other": len(outcomes) - sum(outcomes.count(o) for o in ("served", "503", "no answer")),
+                "probe_p50_ms": ms(percentile(times, 50)) if times else None,
+                "probe_p99_ms": ms(percentile(times, 99)) if times else None,
+                "probe_max_ms": ms(max(times, default=None)),
+                "over_1s": sum(1 for t in times if t > 1.0), "listen_drops": drops,
+                "wrk_requests_per_s": round(float(rate.group(1))) if rate else None}
+    finally:
+        for tool in tools:
+            tool.kill()
+            tool.wait(10)
+        target.stop()
+        upstream.close()
+
+
 class Relay:
     """A network in between: every byte is held `delay` seconds each way, and a new connection's first
     bytes wait one round trip more (TCP's handshake). Order is kept; nothing is lost."""
@@ -853,7 +924,7 @@ def accepts_within(port, seconds):
 
 class NginxProcess:
     """Debian's nginx, one worker, in front of the upstream as a C reference: proxy_buffering off, upstream
-    keepalive, no access log. It has the proxy's interface for what the scenarios read (port, CPU, RSS)."""
+    keepalive, no access log, /healthz answered by nginx itself as proxy.py answers its own. It has the proxy's interface for what the scenarios read (port, CPU, RSS)."""
 
     def __init__(self, upstream_port, cpu):
         binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -870,7 +941,8 @@ class NginxProcess:
                       f"events {{ worker_connections 16384; }}\nhttp {{\naccess_log off;\n{temp}"
                       f"upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 1024; }}\n"
                       f"map $http_upgrade $connection_upgrade {{ websocket upgrade; default \"\"; }}\n"
-                      f"server {{ listen 127.0.0.1:{self.port} backlog=4096; location / {{\n"
+                      f"server {{ listen 127.0.0.1:{self.port} backlog=4096;\n"
+                      f"location = /healthz {{ return 200 \"ok\\n\"; }}\nlocation / {{\n"
                       f"proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade;\n"
                       f"proxy_set_header Connection $connection_upgrade;\n"
                       f"proxy_buffering off; proxy_read_timeout 600s; }} }}\n}}\n")
@@ -1329,6 +1401,8 @@ TABLES = (
                    "direct_p50_ms", "direct_max_ms")),
     ("flood", ("system", "flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
                "probe_p99_ms", "log_lines", "peak_rss_mb")),
+    ("siege", ("system", "slow", "wrk", "seconds", "probes", "served", "told_503", "no_answer", "other", "probe_p50_ms",
+               "probe_p99_ms", "probe_max_ms", "over_1s", "listen_drops", "wrk_requests_per_s")),
     ("rtt", ("route", "system", "rtt_ms", "sequential", "direct_p50_ms", "ttfb_p50_ms", "ttfb_p99_ms", "added_p50_ms",
              "direct_opened", "opened", "wave", "wave1_p50_ms", "wave2_p50_ms", "wave2_p99_ms", "wave1_opened",
              "wave2_opened", "errors")),
@@ -1346,11 +1420,10 @@ TABLES = (
 
 
 def print_table(rows):
-    """One table for the per-token scenarios, one each for overload, keepalive and flood."""
+    """One table for the per-token scenarios, one for each other scenario."""
+    own_tables = {title for title, _ in TABLES}
     for title, columns in TABLES:
-        kind = [r for r in rows if (r["scenario"] if r["scenario"] in ("overload", "keepalive", "flood", "rtt", "limits",
-                                                                       "requests", "burst", "realtime", "quiet")
-                                    else "per token") == title]
+        kind = [r for r in rows if (r["scenario"] if r["scenario"] in own_tables else "per token") == title]
         if not kind:
             continue
         widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in kind)) for c in columns}
@@ -1396,11 +1469,12 @@ def runs_of(name, route):
     """(system, route) pairs for one scenario, each system in turn per route so that they share the run's
     conditions: this checkout and the baseline everywhere; nginx and the limits row only where the scenario
     has reference rows, nginx on /v1 only."""
-    routes = [route] if route else (ROUTES[:1] if name == "flood" else ROUTES[1:] if name == "realtime" else ROUTES)
+    routes = [route] if route else (ROUTES[:1] if name in ("flood", "siege") else ROUTES[1:] if name == "realtime"
+                                    else ROUTES)
 
     def runs(system, each):
         if system == "nginx":
-            return name in REFERENCED and each != "/message"
+            return name == "siege" or (name in REFERENCED and each != "/message")
         return system != "proxy.py+limits" or name in REFERENCED
 
     return [(system, each) for each in routes for system in (*SYSTEMS, "nginx") if runs(system, each)]
@@ -1476,6 +1550,8 @@ def main():
                 elif name == "flood":  # one route: the floods are about connections, not relaying
                     ProxyProcess.home = SYSTEMS[system][0]
                     new_rows = asyncio.run(flood(cpus, args.proxy_arg, args.flood_seconds))
+                elif name == "siege":
+                    new_rows = [asyncio.run(siege(cpus, args.proxy_arg, system, args.flood_seconds))]
                 else:
                     found = asyncio.run(scenario(name, route, cpus, args.proxy_arg, shape, system))
                     new_rows = found if isinstance(found, list) else [found]

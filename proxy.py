@@ -6444,6 +6444,7 @@ class ClientConnections:
     TICK = 0.1              # how often deadlines are checked, in seconds, idle or not
     EVICTION_SCAN = 64      # silent-looking connections checked for unread bytes before refusing
     EVICTION_GRACE = 0.5    # seconds a connection must have been silent before it can be closed for another
+    EVICTION_PAUSE = 0.1    # seconds after a scan that found none before newcomers scan again (refused meanwhile)
     LINGER = 2.0            # seconds a refused connection is read, its 503 sent, before it is closed
     LINGER_LIMIT = 1024     # refused connections read at once; past it, they are closed at once
     MIN_WORKERS = 8         # worker threads kept ready, however idle
@@ -6471,6 +6472,7 @@ class ClientConnections:
         self._waiting: Dict[socket.socket, _Waiting] = {}  # in arrival order: the first is the longest idle
         self._closing: Dict[socket.socket, _Closing] = {}
         self._busy = 0
+        self._fruitless_scan = -math.inf  # when an eviction scan last found no connection to close
         self._closed = False
         self._selector = WakeableSelector()
         self._thread = threading.Thread(target=self._run, name="connection-pool", daemon=True)
@@ -6509,9 +6511,16 @@ class ClientConnections:
         never one: closing it would drop a request the client already sent.
         Nor is one silent for less than EVICTION_GRACE: a client that has just
         connected, or just had its answer, has had no time to send a request.
+        After a scan that found none, the newcomers of the next EVICTION_PAUSE
+        are refused without one: in a flood at the cap (a thousand refusals a
+        second, each client reconnecting at once) a scan for each was a third
+        of the accept thread's time, and the probes waited in the kernel.
         """
+        now = time.monotonic()
+        if now < self._fruitless_scan + self.EVICTION_PAUSE:
+            return None
         candidates = []
-        too_recent = time.monotonic() - self.EVICTION_GRACE
+        too_recent = now - self.EVICTION_GRACE
         for entry in self._waiting.values():  # in the order they fell silent
             if entry.since > too_recent:
                 break  # and so are all after it
@@ -6519,7 +6528,10 @@ class ClientConnections:
                 candidates.append(entry)
                 if len(candidates) >= self.EVICTION_SCAN:
                     break
-        return _first_quiet(candidates)
+        silent = _first_quiet(candidates)
+        if silent is None:
+            self._fruitless_scan = now
+        return silent
 
     # The lock guards the tables and counts only; no socket call is made
     # under it. Such a call gives up the GIL, and under load getting it back
@@ -7683,7 +7695,10 @@ def find_route(path: str) -> Optional[Route]:
 class ProxyServer(http.server.HTTPServer):
     """The listening server: holds the config, the client connections, the relay loop and the drain state."""
 
-    request_queue_size = 1024   # a burst of connections waits in the kernel instead of being refused
+    # A burst of connections waits in the kernel instead of being refused. Linux caps it at net.core.somaxconn
+    # (4096 since 5.4): under a reconnecting flood a shorter queue overflows, and the kernel drops new
+    # connections' SYNs, which their clients send again only after a second (issue 32, point 8).
+    request_queue_size = 4096
     REQUESTS_PER_TURN = 100     # requests of one connection a worker serves in a row before it hands it back
 
     def __init__(self, config: Config, handler_class=ProxyHandler):
