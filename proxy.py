@@ -301,7 +301,7 @@ class ConfigError(Exception):
 class Config:
     """Settings, validated once at start. Defaults live in SETTINGS."""
 
-    api_key: str                 # upstream key; never logged or returned
+    api_key: str                 # upstream key, or several separated by commas; never logged or returned
     base_url: str                # upstream base, without a trailing slash
     model: str                   # model for requests that name none
     host: str                    # listen address
@@ -340,7 +340,7 @@ class Config:
     retry_max_wait: float        # longest upstream Retry-After honoured; longer is returned at once
     retry_backoff: float         # first backoff in seconds; doubles each retry, full jitter
     fallback_base_url: str       # second upstream for retryable failures; empty: none
-    fallback_api_key: str        # its key; never logged or returned
+    fallback_api_key: str        # its key(s), as api_key; never logged or returned
     fallback_model: str          # model to ask the fallback for; empty: the request's own
     fallback_auth_header: str    # its key's header; empty: as OA_AUTH_HEADER
     breaker_threshold: int       # consecutive retryable failures that take an upstream out; 0: never
@@ -477,6 +477,27 @@ def _parse_client_keys(text: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def keys_in(text: str) -> Tuple[str, ...]:
+    """The keys of a key setting: one, or several separated by commas."""
+    return tuple(key.strip() for key in text.split(",")) if text.strip() else ()
+
+
+def _parse_key_list(text: str) -> str:
+    """One upstream key or several separated by commas, each printable and without spaces; never shown."""
+    keys = keys_in(text)
+    if "" in keys:
+        raise ValueError("holds an empty key (two commas together, or one at an end): separate several keys "
+                         "with single commas")
+    for number, key in enumerate(keys, 1):
+        if not re.fullmatch(r"[\x21-\x7e]+", key):
+            raise ValueError("holds spaces or control characters"
+                             + (f" in key number {number} of {len(keys)}" if len(keys) > 1 else ""))
+        if key in keys[:number - 1]:
+            raise ValueError(f"lists a key twice (key number {keys.index(key) + 1} and {number} of {len(keys)}): "
+                             "give each key once")
+    return ",".join(keys)
+
+
 def _parse_log_format(text: str) -> str:
     """LOG_FORMAT: text or json."""
     if text.strip().lower() not in ("text", "json"):
@@ -572,8 +593,8 @@ SETTING_GROUPS = (
     ("upstream", (
         Setting("demo", ("DEMO",), "false", _parse_bool,
                 "a built-in demo upstream: no key, no network"),
-        Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", str.strip,
-                "the upstream key (env is safer than a flag)", secret=True),
+        Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", _parse_key_list,
+                "the upstream key, or several: k1,k2 (env is safer than a flag)", secret=True),
         Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
                 "OpenAI or a compatible server"),
         Setting("model", ("OA_MODEL",), DEFAULT_MODEL, str.strip,
@@ -596,8 +617,8 @@ SETTING_GROUPS = (
                 "first wait between retries"),
         Setting("fallback_base_url", ("OA_FALLBACK_BASE_URL",), "", str.strip,
                 "second upstream, for failures"),
-        Setting("fallback_api_key", ("OA_FALLBACK_API_KEY",), "", str.strip,
-                "its key", secret=True),
+        Setting("fallback_api_key", ("OA_FALLBACK_API_KEY",), "", _parse_key_list,
+                "its key(s)", secret=True),
         Setting("fallback_model", ("OA_FALLBACK_MODEL",), "", str.strip,
                 "its model; none: the request's"),
         Setting("fallback_auth_header", ("OA_FALLBACK_AUTH_HEADER",), "", str.strip,
@@ -692,7 +713,7 @@ METAVARS = {_parse_port: "PORT", _parse_positive_float: "S", _parse_size: "BYTES
             _parse_positive_count: "N", _parse_header_name: "HEADER", _parse_extra_headers: "JSON",
             _parse_client_keys: "KEYS", _parse_redis_url: "URL", _parse_failure_mode: "open|closed",
             _parse_list: "LIST", _parse_origins: "ORIGINS", _parse_log_format: "text|json"}
-FIELD_METAVARS = {"api_key": "KEY", "fallback_api_key": "KEY", "metrics_token": "TOKEN", "base_url": "URL",
+FIELD_METAVARS = {"api_key": "KEYS", "fallback_api_key": "KEYS", "metrics_token": "TOKEN", "base_url": "URL",
                   "fallback_base_url": "URL", "model": "MODEL", "fallback_model": "MODEL", "host": "ADDRESS",
                   "fallback_auth_header": "HEADER"}
 
@@ -780,8 +801,6 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
         raise ConfigError(f"STREAM_LEASE ({values['stream_lease']:g} s) must be at least three times REDIS_TIMEOUT "
                           f"({values['redis_timeout']:g} s): a lease is renewed every third of it, and a renewal "
                           "may take that long")
-    if values["api_key"] and not re.fullmatch(r"[\x21-\x7e]+", values["api_key"]):
-        raise ConfigError("the API key holds spaces or control characters; check OA_API_KEY")
     return Config(**values)
 
 
@@ -835,6 +854,8 @@ def where_limits_live(config: Config) -> str:
 def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple[int, str]]:
     """What the proxy says when it starts: (log level, text) pairs."""
     upstream = "built-in demo upstream (no key, no network)" if config.demo else config.base_url
+    if not config.demo and len(keys_in(config.api_key)) > 1:
+        upstream += f" with {len(keys_in(config.api_key))} keys in turn"
     keys = config.proxy_api_keys
     client_auth = (f"client keys required ({len(keys)}: {', '.join(name for name, _ in keys)})" if keys
                    else "no client keys (PROXY_API_KEYS unset): every client is trusted")
@@ -1237,16 +1258,20 @@ def allowed_methods(methods) -> str:
 # Pure helpers for the upstream: which ones, the headers and path they get, secrets masked
 # --------------------------------------------------------------------------
 
-Upstream = collections.namedtuple("Upstream", "name base_url api_key auth_header model")
+# keys: one or more; key_setting: where they came from, for messages
+Upstream = collections.namedtuple("Upstream", "name base_url keys auth_header model key_setting")
 
 
-def configured_upstreams(config: Config) -> List[Upstream]:
+@functools.lru_cache(maxsize=8)
+def configured_upstreams(config: Config) -> Tuple[Upstream, ...]:
     """The upstreams in the order to try them: the primary, then the fallback if there is one."""
-    found = [Upstream("primary", config.base_url, config.api_key, config.auth_header, "")]
+    found = [Upstream("primary", config.base_url, keys_in(config.api_key), config.auth_header, "",
+                      config.api_key_source)]
     if config.fallback_base_url:
-        found.append(Upstream("fallback", config.fallback_base_url, config.fallback_api_key,
-                              config.fallback_auth_header or config.auth_header, config.fallback_model))
-    return found
+        found.append(Upstream("fallback", config.fallback_base_url, keys_in(config.fallback_api_key),
+                              config.fallback_auth_header or config.auth_header, config.fallback_model,
+                              "OA_FALLBACK_API_KEY"))
+    return tuple(found)
 
 
 @functools.lru_cache(maxsize=8)
@@ -1257,7 +1282,7 @@ def secrets_of(config: Config) -> Tuple[str, ...]:
     and that of any forward proxy in HTTP(S)_PROXY; longest first, so that a key that
     holds another is masked whole.
     """
-    found = {config.api_key, config.fallback_api_key, config.metrics_token}
+    found = {*keys_in(config.api_key), *keys_in(config.fallback_api_key), config.metrics_token}
     found.update(key for _, key in config.proxy_api_keys)
     if config.redis_url:
         found.add(parse_redis_url(config.redis_url).password)
@@ -1266,11 +1291,17 @@ def secrets_of(config: Config) -> Tuple[str, ...]:
     return tuple(sorted((secret for secret in found if secret), key=len, reverse=True))
 
 
-def upstream_auth(upstream: Upstream) -> Tuple[str, str]:
-    """The header that carries the upstream's key."""
+def upstream_auth(upstream: Upstream, key: str) -> Tuple[str, str]:
+    """The header that carries one of the upstream's keys."""
     if upstream.auth_header.lower() == "authorization":
-        return "Authorization", f"Bearer {upstream.api_key}"
-    return upstream.auth_header, upstream.api_key
+        return "Authorization", f"Bearer {key}"
+    return upstream.auth_header, key
+
+
+def key_fingerprint(key: str) -> str:
+    """A key's name in a log line: six hex digits of its SHA-256, never a character of the key itself
+    (and too short to be any 8 characters of it)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:6]
 
 
 def _connection_tokens(headers) -> set:
@@ -2660,7 +2691,7 @@ def format_access_line(record: dict) -> str:
             f'frames={record["frames"]} bytes={record["bytes"]} client={log_value(record["client"])} '
             f'model={log_value(record["model"])} tokens={tokens} request_id={log_value(record["request_id"])} '
             f'error={log_value(record["error"])} client_left={"yes" if record["client_left"] else "no"} '
-            f'upstream={log_value(record["upstream"])} attempts={record["attempts"]} '
+            f'upstream={log_value(record["upstream"])} key={record["key"] or "-"} attempts={record["attempts"]} '
             f'reused={ {True: "yes", False: "no", None: "-"}[record["upstream_reused"]] }'
             + (f' session={record["outcome"]} closed_by={record["closed_by"]} close_code={record["close_code"]} '
                f'bytes_in={record["bytes_in"]}' if "outcome" in record else ""))
@@ -2724,6 +2755,32 @@ class JsonLogFormatter(logging.Formatter):
         return json_log_line(line)
 
 
+class FloodLog:
+    """A log line for something that can come in floods: the first at once, then a count at most every EVERY s.
+
+    Slowloris or a connection flood then costs the log a line per interval,
+    not a line per connection. Not thread-safe: its owner's lock guards it.
+    """
+
+    EVERY = 10.0
+
+    def __init__(self, level: int, message: str, every: float = EVERY):
+        self._level, self._message, self._every = level, message, every  # message: one %d, for the count
+        self._pending = 0
+        self._logged_at = -math.inf
+
+    def count(self, now: float) -> None:
+        self._pending += 1
+        self.flush(now)
+
+    def flush(self, now: float, last: bool = False) -> None:
+        """Log what was counted, if there is something and the last line is old enough (or this is the
+        last chance: the proxy stops)."""
+        if self._pending and (last or now - self._logged_at >= self._every):
+            logger.log(self._level, self._message, self._pending)
+            self._pending, self._logged_at = 0, now
+
+
 def _escape_label(value: str) -> str:
     """A Prometheus label value, escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -2763,6 +2820,11 @@ class Metrics:
         ("proxy_upstream_attempts_total", "counter",
          "Upstream attempts by upstream and outcome: answered, or the retryable failure (429, 5xx, connect, "
          "timeout, protocol)."),
+        ("proxy_upstream_key_attempts_total", "counter",
+         "Upstream attempts by upstream, key (its position in the list, from 1) and outcome: answered, a "
+         "retryable failure, or key_refused (401/403: the key is taken out)."),
+        ("proxy_upstream_keys", "gauge",
+         "Keys of each upstream by state: ready, resting (answered 429, until the upstream's reset), refused."),
         ("proxy_upstream_connections_opened_total", "counter", "Connections opened to each upstream."),
         ("proxy_upstream_connections_reused_total", "counter",
          "Requests sent on a kept-alive connection to each upstream."),
@@ -3507,10 +3569,10 @@ class UpstreamConnector:
         self.pool.count_opened()
         return connection
 
-    def request_headers(self, upstream: Upstream, config: Config, headers: Dict[str, str],
+    def request_headers(self, upstream: Upstream, key: str, config: Config, headers: Dict[str, str],
                         length: Optional[int]) -> Dict[str, str]:
-        """The client's headers, then the proxy's own, which win whatever their case."""
-        auth_name, auth_value = upstream_auth(upstream)
+        """The client's headers, then the proxy's own (the upstream's key given), which win whatever their case."""
+        auth_name, auth_value = upstream_auth(upstream, key)
         own = {"Host": self.host, "User-Agent": f"proxy.py/{__version__}",
                **dict(config.extra_headers), auth_name: auth_value}
         if length is not None:
@@ -3525,9 +3587,11 @@ class _StaleConnection(Exception):
     """A kept-alive connection failed before a byte of the response: the upstream had closed it."""
 
 
-def open_upstream(config: Config, upstream: Upstream, connector: UpstreamConnector, exchange: Exchange, method: str,
-                  target: str, body, headers: Dict[str, str], length: Optional[int] = None) -> http.client.HTTPResponse:
-    """Send a request to the upstream's base URL + target; return the response whatever its status.
+def open_upstream(config: Config, upstream: Upstream, key: str, connector: UpstreamConnector, exchange: Exchange,
+                  method: str, target: str, body, headers: Dict[str, str],
+                  length: Optional[int] = None) -> http.client.HTTPResponse:
+    """Send a request to the upstream's base URL + target with one of its keys; return the response whatever
+    its status.
 
     body is bytes, None, or a reader of exactly `length` bytes that is
     streamed to the upstream as it is read. A kept-alive connection is used
@@ -3537,7 +3601,7 @@ def open_upstream(config: Config, upstream: Upstream, connector: UpstreamConnect
     says which connection answered.
     """
     url = connector.url_prefix + connector.path + target
-    headers = connector.request_headers(upstream, config, headers, length)
+    headers = connector.request_headers(upstream, key, config, headers, length)
     if body is None or isinstance(body, bytes):
         connection = connector.pool.take(time.monotonic(), config.upstream_keepalive_timeout)
         if connection is not None:
@@ -3637,10 +3701,11 @@ def _drain(response: http.client.HTTPResponse, connection: http.client.HTTPConne
 
 
 # --------------------------------------------------------------------------
-# Retries, the fallback upstream and circuit breakers
+# Retries, several keys, the fallback upstream and circuit breakers
 # --------------------------------------------------------------------------
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_REASONS = frozenset(str(status) for status in RETRYABLE_STATUSES)  # as attempts report them
 RETRYABLE_ERRORS = (UpstreamUnreachable, UpstreamTimeout, UpstreamBadResponse)  # as open_upstream raises them
 BACKOFF_CAP = 8.0  # seconds: the longest backoff between two attempts
 
@@ -3657,6 +3722,103 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+KEY_REST_DEFAULT = 5.0  # seconds a key answered 429 rests when the upstream does not say
+KEY_REST_MAX = 3600.0   # the longest rest a 429's headers may ask for
+_RESET = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
+
+
+def parse_reset(value: Optional[str]) -> Optional[float]:
+    """Seconds an x-ratelimit-reset-* header says: OpenAI writes them as 1s, 6m0s, 20ms, 1h2m3.5s."""
+    found = _RESET.fullmatch((value or "").strip())
+    if not found or not any(found.groups()):
+        return None
+    hours, minutes, seconds, millis = (float(part or 0) for part in found.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+def key_rest(headers) -> float:
+    """How long a key answered 429 rests: retry-after-ms or Retry-After, else the reset of the limit that
+    ran out (x-ratelimit-remaining-* at 0), else KEY_REST_DEFAULT; at most KEY_REST_MAX."""
+    millis = headers.get("retry-after-ms", "").strip()
+    seconds = float(millis) / 1000 if re.fullmatch(r"\d+(\.\d+)?", millis) else parse_retry_after(
+        headers.get("Retry-After"))
+    if seconds is None:
+        resets = {kind: parse_reset(headers.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")}
+        spent = [reset for kind, reset in resets.items()
+                 if reset is not None and headers.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0"]
+        known = spent or [reset for reset in resets.values() if reset is not None]
+        seconds = max(known) if known else KEY_REST_DEFAULT
+    return min(seconds, KEY_REST_MAX)
+
+
+class KeyRing:
+    """An upstream's keys, handed out in turn. Round robin, not fewest running: an OpenAI key's limits count
+    requests and tokens a minute, not requests at once, so each key gets an equal share of the requests.
+
+    A key answered 429 rests as long as the upstream asks; a key the upstream
+    refused (401/403) is out until the proxy restarts, with a WARNING. When
+    every key rests or is out, the one back soonest is used all the same: the
+    upstream, not the proxy, then says what is wrong.
+    """
+
+    REFUSED_EVERY = 60.0  # seconds between warnings that one key is still refused
+
+    def __init__(self, upstream: Upstream, clock: Callable[[], float] = time.monotonic):
+        self._upstream = upstream
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._turn = 0
+        count = len(upstream.keys)
+        self._resting_until = [-math.inf] * count
+        self._refused = [False] * count
+        self._warnings: Dict[int, FloodLog] = {}
+
+    def take(self, avoid: Optional[int] = None) -> Optional[int]:
+        """The position of the key to use next; with `avoid`, another usable one, or None if there is none."""
+        count = len(self._resting_until)
+        with self._lock:
+            now = self._clock()
+            for step in range(count):
+                position = (self._turn + step) % count
+                if position != avoid and not self._refused[position] and self._resting_until[position] <= now:
+                    self._turn = position + 1
+                    return position
+            if avoid is not None:
+                return None
+            candidates = [p for p in range(count) if not self._refused[p]] or list(range(count))
+            position = min(candidates, key=lambda p: (self._resting_until[p], (p - self._turn) % count))
+            self._turn = position + 1
+            return position
+
+    def rest(self, position: int, seconds: float) -> None:
+        with self._lock:
+            self._resting_until[position] = max(self._resting_until[position], self._clock() + seconds)
+
+    def refuse(self, position: int) -> None:
+        """The upstream refused this key: out, and said at once, then at most once a minute while it is tried."""
+        with self._lock:
+            self._refused[position] = True
+            log = self._warnings.get(position)
+            if log is None:
+                upstream, count = self._upstream, len(self._refused)
+                left = count - sum(self._refused)
+                log = self._warnings[position] = FloodLog(
+                    logging.WARNING, f"the {upstream.name} upstream refused key {position + 1} of {count} in "
+                    f"{upstream.key_setting} (fingerprint {key_fingerprint(upstream.keys[position])}) %d time(s) "
+                    f"since the last warning: it is out until the proxy restarts"
+                    + (f", and requests go to the other {left}" if left else "; no key is left, so each is still "
+                       "tried") + "; replace or remove it", self.REFUSED_EVERY)
+            log.count(self._clock())
+
+    def states(self) -> Dict[str, int]:
+        """How many keys are ready, resting after a 429, and refused."""
+        with self._lock:
+            now = self._clock()
+            refused = sum(self._refused)
+            resting = sum(1 for p, until in enumerate(self._resting_until) if until > now and not self._refused[p])
+        return {"ready": len(self._refused) - refused - resting, "resting": resting, "refused": refused}
 
 
 def backoff_delay(attempt: int, base: float) -> float:
@@ -3728,12 +3890,13 @@ UpstreamRequest = collections.namedtuple("UpstreamRequest", "method target body 
 
 
 class Attempts:
-    """A request's upstream attempts: how many were made, which upstream answered, and a report of each
-    outcome (the handler's, for its metrics and log)."""
+    """A request's upstream attempts: how many were made, which upstream and key answered, and a report of
+    each outcome (the handler's, for its metrics and log: upstream, outcome, attempt, wait, key position)."""
 
-    def __init__(self, report: Callable[[Upstream, str, int, Optional[float]], None]):
+    def __init__(self, report: Callable[[Upstream, str, int, Optional[float], int], None]):
         self.count = 0
         self.upstream_name: Optional[str] = None
+        self.key: Optional[int] = None  # the answering key's position in its list, from 1
         self.report = report
 
 
@@ -3751,6 +3914,7 @@ class Upstreams:
         self._clock = clock
         self._connectors: Dict[str, UpstreamConnector] = {}
         self._breakers: Dict[str, Breaker] = {}
+        self._rings: Dict[Upstream, KeyRing] = {}
         self._lock = threading.Lock()
 
     def connector(self, upstream: Upstream) -> UpstreamConnector:
@@ -3768,6 +3932,13 @@ class Upstreams:
                                                             self._clock)
             return self._breakers[upstream.base_url]
 
+    def keys(self, upstream: Upstream) -> KeyRing:
+        """The key ring of an upstream."""
+        with self._lock:
+            if upstream not in self._rings:
+                self._rings[upstream] = KeyRing(upstream, self._clock)
+            return self._rings[upstream]
+
     def open(self, config: Config, exchange: Exchange, request: UpstreamRequest, retries: int,
              attempts: Attempts) -> http.client.HTTPResponse:
         """Open the request, retrying retryable failures and falling back, before any byte is sent.
@@ -3782,52 +3953,91 @@ class Upstreams:
             if not breaker.allows():
                 continue
             last, answered = self._try(upstream, breaker, config, exchange, request,
-                                       retries if resendable else 0, last, attempts)
+                                       retries if resendable else None, last, attempts)
             if answered or not resendable:
                 break
         return self._outcome(config, last, attempts)
 
     def _try(self, upstream: Upstream, breaker: Breaker, config: Config, exchange: Exchange,
-             request: UpstreamRequest, retries: int, last: Optional[tuple], attempts: Attempts) -> Tuple[tuple, bool]:
-        """Up to 1 + retries attempts on one upstream: the last outcome, and whether it was an answer to keep."""
-        for attempt in range(retries + 1):
+             request: UpstreamRequest, retries: Optional[int], last: Optional[tuple],
+             attempts: Attempts) -> Tuple[tuple, bool]:
+        """Up to 1 + retries attempts on one upstream: the last outcome, and whether it was an answer to keep.
+
+        A key answered 429 rests, and the request moves at once to another
+        key if one is free (once); a key refused moves it to the next (as
+        long as one is left). Neither move counts as a retry. retries None:
+        a body streamed from the client, which can be sent once only.
+        """
+        ring = self.keys(upstream)
+        key, moved_after_429, attempt = ring.take(), False, 0
+        while True:
             let_go_of(last, exchange, config)  # this attempt's outcome replaces the last one's
-            answer, failure, reason, retry_after = self._attempt(upstream, breaker, config, exchange, request, attempts)
+            answer, failure, reason, retry_after = self._attempt(upstream, key, breaker, config, exchange, request,
+                                                                 attempts)
             if answer is not None:
                 breaker.succeeded()
-                attempts.report(upstream, "answered", attempt, None)
-                return (upstream, answer), True
-            breaker.failed()
-            last = (upstream, failure)
-            wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
-            again = attempt < retries and wait <= config.retry_max_wait
-            attempts.report(upstream, reason, attempt, wait if again else None)
-            if not again:
-                break
-            exchange.waiting()
-            if self._wait(exchange, wait):  # the client left during the wait: no more attempts
-                breaker.abandon()
-                let_go_of(last, exchange, config)
-                exchange.raise_if_cancelled()
-        return last, False
+                attempts.report(upstream, "answered", attempt, None, key + 1)
+                return (upstream, answer, key), True
+            last = (upstream, failure, key)
+            may_move = retries is not None and reason in ("429", "key_refused") and not (
+                reason == "429" and moved_after_429)
+            other = ring.take(avoid=key) if may_move else None
+            if other is not None:
+                moved_after_429 = moved_after_429 or reason == "429"
+                attempts.report(upstream, reason, attempt, 0.0, key + 1)
+                key = other
+                continue
+            if not self._wait_to_retry(upstream, breaker, config, exchange, (reason, retry_after, attempt, retries),
+                                       last, attempts):
+                return last, False
+            attempt, key = attempt + 1, ring.take()
 
-    def _attempt(self, upstream: Upstream, breaker: Breaker, config: Config, exchange: Exchange,
+    def _wait_to_retry(self, upstream: Upstream, breaker: Breaker, config: Config, exchange: Exchange,
+                       failed: tuple, last: tuple, attempts: Attempts) -> bool:
+        """After a failed attempt (its reason, Retry-After, number, and the retries allowed): wait for the
+        next and return True, or return False if there is none."""
+        reason, retry_after, attempt, retries = failed
+        if reason != "key_refused":
+            breaker.failed()
+        wait = retry_after if retry_after is not None else backoff_delay(attempt, config.retry_backoff)
+        again = attempt < (retries or 0) and wait <= config.retry_max_wait and reason != "key_refused"
+        attempts.report(upstream, reason, attempt, wait if again else None, last[2] + 1)
+        if not again:
+            return False
+        exchange.waiting()
+        if self._wait(exchange, wait):  # the client left during the wait: no more attempts
+            breaker.abandon()
+            let_go_of(last, exchange, config)
+            exchange.raise_if_cancelled()
+        return True
+
+    def _attempt(self, upstream: Upstream, key: int, breaker: Breaker, config: Config, exchange: Exchange,
                  request: UpstreamRequest, attempts: Attempts) -> tuple:
-        """One attempt: (answer, None, None, None) for an answer to keep, else (None, failure, reason, Retry-After)."""
+        """One attempt with the key at that position: (answer, None, None, None) for an answer to keep, else
+        (None, failure, reason, Retry-After)."""
         payload = body_for(upstream, request.body)
         attempts.count += 1
         try:
             exchange.raise_if_cancelled()
-            response = open_upstream(config, upstream, self.connector(upstream), exchange, request.method,
-                                     request.target, payload, request.headers,
+            response = open_upstream(config, upstream, upstream.keys[key], self.connector(upstream), exchange,
+                                     request.method, request.target, payload, request.headers,
                                      len(payload) if isinstance(payload, bytes) else request.length)
         except RETRYABLE_ERRORS as error:
             return None, error, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), None
         except BaseException:
             breaker.abandon()
             raise
+        return self.judge(upstream, key, response)
+
+    def judge(self, upstream: Upstream, key: int, response: http.client.HTTPResponse) -> tuple:
+        """What an upstream's answer says of the attempt, and of the key it was made with."""
+        if response.status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN) and len(upstream.keys) > 1:
+            self.keys(upstream).refuse(key)
+            return None, response, "key_refused", None
         if response.status not in RETRYABLE_STATUSES:
             return response, None, None, None
+        if response.status == HTTPStatus.TOO_MANY_REQUESTS:
+            self.keys(upstream).rest(key, key_rest(response.headers))
         return None, response, str(response.status), parse_retry_after(response.headers.get("Retry-After"))
 
     def _outcome(self, config: Config, last: Optional[tuple], attempts: Attempts) -> http.client.HTTPResponse:
@@ -3836,7 +4046,7 @@ class Upstreams:
             wait = min(self.breaker(upstream, config).retry_in() for upstream in configured_upstreams(config))
             raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "
                                 f"{math.ceil(wait)} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        attempts.upstream_name = last[0].name
+        attempts.upstream_name, attempts.key = last[0].name, last[2] + 1
         if isinstance(last[1], ProxyError):
             raise last[1]
         return last[1]
@@ -3854,6 +4064,12 @@ class Upstreams:
             counts[("proxy_upstream_connections_reused_total", labels)] = pool.reused
             counts[("proxy_upstream_idle_connections", labels)] = pool.idle()
         return counts
+
+    def key_counts(self, config: Config) -> Dict[Tuple[str, tuple], float]:
+        """How many keys of each upstream are ready, resting after a 429, and refused."""
+        return {("proxy_upstream_keys", (("upstream", upstream.name), ("state", state))): count
+                for upstream in configured_upstreams(config)
+                for state, count in self.keys(upstream).states().items()}
 
     def expire_idle(self, config: Config) -> None:
         """Close upstream connections idle past their keep-alive timeout."""
@@ -4628,13 +4844,14 @@ class _HandshakeResponse(_UpstreamResponse):
     SWITCH_ASKED = True
 
 
-def handshake_headers(handler: "ProxyHandler", connector: UpstreamConnector, upstream: Upstream) -> Dict[str, str]:
+def handshake_headers(handler: "ProxyHandler", connector: UpstreamConnector, upstream: Upstream,
+                      key: str) -> Dict[str, str]:
     """The upstream's handshake: the client's headers as for any /v1 request (its Authorization never),
     the proxy's key, and the client's Sec-WebSocket-Key and subprotocols (the one with its key never)."""
     config = handler.server.config
     forwarded = {name: value for name, value in forwarded_request_headers(handler.headers, config).items()
                  if name.lower() not in HANDSHAKE_HEADERS_NOT_FORWARDED}
-    headers = connector.request_headers(upstream, config, forwarded, None)
+    headers = connector.request_headers(upstream, key, config, forwarded, None)
     headers.update({"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"})
     protocols = forwarded_subprotocols(handler.headers)
     if protocols:
@@ -4653,26 +4870,27 @@ def open_handshake(handler: "ProxyHandler", exchange: Exchange, target: str) -> 
         raise UpstreamsDown("every upstream failed repeatedly and is out for a cool-down; retry shortly",
                             headers={"Retry-After": "5"})
     connector, breaker = upstreams.connector(upstream), upstreams.breaker(upstream, config)
-    attempts.count, attempts.upstream_name = 1, upstream.name
+    key = upstreams.keys(upstream).take()
+    attempts.count, attempts.upstream_name, attempts.key = 1, upstream.name, key + 1
     try:
         connection = connector.connect(exchange, config)
         connection.response_class = _HandshakeResponse
         response = _send(connection, False, connector, config, exchange, "GET",
                          connector.url_prefix + connector.path + target, None,
-                         handshake_headers(handler, connector, upstream))
+                         handshake_headers(handler, connector, upstream, upstream.keys[key]))
     except RETRYABLE_ERRORS as error:  # the breaker hears of it, as for any request
         breaker.failed()
-        attempts.report(upstream, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), 0, None)
+        attempts.report(upstream, UPSTREAM_ERROR_KINDS.get(error.type, "protocol"), 0, None, key + 1)
         raise
     except BaseException:
         breaker.abandon()
         raise
-    if response.status in RETRYABLE_STATUSES:
+    _, _, reason, _ = upstreams.judge(upstream, key, response)  # a key refused or rate limited is noted
+    if reason in RETRYABLE_REASONS:
         breaker.failed()
-        attempts.report(upstream, str(response.status), 0, None)
     else:
         breaker.succeeded()
-        attempts.report(upstream, "answered", 0, None)
+    attempts.report(upstream, reason or "answered", 0, None, key + 1)
     return response
 
 
@@ -6243,32 +6461,6 @@ class ClientWriter(io.BufferedIOBase):
         return len(data)
 
 
-class FloodLog:
-    """A log line for something that can come in floods: the first at once, then a count at most every EVERY s.
-
-    Slowloris or a connection flood then costs the log a line per interval,
-    not a line per connection. Not thread-safe: its owner's lock guards it.
-    """
-
-    EVERY = 10.0
-
-    def __init__(self, level: int, message: str, every: float = EVERY):
-        self._level, self._message, self._every = level, message, every  # message: one %d, for the count
-        self._pending = 0
-        self._logged_at = -math.inf
-
-    def count(self, now: float) -> None:
-        self._pending += 1
-        self.flush(now)
-
-    def flush(self, now: float, last: bool = False) -> None:
-        """Log what was counted, if there is something and the last line is old enough (or this is the
-        last chance: the proxy stops)."""
-        if self._pending and (last or now - self._logged_at >= self._every):
-            logger.log(self._level, self._message, self._pending)
-            self._pending, self._logged_at = 0, now
-
-
 class _Waiting:
     """A connection in the pool: what it sent of its next request head, since when it waits, and until when."""
 
@@ -6842,6 +7034,7 @@ class RequestState:
             "completion_tokens": self.usage.completion if self.usage else None,
             "request_id": self.upstream_request_id,
             "upstream": self.attempts.upstream_name,
+            "key": self.attempts.key,
             "upstream_reused": self.upstream_reused,
             "attempts": self.attempts.count,
             "upstream_status": self.upstream_status,
@@ -7039,14 +7232,20 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.state.client_left = True
 
-    def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None):
-        """Count an upstream attempt; log a failed one with what happens next."""
-        self.server.metrics.inc("proxy_upstream_attempts_total", (("upstream", upstream.name), ("outcome", outcome)))
+    def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None,
+                       key: int = 1):
+        """Count an upstream attempt (by upstream, and by key); log a failed one with what happens next."""
+        metrics = self.server.metrics
+        metrics.inc("proxy_upstream_attempts_total", (("upstream", upstream.name), ("outcome", outcome)))
+        metrics.inc("proxy_upstream_key_attempts_total",
+                    (("upstream", upstream.name), ("key", str(key)), ("outcome", outcome)))
         if outcome == "answered":
             return
-        then = f"retrying in {wait:.2f}s" if wait is not None else "no more retries on it"
-        logger.warning('%s "%s %s" attempt %d to the %s upstream failed (%s); %s', self.client_address[0],
-                       self.command, log_value(self.path_only), attempt + 1, upstream.name, outcome, then)
+        then = (("at once on another key" if wait == 0 and outcome in ("429", "key_refused")
+                 else f"retrying in {wait:.2f}s") if wait is not None else "no more retries on it")
+        which = f" with key {key} of {len(upstream.keys)}" if len(upstream.keys) > 1 else ""
+        logger.warning('%s "%s %s" attempt %d to the %s upstream%s failed (%s); %s', self.client_address[0],
+                       self.command, log_value(self.path_only), attempt + 1, upstream.name, which, outcome, then)
 
     # ---- reading the request
 
@@ -7489,6 +7688,7 @@ def serve_metrics(handler: ProxyHandler) -> None:
     body = server.metrics.render({"proxy_active_streams": server.limits.active(),
                                   "process_cpu_seconds_total": time.process_time(),
                                   **server.upstreams.connection_counts(server.config),
+                                  **server.upstreams.key_counts(server.config),
                                   **server.limits.metric_values()}).encode()
     handler.send_response(HTTPStatus.OK)
     handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

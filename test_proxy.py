@@ -7,6 +7,7 @@ import ast
 import asyncio
 import base64
 import concurrent.futures
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -4228,6 +4229,22 @@ class RealtimeWordyKeyTest(RealtimeTestCase):
         self.assertEqual(self.realtime.handshakes[0][1]["sec-websocket-protocol"], ["realtime"])
 
 
+class RealtimeSeveralKeysTest(RealtimeTestCase):
+    """Realtime sessions take the upstream keys in turn, as requests do."""
+
+    config_overrides = {"api_key": "rt-key-number-one-0001,rt-key-number-two-0002"}
+
+    def test_sessions_take_the_keys_in_turn(self):
+        for _ in range(4):
+            peer, upstream, head = self.open_session()
+            self.assertEqual(peer.recv_json()["type"], "session.created")
+            peer.send(0x8, struct.pack("!H", 1000))
+            self.assertEqual(peer.recv_close()[0], 1000)
+        self.assertTrue(self.server.wait_idle(5))
+        sent = [headers["authorization"][0] for _, headers in self.realtime.handshakes]
+        self.assertEqual(sent, ["Bearer rt-key-number-one-0001", "Bearer rt-key-number-two-0002"] * 2)
+
+
 class RealtimeLimitsTest(RealtimeTestCase):
     config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),), "token_budget_day": 10,
                         "max_streams_per_client": 1, "idle_timeout": 0.5}
@@ -5274,7 +5291,7 @@ class RetryTest(ProxyTestCase):
         self.assertEqual(len(self.upstream.requests), 2)
         log = "\n".join(logs.output)
         self.assertRegex(log, r"attempt 1 to the primary upstream failed \(503\); retrying in \d\.\d\ds")
-        self.assertIn("upstream=primary attempts=2", log)
+        self.assertIn("upstream=primary key=1 attempts=2", log)
         metrics = self.request("GET", "/metrics").read().decode()
         self.assertIn('proxy_upstream_attempts_total{upstream="primary",outcome="503"} 1\n', metrics)
         self.assertIn('proxy_upstream_attempts_total{upstream="primary",outcome="answered"} 1\n', metrics)
@@ -5401,6 +5418,150 @@ class FallbackTest(ProxyTestCase):
 # --------------------------------------------------------------------------
 # Observability: usage, logs, metrics
 # --------------------------------------------------------------------------
+
+# Three upstream keys that look like no key pattern: only masking by value can catch an echo of them.
+THREE_KEYS = ("Kf4wQ9zL2xR7vB1nM5tJ8pY3", "Gd6hS0aE3uI9oW2qT7yN4cV1", "Pm8rX5bZ1kD4fH7jU0gA2sE6")
+
+
+def key_of(received) -> str:
+    """Which of THREE_KEYS a request to the fake upstream carried (its position, from 1), or '?'."""
+    sent = received.headers.get("Authorization", "")
+    return next((str(number) for number, key in enumerate(THREE_KEYS, 1) if sent == f"Bearer {key}"), "?")
+
+
+class SeveralKeysTest(ProxyTestCase):
+    """OA_API_KEY with several keys: spread in turn, a 429'd key rests, a refused key is taken out."""
+
+    config_overrides = {"api_key": ",".join(THREE_KEYS)}
+
+    def keys_used(self, since=0):
+        with self.upstream.lock:
+            return [key_of(received) for received in self.upstream.requests[since:]]
+
+    def test_1000_requests_are_spread_evenly_over_three_keys(self):
+        self.upstream.script = json_script({"object": "list", "data": []})
+        def client():
+            conn = self.connect()
+            for _ in range(250):
+                conn.request("GET", "/v1/models")
+                response = conn.getresponse()
+                response.read()
+                self.assertEqual(response.status, 200)
+            conn.close()
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        counts = collections.Counter(self.keys_used())
+        self.assertEqual(sum(counts.values()), 1000, counts)
+        self.assertEqual(set(counts), {"1", "2", "3"}, counts)
+        for count in counts.values():
+            self.assertLessEqual(abs(count - 1000 / 3), 1000 / 3 * 0.1, counts)
+
+    def test_a_key_answered_429_rests_for_its_retry_after_and_the_request_moves_to_another(self):
+        seen = {}
+
+        def script(received):
+            if key_of(received) == "2":
+                if "limited" not in seen:
+                    seen["limited"] = time.monotonic()
+                    return json_script({"error": {"message": "Rate limit reached", "type": "requests"}},
+                                       status=429, headers={"Retry-After": "2"})
+                seen.setdefault("back", time.monotonic())
+            return Script(steps=reply("ok"))
+        self.upstream.script = script
+        json_type = {"Content-Type": "application/json"}
+        for route, body in (("/message", chat_body()), ("/v1/chat/completions", v1_chat(True))):
+            with self.subTest(route=route):  # V1_RETRIES is 0: moving to another key is not a retry
+                seen.clear()
+                before = len(self.upstream.requests)
+                deadline = time.monotonic() + 10
+                while "back" not in seen and time.monotonic() < deadline:
+                    response = self.request("POST", route, body, json_type)
+                    self.assertEqual(response.status, 200)  # the 429'd request too, on another key
+                    self.assertIn(b"ok", response.read())
+                self.assertGreaterEqual(seen["back"] - seen["limited"], 2.0)
+                self.assertLess(seen["back"] - seen["limited"], 3.5)
+                used = self.keys_used(before)
+                first, second = used.index("2"), used.index("2", used.index("2") + 1)
+                self.assertNotEqual(used[first + 1], "2")  # the same request, at once on another key
+                self.assertGreater(second - first, 3, used)  # the others served meanwhile
+                self.assertEqual(set(used[first + 1:second]), {"1", "3"}, used)
+
+    def test_a_refused_key_is_taken_out_with_one_warning_and_no_fragment_of_it(self):
+        def script(received):
+            if key_of(received) == "2":
+                return json_script({"error": {"message": f"Incorrect API key provided: {THREE_KEYS[1]}",
+                                              "type": "invalid_request_error", "code": "invalid_api_key"}},
+                                   status=401)
+            if received.path.endswith("/embeddings"):  # an error that quotes another key: masked
+                return json_script({"error": {"message": f"bad input for {THREE_KEYS[2]}"}}, status=400)
+            return Script(steps=reply("ok"))
+        self.upstream.script = script
+        answers = []
+        with self.assertLogs("proxy", "INFO") as logs:
+            for _ in range(12):
+                response = self.post_message()
+                answers.append(response.read())
+                self.assertEqual(response.status, 200, answers[-1])
+            response = self.request("POST", "/v1/embeddings", json.dumps({"model": "m", "input": "x"}).encode())
+            answers.append(response.read())
+            self.assertEqual(response.status, 400)
+            answers.append(self.request("GET", "/metrics").read())
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(self.keys_used().count("2"), 1)  # once refused, never tried again
+        self.assertEqual(self.keys_used()[:13].count("?"), 0)
+        warnings = [line for line in logs.output if "refused key" in line]
+        self.assertEqual(len(warnings), 1, logs.output)
+        fingerprint = hashlib.sha256(THREE_KEYS[1].encode()).hexdigest()[:6]
+        self.assertIn(f"the primary upstream refused key 2 of 3 in --api-key (fingerprint {fingerprint})",
+                      warnings[0])
+        self.assertIn("requests go to the other 2", warnings[0])
+        metrics = answers[-1].decode()
+        self.assertIn('proxy_upstream_keys{upstream="primary",state="refused"} 1', metrics)
+        self.assertIn('proxy_upstream_keys{upstream="primary",state="ready"} 2', metrics)
+        self.assertIn('proxy_upstream_key_attempts_total{upstream="primary",key="2",outcome="key_refused"} 1',
+                      metrics)
+        self.assertRegex(metrics, r'proxy_upstream_key_attempts_total\{upstream="primary",key="1",'
+                                  r'outcome="answered"\} [1-9]')
+        self.assertRegex("\n".join(logs.output), r"upstream=primary key=[13] attempts=2 ")
+        everything = "\n".join(logs.output) + b"\n".join(answers).decode("latin-1")
+        for key in THREE_KEYS:
+            for start in range(len(key) - proxy.SECRET_FRAGMENT + 1):
+                self.assertNotIn(key[start:start + proxy.SECRET_FRAGMENT], everything)
+
+    def test_when_every_key_is_refused_the_client_hears_of_the_refusal(self):
+        self.upstream.script = json_script({"error": {"message": "Incorrect API key"}}, status=401)
+        with self.assertLogs("proxy", "WARNING"):
+            self.assert_json_error(self.post_message(), 502, "refused the proxy's API key")
+            self.assert_json_error(self.post_message(), 502, "refused the proxy's API key")
+        self.assertEqual(sorted(self.keys_used()[:3]), ["1", "2", "3"])  # each tried once, then each still is
+
+    def test_a_body_streamed_from_the_client_is_not_sent_twice(self):
+        self.upstream.script = json_script({"error": {"message": "Rate limit reached"}}, status=429)
+        form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b--\r\n"
+        response = self.request("POST", "/v1/audio/transcriptions", form,
+                                {"Content-Type": "multipart/form-data; boundary=b"})
+        self.assertEqual(response.status, 429)
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_bad_key_lists_are_answered_in_plain_words(self):
+        for value, said in ((f"{THREE_KEYS[0]},,{THREE_KEYS[1]}", "holds an empty key"),
+                            (f"{THREE_KEYS[0]},", "holds an empty key"),
+                            (f"{THREE_KEYS[0]},two words", "holds spaces or control characters in key number 2 of 2"),
+                            (f"{THREE_KEYS[0]},{THREE_KEYS[1]},{THREE_KEYS[0]}",
+                             "lists a key twice (key number 1 and 3 of 3)")):
+            with self.subTest(value=value):
+                with self.assertRaises(proxy.ConfigError) as raised:
+                    proxy.load_config([], {"OA_API_KEY": value})
+                self.assertIn(f"OA_API_KEY {said}", str(raised.exception))
+                for key in THREE_KEYS:
+                    self.assertNotIn(key[:proxy.SECRET_FRAGMENT], str(raised.exception))
+        config = proxy.load_config([], {"OA_API_KEY": f" {THREE_KEYS[0]} , {THREE_KEYS[1]}"})
+        self.assertEqual(proxy.keys_in(config.api_key), THREE_KEYS[:2])
+        self.assertIn("with 2 keys in turn", proxy.startup_lines(config, 8080)[1][1])
+
 
 class UsageTest(ProxyTestCase):
     def stream_chat(self, body):
