@@ -126,6 +126,13 @@ BURST_CLIENTS = (1000, 500)  # the larger first: each 500 then follows a 1000, w
 BURST_REQUESTS_PER_CLIENT = 3
 BURST_CHUNKS, BURST_GAP = 50, 0.1
 
+# --with-routes: three upstream keys, and two routes (OA_ROUTES) to the same upstream with three keys of their
+# own; the bench's models (OA_MODEL on /message, "bench" on /v1) match the second route, after the first's patterns.
+ROUTE_KEYS = {"BENCH_ROUTE_KEYS": "route-key-1,route-key-2,route-key-3"}
+ROUTE_FLAGS = ("--api-key", "bench-key-1,bench-key-2,bench-key-3", "--routes", json.dumps([
+    {"models": ["llama*", "mistral-large"], "upstreams": [{"url": "{upstream}", "keys": "BENCH_ROUTE_KEYS"}]},
+    {"models": ["bench", "gpt-4o-mini"], "upstreams": [{"url": "{upstream}", "keys": "BENCH_ROUTE_KEYS"}]}]))
+
 # What runs in front of the upstream, by name: (the checkout whose proxy.py runs, its extra flags). This
 # checkout; --baseline's worktree if given; with --with-limits, this checkout with LIMIT_FLAGS. The
 # extra systems run only in the scenarios that have reference rows (REFERENCED), as nginx does, on /v1.
@@ -982,7 +989,8 @@ def start_system(system, upstream_port, cpus, proxy_args):
     if system == "nginx":
         return NginxProcess(upstream_port, cpu)
     ProxyProcess.home, flags = SYSTEMS[system]
-    return ProxyProcess(upstream_port, cpu, (*UNLIMITED, *flags, *proxy_args))
+    flags = tuple(flag.replace("{upstream}", f"http://127.0.0.1:{upstream_port}/v1") for flag in flags)
+    return ProxyProcess(upstream_port, cpu, (*UNLIMITED, *flags, *proxy_args), env=ROUTE_KEYS)
 
 
 async def requests(route, cpus, proxy_args, systems):
@@ -1467,15 +1475,15 @@ def raise_open_file_limit():
 
 def runs_of(name, route):
     """(system, route) pairs for one scenario, each system in turn per route so that they share the run's
-    conditions: this checkout and the baseline everywhere; nginx and the limits row only where the scenario
-    has reference rows, nginx on /v1 only."""
+    conditions: this checkout and the baseline everywhere; nginx, the limits and the routes rows only where
+    the scenario has reference rows, nginx on /v1 only."""
     routes = [route] if route else (ROUTES[:1] if name in ("flood", "siege") else ROUTES[1:] if name == "realtime"
                                     else ROUTES)
 
     def runs(system, each):
         if system == "nginx":
             return name == "siege" or (name in REFERENCED and each != "/message")
-        return system != "proxy.py+limits" or name in REFERENCED
+        return system not in ("proxy.py+limits", "proxy.py+routes") or name in REFERENCED
 
     return [(system, each) for each in routes for system in (*SYSTEMS, "nginx") if runs(system, each)]
 
@@ -1515,6 +1523,9 @@ def main():
                         help=f"how long each flood runs (default {FLOOD_SECONDS:g})")
     parser.add_argument("--baseline", metavar="REV",
                         help="also run proxy.py as of this git revision (a temporary worktree), interleaved")
+    parser.add_argument("--with-routes", action="store_true",
+                        help="also run this proxy.py with three upstream keys and two routes (OA_ROUTES), "
+                             "in the scenarios with reference rows")
     parser.add_argument("--with-limits", action="store_true",
                         help="also run this proxy.py with per-client limits in the process (none refusing), "
                              "in the scenarios with reference rows")
@@ -1537,6 +1548,8 @@ def main():
     with baseline_worktree(args.baseline) as baseline:
         if baseline:
             SYSTEMS[f"proxy.py@{args.baseline}"] = (baseline, ())
+        if args.with_routes:
+            SYSTEMS["proxy.py+routes"] = (HERE, ROUTE_FLAGS)
         if args.with_limits:
             SYSTEMS["proxy.py+limits"] = (HERE, LIMIT_FLAGS)
         for name in args.scenarios or list(SCENARIOS):

@@ -297,6 +297,13 @@ class ConfigError(Exception):
 # Configuration
 # --------------------------------------------------------------------------
 
+# One upstream as configured. keys: one or more ("" alone: none, no auth header); key_setting: where they
+# came from, for messages; model: sent instead of the request's ("" keeps it); headers: added to each request.
+Upstream = collections.namedtuple("Upstream", "name base_url keys auth_header model key_setting headers")
+# An OA_ROUTES entry: model names and * patterns, and the upstreams to try in order.
+ModelRoute = collections.namedtuple("ModelRoute", "models upstreams")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Settings, validated once at start. Defaults live in SETTINGS."""
@@ -348,6 +355,8 @@ class Config:
     log_format: str              # "text" or "json" (JSON lines)
     metrics_token: str           # bearer token for GET /metrics; empty: loopback clients only
     demo: bool                   # serve from the built-in demo upstream, no key, no network
+    routes: tuple                # OA_ROUTES as parsed, before its keys are read (see model_routes)
+    model_routes: Tuple[ModelRoute, ...] = ()  # OA_ROUTES with its keys read; empty: the default upstream only
     api_key_source: str = "OA_API_KEY"  # the variable (or flag) the upstream key came from, for messages
 
     def __hash__(self) -> int:
@@ -498,6 +507,75 @@ def _parse_key_list(text: str) -> str:
     return ",".join(keys)
 
 
+ROUTE_FIELDS = ("models", "upstreams")
+ROUTE_UPSTREAM_FIELDS = ("url", "keys", "auth_header", "model", "headers")
+
+
+def _parse_routes(text: str) -> tuple:
+    """OA_ROUTES: a JSON array of routes, or @PATH for a file holding one; checked for shape here, its
+    URLs and key variables in load_config. Each route as (models, upstreams), each upstream a dict."""
+    text = text.strip()
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as source:
+                text = source.read()
+        except OSError as error:
+            raise ValueError(f"names the file {text[1:]!r}, which cannot be read ({_describe_os_error(error)})")
+    if not text:
+        return ()
+    try:
+        routes = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"is not JSON ({error}); it must be an array of routes such as "
+                         '[{"models": ["gpt-4o"], "upstreams": [{"url": "https://api.openai.com/v1", "keys": '
+                         '"OPENAI_KEYS"}]}]') from None
+    if not isinstance(routes, list):
+        raise ValueError("must be a JSON array of routes, each an object with models and upstreams")
+    return tuple(_parse_route(number, route) for number, route in enumerate(routes, 1))
+
+
+def _fields_of(value, allowed: Tuple[str, ...], where: str) -> dict:
+    """A JSON object with only the allowed fields, or the ValueError that says what is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object with the fields {', '.join(allowed)}")
+    unknown = [name for name in value if name not in allowed]
+    if unknown:
+        raise ValueError(f"{where} has an unknown field {unknown[0]!r}; its fields are {', '.join(allowed)}")
+    return value
+
+
+def _parse_route(number: int, route) -> tuple:
+    """One route's (model patterns, upstream dicts), their types checked."""
+    where = f"route {number}"
+    route = _fields_of(route, ROUTE_FIELDS, where)
+    models, upstreams = route.get("models"), route.get("upstreams")
+    if not (isinstance(models, list) and models and all(isinstance(m, str) and m.strip() for m in models)):
+        raise ValueError(f'{where} needs "models": a list of model names or patterns with *, such as ["gpt-4o", '
+                         '"llama*"]')
+    if not (isinstance(upstreams, list) and upstreams):
+        raise ValueError(f'{where} needs "upstreams": a list of one or more upstreams, tried in order')
+    checked = []
+    for position, upstream in enumerate(upstreams, 1):
+        at = f"{where} upstream {position}"
+        upstream = _fields_of(upstream, ROUTE_UPSTREAM_FIELDS, at)
+        if not isinstance(upstream.get("url"), str):
+            raise ValueError(f'{at} needs "url": its base URL, such as "https://api.openai.com/v1"')
+        for name in ("keys", "auth_header", "model"):
+            if name in upstream and not (isinstance(upstream[name], str) and upstream[name].strip()):
+                raise ValueError(f'{at} has "{name}" that is not a non-empty string')
+        if "keys" in upstream and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", upstream["keys"]):
+            raise ValueError(f'{at}: "keys" names the environment variable holding its keys, in capitals (such '
+                             'as "AZURE_KEYS"), not the keys themselves')
+        if "auth_header" in upstream and not _TOKEN.fullmatch(upstream["auth_header"]):
+            raise ValueError(f'{at} has "auth_header" that is not a header name such as api-key')
+        try:
+            headers = _parse_extra_headers(json.dumps(upstream.get("headers", {})))
+        except ValueError as error:
+            raise ValueError(f'{at}: "headers" {error}') from None
+        checked.append(tuple(sorted({**upstream, "headers": headers}.items())))
+    return tuple(m.strip() for m in models), tuple(checked)
+
+
 def _parse_log_format(text: str) -> str:
     """LOG_FORMAT: text or json."""
     if text.strip().lower() not in ("text", "json"):
@@ -594,7 +672,7 @@ SETTING_GROUPS = (
         Setting("demo", ("DEMO",), "false", _parse_bool,
                 "a built-in demo upstream: no key, no network"),
         Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", _parse_key_list,
-                "the upstream key, or several: k1,k2 (env is safer than a flag)", secret=True),
+                "upstream key, or k1,k2,... (env is safer)", secret=True),
         Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
                 "OpenAI or a compatible server"),
         Setting("model", ("OA_MODEL",), DEFAULT_MODEL, str.strip,
@@ -623,6 +701,8 @@ SETTING_GROUPS = (
                 "its model; none: the request's"),
         Setting("fallback_auth_header", ("OA_FALLBACK_AUTH_HEADER",), "", str.strip,
                 "its key header; none: as the first"),
+        Setting("routes", ("OA_ROUTES",), "", _parse_routes,  # never echoed whole: a key may be in it by mistake
+                "model routes: JSON or @FILE", secret=True),
         Setting("breaker_threshold", ("BREAKER_THRESHOLD",), "5", _parse_count,
                 "failures that take one out"),
         Setting("breaker_cooldown", ("BREAKER_COOLDOWN",), "30", _parse_positive_float,
@@ -712,7 +792,7 @@ says more of each."""
 METAVARS = {_parse_port: "PORT", _parse_positive_float: "S", _parse_size: "BYTES", _parse_count: "N",
             _parse_positive_count: "N", _parse_header_name: "HEADER", _parse_extra_headers: "JSON",
             _parse_client_keys: "KEYS", _parse_redis_url: "URL", _parse_failure_mode: "open|closed",
-            _parse_list: "LIST", _parse_origins: "ORIGINS", _parse_log_format: "text|json"}
+            _parse_list: "LIST", _parse_origins: "ORIGINS", _parse_log_format: "text|json", _parse_routes: "JSON"}
 FIELD_METAVARS = {"api_key": "KEYS", "fallback_api_key": "KEYS", "metrics_token": "TOKEN", "base_url": "URL",
                   "fallback_base_url": "URL", "model": "MODEL", "fallback_model": "MODEL", "host": "ADDRESS",
                   "fallback_auth_header": "HEADER"}
@@ -797,11 +877,40 @@ def load_config(argv: Optional[List[str]], environ) -> Config:
     if values["allowed_models"] and values["model"] not in values["allowed_models"]:
         raise ConfigError(f"OA_MODEL {values['model']!r} is not in ALLOWED_MODELS; add it, or set OA_MODEL "
                           "to one of them")
+    values["model_routes"] = resolve_routes(values["routes"], values["auth_header"], environ)
     if values["stream_lease"] < 3 * values["redis_timeout"]:
         raise ConfigError(f"STREAM_LEASE ({values['stream_lease']:g} s) must be at least three times REDIS_TIMEOUT "
                           f"({values['redis_timeout']:g} s): a lease is renewed every third of it, and a renewal "
                           "may take that long")
     return Config(**values)
+
+
+def resolve_routes(spec: tuple, default_auth_header: str, environ) -> Tuple[ModelRoute, ...]:
+    """OA_ROUTES' routes with their URLs checked and their keys read from the variables they name."""
+    routes = []
+    for number, (models, upstreams) in enumerate(spec, 1):
+        resolved = []
+        for position, fields in enumerate(upstreams, 1):
+            fields = dict(fields)
+            where = f"OA_ROUTES route {number} upstream {position}"
+            url = _validate_base_url(fields["url"], f"{where}'s url")
+            keys = ("",)
+            if "keys" in fields:
+                variable = fields["keys"]
+                raw = environ.get(variable, "")
+                if not raw.strip():
+                    raise ConfigError(f"{where} takes its keys from {variable}, which is "
+                                      f"{'empty' if variable in environ else 'not set'}: set it to the key, or "
+                                      "several separated by commas (leave keys out for a server that needs none)")
+                try:
+                    keys = keys_in(_parse_key_list(raw))
+                except ValueError as error:
+                    raise ConfigError(f"{variable} (keys of {where}) {error}") from None
+            resolved.append(Upstream(f"route{number}.{position}", url, keys,
+                                     fields.get("auth_header", default_auth_header), fields.get("model", ""),
+                                     fields.get("keys", ""), fields["headers"]))
+        routes.append(ModelRoute(models, tuple(resolved)))
+    return tuple(routes)
 
 
 def _validate_base_url(url: str, name: str = "OPENAI_BASE_URL") -> str:
@@ -851,6 +960,25 @@ def where_limits_live(config: Config) -> str:
             + ("(each copy limits alone)" if config.redis_failure_mode == "open" else "(503)"))
 
 
+def describe_upstream(upstream: Upstream) -> str:
+    """An upstream as the startup lines show it: its URL, keys (how many, from where), header, alias."""
+    count = len([key for key in upstream.keys if key])
+    keys = (f"{count} key{'s' if count > 1 else ''} from {upstream.key_setting} in {upstream.auth_header}"
+            if count else "no key")
+    alias = f", model sent as {upstream.model}" if upstream.model else ""
+    return f"{upstream.base_url} ({keys}{alias})"
+
+
+def route_lines(config: Config) -> List[str]:
+    """One startup line a route: its models and its upstreams in order; the rest go to the default."""
+    lines = [f"route {number} (OA_ROUTES): {', '.join(route.models)} -> "
+             + " then ".join(describe_upstream(upstream) for upstream in route.upstreams)
+             for number, route in enumerate(config.model_routes, 1)]
+    if lines:
+        lines.append("any other model, and requests that name none, go to the default upstream")
+    return lines
+
+
 def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple[int, str]]:
     """What the proxy says when it starts: (log level, text) pairs."""
     upstream = "built-in demo upstream (no key, no network)" if config.demo else config.base_url
@@ -875,6 +1003,7 @@ def startup_lines(config: Config, port: int, has_ui: bool = False) -> List[Tuple
         (logging.INFO, where_limits_live(config)),
         (logging.INFO, f"log format {config.log_format}; GET /metrics: {metrics}"),
     ]
+    lines[2:2] = [(logging.INFO, line) for line in route_lines(config)]
     if not is_loopback_host(config.host) and not keys:
         lines.append((logging.WARNING,
                       f"listening on {config.host}, which is not a loopback address, without client keys: "
@@ -1258,20 +1387,40 @@ def allowed_methods(methods) -> str:
 # Pure helpers for the upstream: which ones, the headers and path they get, secrets masked
 # --------------------------------------------------------------------------
 
-# keys: one or more; key_setting: where they came from, for messages
-Upstream = collections.namedtuple("Upstream", "name base_url keys auth_header model key_setting")
-
-
 @functools.lru_cache(maxsize=8)
 def configured_upstreams(config: Config) -> Tuple[Upstream, ...]:
     """The upstreams in the order to try them: the primary, then the fallback if there is one."""
     found = [Upstream("primary", config.base_url, keys_in(config.api_key), config.auth_header, "",
-                      config.api_key_source)]
+                      config.api_key_source, config.extra_headers)]
     if config.fallback_base_url:
         found.append(Upstream("fallback", config.fallback_base_url, keys_in(config.fallback_api_key),
                               config.fallback_auth_header or config.auth_header, config.fallback_model,
-                              "OA_FALLBACK_API_KEY"))
+                              "OA_FALLBACK_API_KEY", config.extra_headers))
     return tuple(found)
+
+
+def model_matches(pattern: str, model: str) -> bool:
+    """A route's model name matches exactly; a * in it matches any run of characters."""
+    if "*" not in pattern:
+        return pattern == model
+    return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), model) is not None
+
+
+def upstreams_for(config: Config, model: Optional[str]) -> Tuple[Upstream, ...]:
+    """The upstreams a request for this model goes to, in order: the first route that matches it, else the
+    default (the primary and its fallback). A request with no model goes to the default."""
+    if model:
+        for route in config.model_routes:
+            if any(model_matches(pattern, model) for pattern in route.models):
+                return route.upstreams
+    return configured_upstreams(config)
+
+
+@functools.lru_cache(maxsize=8)
+def every_upstream(config: Config) -> Tuple[Upstream, ...]:
+    """The default upstreams and every route's, each once."""
+    return configured_upstreams(config) + tuple(upstream for route in config.model_routes
+                                             for upstream in route.upstreams)
 
 
 @functools.lru_cache(maxsize=8)
@@ -1282,7 +1431,8 @@ def secrets_of(config: Config) -> Tuple[str, ...]:
     and that of any forward proxy in HTTP(S)_PROXY; longest first, so that a key that
     holds another is masked whole.
     """
-    found = {*keys_in(config.api_key), *keys_in(config.fallback_api_key), config.metrics_token}
+    found = {key for upstream in every_upstream(config) for key in upstream.keys}
+    found.add(config.metrics_token)
     found.update(key for _, key in config.proxy_api_keys)
     if config.redis_url:
         found.add(parse_redis_url(config.redis_url).password)
@@ -1291,8 +1441,10 @@ def secrets_of(config: Config) -> Tuple[str, ...]:
     return tuple(sorted((secret for secret in found if secret), key=len, reverse=True))
 
 
-def upstream_auth(upstream: Upstream, key: str) -> Tuple[str, str]:
-    """The header that carries one of the upstream's keys."""
+def upstream_auth(upstream: Upstream, key: str) -> Optional[Tuple[str, str]]:
+    """The header that carries one of the upstream's keys; None for an upstream that takes none."""
+    if not key:
+        return None
     if upstream.auth_header.lower() == "authorization":
         return "Authorization", f"Bearer {key}"
     return upstream.auth_header, key
@@ -1313,7 +1465,7 @@ def _connection_tokens(headers) -> set:
 def forwarded_request_headers(headers, config: Config) -> Dict[str, str]:
     """The client's headers the upstream gets: its own Authorization never among them."""
     dropped = (REQUEST_HEADERS_NOT_FORWARDED | _connection_tokens(headers)
-               | {config.auth_header.lower(), config.fallback_auth_header.lower()})
+               | {upstream.auth_header.lower() for upstream in every_upstream(config)})
     return {name: value for name, value in headers.items() if name.lower() not in dropped}
 
 
@@ -1949,8 +2101,9 @@ def ask_for_usage(body: dict) -> bool:
     return True
 
 
-def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
-    """The text of one form field in a multipart/form-data body (RFC 7578), or None."""
+def multipart_field(body: bytes, content_type: str, name: str, whole: bool = True) -> Optional[str]:
+    """The text of one form field in a multipart/form-data body (RFC 7578), or None. whole False: body
+    is only the start of one, and a field whose part does not end in it is not found."""
     boundary = re.search(r'boundary="?([^";]+)"?', content_type)
     if not boundary:
         return None
@@ -1964,6 +2117,8 @@ def multipart_field(body: bytes, content_type: str, name: str) -> Optional[str]:
             return None
         next_part = body.find(delimiter, head_end)
         if field.search(body[head_start:head_end]):
+            if next_part < 0 and not whole:
+                return None
             return body[head_end + 4:next_part if next_part >= 0 else len(body)].decode("utf-8", "replace")
         position = next_part
     return None
@@ -3572,9 +3727,8 @@ class UpstreamConnector:
     def request_headers(self, upstream: Upstream, key: str, config: Config, headers: Dict[str, str],
                         length: Optional[int]) -> Dict[str, str]:
         """The client's headers, then the proxy's own (the upstream's key given), which win whatever their case."""
-        auth_name, auth_value = upstream_auth(upstream, key)
-        own = {"Host": self.host, "User-Agent": f"proxy.py/{__version__}",
-               **dict(config.extra_headers), auth_name: auth_value}
+        own = {"Host": self.host, "User-Agent": f"proxy.py/{__version__}", **dict(upstream.headers),
+               **dict([upstream_auth(upstream, key)] if key else [])}
         if length is not None:
             own["Content-Length"] = str(length)
         if not self.tls:
@@ -3886,7 +4040,9 @@ class Breaker:
                 self._open_until = self._clock() + self._cooldown
 
 
-UpstreamRequest = collections.namedtuple("UpstreamRequest", "method target body headers length")
+# model: what the request asks for, which picks its route (None: the default upstreams)
+UpstreamRequest = collections.namedtuple("UpstreamRequest", "method target body headers length model",
+                                         defaults=(None,))
 
 
 class Attempts:
@@ -3948,7 +4104,8 @@ class Upstreams:
         """
         resendable = request.body is None or isinstance(request.body, bytes)
         last = None  # the upstream and the failure of the last attempt
-        for upstream in configured_upstreams(config):
+        upstreams = upstreams_for(config, request.model)
+        for upstream in upstreams:
             breaker = self.breaker(upstream, config)
             if not breaker.allows():
                 continue
@@ -3956,7 +4113,7 @@ class Upstreams:
                                        retries if resendable else None, last, attempts)
             if answered or not resendable:
                 break
-        return self._outcome(config, last, attempts)
+        return self._outcome(config, upstreams, last, attempts)
 
     def _try(self, upstream: Upstream, breaker: Breaker, config: Config, exchange: Exchange,
              request: UpstreamRequest, retries: Optional[int], last: Optional[tuple],
@@ -4040,10 +4197,11 @@ class Upstreams:
             self.keys(upstream).rest(key, key_rest(response.headers))
         return None, response, str(response.status), parse_retry_after(response.headers.get("Retry-After"))
 
-    def _outcome(self, config: Config, last: Optional[tuple], attempts: Attempts) -> http.client.HTTPResponse:
+    def _outcome(self, config: Config, upstreams: Tuple[Upstream, ...], last: Optional[tuple],
+                 attempts: Attempts) -> http.client.HTTPResponse:
         """The answer kept, or the last failure: an error answer is returned, an error raised."""
         if last is None:
-            wait = min(self.breaker(upstream, config).retry_in() for upstream in configured_upstreams(config))
+            wait = min(self.breaker(upstream, config).retry_in() for upstream in upstreams)
             raise UpstreamsDown(f"every upstream failed repeatedly and is out for a cool-down; retry in "
                                 f"{math.ceil(wait)} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
         attempts.upstream_name, attempts.key = last[0].name, last[2] + 1
@@ -4055,7 +4213,7 @@ class Upstreams:
         """The connection metrics of each upstream's pool, by the upstream's name."""
         counts: Dict[Tuple[str, tuple], float] = {}
         seen = set()
-        for upstream in configured_upstreams(config):
+        for upstream in every_upstream(config):
             if upstream.base_url in seen:  # a fallback on the same base URL shares the primary's pool
                 continue
             seen.add(upstream.base_url)
@@ -4068,7 +4226,7 @@ class Upstreams:
     def key_counts(self, config: Config) -> Dict[Tuple[str, tuple], float]:
         """How many keys of each upstream are ready, resting after a 429, and refused."""
         return {("proxy_upstream_keys", (("upstream", upstream.name), ("state", state))): count
-                for upstream in configured_upstreams(config)
+                for upstream in every_upstream(config)
                 for state, count in self.keys(upstream).states().items()}
 
     def expire_idle(self, config: Config) -> None:
@@ -4383,7 +4541,8 @@ def read_upstream_error(response: http.client.HTTPResponse, secrets: Tuple[str, 
 
 def key_setting_of(config: Config, upstream_name: Optional[str]) -> str:
     """The setting an upstream's key came from: what the operator should check."""
-    return "OA_FALLBACK_API_KEY" if upstream_name == "fallback" else config.api_key_source
+    found = next((upstream for upstream in every_upstream(config) if upstream.name == upstream_name), None)
+    return found.key_setting if found is not None and found.key_setting else config.api_key_source
 
 
 def upstream_key_refused(status: int, config: Config, upstream_name: Optional[str]) -> UpstreamBadResponse:
@@ -4520,9 +4679,22 @@ class ClientBody:
         self._length = length
         self._config = config
         self._on_end = on_end
+        self._peeked = b""
         rfile.raw.set_deadline(config.body_timeout)
 
+    def peek(self, size: int) -> bytes:
+        """The body's first bytes, up to size (fewer if it is shorter), which read() then returns first."""
+        while len(self._peeked) < size and self._left:
+            self._peeked += self._read(size - len(self._peeked))
+        return self._peeked
+
     def read(self, size: int = -1) -> bytes:
+        if self._peeked:
+            data, self._peeked = self._peeked, b""
+            return data
+        return self._read(size)
+
+    def _read(self, size: int) -> bytes:
         if self._left == 0:
             return b""
         try:
@@ -4844,6 +5016,20 @@ class _HandshakeResponse(_UpstreamResponse):
     SWITCH_ASKED = True
 
 
+def query_model(target: str) -> Optional[str]:
+    """The model a request target's query names (/v1/realtime?model=...), if any."""
+    values = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query).get("model")
+    return values[0] if values else None
+
+
+def with_query_model(target: str, model: str) -> str:
+    """The target with its query's model replaced (a route's alias), the rest of it as it was."""
+    path, _, query = target.partition("?")
+    fields = [("model", model) if name == "model" else (name, value)
+              for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True)]
+    return f"{path}?{urllib.parse.urlencode(fields)}"
+
+
 def handshake_headers(handler: "ProxyHandler", connector: UpstreamConnector, upstream: Upstream,
                       key: str) -> Dict[str, str]:
     """The upstream's handshake: the client's headers as for any /v1 request (its Authorization never),
@@ -4864,13 +5050,16 @@ def open_handshake(handler: "ProxyHandler", exchange: Exchange, target: str) -> 
     It gets one attempt: the SDKs reconnect themselves."""
     config, upstreams = handler.server.config, handler.server.upstreams
     attempts = handler.state.attempts
-    upstream = next((upstream for upstream in configured_upstreams(config)
+    model = query_model(target)
+    upstream = next((upstream for upstream in upstreams_for(config, model)
                      if upstreams.breaker(upstream, config).allows()), None)
     if upstream is None:
         raise UpstreamsDown("every upstream failed repeatedly and is out for a cool-down; retry shortly",
                             headers={"Retry-After": "5"})
     connector, breaker = upstreams.connector(upstream), upstreams.breaker(upstream, config)
     key = upstreams.keys(upstream).take()
+    if upstream.model and model:
+        target = with_query_model(target, upstream.model)
     attempts.count, attempts.upstream_name, attempts.key = 1, upstream.name, key + 1
     try:
         connection = connector.connect(exchange, config)
@@ -7592,6 +7781,51 @@ def read_small_body(response: http.client.HTTPResponse, exchange: Exchange,
     return b"".join(parts), error
 
 
+MODEL_LIST_LIMIT = 4 * 1024 * 1024  # bytes of a GET /v1/models answer read to add the routes' models
+
+
+def lists_models(handler: ProxyHandler, response: http.client.HTTPResponse) -> bool:
+    """True for the default upstream's answer to GET /v1/models when routes name models of their own."""
+    return (bool(handler.server.config.model_routes) and handler.command == "GET" and response.status == 200
+            and upstream_target(handler.path).partition("?")[0] == "/models")
+
+
+def read_whole_body(response: http.client.HTTPResponse, exchange: Exchange, config: Config,
+                    limit: int) -> Tuple[bytes, Optional[ProxyError]]:
+    """A body of any framing read whole, up to limit bytes, and the ProxyError of a failure to."""
+    exchange.waiting()
+    try:
+        body = response.read(limit + 1)
+    except socket.timeout:
+        exchange.raise_if_cancelled()
+        return b"", UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s")
+    except (http.client.HTTPException, OSError):
+        exchange.raise_if_cancelled()
+        return b"", UpstreamBadResponse("the upstream connection broke in the middle of its answer")
+    if len(body) > limit:
+        return b"", UpstreamBadResponse(f"the upstream's model list is over {limit // 1024 // 1024} MiB")
+    return body, None
+
+
+def merged_model_list(body: bytes, config: Config) -> bytes:
+    """The default upstream's model list with the routes' model names added (a * pattern names no model
+    and is not listed); the list as it was if it is not one."""
+    try:
+        listing = json.loads(body)
+    except ValueError:
+        return body
+    if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
+        return body
+    known = {entry.get("id") for entry in listing["data"] if isinstance(entry, dict)}
+    for number, route in enumerate(config.model_routes, 1):
+        for name in route.models:
+            if "*" not in name and name not in known:
+                listing["data"].append({"id": name, "object": "model", "created": 0,
+                                        "owned_by": f"proxy.py route {number}"})
+                known.add(name)
+    return json_bytes(listing)
+
+
 def answer_whole(handler: ProxyHandler, response: http.client.HTTPResponse, exchange: Exchange,
                  body: Optional[bytes], length: Optional[int], failure: Optional[ProxyError]) -> None:
     """An answer the worker ends itself: read whole (an error, or a small body such as most JSON
@@ -7618,6 +7852,10 @@ def relay_answer(handler: ProxyHandler, response: http.client.HTTPResponse, exch
         body, failure = masked_error_body(response, config), None
         length = None if body is None else len(body)  # an error body is masked: its length may change
         is_event_stream = response.headers.get_content_type() == "text/event-stream"
+        if body is None and lists_models(handler, response):
+            body, failure = read_whole_body(response, exchange, config, MODEL_LIST_LIMIT)
+            body = merged_model_list(body, config) if failure is None else body
+            length = len(body)
         if body is None and not is_event_stream and response.length is not None and response.length <= SMALL_BODY:
             length = response.length  # as announced, also when the body falls short of it
             body, failure = read_small_body(response, exchange, config)
@@ -7712,7 +7950,8 @@ def serve_message(handler: ProxyHandler) -> None:
         exchange.before_end = handler.settle
         relays.watch(exchange)
         upstream_request = UpstreamRequest("POST", "/chat/completions", json_bytes(request),
-                                           {"Content-Type": "application/json", "Accept": "text/event-stream"}, None)
+                                           {"Content-Type": "application/json", "Accept": "text/event-stream"}, None,
+                                           request["model"])
         response = handler.server.upstreams.open(config, exchange, upstream_request, config.retries,
                                                  handler.state.attempts)
         with answer_on_worker(handler, response, exchange):
@@ -7824,6 +8063,9 @@ def serve_realtime(handler: ProxyHandler) -> None:
             response.connection.close()
 
 
+MODEL_PEEK = 65536  # bytes of a streamed upload searched for its model field when routes need it
+
+
 def serve_passthrough(handler: ProxyHandler) -> None:
     """/v1/*: the request goes to OPENAI_BASE_URL with the proxy's key; the answer comes back as is."""
     if is_websocket_upgrade(handler.headers):
@@ -7849,10 +8091,13 @@ def serve_passthrough(handler: ProxyHandler) -> None:
             # Streamed on as it arrives: its slot is taken when it has all
             # arrived, and cannot be refused then, the upstream having it.
             body = ClientBody(handler.rfile, length, config, lambda: body_read(force=True))
+            if config.model_routes and handler.headers.get_content_type() == "multipart/form-data":
+                handler.state.model = multipart_field(body.peek(MODEL_PEEK), handler.headers.get("Content-Type", ""),
+                                                      "model", whole=False)
         else:
             body_read()
         response = handler.server.upstreams.open(config, exchange, UpstreamRequest(
-            handler.command, target, body, headers, length if body is not None else None),
+            handler.command, target, body, headers, length if body is not None else None, handler.state.model),
             config.v1_retries, handler.state.attempts)
         relay_answer(handler, response, exchange)
 
@@ -7905,7 +8150,8 @@ class ProxyServer(http.server.HTTPServer):
         self.config = config
         self.relays = RelayLoop()
         self.limits = make_limits(config)
-        self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model} - {""}))
+        routed = {name for route in config.model_routes for name in route.models if "*" not in name}
+        self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model, *routed} - {""}))
         self.ui = load_ui(UI_DIR)
         self.upstreams = Upstreams()
         self.draining = False

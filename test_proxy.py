@@ -26,6 +26,7 @@ import queue
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -851,7 +852,13 @@ class CommandLineTest(unittest.TestCase):
                "redis_failure_mode": ["maybe"], "allowed_models": [], "fallback_base_url": ["nope"],
                "fallback_api_key": [], "fallback_model": [], "fallback_auth_header": ["two words"],
                "log_format": ["xml"], "metrics_token": [], "demo": ["perhaps"],
-               "max_connections": ["abc", "0", "-5", "1.5"]}
+               "max_connections": ["abc", "0", "-5", "1.5"],
+               "routes": ["not json", "{}", "[1]", '[{"models": []}]', '[{"models": ["m"], "upstreams": []}]',
+                               '[{"models": ["m"], "upstreams": [{"url": "x"}], "extra": 1}]',
+                               '[{"models": ["m"], "upstreams": [{"url": "http://x", "keys": "sk-a b"}]}]',
+                               '[{"models": ["m"], "upstreams": [{"url": "nope"}]}]',
+                               '[{"models": ["m"], "upstreams": [{"url": "http://x", "keys": "UNSET_VAR_1"}]}]',
+                               "@/nonexistent/routes.json"]}
         for setting in proxy.SETTINGS:
             if setting.field in bad:
                 continue
@@ -875,9 +882,9 @@ class CommandLineTest(unittest.TestCase):
                         self.assertIn(name, message)
                         for words in python_words:
                             self.assertNotIn(words, message)
-                        if value and not setting.secret:
-                            self.assertIn(repr(value), message)
-                        if setting.secret:
+                        if value and not setting.secret and setting.field != "routes":
+                            self.assertIn(repr(value), message)  # OA_ROUTES quotes the part that is wrong
+                        if setting.secret and setting.field != "routes":  # OA_ROUTES quotes a bad URL
                             self.assertNotIn("got", message)  # what was given is never echoed
                         continue
                     self.assertEqual((value, setting.default), ("", ""), "accepted a bad value")  # empty: none
@@ -4245,6 +4252,25 @@ class RealtimeSeveralKeysTest(RealtimeTestCase):
         self.assertEqual(sent, ["Bearer rt-key-number-one-0001", "Bearer rt-key-number-two-0002"] * 2)
 
 
+class RealtimeRoutesTest(RealtimeTestCase):
+    """/v1/realtime?model= picks its route like a request body's model; the alias replaces it in the query."""
+
+    def setUp(self):
+        super().setUp()
+        self.server.config = with_routes(dataclasses.replace(self.config, base_url="http://127.0.0.1:9/v1"), [
+            {"models": ["gpt-realtime*"], "upstreams": [{"url": self.realtime.base_url, "keys": "RT_KEYS",
+                                                         "auth_header": "api-key", "model": "prod-realtime"}]}],
+            {"RT_KEYS": "rt-routed-key-00000001"})
+
+    def test_a_session_goes_to_its_models_route(self):
+        peer, upstream, head = self.open_session(path="/v1/realtime?model=gpt-realtime-mini&x=1")
+        self.assertEqual(peer.recv_json()["type"], "session.created")
+        path, headers = self.realtime.handshakes[0]
+        self.assertEqual(path, "/v1/realtime?model=prod-realtime&x=1")
+        self.assertEqual(headers["api-key"], ["rt-routed-key-00000001"])
+        self.assertNotIn("authorization", headers)
+
+
 class RealtimeLimitsTest(RealtimeTestCase):
     config_overrides = {"proxy_api_keys": (("alice", ALICE_KEY),), "token_budget_day": 10,
                         "max_streams_per_client": 1, "idle_timeout": 0.5}
@@ -5561,6 +5587,202 @@ class SeveralKeysTest(ProxyTestCase):
         config = proxy.load_config([], {"OA_API_KEY": f" {THREE_KEYS[0]} , {THREE_KEYS[1]}"})
         self.assertEqual(proxy.keys_in(config.api_key), THREE_KEYS[:2])
         self.assertIn("with 2 keys in turn", proxy.startup_lines(config, 8080)[1][1])
+
+
+AZURE_KEY = "az9Qw3Er7Ty1Ui5Op2As6Df0"
+
+
+def with_routes(config, routes, environ=None):
+    """config with OA_ROUTES set to routes (a list, written as JSON), its keys read from environ."""
+    spec = proxy._parse_routes(json.dumps(routes))
+    return dataclasses.replace(config, routes=spec,
+                               model_routes=proxy.resolve_routes(spec, config.auth_header, environ or {}))
+
+
+class RoutesTest(ProxyTestCase):
+    """OA_ROUTES: models routed to upstreams of their own; everything else to the default."""
+
+    def setUp(self):
+        super().setUp()
+        self.azure, self.local = FakeUpstream().start(), FakeUpstream().start()
+        self.addCleanup(self.azure.close)
+        self.addCleanup(self.local.close)
+        for fake, words in ((self.upstream, "from openai"), (self.azure, "from azure"), (self.local, "from local")):
+            fake.script = Script(steps=reply(words))
+        self.server.config = with_routes(self.config, [
+            {"models": ["gpt-4o"], "upstreams": [{"url": self.azure.base_url, "keys": "AZURE_KEYS",
+                                                  "auth_header": "api-key", "model": "prod-4o",
+                                                  "headers": {"X-Deployment": "eu"}}]},
+            {"models": ["llama*", "whisper-local"], "upstreams": [{"url": self.local.base_url}]}],
+            {"AZURE_KEYS": AZURE_KEY})
+
+    def test_three_models_go_to_three_upstreams_through_the_python_sdk(self):
+        require(openai is not None, "the openai Python package")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
+        said = {}
+        for model in ("gpt-4o", "llama-3.1-8b", "gpt-4o-mini"):
+            stream = client.chat.completions.create(model=model, stream=True,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+            said[model] = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        self.assertEqual(said, {"gpt-4o": "from azure", "llama-3.1-8b": "from local", "gpt-4o-mini": "from openai"})
+        azure, local, default = self.azure.requests[0], self.local.requests[0], self.upstream.requests[0]
+        self.assertEqual(azure.json()["model"], "prod-4o")  # the alias, sent as the deployment's name
+        self.assertEqual(azure.headers["api-key"], AZURE_KEY)
+        self.assertEqual(azure.headers["X-Deployment"], "eu")
+        self.assertIsNone(azure.headers["Authorization"])
+        self.assertEqual(local.json()["model"], "llama-3.1-8b")
+        self.assertEqual((local.headers["Authorization"], local.headers["api-key"]), (None, None))  # no keys
+        self.assertEqual(default.headers["Authorization"], f"Bearer {TEST_KEY}")
+        self.assertEqual((default.headers["api-key"], default.headers["X-Deployment"]), (None, None))
+
+    def test_message_routes_by_its_model_and_a_model_nobody_routes_goes_to_the_default(self):
+        frames = parse_frames(self.post_message(chat_body(model="llama3")).read().decode())
+        self.assertEqual(self.contents(frames), ["", "from local", ""])
+        frames = parse_frames(self.post_message(chat_body(model="gpt-4o-2024-08-06")).read().decode())
+        self.assertEqual(self.contents(frames), ["", "from openai", ""])  # "gpt-4o" is exact: no match
+        frames = parse_frames(self.post_message().read().decode())  # no model: OA_MODEL, the default's
+        self.assertEqual(self.contents(frames), ["", "from openai", ""])
+        self.assertEqual((len(self.local.requests), len(self.upstream.requests), len(self.azure.requests)), (1, 2, 0))
+
+    def test_a_streamed_transcription_is_routed_by_its_form_field(self):
+        self.local.script = json_script({"text": "transcribed locally"})
+        audio = bytes(range(256)) * 400  # 100 KiB after the model field: streamed, not held
+        form = (b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-local\r\n'
+                b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n--xyz--\r\n")
+        response = self.request("POST", "/v1/audio/transcriptions", form,
+                                {"Content-Type": "multipart/form-data; boundary=xyz"})
+        self.assertEqual(json.loads(response.read()), {"text": "transcribed locally"})
+        self.assertEqual(self.local.requests[0].body, form)  # whole, as sent
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_the_model_list_names_the_routed_models(self):
+        self.upstream.model_list = ["gpt-4o-mini", "gpt-4o"]
+        listing = json.loads(self.request("GET", "/v1/models").read())
+        self.assertEqual([entry["id"] for entry in listing["data"]], ["gpt-4o-mini", "gpt-4o", "whisper-local"])
+        self.assertEqual(listing["data"][2]["owned_by"], "proxy.py route 2")  # llama* is no model: not listed
+
+    def test_the_access_record_and_metrics_name_the_upstream(self):
+        with self.assertLogs("proxy", "INFO") as logs:
+            self.post_message(chat_body(model="gpt-4o")).read()
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertRegex("\n".join(logs.output), r"model=gpt-4o .* upstream=route1\.1 key=1 attempts=1 ")
+        metrics = self.request("GET", "/metrics").read().decode()
+        self.assertIn('proxy_upstream_key_attempts_total{upstream="route1.1",key="1",outcome="answered"} 1', metrics)
+        self.assertIn('proxy_upstream_keys{upstream="route1.1",state="ready"} 1', metrics)
+
+    def test_bad_routes_are_answered_at_start_in_plain_words(self):
+        upstream = {"url": "http://127.0.0.1:9/v1"}
+        cases = (("not json", "OA_ROUTES is not JSON"),
+                 (json.dumps({"models": ["m"]}), "OA_ROUTES must be a JSON array of routes"),
+                 (json.dumps([{"models": ["m"], "upstreams": [upstream], "weight": 2}]),
+                  "OA_ROUTES route 1 has an unknown field 'weight'"),
+                 (json.dumps([{"models": ["m"], "upstreams": [dict(upstream, key="X")]}]),
+                  "OA_ROUTES route 1 upstream 1 has an unknown field 'key'"),
+                 (json.dumps([{"models": ["m"], "upstreams": [upstream]}, {"upstreams": [upstream]}]),
+                  'OA_ROUTES route 2 needs "models"'),
+                 (json.dumps([{"models": ["m"], "upstreams": []}]), 'OA_ROUTES route 1 needs "upstreams"'),
+                 (json.dumps([{"models": ["m"], "upstreams": [dict(upstream, keys="NOT_SET_ANYWHERE")]}]),
+                  "OA_ROUTES route 1 upstream 1 takes its keys from NOT_SET_ANYWHERE, which is not set"),
+                 (json.dumps([{"models": ["m"], "upstreams": [dict(upstream, keys="EMPTY_KEYS")]}]),
+                  "takes its keys from EMPTY_KEYS, which is empty"),
+                 (json.dumps([{"models": ["m"], "upstreams": [dict(upstream, keys=AZURE_KEY)]}]),
+                  '"keys" names the environment variable holding its keys'),
+                 (json.dumps([{"models": ["m"], "upstreams": [{"url": "api.openai.com/v1"}]}]),
+                  "OA_ROUTES route 1 upstream 1's url must be an http:// or https:// URL"))
+        for value, said in cases:
+            with self.subTest(said=said):
+                result = run_proxy_cli(env={"OA_API_KEY": "k", "OA_ROUTES": value, "EMPTY_KEYS": " "})
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertIn(said, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertNotIn(AZURE_KEY[:proxy.SECRET_FRAGMENT], result.stderr)  # a key given by mistake
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "routes.json")
+        with open(path, "w") as out:
+            json.dump([{"models": ["gpt-4o"], "upstreams": [dict(upstream, keys="AZURE_KEYS")]}], out)
+        config = proxy.load_config([], {"OA_API_KEY": "k", "OA_ROUTES": f"@{path}", "AZURE_KEYS": AZURE_KEY})
+        self.assertEqual(config.model_routes[0].upstreams[0].keys, (AZURE_KEY,))
+        self.assertIn(AZURE_KEY, proxy.secrets_of(config))
+        lines = "\n".join(text for _, text in proxy.startup_lines(config, 8080))
+        self.assertIn("route 1 (OA_ROUTES): gpt-4o -> http://127.0.0.1:9/v1 (1 key from AZURE_KEYS", lines)
+        self.assertNotIn(AZURE_KEY[:proxy.SECRET_FRAGMENT], lines)
+        result = run_proxy_cli(env={"OA_API_KEY": "k", "OA_ROUTES": "@/nonexistent/routes.json"})
+        self.assertIn("OA_ROUTES names the file '/nonexistent/routes.json', which cannot be read", result.stderr)
+
+
+class RoutesExamplesTest(unittest.TestCase):
+    """docs/configuration.md's three worked examples of keys and routes, run as written, against fake
+    upstreams in place of OpenAI, Azure and the local server (their URLs replaced, nothing else)."""
+
+    def setUp(self):
+        self.fakes = {}
+        for name in ("openai", "azure", "local"):
+            fake = self.fakes[name] = FakeUpstream().start()
+            self.addCleanup(fake.close)
+            fake.script = Script(steps=reply(f"from {name}"))
+        with open(os.path.join(HERE, "docs", "configuration.md"), encoding="utf-8") as page:
+            self.section = page.read().split("## Routes: several upstreams by model", 1)[1]
+        self.folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.folder)
+
+    def run_example(self, number):
+        """Run one example's shell lines: exports, a here-document, the proxy, then its curl; the curl's
+        answer (None if it has none)."""
+        script = self.section.split(f"**Example {number}:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+        for real, name in (("https://api.openai.com/v1", "openai"), ("https://myres.openai.azure.com/openai/v1",
+                                                                      "azure"), ("http://127.0.0.1:11434/v1", "local")):
+            script = script.replace(real, self.fakes[name].base_url)
+        env = {"OPENAI_BASE_URL": self.fakes["openai"].base_url}
+        lines = iter(script.replace("\\\n", " ").splitlines())
+        answer = None
+        for line in lines:
+            words = shlex.split(line)
+            if words[0] == "export":
+                env.update(word.split("=", 1) for word in words[1:])
+            elif words[0] == "cat":  # cat > FILE <<'END' ... END
+                with open(os.path.join(self.folder, words[2]), "w") as out:
+                    out.write("".join(f"{text}\n" for text in iter(lines.__next__, words[3].strip("<'\""))))
+            elif "python3" in words:
+                assignments = dict(word.split("=", 1) for word in words[:words.index("python3")])
+                env.update({name: value.replace("@", "@" + self.folder + "/", 1) for name, value in assignments.items()})
+                self.proxy = ProxyProcess(env=env)
+                self.addCleanup(self.proxy.kill)
+            elif words[0] == "curl":
+                answer = self.post(words[words.index("-N") + 1].split("8080", 1)[1], words[words.index("-d") + 1])
+        return answer
+
+    def post(self, path, body):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        return response.read().decode()
+
+    def test_example_1_two_keys_in_turn(self):
+        self.assertIsNone(self.run_example(1))
+        for _ in range(4):
+            self.assertIn("from openai", self.post("/v1/chat/completions", v1_chat(True).decode()))
+        self.assertEqual([received.headers["Authorization"] for received in self.fakes["openai"].requests],
+                         ["Bearer sk-proj-first", "Bearer sk-proj-second"] * 2)
+
+    def test_example_2_an_azure_deployment_with_an_alias(self):
+        self.assertIn("from azure", self.run_example(2))
+        sent = self.fakes["azure"].requests[0]
+        self.assertEqual((sent.headers["api-key"], sent.json()["model"]), ("your-azure-key", "prod-4o"))
+        self.assertIsNone(sent.headers["Authorization"])
+        self.assertIn("from openai", self.post("/v1/chat/completions", v1_chat(True).decode()))
+
+    def test_example_3_a_local_server_for_llama(self):
+        self.assertIn("from local", self.run_example(3))
+        self.assertIsNone(self.fakes["local"].requests[0].headers["Authorization"])
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]})
+        for _ in range(2):
+            self.assertIn("from openai", self.post("/message", body))
+        self.assertEqual([received.headers["Authorization"] for received in self.fakes["openai"].requests],
+                         ["Bearer sk-proj-first", "Bearer sk-proj-second"])
 
 
 class UsageTest(ProxyTestCase):
