@@ -63,12 +63,23 @@ import signal
 import socket
 import ssl
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+def openai_like_key(seed):
+    """A key shaped like OpenAI's (sk-proj- and 156 characters), the same for the same seed: no text the bench
+    sends or receives holds a piece of one (a key the traffic quotes costs the masking its slow path on every
+    chunk), and the masking works on keys as long as real ones."""
+    rng = random.Random(seed)
+    return "sk-proj-" + "".join(rng.choice(string.ascii_letters + string.digits + "-_") for _ in range(156))
+
+
+BENCH_KEY = openai_like_key(0)  # the upstream key every proxy.py runs with
 
 # The per-token scenarios measure the relay itself: no limit of the proxy's may refuse a stream.
 UNLIMITED = ("--max-streams", "0")
@@ -128,8 +139,8 @@ BURST_CHUNKS, BURST_GAP = 50, 0.1
 
 # --with-routes: three upstream keys, and two routes (OA_ROUTES) to the same upstream with three keys of their
 # own; the bench's models (OA_MODEL on /message, "bench" on /v1) match the second route, after the first's patterns.
-ROUTE_KEYS = {"BENCH_ROUTE_KEYS": "route-key-1,route-key-2,route-key-3"}
-ROUTE_FLAGS = ("--api-key", "bench-key-1,bench-key-2,bench-key-3", "--routes", json.dumps([
+ROUTE_KEYS = {"BENCH_ROUTE_KEYS": ",".join(openai_like_key(seed) for seed in (3, 4, 5))}
+ROUTE_FLAGS = ("--api-key", ",".join(openai_like_key(seed) for seed in (0, 1, 2)), "--routes", json.dumps([
     {"models": ["llama*", "mistral-large"], "upstreams": [{"url": "{upstream}", "keys": "BENCH_ROUTE_KEYS"}]},
     {"models": ["bench", "gpt-4o-mini"], "upstreams": [{"url": "{upstream}", "keys": "BENCH_ROUTE_KEYS"}]}]))
 
@@ -468,7 +479,7 @@ class ProxyProcess:
         os.close(fd)
         with open(self.log_path, "a") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.join(self.home, "proxy.py"), "--port", "0", "--api-key", "bench",
+                [sys.executable, os.path.join(self.home, "proxy.py"), "--port", "0", "--api-key", BENCH_KEY,
                  "--base-url", base_url or f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "4096",
                  *args], stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})})
         self.log = open(self.log_path)

@@ -300,8 +300,14 @@ class ConfigError(Exception):
 # One upstream as configured. keys: one or more ("" alone: none, no auth header); key_setting: where they
 # came from, for messages; model: sent instead of the request's ("" keeps it); headers: added to each request.
 Upstream = collections.namedtuple("Upstream", "name base_url keys auth_header model key_setting headers")
-# An OA_ROUTES entry: model names and * patterns, and the upstreams to try in order.
-ModelRoute = collections.namedtuple("ModelRoute", "models upstreams")
+# An OA_ROUTES entry: model names and * patterns, the upstreams to try in order, and one compiled pattern
+# for all its models (a * matches any run of characters; the rest matches exactly).
+ModelRoute = collections.namedtuple("ModelRoute", "models upstreams matcher")
+
+
+def models_matcher(models: Tuple[str, ...]) -> re.Pattern:
+    """One pattern that matches, whole, each of a route's model names and * patterns."""
+    return re.compile("|".join(".*".join(re.escape(part) for part in model.split("*")) for model in models))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -909,7 +915,7 @@ def resolve_routes(spec: tuple, default_auth_header: str, environ) -> Tuple[Mode
             resolved.append(Upstream(f"route{number}.{position}", url, keys,
                                      fields.get("auth_header", default_auth_header), fields.get("model", ""),
                                      fields.get("keys", ""), fields["headers"]))
-        routes.append(ModelRoute(models, tuple(resolved)))
+        routes.append(ModelRoute(models, tuple(resolved), models_matcher(models)))
     return tuple(routes)
 
 
@@ -1399,19 +1405,12 @@ def configured_upstreams(config: Config) -> Tuple[Upstream, ...]:
     return tuple(found)
 
 
-def model_matches(pattern: str, model: str) -> bool:
-    """A route's model name matches exactly; a * in it matches any run of characters."""
-    if "*" not in pattern:
-        return pattern == model
-    return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("*")), model) is not None
-
-
 def upstreams_for(config: Config, model: Optional[str]) -> Tuple[Upstream, ...]:
     """The upstreams a request for this model goes to, in order: the first route that matches it, else the
     default (the primary and its fallback). A request with no model goes to the default."""
     if model:
         for route in config.model_routes:
-            if any(model_matches(pattern, model) for pattern in route.models):
+            if route.matcher.fullmatch(model):
                 return route.upstreams
     return configured_upstreams(config)
 
@@ -1421,6 +1420,12 @@ def every_upstream(config: Config) -> Tuple[Upstream, ...]:
     """The default upstreams and every route's, each once."""
     return configured_upstreams(config) + tuple(upstream for route in config.model_routes
                                              for upstream in route.upstreams)
+
+
+@functools.lru_cache(maxsize=8)
+def auth_headers_of(config: Config) -> frozenset:
+    """The headers any upstream takes its key in, lower case: a client's are never passed on."""
+    return frozenset(upstream.auth_header.lower() for upstream in every_upstream(config))
 
 
 @functools.lru_cache(maxsize=8)
@@ -1464,8 +1469,7 @@ def _connection_tokens(headers) -> set:
 
 def forwarded_request_headers(headers, config: Config) -> Dict[str, str]:
     """The client's headers the upstream gets: its own Authorization never among them."""
-    dropped = (REQUEST_HEADERS_NOT_FORWARDED | _connection_tokens(headers)
-               | {upstream.auth_header.lower() for upstream in every_upstream(config)})
+    dropped = REQUEST_HEADERS_NOT_FORWARDED | _connection_tokens(headers) | auth_headers_of(config)
     return {name: value for name, value in headers.items() if name.lower() not in dropped}
 
 
@@ -1571,7 +1575,11 @@ class SecretMasker:
     whitespace once the whitespace is taken out. Only text that holds a
     block is searched: a regular expression finds the runs of characters
     that secrets are made of, and each run is looked up window by window.
+    With many blocks (several keys of OpenAI's 164 characters have hundreds)
+    that lookup is the cheaper test, whatever the number of secrets.
     """
+
+    BLOCKS_BEFORE_RUNS = 48  # past this many blocks, may_hold looks up the runs' windows instead
 
     def __init__(self, secrets: Tuple[str, ...]):
         secrets = tuple(secret for secret in secrets if secret)
@@ -1586,6 +1594,7 @@ class SecretMasker:
         self._fragments = frozenset(fragment for secret in long
                                     for fragment in _fragments_of(secret.translate(_ASCII_LOWER)))
         self._runs = _runs_pattern(long)
+        self._by_runs = len(self._blocks) > self.BLOCKS_BEFORE_RUNS
 
     def may_hold(self, text: str) -> bool:
         """False when text cannot hold a secret or a fragment of one; True when it might."""
@@ -1597,6 +1606,8 @@ class SecretMasker:
         flat = "".join(lowered.split())
         if "\\" in flat:
             flat = flat.replace("\\n", "").replace("\\r", "").replace("\\t", "")
+        if self._by_runs:
+            return any(self._fragment_spans(run.group(), 0) for run in self._runs.finditer(flat))
         return any(block in flat for block in self._blocks)
 
     def spans(self, text: str) -> List[Tuple[int, int]]:
@@ -4070,7 +4081,7 @@ class Upstreams:
         self._clock = clock
         self._connectors: Dict[str, UpstreamConnector] = {}
         self._breakers: Dict[str, Breaker] = {}
-        self._rings: Dict[Upstream, KeyRing] = {}
+        self._rings: Dict[Tuple[str, Tuple[str, ...]], KeyRing] = {}  # by name and keys: cheaper to hash
         self._lock = threading.Lock()
 
     def connector(self, upstream: Upstream) -> UpstreamConnector:
@@ -4090,10 +4101,11 @@ class Upstreams:
 
     def keys(self, upstream: Upstream) -> KeyRing:
         """The key ring of an upstream."""
+        found = self._rings.get((upstream.name, upstream.keys))
+        if found is not None:
+            return found
         with self._lock:
-            if upstream not in self._rings:
-                self._rings[upstream] = KeyRing(upstream, self._clock)
-            return self._rings[upstream]
+            return self._rings.setdefault((upstream.name, upstream.keys), KeyRing(upstream, self._clock))
 
     def open(self, config: Config, exchange: Exchange, request: UpstreamRequest, retries: int,
              attempts: Attempts) -> http.client.HTTPResponse:

@@ -32,6 +32,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import string
 import struct
 import subprocess
 import tempfile
@@ -5599,6 +5600,54 @@ def with_routes(config, routes, environ=None):
                                model_routes=proxy.resolve_routes(spec, config.auth_header, environ or {}))
 
 
+def long_key(seed: int) -> str:
+    """A key shaped like OpenAI's: sk-proj- and 156 characters, the same for the same seed."""
+    rng = random.Random(seed)
+    return "sk-proj-" + "".join(rng.choice(string.ascii_letters + string.digits + "-_") for _ in range(156))
+
+
+LONG_KEYS = tuple(long_key(seed) for seed in range(6))
+
+
+class ManyLongKeysTest(ProxyTestCase):
+    """Six keys as long as OpenAI's (164 characters): hundreds of blocks, so the masker's quick test looks up
+    runs of key characters instead. An upstream that echoes them, cut, whole but split by spaces, escaped, in
+    capitals, gets no piece through, and ordinary words pass."""
+
+    config_overrides = {"api_key": ",".join(LONG_KEYS[:3])}
+
+    def setUp(self):
+        super().setUp()
+        self.server.config = with_routes(self.config, [
+            {"models": ["routed"], "upstreams": [{"url": self.upstream.base_url, "keys": "MORE_KEYS"}]}],
+            {"MORE_KEYS": ",".join(LONG_KEYS[3:])})
+
+    def test_no_piece_of_any_key_gets_through(self):
+        self.assertTrue(proxy.secret_masker(proxy.secrets_of(self.server.config))._by_runs)
+        pieces = [LONG_KEYS[0][100:112], LONG_KEYS[1][20:29].upper(), " ".join(LONG_KEYS[2]),
+                  "\\n".join([LONG_KEYS[3][:9], LONG_KEYS[3][9:18]]), LONG_KEYS[4][150:], LONG_KEYS[5][8:16]]
+        message = "quota exceeded for " + " and ".join(pieces) + "; see the documentation"
+        self.upstream.script = json_script({"error": {"message": message, "type": "insufficient_quota"}},
+                                           status=400)
+        for model in ("gpt-4o-mini", "routed"):
+            with self.subTest(model=model):
+                response = self.request("POST", "/v1/chat/completions", json.dumps(
+                    {"model": model, "messages": [{"role": "user", "content": "Hi"}]}).encode(),
+                    {"Content-Type": "application/json"})
+                error = json.loads(response.read())["error"]
+                self.assertEqual(response.status, 400)
+                self.assertTrue(error["message"].startswith("quota exceeded for [redacted]"), error["message"])
+                self.assertTrue(error["message"].endswith("; see the documentation"), error["message"])
+                flat = re.sub(r"\s|\\[nrt]", "", error["message"]).lower()
+                for key in LONG_KEYS:
+                    for start in range(len(key) - proxy.SECRET_FRAGMENT + 1):
+                        self.assertNotIn(key[start:start + proxy.SECRET_FRAGMENT].lower(), flat)
+        ordinary = "the completion finished normally with 1733470000 tokens-per-minute"
+        self.upstream.script = json_script({"error": {"message": ordinary, "type": "x"}}, status=400)
+        response = self.request("POST", "/v1/chat/completions", v1_chat(False), {"Content-Type": "application/json"})
+        self.assertEqual(json.loads(response.read())["error"]["message"], ordinary)
+
+
 class RoutesTest(ProxyTestCase):
     """OA_ROUTES: models routed to upstreams of their own; everything else to the default."""
 
@@ -5655,6 +5704,25 @@ class RoutesTest(ProxyTestCase):
         self.assertEqual(json.loads(response.read()), {"text": "transcribed locally"})
         self.assertEqual(self.local.requests[0].body, form)  # whole, as sent
         self.assertEqual(self.upstream.requests, [])
+
+    def test_a_routed_upstreams_key_is_masked_wherever_its_upstream_echoes_it(self):
+        escaped_key = escaped(AZURE_KEY)
+        self.azure.script = Script(status=400, headers={"Content-Type": "application/json",
+                                                        "X-Echo": f"key={AZURE_KEY}"},
+                                   body=b'{"error": {"message": "bad key %b, or %b", "type": "invalid_request_error"}}'
+                                   % (AZURE_KEY.encode(), escaped_key.encode()))
+        with self.assertLogs("proxy", "INFO") as logs:
+            response = self.request("POST", "/v1/chat/completions", json.dumps(
+                {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}).encode(),
+                {"Content-Type": "application/json"})
+            raw = response.read().decode() + str(response.getheaders())
+            self.assertTrue(self.server.wait_idle(5))
+        self.assertEqual(response.status, 400)
+        self.assertIn("[redacted]", raw)
+        for text in (raw, "\n".join(logs.output)):
+            decoded = re.sub(r"\\u([0-9a-fA-F]{4})", lambda match: chr(int(match.group(1), 16)), text)
+            for start in range(len(AZURE_KEY) - proxy.SECRET_FRAGMENT + 1):
+                self.assertNotIn(AZURE_KEY[start:start + proxy.SECRET_FRAGMENT], decoded)
 
     def test_the_model_list_names_the_routed_models(self):
         self.upstream.model_list = ["gpt-4o-mini", "gpt-4o"]
