@@ -560,26 +560,29 @@ def _parse_route(number: int, route) -> tuple:
                          '"llama*"]')
     if not (isinstance(upstreams, list) and upstreams):
         raise ValueError(f'{where} needs "upstreams": a list of one or more upstreams, tried in order')
-    checked = []
-    for position, upstream in enumerate(upstreams, 1):
-        at = f"{where} upstream {position}"
-        upstream = _fields_of(upstream, ROUTE_UPSTREAM_FIELDS, at)
-        if not isinstance(upstream.get("url"), str):
-            raise ValueError(f'{at} needs "url": its base URL, such as "https://api.openai.com/v1"')
-        for name in ("keys", "auth_header", "model"):
-            if name in upstream and not (isinstance(upstream[name], str) and upstream[name].strip()):
-                raise ValueError(f'{at} has "{name}" that is not a non-empty string')
-        if "keys" in upstream and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", upstream["keys"]):
-            raise ValueError(f'{at}: "keys" names the environment variable holding its keys, in capitals (such '
-                             'as "AZURE_KEYS"), not the keys themselves')
-        if "auth_header" in upstream and not _TOKEN.fullmatch(upstream["auth_header"]):
-            raise ValueError(f'{at} has "auth_header" that is not a header name such as api-key')
-        try:
-            headers = _parse_extra_headers(json.dumps(upstream.get("headers", {})))
-        except ValueError as error:
-            raise ValueError(f'{at}: "headers" {error}') from None
-        checked.append(tuple(sorted({**upstream, "headers": headers}.items())))
-    return tuple(m.strip() for m in models), tuple(checked)
+    return (tuple(m.strip() for m in models),
+            tuple(_parse_route_upstream(f"{where} upstream {position}", upstream)
+                  for position, upstream in enumerate(upstreams, 1)))
+
+
+def _parse_route_upstream(at: str, upstream) -> tuple:
+    """One upstream of a route, its fields' types checked: its (field, value) pairs, headers parsed."""
+    upstream = _fields_of(upstream, ROUTE_UPSTREAM_FIELDS, at)
+    if not isinstance(upstream.get("url"), str):
+        raise ValueError(f'{at} needs "url": its base URL, such as "https://api.openai.com/v1"')
+    for name in ("keys", "auth_header", "model"):
+        if name in upstream and not (isinstance(upstream[name], str) and upstream[name].strip()):
+            raise ValueError(f'{at} has "{name}" that is not a non-empty string')
+    if "keys" in upstream and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", upstream["keys"]):
+        raise ValueError(f'{at}: "keys" names the environment variable holding its keys, in capitals (such '
+                         'as "AZURE_KEYS"), not the keys themselves')
+    if "auth_header" in upstream and not _TOKEN.fullmatch(upstream["auth_header"]):
+        raise ValueError(f'{at} has "auth_header" that is not a header name such as api-key')
+    try:
+        headers = _parse_extra_headers(json.dumps(upstream.get("headers", {})))
+    except ValueError as error:
+        raise ValueError(f'{at}: "headers" {error}') from None
+    return tuple(sorted({**upstream, "headers": headers}.items()))
 
 
 def _parse_log_format(text: str) -> str:
