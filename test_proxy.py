@@ -5398,6 +5398,16 @@ class FallbackTest(ProxyTestCase):
             fallback_api_key="sk-fallback-key-0123456789", fallback_model="backup-model",
             breaker_threshold=2, breaker_cooldown=0.5)
 
+    def test_the_fallbacks_keys_are_used_in_turn(self):
+        self.server.config = dataclasses.replace(self.server.config, retries=0,
+                                                 fallback_api_key="sk-fallback-one-0123,sk-fallback-two-4567")
+        self.upstream.script = OVERLOADED
+        for _ in range(4):
+            frames = parse_frames(self.post_message().read().decode())
+            self.assertEqual(self.contents(frames), ["", "from the fallback", ""])
+        self.assertEqual([received.headers["Authorization"] for received in self.fallback.requests],
+                         ["Bearer sk-fallback-one-0123", "Bearer sk-fallback-two-4567"] * 2)
+
     def test_primary_down_fallback_answers(self):
         self.upstream.script = OVERLOADED
         frames = parse_frames(self.post_message().read().decode())
@@ -5515,6 +5525,28 @@ class SeveralKeysTest(ProxyTestCase):
                 self.assertNotEqual(used[first + 1], "2")  # the same request, at once on another key
                 self.assertGreater(second - first, 3, used)  # the others served meanwhile
                 self.assertEqual(set(used[first + 1:second]), {"1", "3"}, used)
+
+    def test_without_retry_after_a_key_rests_until_the_reset_of_the_limit_that_ran_out(self):
+        seen = {}
+
+        def script(received):
+            if key_of(received) == "2" and "limited" not in seen:
+                seen["limited"] = time.monotonic()
+                return json_script({"error": {"message": "Rate limit reached"}}, status=429, headers={
+                    "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s",
+                    "x-ratelimit-remaining-tokens": "5000", "x-ratelimit-reset-tokens": "6m0s"})
+            if key_of(received) == "2":
+                seen.setdefault("back", time.monotonic())
+            return json_script({"object": "list", "data": []})
+        self.upstream.script = script
+        deadline = time.monotonic() + 10
+        while "back" not in seen and time.monotonic() < deadline:
+            self.assertEqual(self.request("GET", "/v1/models").status, 200)
+            if len(self.upstream.requests) == 3:  # the 429 just came: the key rests
+                self.assertIn('proxy_upstream_keys{upstream="primary",state="resting"} 1',
+                              self.request("GET", "/metrics").read().decode())
+        self.assertGreaterEqual(seen["back"] - seen["limited"], 1.0)  # the requests' reset, not the tokens' 6 min
+        self.assertLess(seen["back"] - seen["limited"], 2.5)
 
     def test_a_refused_key_is_taken_out_with_one_warning_and_no_fragment_of_it(self):
         def script(received):
