@@ -3971,14 +3971,18 @@ class KeyRing:
             log = self._warnings.get(position)
             if log is None:
                 upstream, count = self._upstream, len(self._refused)
-                left = count - sum(self._refused)
                 log = self._warnings[position] = FloodLog(
                     logging.WARNING, f"the {upstream.name} upstream refused key {position + 1} of {count} in "
                     f"{upstream.key_setting} (fingerprint {key_fingerprint(upstream.keys[position])}) %d time(s) "
-                    f"since the last warning: it is out until the proxy restarts"
-                    + (f", and requests go to the other {left}" if left else "; no key is left, so each is still "
-                       "tried") + "; replace or remove it", self.REFUSED_EVERY)
+                    "since the last warning: requests go to the other keys until the proxy restarts (to all of "
+                    "them if every one is refused); replace or remove it", self.REFUSED_EVERY)
             log.count(self._clock())
+
+    def flush_warnings(self) -> None:
+        """The proxy stops: what the refused-key warnings counted since their last line is logged now."""
+        with self._lock:
+            for log in self._warnings.values():
+                log.flush(self._clock(), last=True)
 
     def states(self) -> Dict[str, int]:
         """How many keys are ready, resting after a 429, and refused."""
@@ -4252,11 +4256,13 @@ class Upstreams:
             connector.pool.expire(time.monotonic(), config.upstream_keepalive_timeout)
 
     def close(self) -> None:
-        """Close every idle upstream connection."""
+        """Close every idle upstream connection, and log what the key rings' warnings counted."""
         with self._lock:
-            connectors = list(self._connectors.values())
+            connectors, rings = list(self._connectors.values()), list(self._rings.values())
         for connector in connectors:
             connector.pool.close()
+        for ring in rings:
+            ring.flush_warnings()
 
 
 # --------------------------------------------------------------------------

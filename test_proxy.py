@@ -5576,7 +5576,7 @@ class SeveralKeysTest(ProxyTestCase):
         fingerprint = hashlib.sha256(THREE_KEYS[1].encode()).hexdigest()[:6]
         self.assertIn(f"the primary upstream refused key 2 of 3 in --api-key (fingerprint {fingerprint})",
                       warnings[0])
-        self.assertIn("requests go to the other 2", warnings[0])
+        self.assertIn("requests go to the other keys until the proxy restarts", warnings[0])
         metrics = answers[-1].decode()
         self.assertIn('proxy_upstream_keys{upstream="primary",state="refused"} 1', metrics)
         self.assertIn('proxy_upstream_keys{upstream="primary",state="ready"} 2', metrics)
@@ -5596,6 +5596,23 @@ class SeveralKeysTest(ProxyTestCase):
             self.assert_json_error(self.post_message(), 502, "refused the proxy's API key")
             self.assert_json_error(self.post_message(), 502, "refused the proxy's API key")
         self.assertEqual(sorted(self.keys_used()[:3]), ["1", "2", "3"])  # each tried once, then each still is
+
+    def test_what_the_refused_key_warnings_counted_is_logged_when_the_proxy_stops(self):
+        self.upstream.script = json_script({"error": {"message": "Incorrect API key"}}, status=401)
+        with self.assertLogs("proxy", "WARNING") as logs:
+            # The first request meets every key refused (a line each); the next three, one key each in turn,
+            # within the minute: counted, and written when the proxy stops.
+            for _ in range(4):
+                self.assert_json_error(self.post_message(), 502, "refused the proxy's API key")
+            before_stop = len(logs.output)
+            self.server.shutdown()
+            self.server.close()
+        for number in (1, 2, 3):
+            places = [place for place, line in enumerate(logs.output) if f"refused key {number} of 3" in line]
+            self.assertEqual(len(places), 2, logs.output)
+            self.assertTrue(all("1 time(s) since the last warning" in logs.output[place] for place in places))
+            self.assertLess(places[0], before_stop)
+            self.assertGreaterEqual(places[1], before_stop)
 
     def test_a_body_streamed_from_the_client_is_not_sent_twice(self):
         self.upstream.script = json_script({"error": {"message": "Rate limit reached"}}, status=429)
@@ -6760,6 +6777,22 @@ class BrowserProductTest(BrowserTestCase):
         self.send(page, "Which model?")
         self.wait_for_reply(page, "ok")
         self.assertEqual(self.chat_requests()[-1].json()["model"], "text-embedding-3-small")
+
+    def test_the_routed_models_are_listed_and_a_chat_with_one_goes_to_its_route(self):
+        local = FakeUpstream().start()
+        self.addCleanup(local.close)
+        local.script = Script(steps=reply("from the local server"))
+        self.server.config = with_routes(self.config, [
+            {"models": ["local-llama", "mistral*"], "upstreams": [{"url": local.base_url}]}])
+        self.upstream.model_list = ["gpt-4o-mini"]
+        page = self.open_page()
+        page.wait_for_selector("#model-choice:not([hidden])")
+        self.assertEqual(page.locator("#model-select option").all_inner_texts(), ["gpt-4o-mini", "local-llama"])
+        page.select_option("#model-select", "local-llama")
+        self.send(page, "Hi")
+        self.wait_for_reply(page, "from the local server")
+        self.assertEqual(local.requests[-1].json()["model"], "local-llama")
+        self.assertEqual(self.chat_requests(), [])  # nothing of the chat went to the default upstream
 
     def test_a_system_prompt_per_conversation(self):
         page = self.open_page()
