@@ -694,6 +694,13 @@ async def attacker(kind, port, until):
             await asyncio.sleep(0.5)  # cut off or refused: come back, as an attacker does
 
 
+def probe_counts(outcomes):
+    """How the probes of a flood ended: served, told 503, no answer, or another status."""
+    known = ("served", "503", "no answer")
+    return {"probes": len(outcomes), "served": outcomes.count("served"), "told_503": outcomes.count("503"),
+            "no_answer": outcomes.count("no answer"), "other": len(outcomes) - sum(map(outcomes.count, known))}
+
+
 async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
     """Each flood for `seconds` against the proxy's defaults: are new clients served or told 503?"""
     rows = []
@@ -714,11 +721,8 @@ async def flood(cpus, proxy_args, seconds=FLOOD_SECONDS):
             probed = prober.result()
             await asyncio.gather(*attackers)
             await asyncio.sleep(0.1)  # the attackers' sockets close on the loop's next turns, before the proxy stops
-            outcomes = probed["outcomes"]
             rows.append({"scenario": "flood", "route": "/message", "flood": kind, "attackers": FLOOD_ATTACKERS,
-                         "seconds": seconds, "probes": len(outcomes), "served": outcomes.count("served"),
-                         "told_503": outcomes.count("503"), "no_answer": outcomes.count("no answer"),
-                         "other": len(outcomes) - sum(outcomes.count(o) for o in ("served", "503", "no answer")),
+                         "seconds": seconds, **probe_counts(probed["outcomes"]),
                          "probe_p99_ms": ms(percentile(probed["times"], 99)) if probed["times"] else None,
                          "log_lines": proxy.log_lines() - log_before,
                          "peak_rss_mb": round(proxy.status("VmHWM") / 1024, 1)})
@@ -775,11 +779,9 @@ async def siege(cpus, proxy_args, system, seconds=FLOOD_SECONDS):
         drops = listen_drops() - drops_before
         wrk_out, _ = tools[1].communicate(timeout=seconds + 30)
         rate = re.search(r"Requests/sec:\s*([\d.]+)", wrk_out)
-        outcomes, times = probed["outcomes"], probed["times"]
+        times = probed["times"]
         return {"scenario": "siege", "route": "/message", "system": system, "slow": SIEGE_SLOW, "wrk": SIEGE_WRK,
-                "seconds": seconds, "probes": len(outcomes), "served": outcomes.count("served"),
-                "told_503": outcomes.count("503"), "no_answer": outcomes.count("no answer"),
-                "other": len(outcomes) - sum(outcomes.count(o) for o in ("served", "503", "no answer")),
+                "seconds": seconds, **probe_counts(probed["outcomes"]),
                 "probe_p50_ms": ms(percentile(times, 50)) if times else None,
                 "probe_p99_ms": ms(percentile(times, 99)) if times else None,
                 "probe_max_ms": ms(max(times, default=None)),

@@ -4065,9 +4065,10 @@ UpstreamRequest = collections.namedtuple("UpstreamRequest", "method target body 
 
 class Attempts:
     """A request's upstream attempts: how many were made, which upstream and key answered, and a report of
-    each outcome (the handler's, for its metrics and log: upstream, outcome, attempt, wait, key position)."""
+    each outcome (the handler's, for its metrics and log: upstream, outcome, attempt, wait, key position,
+    and whether the request moves at once to another key)."""
 
-    def __init__(self, report: Callable[[Upstream, str, int, Optional[float], int], None]):
+    def __init__(self, report: Callable[..., None]):
         self.count = 0
         self.upstream_name: Optional[str] = None
         self.key: Optional[int] = None  # the answering key's position in its list, from 1
@@ -4160,7 +4161,7 @@ class Upstreams:
             other = ring.take(avoid=key) if may_move else None
             if other is not None:
                 moved_after_429 = moved_after_429 or reason == "429"
-                attempts.report(upstream, reason, attempt, 0.0, key + 1)
+                attempts.report(upstream, reason, attempt, 0.0, key + 1, moved=True)
                 key = other
                 continue
             if not self._wait_to_retry(upstream, breaker, config, exchange, (reason, retry_after, attempt, retries),
@@ -7443,7 +7444,7 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
             self.state.client_left = True
 
     def record_attempt(self, upstream: Upstream, outcome: str, attempt: int = 0, wait: Optional[float] = None,
-                       key: int = 1):
+                       key: int = 1, moved: bool = False):
         """Count an upstream attempt (by upstream, and by key); log a failed one with what happens next."""
         metrics = self.server.metrics
         metrics.inc("proxy_upstream_attempts_total", (("upstream", upstream.name), ("outcome", outcome)))
@@ -7451,8 +7452,8 @@ class ProxyHandler(_ResponseHeadMixin, http.server.BaseHTTPRequestHandler):
                     (("upstream", upstream.name), ("key", str(key)), ("outcome", outcome)))
         if outcome == "answered":
             return
-        then = (("at once on another key" if wait == 0 and outcome in ("429", "key_refused")
-                 else f"retrying in {wait:.2f}s") if wait is not None else "no more retries on it")
+        then = ("at once on another key" if moved else f"retrying in {wait:.2f}s" if wait is not None
+                else "no more retries on it")
         which = f" with key {key} of {len(upstream.keys)}" if len(upstream.keys) > 1 else ""
         logger.warning('%s "%s %s" attempt %d to the %s upstream%s failed (%s); %s', self.client_address[0],
                        self.command, log_value(self.path_only), attempt + 1, upstream.name, which, outcome, then)
@@ -7778,6 +7779,14 @@ def answer_on_worker(handler: ProxyHandler, response: http.client.HTTPResponse, 
 SMALL_BODY = 65536  # bytes of a sized answer that is not a stream, read whole on the worker and written at once
 
 
+def read_failure(failure: Exception, exchange: Exchange, config: Config) -> ProxyError:
+    """The ProxyError of a failed read of an upstream's body (unless the client left: that is raised)."""
+    exchange.raise_if_cancelled()
+    if isinstance(failure, socket.timeout):
+        return UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s")
+    return UpstreamBadResponse("the upstream connection broke in the middle of its answer")
+
+
 def read_small_body(response: http.client.HTTPResponse, exchange: Exchange,
                     config: Config) -> Tuple[bytes, Optional[ProxyError]]:
     """A small sized body as far as it came, and the ProxyError of a failure to read the rest."""
@@ -7791,12 +7800,8 @@ def read_small_body(response: http.client.HTTPResponse, exchange: Exchange,
                 break
             parts.append(piece)
             left -= len(piece)
-    except socket.timeout:
-        exchange.raise_if_cancelled()
-        error = UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s")
-    except (http.client.HTTPException, OSError):
-        exchange.raise_if_cancelled()
-        error = UpstreamBadResponse("the upstream connection broke in the middle of its answer")
+    except (http.client.HTTPException, OSError) as failure:
+        error = read_failure(failure, exchange, config)
     if left and error is None:
         error = UpstreamBadResponse(f"the upstream closed the connection {left} bytes before the end of its body")
     return b"".join(parts), error
@@ -7817,12 +7822,8 @@ def read_whole_body(response: http.client.HTTPResponse, exchange: Exchange, conf
     exchange.waiting()
     try:
         body = response.read(limit + 1)
-    except socket.timeout:
-        exchange.raise_if_cancelled()
-        return b"", UpstreamTimeout(f"the upstream sent nothing for {config.idle_timeout:g} s")
-    except (http.client.HTTPException, OSError):
-        exchange.raise_if_cancelled()
-        return b"", UpstreamBadResponse("the upstream connection broke in the middle of its answer")
+    except (http.client.HTTPException, OSError) as failure:
+        return b"", read_failure(failure, exchange, config)
     if len(body) > limit:
         return b"", UpstreamBadResponse(f"the upstream's model list is over {limit // 1024 // 1024} MiB")
     return body, None
