@@ -22,5 +22,8 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8080') + '/healthz', timeout=4)"]
 
-# Exec form: proxy.py is PID 1 and gets SIGTERM itself, so running streams drain (DRAIN_TIMEOUT).
+# One process uses one core. Given several CPUs (docker run --cpus 4 -e WORKERS=auto), WORKERS=auto starts a
+# worker per CPU of the container's limit; on Kubernetes, prefer replicas of one CPU each (docs/scaling.md).
+# Exec form: proxy.py is PID 1 and gets SIGTERM itself, so running streams drain (DRAIN_TIMEOUT); with
+# WORKERS it passes the signal on to them.
 CMD ["python", "proxy.py"]

@@ -51,6 +51,7 @@ README's Upgrade mapping) is the reference row.
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import http.client
@@ -127,6 +128,18 @@ LIMIT_FLAGS = ("--rate-limit-rpm", "100000000", "--rate-limit-tpm", "10000000000
 QUIET = (8000, 3, 10.0, 0.0)
 QUIET_FLAGS = ("--max-streams", "0", "--max-connections", "8200")
 
+# workers: WORKERS=1 and WORKERS=2 (each also with LIMIT_FLAGS: limits kept in the process, or by the master),
+# side by side in WORKERS_ROUNDS turns, in two layouts: "pinned" (every proxy process on the first CPU, the
+# harness on the others: what the master and a second worker cost), and "shared" (proxy and harness on every
+# CPU: what a second worker gains on a machine whose harness takes a core). A turn: WORKERS_STREAMS streams of
+# WORKERS_CHUNKS chunks as fast as they go (chunks a second, CPU a chunk), then WORKERS_CLIENTS kept-alive
+# clients sending one-chunk requests back to back for WORKERS_SECONDS (requests a second, CPU a request).
+WORKERS_ROUNDS = 3
+WORKERS_STREAMS, WORKERS_CHUNKS = 20, 1000
+WORKERS_CLIENTS, WORKERS_SECONDS = 16, 3.0
+WORKERS_SYSTEMS = (("WORKERS=1", "1", ()), ("WORKERS=2", "2", ()), ("WORKERS=1+limits", "1", LIMIT_FLAGS),
+                   ("WORKERS=2+limits", "2", LIMIT_FLAGS), ("WORKERS=2+redis", "2", LIMIT_FLAGS))
+
 # requests: REQUESTS one-chunk streams one after another on one kept-alive connection (what a request costs),
 # each system in REQUEST_ROUNDS turns.
 REQUESTS = 4000
@@ -166,6 +179,7 @@ SCENARIOS = {
     "burst": (max(BURST_CLIENTS), BURST_CHUNKS, BURST_GAP, 0.0),
     "realtime": (200, 100, 0.02, 0.0),
     "quiet": QUIET,  # REALTIME_SESSIONS, REALTIME_EVENTS, REALTIME_GAP (set below)
+    "workers": (WORKERS_STREAMS, WORKERS_CHUNKS, 0.0, 0.0),
 }
 ABORT_AFTER = 10
 ROUTES = ("/message", "/v1/chat/completions")
@@ -471,7 +485,7 @@ class ProxyProcess:
 
     home = HERE
 
-    def __init__(self, upstream_port, cpu, args=UNLIMITED, base_url=None, env=None):
+    def __init__(self, upstream_port, cpu, args=UNLIMITED, base_url=None, env=None, cpus=None):
         # The access log goes to a file, as in a deployment: a closed pipe would make each line fail fast.
         # The proxy appends to it and this reads it through a file of its own: a shared file offset
         # let a seek here send the proxy's next line over its first ones.
@@ -481,7 +495,8 @@ class ProxyProcess:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(self.home, "proxy.py"), "--port", "0", "--api-key", BENCH_KEY,
                  "--base-url", base_url or f"http://127.0.0.1:{upstream_port}/v1", "--max-connections", "4096",
-                 *args], stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})})
+                 *args], stdout=subprocess.DEVNULL, stderr=stderr, text=True, env={**os.environ, **(env or {})},
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)  # its workers inherit it
         self.log = open(self.log_path)
         deadline = time.monotonic() + 30
         found = None
@@ -503,6 +518,13 @@ class ProxyProcess:
             # its creator's CPUs, and the proxy's workers are started by its pool thread.
             for thread in os.listdir(f"/proc/{self.process.pid}/task"):
                 os.sched_setaffinity(int(thread), {cpu})
+
+    def tree_cpu_seconds(self):
+        """CPU time of the proxy and its workers (WORKERS), from /proc: every process of the tree, now, where
+        /metrics has the workers' figures as they sent them last (a second old at most)."""
+        pids = [self.process.pid] + [int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+                                     and parent_of(int(entry)) == self.process.pid]
+        return sum(process_cpu_seconds(pid) for pid in pids)
 
     def log_lines(self):
         """Lines the proxy has logged so far."""
@@ -538,6 +560,25 @@ class ProxyProcess:
         self.process.wait(60)
         self.log.close()
         os.remove(self.log_path)
+
+
+def process_cpu_seconds(pid):
+    """A process's CPU time, user and system, from /proc (10 ms ticks); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            ticks = sum(int(field) for field in stat.read().rpartition(")")[2].split()[11:13])
+    except OSError:
+        return 0.0
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def parent_of(pid):
+    """A process's parent, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rpartition(")")[2].split()[1])
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -1045,6 +1086,92 @@ async def requests(route, cpus, proxy_args, systems):
         upstream.close()
 
 
+async def workers_turn(port, route, upstream, cpu_seconds):
+    """One turn of the workers scenario against one port: chunks/s, CPU s a chunk, requests/s, CPU s a
+    request, the limits' store's CPU s a request (the master's, or Redis's), errors. cpu_seconds() gives
+    (every process of the system, the store's)."""
+    upstream.chunks = WORKERS_CHUNKS
+    before = cpu_seconds()[0]
+    streams = await run_clients(port, route, WORKERS_STREAMS)
+    chunk_cpu = (cpu_seconds()[0] - before) / max(1, len(streams["delays"]))
+    upstream.chunks = 1
+    results, (before, store_before) = new_results(), cpu_seconds()
+    until = time.monotonic() + WORKERS_SECONDS
+    await asyncio.gather(*(keep_alive_client(port, route, results, until) for _ in range(WORKERS_CLIENTS)))
+    after, store_after = cpu_seconds()
+    served = max(1, len(results["latency"]))
+    errors = len(streams["errors"]) + len(streams["refused"]) + len(results["errors"])
+    return (len(streams["delays"]) / streams["seconds"], chunk_cpu, len(results["latency"]) / WORKERS_SECONDS,
+            (after - before) / served, (store_after - store_before) / served, errors)
+
+
+def workers_cpu(target, name, redis):
+    """cpu_seconds() of workers_turn for one system: its processes (and Redis), and its limits' store."""
+    if name.endswith("+redis"):
+        return lambda: (target.tree_cpu_seconds() + process_cpu_seconds(redis.process.pid),
+                        process_cpu_seconds(redis.process.pid))
+    if name == "WORKERS=2+limits":
+        return lambda: (target.tree_cpu_seconds(), process_cpu_seconds(target.process.pid))
+    return lambda: (target.tree_cpu_seconds(), 0.0)
+
+
+async def workers(route, cpus, proxy_args):
+    """WORKERS=1 against WORKERS=2, with and without per-client limits, pinned apart and sharing the CPUs;
+    the direct path's turn beside them is the harness's own pace."""
+    if len(cpus) < 2:
+        raise SystemExit("the workers scenario needs two CPUs")
+    upstream = Upstream()
+    upstream.usage = True
+    upstream_port = await upstream.start()
+    redis = RedisServer()
+    direct_route = route if route != "/message" else "/v1/chat/completions"
+    rows = []
+    try:
+        for layout, proxy_cpus, harness_cpus in (("pinned", {cpus[0]}, set(cpus[1:])),
+                                                 ("shared", set(cpus), set(cpus))):
+            os.sched_setaffinity(0, harness_cpus)
+            os.sched_setaffinity(redis.process.pid, proxy_cpus)  # a store beside the proxy, on its CPUs
+            targets = []
+            try:
+                for name, count, flags in WORKERS_SYSTEMS:
+                    env = {"WORKERS": count, **({"REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
+                                                if name.endswith("+redis") else {})}
+                    targets.append(ProxyProcess(upstream_port, None, (*UNLIMITED, *flags, *proxy_args), env=env,
+                                                cpus=proxy_cpus))
+                    await run_clients(targets[-1].port, route, 4)  # warm: threads, pooled connections
+                turns = collections.defaultdict(list)
+                for _ in range(WORKERS_ROUNDS):
+                    turns["direct"].append(await workers_turn(upstream_port, direct_route, upstream,
+                                                              lambda: (0.0, 0.0)))
+                    for (name, _, _), target in zip(WORKERS_SYSTEMS, targets):
+                        turns[name].append(await workers_turn(target.port, route, upstream,
+                                                              workers_cpu(target, name, redis)))
+                rows += [workers_row(route, layout, name, figures) for name, figures in turns.items()]
+            finally:
+                for target in targets:
+                    target.stop()
+    finally:
+        os.sched_setaffinity(0, set(cpus[1:]))
+        redis.stop()
+        upstream.close()
+    return rows
+
+
+def workers_row(route, layout, name, turns):
+    """The medians (and ranges) of one system's turns in the workers scenario."""
+    row = {"scenario": "workers", "route": route, "layout": layout, "system": name}
+    for index, field, scale, digits in ((0, "chunks_per_s", 1, 0), (1, "cpu_us_per_chunk", 1e6, 1),
+                                        (2, "requests_per_s", 1, 0), (3, "cpu_us_per_request", 1e6, 1),
+                                        (4, "store_cpu_us_per_request", 1e6, 1)):
+        values = [turn[index] * scale for turn in turns]
+        if (name == "direct" and field.startswith("cpu")) or (field.startswith("store") and not any(values)):
+            continue
+        row[field] = round(statistics.median(values), digits)
+        row[f"{field}_range"] = f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+    row["errors"] = sum(turn[5] for turn in turns)
+    return row
+
+
 async def burst_client(port, route, results, left, stagger):
     """One client of a burst: it starts within `stagger` seconds, then opens a new connection for its next
     request the moment its last one ends, while requests are left."""
@@ -1195,6 +1322,8 @@ async def scenario(name, route, cpus, proxy_args=(), shape=None, system="proxy.p
         return await overload(route, cpus, proxy_args, shape or OVERLOAD)
     if name == "quiet":
         return await quiet(route, cpus, proxy_args)
+    if name == "workers":
+        return await workers(route, cpus, proxy_args)
     if name == "keepalive":
         return await keepalive(route, cpus, (*UNLIMITED, *proxy_args))
     if name == "rtt":
@@ -1418,6 +1547,9 @@ TABLES = (
                "threads_running", "rss_max_mb",
                "peak_rss_mb", "healthz_p50_ms", "healthz_p99_ms", "healthz_max_ms", "healthz_failed", "running_probes",
                "running_healthz_p99_ms", "running_healthz_max_ms", "running_slowest_at_s")),
+    ("workers", ("route", "layout", "system", "chunks_per_s", "chunks_per_s_range", "cpu_us_per_chunk",
+                 "cpu_us_per_chunk_range", "requests_per_s", "requests_per_s_range", "cpu_us_per_request",
+                 "cpu_us_per_request_range", "store_cpu_us_per_request", "errors")),
     ("keepalive", ("route", "system", "clients", "requests", "direct_requests", "errors", "p50_ms", "p99_ms", "max_ms",
                    "direct_p50_ms", "direct_max_ms")),
     ("flood", ("system", "flood", "attackers", "seconds", "probes", "served", "told_503", "no_answer", "other",
@@ -1494,6 +1626,8 @@ def runs_of(name, route):
                                     else ROUTES)
 
     def runs(system, each):
+        if name == "workers":  # its systems are this checkout's, WORKERS=1 and 2
+            return system == "proxy.py"
         if system == "nginx":
             return name == "siege" or (name in REFERENCED and each != "/message")
         return system not in ("proxy.py+limits", "proxy.py+routes") or name in REFERENCED

@@ -90,10 +90,12 @@ import socket
 import socketserver
 import ssl
 import string
+import struct
 import sys
 import _thread
 import threading
 import time
+import traceback
 import urllib.parse
 import urllib.request
 from http import HTTPStatus
@@ -361,6 +363,7 @@ class Config:
     log_format: str              # "text" or "json" (JSON lines)
     metrics_token: str           # bearer token for GET /metrics; empty: loopback clients only
     demo: bool                   # serve from the built-in demo upstream, no key, no network
+    workers: int                 # processes serving the port; above 1, a master starts them (WORKERS=auto: a core each)
     routes: tuple                # OA_ROUTES as parsed, before its keys are read (see model_routes)
     model_routes: Tuple[ModelRoute, ...] = ()  # OA_ROUTES with its keys read; empty: the default upstream only
     api_key_source: str = "OA_API_KEY"  # the variable (or flag) the upstream key came from, for messages
@@ -417,6 +420,39 @@ def _parse_positive_count(text: str) -> int:
     value = _number(text, int, rule)
     if value < 1:
         raise ValueError(rule)
+    return value
+
+
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> Optional[int]:
+    """The CPUs this process's cgroup (v2) may use, rounded up: a container's --cpus; None for no limit."""
+    try:
+        with open(path) as limit:
+            quota, period = limit.read().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def cores_available() -> int:
+    """The cores this process may run on: its CPU affinity where the system has one, else every core, and
+    no more than its container's CPU limit."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, cgroup_cpu_limit() or cores))
+
+
+MAX_WORKERS = 256
+
+
+def _parse_workers(text: str) -> int:
+    """WORKERS: how many processes serve the port, or auto for one per core this process may use."""
+    if text.strip().lower() == "auto":
+        return cores_available()
+    rule = f"must be a whole number from 1 to {MAX_WORKERS}, like 4, or auto for one per core"
+    value = _number(text, int, rule)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(rule)
+    if value > 1 and not hasattr(os, "fork"):
+        raise ValueError("above 1 needs processes started with fork, which this system lacks; use 1")
     return value
 
 
@@ -679,7 +715,7 @@ class Setting:
 SETTING_GROUPS = (
     ("upstream", (
         Setting("demo", ("DEMO",), "false", _parse_bool,
-                "a built-in demo upstream: no key, no network"),
+                "built-in upstream, no key needed"),
         Setting("api_key", ("OA_API_KEY", "OPENAI_API_KEY"), "", _parse_key_list,
                 "upstream key, or k1,k2,... (env is safer)", secret=True),
         Setting("base_url", ("OPENAI_BASE_URL", "OA_BASE_URL"), DEFAULT_BASE_URL, str.strip,
@@ -722,6 +758,8 @@ SETTING_GROUPS = (
                 "address to listen on"),
         Setting("port", ("PORT",), "8080", _parse_port,
                 "0 picks a free one"),
+        Setting("workers", ("WORKERS",), "1", _parse_workers,
+                "processes on the port, or auto"),
         Setting("cors_origins", ("CORS_ORIGINS",), "*", _parse_origins,
                 "browser origins allowed, or *"),
         Setting("max_connections", ("MAX_CONNECTIONS",), "2048", _parse_positive_count,
@@ -801,7 +839,8 @@ says more of each."""
 METAVARS = {_parse_port: "PORT", _parse_positive_float: "S", _parse_size: "BYTES", _parse_count: "N",
             _parse_positive_count: "N", _parse_header_name: "HEADER", _parse_extra_headers: "JSON",
             _parse_client_keys: "KEYS", _parse_redis_url: "URL", _parse_failure_mode: "open|closed",
-            _parse_list: "LIST", _parse_origins: "ORIGINS", _parse_log_format: "text|json", _parse_routes: "JSON"}
+            _parse_list: "LIST", _parse_origins: "ORIGINS", _parse_log_format: "text|json", _parse_routes: "JSON",
+            _parse_workers: "N|auto"}
 FIELD_METAVARS = {"api_key": "KEYS", "fallback_api_key": "KEYS", "metrics_token": "TOKEN", "base_url": "URL",
                   "fallback_base_url": "URL", "model": "MODEL", "fallback_model": "MODEL", "host": "ADDRESS",
                   "fallback_auth_header": "HEADER"}
@@ -958,6 +997,10 @@ def has_client_limits(config: Config) -> bool:
 def where_limits_live(config: Config) -> str:
     """The startup block's line on where per-client limits and budgets are kept."""
     shares = has_client_limits(config)
+    if not config.redis_url and shares and config.workers > 1:
+        return (f"per-client limits and budgets live in the master process, counted once for its "
+                f"{config.workers} workers; other copies count alone, and a restart forgets them (set REDIS_URL "
+                "to share them)")
     if not config.redis_url:
         return ("per-client limits and budgets live in this process: each copy counts alone, and a restart "
                 "forgets them (set REDIS_URL to share them)" if shares else "per-client limits: none set")
@@ -2186,16 +2229,20 @@ def budget_of(config: Config, period: str) -> int:
     return getattr(config, f"token_budget_{period}")
 
 
+@functools.lru_cache(maxsize=8)
+def _period_of(period: str, second: int) -> Tuple[str, float]:
+    """The name of the UTC day or month that second falls in, and when it ends: worked out once a second."""
+    start = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).replace(hour=0, minute=0, second=0)
+    if period == "day":
+        return start.strftime("%Y-%m-%d"), (start + datetime.timedelta(days=1)).timestamp()
+    start = start.replace(day=1)
+    return start.strftime("%Y-%m"), (start + datetime.timedelta(days=32)).replace(day=1).timestamp()
+
+
 def budget_period(period: str, now: float) -> Tuple[str, int]:
     """The UTC day ("2026-11-26") or calendar month ("2026-11") that now falls in, and whole seconds until it ends."""
-    moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-    start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        name, end = start.strftime("%Y-%m-%d"), start + datetime.timedelta(days=1)
-    else:
-        start = start.replace(day=1)
-        name, end = start.strftime("%Y-%m"), (start + datetime.timedelta(days=32)).replace(day=1)
-    return name, max(1, math.ceil(end.timestamp() - now))
+    name, end = _period_of(period, math.floor(now))
+    return name, max(1, math.ceil(end - now))
 
 
 def _duration(seconds: int) -> str:
@@ -2342,6 +2389,7 @@ class SharedLimits:
         self._config = config
         self.redis = redis
         self._named = bool(config.proxy_api_keys)
+        self.fail_open = config.redis_failure_mode == "open"  # while Redis is out: decide here, or refuse
         self._copy = os.urandom(6).hex()  # names this copy's leases
         self._serial = iter(range(1, sys.maxsize))  # next() is atomic under the GIL
         self._lease_ms = int(config.stream_lease * 1000)
@@ -2501,6 +2549,136 @@ class SharedLimits:
         self.redis.close()
 
 
+MASTER_TIMEOUT = 2.0  # seconds a worker waits on its master's answer before deciding alone
+MASTER_MAX_LINE = 4 * 1024 * 1024  # bytes of one question or answer: a worker's metrics at most
+MASTER_LINES = 8  # questions one worker may have with its master at once
+
+
+def set_os_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Bound each send and receive on a blocking socket in the kernel (SO_SNDTIMEO, SO_RCVTIMEO), where a
+    Python timeout would add a poll() to each call: a late one raises BlockingIOError."""
+    value = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class MasterUnavailable(Exception):
+    """The master process (WORKERS above 1) did not answer in time: it is gone, or stuck."""
+
+
+class MasterLink:
+    """A worker's line to its master (WORKERS above 1): socket pairs made before the worker was forked, so that
+    no other process can reach the master, each carrying one question at a time: a JSON array one way, a
+    JSON value back, a line each."""
+
+    def __init__(self, sockets: List[socket.socket]):
+        self._free: "queue.SimpleQueue[socket.socket]" = queue.SimpleQueue()
+        self._broken = 0  # lines dropped after a failure; when all are, the master is not waited for again
+        for sock in sockets:
+            set_os_timeouts(sock, MASTER_TIMEOUT)
+            self._free.put(sock)
+        self._lines = len(sockets)
+
+    def ask(self, *question):
+        """The master's answer, or MasterUnavailable after MASTER_TIMEOUT."""
+        if self._broken >= self._lines:
+            raise MasterUnavailable("every line to the master has failed")
+        try:
+            sock = self._free.get(timeout=MASTER_TIMEOUT)
+        except queue.Empty:
+            raise MasterUnavailable("no line to the master came free in time") from None
+        try:
+            sock.sendall(json.dumps(question).encode() + b"\n")
+            answer = read_line(sock)
+        except (OSError, ValueError) as error:  # a late answer would answer the next question: the line is dropped
+            sock.close()
+            self._broken += 1
+            raise MasterUnavailable(_describe_os_error(error)) from None
+        self._free.put(sock)
+        return json.loads(answer)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One line from a socket whose other end sends nothing past it (a question, an answer)."""
+    data = sock.recv(65536)
+    if data.endswith(b"\n"):
+        return data
+    parts = [data]
+    for _ in range(MASTER_MAX_LINE // 65536 + 1):
+        if not parts[-1]:
+            raise ConnectionResetError("the master's answer ended early")
+        if parts[-1].endswith(b"\n"):
+            return b"".join(parts)
+        parts.append(sock.recv(65536))
+    raise ValueError("an answer too long")
+
+
+def refusal_fields(error: TooManyRequests) -> dict:
+    """A refusal as the master sends it to the worker whose request earned it."""
+    return {"refusal": {"message": error.message, "reason": error.reason, "status": int(error.status),
+                        "type": error.type, "headers": error.headers, "detail": error.detail}}
+
+
+def raise_refusal(answer) -> None:
+    """Raise the refusal refusal_fields() sent, if the master's answer is one."""
+    if isinstance(answer, dict) and "refusal" in answer:
+        fields = answer["refusal"]
+        raise TooManyRequests(fields["message"], fields["reason"], status=fields["status"], type=fields["type"],
+                              headers=fields["headers"], detail=fields["detail"])
+
+
+class KeeperLimits:
+    """A worker's per-client limits when WORKERS > 1 without Redis: SharedLimits' calls, each one question
+    to the master, whose LimitsKeeper decides them for every worker.
+
+    The master frees the slots of a worker that dies, so a lease needs no
+    renewal. Only a master that is gone fails to answer: the worker then
+    decides alone until it stops (it stops when it sees its master gone).
+    """
+
+    fail_open = True
+    down_since = None
+
+    def __init__(self, master: MasterLink):
+        self._master = master
+        self._serial = iter(range(1, sys.maxsize))  # next() is atomic under the GIL
+        self._leases: Dict[str, str] = {}  # running lease -> its client
+
+    def _ask(self, *question):
+        try:
+            return self._master.ask(*question)
+        except MasterUnavailable as error:
+            raise RedisUnavailable(f"the master process did not answer: {error}") from None
+
+    def admit(self, client: str, now: float, spending_only: bool = False) -> None:
+        raise_refusal(self._ask("admit", client, spending_only))
+
+    def new_lease(self, client: str) -> str:
+        lease = f"{os.getpid()}.{next(self._serial)}"
+        self._leases[lease] = client
+        return lease
+
+    def acquire(self, lease: str, force: bool) -> None:
+        raise_refusal(self._ask("acquire", lease, self._leases[lease], force))
+
+    def release(self, lease: str, taken: bool = True) -> None:
+        self._leases.pop(lease, None)
+        if taken:
+            with contextlib.suppress(RedisUnavailable):
+                self._ask("release", lease)
+
+    def finish(self, client: str, lease: Optional[str], tokens: int, now: float) -> None:
+        if lease is not None:
+            self._leases.pop(lease, None)
+        self._ask("finish", client, lease, tokens)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class Limits:
     """Per client: request and token rates, requests running and token budgets; in all: MAX_STREAMS.
 
@@ -2566,7 +2744,7 @@ class Limits:
     def _unshared(self) -> None:
         """Redis could not decide: refuse when REDIS_FAILURE_MODE is closed, else decide here."""
         with self._lock:
-            outcome = "served" if self._config.redis_failure_mode == "open" else "refused"
+            outcome = "served" if self._shared.fail_open else "refused"
             self.unshared[outcome] += 1
         if outcome == "refused":
             raise LimitsUnavailable("the store that holds the proxy's limits (Redis) is unreachable, and the "
@@ -2590,7 +2768,7 @@ class Limits:
                 self._shared.acquire(lease, force)
                 decided = True
             except RedisUnavailable:  # check() counted this request's decision already
-                if not force and self._config.redis_failure_mode == "closed":
+                if not force and not self._shared.fail_open:
                     self._shared.release(lease, taken=False)
                     self._unshared()
             except TooManyRequests:
@@ -2684,6 +2862,10 @@ class Limits:
         """Count a running session's usage now, as settle() counts a request's at its end; the refusal it
         earned if that put its client over its tokens per minute or a budget, else None."""
         self.settle(client, None, usage)
+        return self.spending_refusal(client)
+
+    def spending_refusal(self, client: str) -> Optional[TooManyRequests]:
+        """The refusal the client earned by its spending (tokens per minute, budgets), else None."""
         if not (self._tpm or self._budgets):
             return None
         try:
@@ -2735,13 +2917,17 @@ class Limits:
                 del self._clients[client]
 
     @property
+    def _in_redis(self) -> bool:
+        return isinstance(self._shared, SharedLimits)
+
+    @property
     def degraded(self) -> bool:
         """True while Redis, which should decide the per-client limits, is out."""
-        return self._shared is not None and self._shared.down_since is not None
+        return self._in_redis and self._shared.down_since is not None
 
     def health(self) -> dict:
         """Where the limits are decided now, for /healthz; nothing without Redis."""
-        if self._shared is None:
+        if not self._in_redis:
             return {}
         if not self.degraded:
             return {"limits": "shared in Redis"}
@@ -2751,7 +2937,7 @@ class Limits:
 
     def metric_values(self) -> Dict:
         """Redis's counters and state for /metrics; empty without Redis."""
-        if self._shared is None:
+        if not self._in_redis:
             return {}
         redis = self._shared.redis
         return {"proxy_redis_up": int(not self.degraded),
@@ -2768,10 +2954,13 @@ class Limits:
             self._shared.stop()
 
 
-def make_limits(config: Config) -> Limits:
-    """The limits, shared in Redis when REDIS_URL is set and there is a per-client limit to share."""
-    if not (config.redis_url and has_client_limits(config)):
+def make_limits(config: Config, master: Optional[MasterLink] = None) -> Limits:
+    """The limits, shared in Redis when REDIS_URL is set and there is a per-client limit to share; else,
+    in a worker (WORKERS > 1), kept by the master."""
+    if not has_client_limits(config):
         return Limits(config)
+    if not config.redis_url:
+        return Limits(config) if master is None else Limits(config, KeeperLimits(master))
     redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout)
     return Limits(config, SharedLimits(config, redis))
 
@@ -2863,7 +3052,8 @@ def format_access_line(record: dict) -> str:
             f'upstream={log_value(record["upstream"])} key={record["key"] or "-"} attempts={record["attempts"]} '
             f'reused={ {True: "yes", False: "no", None: "-"}[record["upstream_reused"]] }'
             + (f' session={record["outcome"]} closed_by={record["closed_by"]} close_code={record["close_code"]} '
-               f'bytes_in={record["bytes_in"]}' if "outcome" in record else ""))
+               f'bytes_in={record["bytes_in"]}' if "outcome" in record else "")
+            + (f' worker={record["worker"]}' if "worker" in record else ""))
 
 
 LOG_LINE_LIMIT = 16384  # characters of one log line (or of one field of a JSON line), traceback included
@@ -3003,8 +3193,11 @@ class Metrics:
          "Realtime API sessions ended, by outcome: client_closed, upstream_closed (a close handshake), "
          "client_left, upstream_left (the connection ended without one), idle_timeout, over_limit, too_big, "
          "client_protocol_error, upstream_protocol_error, shutdown."),
+        ("proxy_worker_restarts_total", "counter",
+         "Worker processes (WORKERS above 1) the master started again after one ended, by how it ended."),
         ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
     )
+    KINDS = {name: kind for name, kind, _ in FAMILIES}
     BUCKETS = {"proxy_request_duration_seconds": DURATION_BUCKETS,
                "proxy_time_to_first_token_seconds": TTFT_BUCKETS}
 
@@ -3073,38 +3266,108 @@ class Metrics:
             return "unknown"
         return model if model in self._known_models else "other"
 
-    def render(self, gauges: Dict) -> str:
-        """The exposition text; gauges maps a name, or a (name, labels) pair, to a value read now."""
+    def current(self, gauges: Dict) -> Tuple[Dict, Dict]:
+        """Every value (with the gauges, which map a name, or a (name, labels) pair, to a value read now) and
+        every histogram, as they are now: what render() shows, or what a worker sends its master."""
         with self._lock:
             values = dict(self._values)
             histograms = {key: list(counts) for key, counts in self._histograms.items()}
         values.update({key if isinstance(key, tuple) else (key, ()): value for key, value in gauges.items()})
+        return values, histograms
+
+    def render(self, gauges: Dict) -> str:
+        """The exposition text of this process's metrics and gauges."""
+        return self.exposition(*self.current(gauges))
+
+    @classmethod
+    def exposition(cls, values: Dict, histograms: Dict) -> str:
+        """The exposition text of values and histograms keyed by (name, labels)."""
         lines = []
-        for name, kind, help_text in self.FAMILIES:
+        for name, kind, help_text in cls.FAMILIES:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
             if kind == "histogram":
                 for (family, labels), counts in sorted(histograms.items()):
                     if family == name:
-                        lines += self._histogram_lines(name, labels, counts)
+                        lines += cls._histogram_lines(name, labels, counts)
                 continue
             for (family, labels), value in sorted(values.items()):
                 if family == name:
-                    lines.append(f"{name}{self._labels(labels)} {_format_number(value)}")
+                    lines.append(f"{name}{cls._labels(labels)} {_format_number(value)}")
         return "\n".join(lines) + "\n"
 
-    def _histogram_lines(self, name: str, labels: tuple, counts: List[float]) -> List[str]:
-        bounds = [_format_number(bound) for bound in self.BUCKETS[name]] + ["+Inf"]
+    @classmethod
+    def _histogram_lines(cls, name: str, labels: tuple, counts: List[float]) -> List[str]:
+        bounds = [_format_number(bound) for bound in cls.BUCKETS[name]] + ["+Inf"]
         cumulative = counts[:-2] + [counts[-1]]  # each bucket already counts every value at or below it
-        lines = [f"{name}_bucket{self._labels(labels + (('le', bound),))} {_format_number(count)}"
+        lines = [f"{name}_bucket{cls._labels(labels + (('le', bound),))} {_format_number(count)}"
                  for bound, count in zip(bounds, cumulative)]
-        return lines + [f"{name}_sum{self._labels(labels)} {_format_number(counts[-2])}",
-                        f"{name}_count{self._labels(labels)} {_format_number(counts[-1])}"]
+        return lines + [f"{name}_sum{cls._labels(labels)} {_format_number(counts[-2])}",
+                        f"{name}_count{cls._labels(labels)} {_format_number(counts[-1])}"]
 
     @staticmethod
     def _labels(labels: tuple) -> str:
         if not labels:
             return ""
         return "{" + ",".join(f'{key}="{_escape_label(str(value))}"' for key, value in labels) + "}"
+
+
+def metrics_fields(values: Dict, histograms: Dict) -> dict:
+    """Metrics.current()'s values and histograms as a worker sends them to its master (JSON), and back."""
+    return {"values": [[name, labels, value] for (name, labels), value in values.items()],
+            "histograms": [[name, labels, counts] for (name, labels), counts in histograms.items()]}
+
+
+def _metric_key(name: str, labels: list) -> Tuple[str, tuple]:
+    return name, tuple(tuple(pair) for pair in labels)
+
+
+def metrics_from_fields(fields: dict) -> Tuple[Dict, Dict]:
+    """What metrics_fields() sent, keyed by (name, labels) again."""
+    return ({_metric_key(name, labels): value for name, labels, value in fields["values"]},
+            {_metric_key(name, labels): counts for name, labels, counts in fields["histograms"]})
+
+
+class MetricsSum:
+    """One /metrics for WORKERS above 1, kept by the master: the latest values of each worker (sent each
+    second, and by the worker a scrape lands on as it asks), counters and histograms summed, gauges
+    summed or, where a sum means nothing, one per worker with a worker label. The counters of a worker
+    that ended stay in the sums, so that none goes back when its replacement starts from 0."""
+
+    PER_WORKER = frozenset({"proxy_redis_up", "proxy_upstream_keys"})
+
+    def __init__(self):
+        self._latest: Dict[int, Tuple[Dict, Dict]] = {}
+        self._ended: Tuple[Dict, Dict] = ({}, {})  # the counters and histograms of workers that ended
+
+    def update(self, worker: int, values: Dict, histograms: Dict) -> None:
+        self._latest[worker] = (values, histograms)
+
+    def retire(self, worker: int) -> None:
+        """The worker ended: its counters and histograms as last sent stay in the sums, its gauges go."""
+        values, histograms = self._latest.pop(worker, ({}, {}))
+        counters = {key: value for key, value in values.items() if Metrics.KINDS.get(key[0]) == "counter"}
+        self._add(self._ended, counters, histograms)
+
+    def total(self, own: Dict) -> Tuple[Dict, Dict]:
+        """The whole server's values and histograms, with the master's own values (own) added."""
+        summed: Tuple[Dict, Dict] = ({}, {})
+        self._add(summed, *self._ended)
+        self._add(summed, own, {})
+        for worker, (values, histograms) in sorted(self._latest.items()):
+            self._add(summed, {self._per_worker(key, worker): value for key, value in values.items()}, histograms)
+        return summed
+
+    def _per_worker(self, key: Tuple[str, tuple], worker: int) -> Tuple[str, tuple]:
+        name, labels = key
+        return (name, labels + (("worker", str(worker)),)) if name in self.PER_WORKER else key
+
+    @staticmethod
+    def _add(into: Tuple[Dict, Dict], values: Dict, histograms: Dict) -> None:
+        for key, value in values.items():
+            into[0][key] = into[0].get(key, 0) + value
+        for key, counts in histograms.items():
+            known = into[1].get(key)
+            into[1][key] = list(counts) if known is None else [a + b for a, b in zip(known, counts)]
 
 
 # --------------------------------------------------------------------------
@@ -7944,12 +8207,7 @@ def serve_metrics(handler: ProxyHandler) -> None:
     elif not is_loopback_host(handler.client_address[0]):
         raise ProxyError("GET /metrics is served to loopback clients only; set METRICS_TOKEN to read it "
                          "from elsewhere", status=HTTPStatus.FORBIDDEN, type="permission_error")
-    server = handler.server
-    body = server.metrics.render({"proxy_active_streams": server.limits.active(),
-                                  "process_cpu_seconds_total": time.process_time(),
-                                  **server.upstreams.connection_counts(server.config),
-                                  **server.upstreams.key_counts(server.config),
-                                  **server.limits.metric_values()}).encode()
+    body = handler.server.metrics_text().encode()
     handler.send_response(HTTPStatus.OK)
     handler.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
     handler.send_header("Content-Length", str(len(body)))
@@ -8168,10 +8426,11 @@ class ProxyServer(http.server.HTTPServer):
     request_queue_size = 4096
     REQUESTS_PER_TURN = 100     # requests of one connection a worker serves in a row before it hands it back
 
-    def __init__(self, config: Config, handler_class=ProxyHandler):
+    def __init__(self, config: Config, handler_class=ProxyHandler, worker: Optional["WorkerPlace"] = None):
         self.config = config
+        self.worker = worker  # with WORKERS above 1: which worker this is, its listening socket and its master
         self.relays = RelayLoop()
-        self.limits = make_limits(config)
+        self.limits = make_limits(config, worker.master if worker else None)
         routed = {name for route in config.model_routes for name in route.models if "*" not in name}
         self.metrics = Metrics(frozenset({config.model, *config.allowed_models, config.fallback_model, *routed} - {""}))
         self.ui = load_ui(UI_DIR)
@@ -8184,7 +8443,13 @@ class ProxyServer(http.server.HTTPServer):
             self.address_family = socket.AF_INET6
         self.clients = ClientConnections(config, self.serve_request, self.answers_at_once, lambda: self.metrics.inc(
             "proxy_rate_limit_rejections_total", (("reason", "connections"),)), self.at_the_door)
-        super().__init__((config.host.strip("[]"), config.port), handler_class)
+        super().__init__((config.host.strip("[]"), config.port), handler_class, bind_and_activate=worker is None)
+        if worker is not None:  # the master opened the listening socket
+            self.socket.close()
+            self.socket = worker.listener
+            self.server_address = worker.listener.getsockname()
+            self.server_name, self.server_port = config.host, self.server_address[1]
+            self.socket.setblocking(False)
         self.relays.start()
         self.clients.start()
 
@@ -8264,6 +8529,8 @@ class ProxyServer(http.server.HTTPServer):
                         cancelled_upstream: bool = False) -> None:
         """One access line and the metrics for a request that just ended."""
         record = state.access_record(address, method, path)
+        if self.worker is not None:
+            record["worker"] = self.worker.index
         self.metrics.record(record, state.rejected_by, cancelled_upstream)
         logger.info("%s", format_access_line(record), extra={"access": record})
         if state.error_type == "upstream_auth_error":
@@ -8283,6 +8550,31 @@ class ProxyServer(http.server.HTTPServer):
                     f"last warning: every request that reaches it fails with 502 until {setting} is fixed",
                     self.KEY_REFUSAL_EVERY)
             log.count(time.monotonic())
+
+    def metric_values(self) -> Tuple[Dict, Dict]:
+        """This process's metrics, with its gauges read now."""
+        return self.metrics.current({"proxy_active_streams": self.limits.active(),
+                                     "process_cpu_seconds_total": time.process_time(),
+                                     **self.upstreams.connection_counts(self.config),
+                                     **self.upstreams.key_counts(self.config), **self.limits.metric_values()})
+
+    def metrics_text(self) -> str:
+        """GET /metrics' text: this process's metrics, or with WORKERS above 1 the whole server's, summed
+        by the master with this worker's values as they are now."""
+        if self.worker is None:
+            return Metrics.exposition(*self.metric_values())
+        try:
+            total = self.worker.master.ask("sum", self.worker.index, metrics_fields(*self.metric_values()))
+        except MasterUnavailable:
+            raise ProxyError("the proxy's master process did not answer for the other workers' metrics; "
+                             "try again shortly", status=HTTPStatus.SERVICE_UNAVAILABLE,
+                             type="server_error", headers={"Retry-After": "1"}) from None
+        return Metrics.exposition(*metrics_from_fields(total))
+
+    def report_to_master(self) -> None:
+        """Send this worker's metrics to the master (each second), for scrapes that land on other workers."""
+        with contextlib.suppress(MasterUnavailable):
+            self.worker.master.ask("push", self.worker.index, metrics_fields(*self.metric_values()))
 
     def server_activate(self):
         super().server_activate()
@@ -8475,26 +8767,34 @@ class LogWriter:
                 return
 
 
-def configure_logging(log_format: str, secrets: Tuple[str, ...] = ()) -> LogWriter:
-    """Log to stderr, text lines or JSON lines for a log shipper, from a thread of its own; return it, to stop."""
+def log_handler(log_format: str, secrets: Tuple[str, ...] = ()) -> logging.StreamHandler:
+    """A handler writing text lines, or JSON lines for a log shipper, to stderr."""
     # What no line shows is not worked out for each record (the logging HOWTO, "Optimization"): the
     # caller's file and line (a walk up the stack), the process id (a system call), thread and process names.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonLogFormatter(secrets))
-    else:
-        handler.setFormatter(TextLogFormatter(secrets))
+    handler.setFormatter(JsonLogFormatter(secrets) if log_format == "json" else TextLogFormatter(secrets))
+    return handler
+
+
+def configure_logging(log_format: str, secrets: Tuple[str, ...] = ()) -> LogWriter:
+    """Log to stderr from a thread of its own; return it, to stop."""
     records: "queue.SimpleQueue[Optional[logging.LogRecord]]" = queue.SimpleQueue()
-    writer = LogWriter(records, handler)
+    writer = LogWriter(records, log_handler(log_format, secrets))
     writer.start()
-    logging.basicConfig(level=logging.INFO, handlers=[_QueuedRecords(records)])
+    logging.basicConfig(level=logging.INFO, handlers=[_QueuedRecords(records)], force=True)
     return writer
 
 
 def serve_until_signal(server: ProxyServer) -> int:
-    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short."""
+    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the drain short.
+
+    A worker (WORKERS above 1) takes SIGTERM from its master only, which
+    passes on each one it gets (a terminal's Ctrl-C reaches every process
+    of the group at once, and would count twice), sends its metrics to the
+    master each second, and stops as a signal would if its master is gone.
+    """
     stop, force = threading.Event(), threading.Event()
 
     def on_signal(signum, frame):
@@ -8503,12 +8803,17 @@ def serve_until_signal(server: ProxyServer) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if server.worker else on_signal)
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
     while not stop.wait(1.0):
-        pass
+        if server.worker is None:
+            continue
+        if os.getppid() != server.worker.master_pid:
+            logger.warning("worker %d: the master process is gone; stopping", server.worker.index)
+            break
+        server.report_to_master()
     server.drain(server.config.drain_timeout, force)
-    logger.info("stopped")
+    logger.info("stopped" if server.worker is None else f"worker {server.worker.index} stopped")
     return 0
 
 
@@ -8527,23 +8832,530 @@ def listen_error(config: Config, error: OSError) -> str:
     return f"cannot listen on {where}: {_describe_os_error(error)}; check HOST and PORT"
 
 
-def run(config: Config) -> int:
-    """Serve with a configuration until a signal; return the exit status."""
+# --------------------------------------------------------------------------
+# Workers (WORKERS above 1): a master process and its workers on one port
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class WorkerPlace:
+    """What a worker process is given: its number (from 1), its listening socket, its line to its master."""
+
+    index: int
+    listener: socket.socket
+    master: MasterLink
+    master_pid: int
+
+
+def spreads_connections() -> bool:
+    """True where each worker can listen on a socket of its own and the kernel spreads new connections over
+    them (Linux's SO_REUSEPORT); elsewhere (the BSDs and macOS do not balance) they share the master's one."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def open_listeners(config: Config, count: int) -> List[socket.socket]:
+    """The listening sockets for count workers: one each where spreads_connections(), else one in all.
+
+    A plain bind first finds the port taken as it is for one process
+    (SO_REUSEPORT alone would let a second proxy.py join the first's port).
+    """
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    address, listeners = (config.host.strip("[]"), config.port), []
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        address = probe.getsockname()[:2]
+    try:
+        for _ in range(count if spreads_connections() else 1):
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spreads_connections():
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(address)
+            listener.listen(ProxyServer.request_queue_size)
+    except OSError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+class LimitsKeeper:
+    """The master's answers to its workers: the per-client limits every worker asks (KeeperLimits), each
+    decided at once in one Limits, and the workers' metrics, summed (MetricsSum)."""
+
+    def __init__(self, config: Config):
+        self.limits = Limits(dataclasses.replace(config, max_streams=0))  # MAX_STREAMS is each worker's own
+        self.metrics = MetricsSum()
+        self._leases: Dict[str, Tuple[str, StreamSlot]] = {}  # lease -> its client and slot
+        self._restarts: Dict[str, int] = collections.Counter()  # workers started again, by how they ended
+        self._questions = {"admit": self._admit, "acquire": self._acquire, "release": self._release,
+                           "finish": self._finish, "push": self._push, "sum": self._sum}
+
+    def answer(self, line: bytes) -> bytes:
+        """The answer to one question of a worker (MasterLink.ask), a line."""
+        try:
+            name, *args = json.loads(line)
+            return json.dumps(self._questions[name](*args)).encode() + b"\n"
+        except TooManyRequests as refusal:
+            return json.dumps(refusal_fields(refusal)).encode() + b"\n"
+
+    def _admit(self, client: str, spending_only: bool) -> Optional[dict]:
+        if spending_only:
+            refusal = self.limits.spending_refusal(client)
+            return None if refusal is None else refusal_fields(refusal)
+        self.limits.check(client)
+        return None
+
+    def _acquire(self, lease: str, client: str, force: bool) -> None:
+        self._leases[lease] = (client, self.limits.take_slot(client, force=force))
+
+    def _release(self, lease: str) -> None:
+        client, slot = self._leases.pop(lease, (None, None))
+        if slot is not None:
+            self.limits.settle(client, slot, None)
+
+    def _finish(self, client: str, lease: Optional[str], tokens: int) -> None:
+        _, slot = self._leases.pop(lease, (None, None)) if lease else (None, None)
+        self.limits.settle(client, slot, Usage(0, 0, tokens) if tokens else None)
+
+    def _push(self, worker: int, metrics: dict) -> None:
+        self.metrics.update(worker, *metrics_from_fields(metrics))
+
+    def _sum(self, worker: int, metrics: dict) -> dict:
+        self._push(worker, metrics)
+        own = {("proxy_worker_restarts_total", (("ended", how),)): count for how, count in self._restarts.items()}
+        own[("process_cpu_seconds_total", ())] = time.process_time()
+        return metrics_fields(*self.metrics.total(own))
+
+    def restarted(self, status: int) -> None:
+        """Count a worker started again after it ended (killed by a signal, or exited by itself)."""
+        self._restarts["signal" if os.WIFSIGNALED(status) else "exit"] += 1
+
+    def worker_ended(self, index: int, pid: int) -> None:
+        """A worker ended: the slots its streams held are free, its counters stay in the sums."""
+        for lease in [lease for lease in self._leases if lease.startswith(f"{pid}.")]:
+            self._release(lease)
+        self.metrics.retire(index)
+
+
+def describe_exit(status: int) -> str:
+    """How a process ended, from its wait status, in words."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {number} ({name})"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+class StderrLines:
+    """The master's stderr: its own lines and its workers', whole, written without ever blocking the master.
+
+    What stderr cannot take now (a reader that stalls: a paused terminal,
+    a log shipper behind) waits here; past LIMIT the master stops reading
+    its workers' pipes, so that their lines wait in the workers, as one
+    process's wait in its log thread. A pipe that polls writable takes
+    PIPE_BUF bytes without blocking (POSIX).
+    """
+
+    LIMIT = 1024 * 1024
+    PIPE_BUF = 4096
+
+    def __init__(self, fd: int = 2):
+        self.fd = fd
+        self.pending = bytearray()
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLOUT)
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.LIMIT
+
+    def add(self, data: bytes) -> None:
+        self.pending += data
+
+    def flush(self, wait: bool = False) -> None:
+        """Write what stderr takes now; everything, however long it takes, when wait (the master ends)."""
+        for _ in range(100000):
+            if not self.pending or not (wait or self._poll.poll(0)):
+                return
+            try:
+                written = os.write(self.fd, self.pending if wait else self.pending[:self.PIPE_BUF])
+            except OSError:  # stderr closed or broken: the lines are lost, never the master
+                self.pending.clear()
+                return
+            del self.pending[:written]
+
+
+class _LinesHandler(logging.Handler):
+    """The master's own log records, formatted as a worker's are, into its StderrLines."""
+
+    def __init__(self, lines: StderrLines, formatter: logging.Formatter):
+        super().__init__()
+        self.lines = lines
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.add(self.format(record).encode("utf-8", "backslashreplace") + b"\n")
+        except Exception:  # one bad record never stops the master
+            self.handleError(record)
+
+
+@dataclasses.dataclass
+class _Worker:
+    """The master's record of one worker: its process, its log pipe, its lines, and when to start it again."""
+
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    log: Optional[int] = None  # the read end of the pipe its stderr goes to
+    pending: bytes = b""  # the start of a log line still being written
+    lines: List[socket.socket] = dataclasses.field(default_factory=list)  # the master's ends of its MasterLink
+    quick_deaths: int = 0  # deaths in a row, each within QUICK_DEATH of its start
+    due: Optional[float] = None  # when to start it (again); None while it runs or once stopping
+
+
+def close_fileobj(fileobj) -> None:
+    """Close what a selector watched: a socket, or a file descriptor."""
+    if isinstance(fileobj, int):
+        os.close(fileobj)
+    else:
+        fileobj.close()
+
+
+class Master:
+    """WORKERS above 1: the master process. It starts the workers (fork, before any thread of its own: it
+    has none), starts one again when it dies (with a back-off, saying why it died), answers their questions
+    (limits, metrics) on socket pairs made for each, writes their log lines whole and one at a time, and
+    passes each SIGTERM or SIGINT on to them; it exits once every worker has drained, 0.
+    """
+
+    RESTART_AFTER = 0.5    # seconds before a worker that died is started again; doubled for each quick death
+    RESTART_AFTER_MAX = 16.0
+    QUICK_DEATH = 10.0     # a worker that dies sooner than this after its start counts as a quick death
+    STOP_GRACE = 10.0      # seconds past DRAIN_TIMEOUT a worker may take to stop before it is killed
+    LOG_LINE_MAX = 1024 * 1024  # a worker's line longer than this (no newline yet) is written in parts
+
+    def __init__(self, config: Config, listeners: List[socket.socket], out: StderrLines):
+        self.config, self.listeners, self.out = config, listeners, out
+        self.reading_logs = True  # False while stderr has LIMIT bytes waiting
+        self.workers = [_Worker(index, due=0.0) for index in range(1, config.workers + 1)]
+        self.keeper = LimitsKeeper(config)
+        self.selector = selectors.DefaultSelector()
+        self.wakeup, self._wakeup_writer = socket.socketpair()
+        for end in (self.wakeup, self._wakeup_writer):
+            end.setblocking(False)
+        self.selector.register(self.wakeup, selectors.EVENT_READ, self._signalled)
+        self.buffers: Dict[socket.socket, bytearray] = {}  # what each line has sent of its next question
+        self.signals, self.passed_on, self.children_ended = 0, 0, 0
+        self.stop_by: Optional[float] = None  # once stopping: when workers still running are killed
+
+    def run(self) -> int:
+        """Start the workers and look after them until every one has stopped; the exit status."""
+        def on_signal(signum, frame):  # noted here, acted on by the loop, which the wakeup fd wakes
+            if signum == signal.SIGCHLD:
+                self.children_ended += 1
+            else:
+                self.signals += 1
+        signal.set_wakeup_fd(self._wakeup_writer.fileno())
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGCHLD, on_signal)
+        reaped_at = 0.0
+        try:
+            while self.stop_by is None or any(worker.pid for worker in self.workers):
+                self._start_due()
+                for key, _ in self.selector.select(self._next_wait()):
+                    key.data(key.fileobj)
+                self._write_logs()
+                if self.children_ended or self.signals != self.passed_on or time.monotonic() - reaped_at >= 1.0:
+                    self.children_ended = 0
+                    self._pass_signals_on()
+                    self._reap()
+                    reaped_at = time.monotonic()
+        finally:
+            self._close()
+        logger.info("stopped: every worker has stopped")
+        self.out.flush(wait=True)
+        return 0
+
+    # -- workers: start, watch, stop
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.due is not None and worker.due <= now and self.stop_by is None:
+                self._start(worker)
+
+    def _next_wait(self) -> float:
+        dues = [worker.due for worker in self.workers if worker.due is not None]
+        return max(0.0, min([0.05 if self.out.pending else 1.0, *(due - time.monotonic() for due in dues)]))
+
+    def _start(self, worker: _Worker) -> None:
+        reader, writer = os.pipe()
+        pairs = [socket.socketpair() for _ in range(MASTER_LINES)]
+        worker.lines = [mine for mine, _ in pairs]
+        for line in worker.lines:
+            set_os_timeouts(line, MASTER_TIMEOUT)  # for answers: questions are read only once they are here
+            self.buffers[line] = bytearray()
+            self.selector.register(line, selectors.EVENT_READ, self._answer)
+        pid = os.fork()
+        if pid == 0:
+            os.close(reader)
+            self._become_worker(worker.index, writer, [theirs for _, theirs in pairs])
+        os.close(writer)
+        for _, theirs in pairs:
+            theirs.close()
+        os.set_blocking(reader, False)
+        worker.pid, worker.started, worker.log, worker.pending, worker.due = pid, time.monotonic(), reader, b"", None
+        if self.reading_logs:
+            self._read_log_of(worker)
+
+    def _become_worker(self, index: int, log: int, lines: List[socket.socket]) -> None:
+        """In the new process: drop the master's sockets and signals, and serve as worker index. Never returns."""
+        status = 1
+        try:
+            os.dup2(log, 2)
+            os.close(log)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until it serves: a stop before then ends it at once
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is the master's to pass on
+            listener = self.listeners[(index - 1) % len(self.listeners)]
+            for key in list(self.selector.get_map().values()):
+                close_fileobj(key.fileobj)
+            self.selector.close()
+            self._wakeup_writer.close()
+            for other in self.listeners:
+                if other is not listener:
+                    other.close()
+            status = serve_as_worker(self.config, WorkerPlace(index, listener, MasterLink(lines), os.getppid()))
+        except BaseException:  # the worker's last word: its stderr is the master's log
+            sys.stderr.write(f"worker {index} failed:\n{traceback.format_exc()}")
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+
+    def _reap(self) -> None:
+        """Take note of every worker that ended: free what it held, and start it again after a while."""
+        for _ in range(len(self.workers)):
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            worker = next((worker for worker in self.workers if worker.pid == pid), None)
+            if not pid or worker is None:
+                return
+            self._ended(worker, status)
+
+    def _ended(self, worker: _Worker, status: int) -> None:
+        self._drain_log(worker)
+        for line in worker.lines:
+            self._drop_line(line)
+        self.keeper.worker_ended(worker.index, worker.pid)
+        lived = time.monotonic() - worker.started
+        how, pid = describe_exit(status), worker.pid
+        worker.pid = 0
+        if self.stop_by is not None:
+            if status:
+                logger.warning("worker %d %s while stopping", worker.index, how)
+            return
+        worker.quick_deaths = worker.quick_deaths + 1 if lived < self.QUICK_DEATH else 0
+        wait = min(self.RESTART_AFTER_MAX, self.RESTART_AFTER * 2 ** max(0, worker.quick_deaths - 1))
+        worker.due = time.monotonic() + wait
+        self.keeper.restarted(status)
+        logger.warning("worker %d (pid %d) %s after %.1f s; a new one starts in %g s", worker.index, pid, how,
+                       lived, wait)
+
+    def _pass_signals_on(self) -> None:
+        """Each SIGTERM or SIGINT the master got, once to every worker: the first starts their drain, a
+        second cuts it short, as for one process."""
+        while self.passed_on < self.signals:
+            self.passed_on += 1
+            if self.stop_by is None:
+                self.stop_by = time.monotonic() + self.config.drain_timeout + self.STOP_GRACE
+                for listener in self.listeners:  # new connections are refused, as one process refuses them
+                    listener.close()
+                for worker in self.workers:
+                    worker.due = None
+            for worker in self.workers:
+                if worker.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGTERM)
+        if self.stop_by is not None and time.monotonic() > self.stop_by:
+            for worker in self.workers:
+                if worker.pid:
+                    logger.warning("worker %d did not stop in time: killed", worker.index)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+            self.stop_by = math.inf
+
+    def _signalled(self, wakeup: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError):
+            wakeup.recv(4096)
+
+    # -- log lines: each written whole
+
+    def _read_log_of(self, worker: _Worker) -> None:
+        self.selector.register(worker.log, selectors.EVENT_READ, lambda fd, worker=worker: self._relay_log(worker))
+
+    def _write_logs(self) -> None:
+        """Write what stderr takes; stop reading the workers' pipes while it is behind, read them again once
+        it has caught up by half."""
+        self.out.flush()
+        read = not self.out.full if self.reading_logs else len(self.out.pending) < self.out.LIMIT // 2
+        if read == self.reading_logs:
+            return
+        self.reading_logs = read
+        for worker in self.workers:
+            if worker.log is not None:
+                if self.reading_logs:
+                    self._read_log_of(worker)
+                else:
+                    self.selector.unregister(worker.log)
+
+    def _relay_log(self, worker: _Worker) -> None:
+        try:
+            data = os.read(worker.log, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_log(worker)
+            return
+        data = worker.pending + data
+        end = data.rfind(b"\n") + 1
+        if not end and len(data) > self.LOG_LINE_MAX:
+            data, end = data + b"\n", len(data) + 1
+        self.out.add(data[:end])
+        worker.pending = data[end:]
+
+    def _drain_log(self, worker: _Worker) -> None:
+        """What a worker that ended wrote last."""
+        for _ in range(1024):
+            if worker.log is None:
+                return
+            self._relay_log(worker)
+            if worker.log is not None and not _is_ready_fd(worker.log):
+                break
+        self._close_log(worker)
+
+    def _close_log(self, worker: _Worker) -> None:
+        if worker.log is None:
+            return
+        if worker.pending:
+            self.out.add(worker.pending + b"\n")
+            worker.pending = b""
+        if self.reading_logs:
+            self.selector.unregister(worker.log)
+        os.close(worker.log)
+        worker.log = None
+
+    # -- the workers' questions
+
+    def _answer(self, line: socket.socket) -> None:
+        """Answer each whole question a worker sent on one of its lines."""
+        buffer = self.buffers.get(line)
+        if buffer is None:
+            return
+        try:
+            data = line.recv(262144)
+            if not data:
+                raise ConnectionResetError("the worker closed its line")
+            buffer += data
+            end = buffer.rfind(b"\n") + 1
+            answers = [self.keeper.answer(question) for question in bytes(buffer[:end]).splitlines()]
+            del buffer[:end]
+            if len(buffer) > MASTER_MAX_LINE:
+                raise ValueError("a question too long")
+            if answers:
+                line.sendall(b"".join(answers))
+        except OSError as error:  # the worker is gone, or stopped reading: it sees the line closed
+            logger.debug("a worker's line to the master failed: %r", error)
+            self._drop_line(line)
+        except Exception:  # a question the master cannot answer: the worker decides alone, the master goes on
+            logger.exception("the master could not answer a worker's question")
+            self._drop_line(line)
+
+    def _drop_line(self, line: socket.socket) -> None:
+        if self.buffers.pop(line, None) is not None:
+            self.selector.unregister(line)
+            line.close()
+
+    def _close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            close_fileobj(key.fileobj)
+        self.selector.close()
+        self._wakeup_writer.close()
+        for listener in self.listeners:
+            listener.close()
+
+
+def _is_ready_fd(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def serve_as_worker(config: Config, place: WorkerPlace) -> int:
+    """A worker process's life: its own log thread, then serving as one process would."""
+    log_writer = configure_logging(config.log_format, secrets_of(config))
+    try:
+        return run(config, place)
+    finally:
+        log_writer.stop()
+
+
+def worker_lines(config: Config) -> List[Tuple[int, str]]:
+    """The startup line that says how the workers share the port and what each limit counts."""
+    spread = ("each on its own socket, the kernel spreading new connections (SO_REUSEPORT)"
+              if spreads_connections() else "sharing one listening socket")
+    return [(logging.INFO,
+             f"{config.workers} worker processes (WORKERS) on one port, {spread}; MAX_STREAMS "
+             f"{config.max_streams} and MAX_CONNECTIONS {config.max_connections} are each worker's "
+             f"({config.max_streams * config.workers} and {config.max_connections * config.workers} in all)")]
+
+
+def run_master(config: Config) -> int:
+    """WORKERS above 1: open the port, say so once, and run the master; the exit status."""
+    out = StderrLines()
+    logging.basicConfig(level=logging.INFO, force=True, handlers=[
+        _LinesHandler(out, log_handler(config.log_format, secrets_of(config)).formatter)])
+    too_few_files = raise_open_file_limit(config.max_connections)  # the workers inherit it
+    try:
+        listeners = open_listeners(config, config.workers)
+    except OSError as error:
+        out.flush(wait=True)
+        raise ConfigError(listen_error(config, error)) from None
+    port = listeners[0].getsockname()[1]
+    lines = startup_lines(config, port, bool(load_ui(UI_DIR)))
+    lines[1:1] = worker_lines(config)
+    for level, line in lines:
+        logger.log(level, line)
+    if too_few_files:
+        logger.warning("%s", too_few_files)
+    return Master(config, listeners, out).run()
+
+
+def run(config: Config, worker: Optional[WorkerPlace] = None) -> int:
+    """Serve with a configuration until a signal, as the one process or as a worker; return the exit status."""
     demo = None
     if config.demo:
         demo = DemoUpstream()
         demo.start()
         config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
-    too_few_files = raise_open_file_limit(config.max_connections)  # before the first connection is taken
+    too_few_files = None if worker else raise_open_file_limit(config.max_connections)  # before the first connection
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     try:
-        server = ProxyServer(config)
+        server = ProxyServer(config, worker=worker)
     except OSError as error:
         if demo is not None:
             demo.close()
         raise ConfigError(listen_error(config, error)) from None
-    for level, line in startup_lines(config, server.server_port, bool(server.ui)):
-        logger.log(level, line)
+    if worker is None:
+        for level, line in startup_lines(config, server.server_port, bool(server.ui)):
+            logger.log(level, line)
     if too_few_files:
         logger.warning("%s", too_few_files)
     try:
@@ -8557,6 +9369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Start the proxy from flags and environment; return the exit status."""
     try:
         config = load_config(argv, os.environ)
+        if config.workers > 1:
+            return run_master(config)  # it logs without a thread of its own: it forks
     except ConfigError as error:
         sys.stderr.write(f"proxy.py: {error}\n")
         return 2

@@ -853,6 +853,7 @@ class CommandLineTest(unittest.TestCase):
                "redis_failure_mode": ["maybe"], "allowed_models": [], "fallback_base_url": ["nope"],
                "fallback_api_key": [], "fallback_model": [], "fallback_auth_header": ["two words"],
                "log_format": ["xml"], "metrics_token": [], "demo": ["perhaps"],
+               "workers": ["0", "-1", "abc", "1.5", "257", "all"],
                "max_connections": ["abc", "0", "-5", "1.5"],
                "routes": ["not json", "{}", "[1]", '[{"models": []}]', '[{"models": ["m"], "upstreams": []}]',
                                '[{"models": ["m"], "upstreams": [{"url": "x"}], "extra": 1}]',
@@ -7240,6 +7241,24 @@ class BenchmarkSmokeTest(unittest.TestCase):
             self.addCleanup(setattr, module, name, getattr(module, name))
             setattr(module, name, value)
 
+    def test_a_tiny_workers_run_measures_both_layouts(self):
+        require(hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2, "two cores")
+        require(REDIS_SERVER, "Debian's redis-server")
+        import bench_proxy
+        self.patch(bench_proxy, WORKERS_ROUNDS=1, WORKERS_STREAMS=2, WORKERS_CHUNKS=5, WORKERS_CLIENTS=2,
+                   WORKERS_SECONDS=0.3)
+        self.addCleanup(os.sched_setaffinity, 0, os.sched_getaffinity(0))  # the scenario pins the harness
+        rows = asyncio.run(bench_proxy.workers("/message", sorted(os.sched_getaffinity(0)), ()))
+        self.assertEqual([(row["layout"], row["system"]) for row in rows], [
+            (layout, system) for layout in ("pinned", "shared")
+            for system in ("direct", "WORKERS=1", "WORKERS=2", "WORKERS=1+limits", "WORKERS=2+limits",
+                           "WORKERS=2+redis")])
+        for row in rows:
+            self.assertEqual(row["errors"], 0, row)
+            self.assertGreater(row["requests_per_s"], 0, row)
+            if row["system"] != "direct":
+                self.assertGreater(row["cpu_us_per_request"], 0, row)
+
     def test_a_tiny_rtt_run_keeps_its_upstream_connection(self):
         require(shutil.which("openssl"), "the openssl command (the bench makes its certificate with it)")
         import bench_proxy
@@ -7402,17 +7421,22 @@ class ShapeTest(unittest.TestCase):
 class ProxyProcess:
     """python proxy.py in a subprocess, with its stderr collected line by line."""
 
-    def __init__(self, *args, env=None, open_files=None):
+    def __init__(self, *args, env=None, open_files=None, cores=None):
         base_env = {k: v for k, v in os.environ.items() if k not in ("OA_API_KEY", "OPENAI_API_KEY")}
 
-        def limit_open_files():  # in the child, before proxy.py starts: (soft, hard)
-            import resource
-            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+        def in_the_child():  # before proxy.py starts: open files (soft, hard), the cores it may use
+            if open_files:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+            if cores:
+                os.sched_setaffinity(0, cores)
 
+        # A session of its own: kill() ends its workers too (WORKERS above 1), and a signal to the
+        # group is what a terminal's Ctrl-C sends.
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "proxy.py"), "--port", "0", *args],
             env={**base_env, **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            preexec_fn=limit_open_files if open_files else None)
+            preexec_fn=in_the_child if open_files or cores else None, start_new_session=True)
         self.lines = queue.Queue()
         self.log = []
         self.collector = threading.Thread(target=self._collect, daemon=True)
@@ -7445,10 +7469,15 @@ class ProxyProcess:
     def wait(self, limit=15):
         return self.process.wait(limit)
 
+    def signal_group(self, signum):
+        os.killpg(self.process.pid, signum)
+
     def kill(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(5)
+        self.process.wait(5)
         self.collector.join(5)  # it ends at the end of stderr: closing the pipe under it would break its read
         self.process.stderr.close()
 
@@ -7464,8 +7493,8 @@ class ProxyProcess:
 
 
 class ProcessTest(unittest.TestCase):
-    def start(self, *args, env=None, open_files=None):
-        process = ProxyProcess(*args, env=env, open_files=open_files)
+    def start(self, *args, env=None, open_files=None, cores=None):
+        process = ProxyProcess(*args, env=env, open_files=open_files, cores=cores)
         self.addCleanup(process.kill)
         return process
 
@@ -7631,6 +7660,313 @@ class RedisServer:
             read = {"string": ["GET"], "hash": ["HGETALL"], "zset": ["ZRANGE", "0", "-1", "WITHSCORES"]}[kind]
             lines.append(f"{key} {kind} {self.cli(*read[:1], key, *read[1:], db=db)}")
         return "\n".join(lines)
+
+
+def processes_under(pid):
+    """The live child processes of pid, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return sorted(children)
+
+
+def owner_of(sock, proxy_port, pids):
+    """Which of pids holds the proxy's end of the loopback connection sock (from /proc/net/tcp), or None."""
+    client_port = sock.getsockname()[1]
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote = (int(address.rpartition(":")[2], 16) for address in fields[1:3])
+            if (local, remote) == (proxy_port, client_port):
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if inodes & {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}:
+                return pid
+    return None
+
+
+class WorkersTest(ProcessTest):
+    """WORKERS above 1: a master process and its workers on one port (real processes and sockets)."""
+
+    def setUp(self):
+        require(sys.platform.startswith("linux"), "Linux (these tests read /proc)")
+
+    def start_workers(self, *args, env=None, workers=2):
+        process = self.start(*args, env={"WORKERS": str(workers), **(env or {})})
+        process.wait_for_line(rf"{workers} worker processes \(WORKERS\) on one port")
+        self.assertTrue(wait_until(lambda: len(processes_under(process.process.pid)) == workers, 10))
+        return process
+
+    def access_lines(self, process, count, pattern=r'"GET /healthz" 200 .* worker=(\d+)'):
+        """The worker of each of the next count access lines matching pattern."""
+        return [int(process.wait_for_line(pattern).group(1)) for _ in range(count)]
+
+    def streams_on_each_worker(self, process, workers=2):
+        """Streams held open by the upstream until every worker runs at least one: {pid: [(conn, reader)]}."""
+        pids = processes_under(process.process.pid)
+        held = collections.defaultdict(list)
+        for _ in range(60):
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("POST", "/message", body=chat_body("Hi"))
+            reader = FrameReader(conn.getresponse())
+            self.assertIn("before", reader.next_frame() + reader.next_frame())
+            held[owner_of(conn.sock, process.port, pids)].append((conn, reader))
+            if len([pid for pid in held if pid in pids]) == workers:
+                return held
+        raise AssertionError(f"the streams went to {dict(held)} only, of workers {pids}")
+
+    def held_upstream(self):
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="before"), hold]
+                                 + reply("after")[1:])
+        return upstream, hold
+
+    def test_two_workers_share_200_new_connections(self):
+        process = self.start_workers("--demo")
+        for _ in range(200):
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            conn.request("GET", "/healthz")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        shares = collections.Counter(self.access_lines(process, 200))
+        self.assertEqual(set(shares), {1, 2})
+        self.assertGreater(min(shares.values()), 40, shares)  # SO_REUSEPORT hashes each connection: ~100 each
+
+    def test_startup_lines_are_written_once_with_the_worker_count_and_the_totals(self):
+        process = self.start_workers("--demo", env={"MAX_STREAMS": "300", "MAX_CONNECTIONS": "500"})
+        process.signal(signal.SIGTERM)
+        self.assertEqual(process.wait(), 0)
+        process.kill()
+        output = process.output()
+        self.assertEqual(output.count("listening on"), 1)
+        self.assertEqual(output.count("upstream built-in demo upstream"), 1)
+        self.assertIn("2 worker processes (WORKERS) on one port, each on its own socket, the kernel spreading new "
+                      "connections (SO_REUSEPORT); MAX_STREAMS 300 and MAX_CONNECTIONS 500 are each worker's "
+                      "(600 and 1000 in all)", output)
+
+    def test_a_worker_killed_is_replaced_its_streams_end_and_the_others_finish(self):
+        upstream, hold = self.held_upstream()
+        process = self.start_workers("--base-url", upstream.base_url, env={"OA_API_KEY": TEST_KEY})
+        held = self.streams_on_each_worker(process)
+        victim, survivor = sorted(held, key=lambda pid: pid != min(held))
+        os.kill(victim, signal.SIGKILL)
+        for conn, reader in held[victim]:  # ended by the kernel at once: never hanging
+            conn.sock.settimeout(5)
+            with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                self.assertNotIn("after", reader.rest())
+        process.wait_for_line(rf"WARNING worker \d \(pid {victim}\) was killed by signal 9 \(SIGKILL\) after "
+                              r"[\d.]+ s; a new one starts in 0.5 s")
+        self.assertTrue(wait_until(lambda: len(set(processes_under(process.process.pid)) - {survivor}) == 1, 10))
+        replacement = (set(processes_under(process.process.pid)) - {survivor}).pop()
+        hold.set()
+        for conn, reader in held[survivor]:  # untouched
+            frames = parse_frames(reader.rest())
+            self.assertEqual([data["content"] for event, data in frames if event == "message"], ["after", ""])
+            self.assertEqual(frames[-1][0], "done")
+        served_by = set()
+        for _ in range(100):  # the replacement serves: new connections reach it
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            response.read()
+            served_by.add(owner_of(conn.sock, process.port, [replacement, survivor]))
+            if replacement in served_by:
+                break
+        self.assertIn(replacement, served_by)
+
+    def test_sigterm_drains_streams_in_every_worker_and_exits_0(self):
+        upstream, hold = self.held_upstream()
+        process = self.start_workers("--base-url", upstream.base_url, env={"OA_API_KEY": TEST_KEY})
+        held = self.streams_on_each_worker(process)
+        process.signal(signal.SIGTERM)
+        process.wait_for_line("stopping")
+        process.wait_for_line("stopping")
+        self.assert_refuses_connections(process.port)
+        self.assertIsNone(process.process.poll())  # still draining the open streams
+        hold.set()
+        for streams in held.values():
+            for conn, reader in streams:
+                frames = parse_frames(reader.rest())
+                self.assertEqual(frames[-1][0], "done")
+                self.assertIn("after", [data["content"] for event, data in frames if event == "message"])
+        self.assertEqual(process.wait(), 0)
+        process.wait_for_line("stopped: every worker has stopped")
+
+    def test_ctrl_c_in_a_terminal_reaches_every_process_and_drains_once(self):
+        process = self.start_workers("--demo")
+        conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/message", body=chat_body("one two three four five six seven eight nine ten"))
+        reader = FrameReader(conn.getresponse())
+        reader.next_frame()
+        process.signal_group(signal.SIGINT)  # what a terminal sends: to the master and its workers at once
+        frames = parse_frames(reader.rest())
+        self.assertEqual(frames[-1][0], "done")  # drained, not cut short as a second signal would
+        self.assertEqual(len([data for event, data in frames if event == "message" and data["content"]]), 10)
+        self.assertEqual(process.wait(), 0)
+
+    def assert_rpm_counted_once(self, env):
+        process = self.start_workers("--demo", env={"RATE_LIMIT_RPM": "10", **env})
+        statuses = []
+        for _ in range(25):
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            conn.request("POST", "/message", body=chat_body("Hi"))
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            conn.close()
+        self.assertEqual(collections.Counter(statuses), {200: 10, 429: 15})
+        workers = self.access_lines(process, 25, r'"POST /message" (?:200|429) .* worker=(\d+)')
+        self.assertEqual(set(workers), {1, 2})  # both took a share, and still 10 in all
+
+    def test_a_client_limit_is_counted_once_across_workers_without_redis(self):
+        self.assert_rpm_counted_once({})
+
+    def test_a_client_limit_is_counted_once_across_workers_with_redis(self):
+        redis = RedisServer(self)
+        self.assert_rpm_counted_once({"REDIS_URL": redis.url})
+        self.assertIn("requests", redis.cli("--scan"))
+
+    def test_running_streams_per_client_are_counted_once_and_freed_when_a_worker_dies(self):
+        upstream, hold = self.held_upstream()
+        process = self.start_workers("--base-url", upstream.base_url,
+                                     env={"OA_API_KEY": TEST_KEY, "MAX_STREAMS_PER_CLIENT": "2"})
+        pids = processes_under(process.process.pid)
+        held = []
+        for _ in range(2):
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("POST", "/message", body=chat_body("Hi"))
+            reader = FrameReader(conn.getresponse())
+            reader.next_frame()
+            held.append(owner_of(conn.sock, process.port, pids))
+        for _ in range(6):  # whichever worker a third lands on, the client has its two
+            self.assertEqual(self.post(process.port).status, 429)
+        os.kill(held[0], signal.SIGKILL)  # the master frees the slot the dead worker's stream held
+        process.wait_for_line("was killed by signal 9")
+        self.assertTrue(wait_until(lambda: len(processes_under(process.process.pid)) == 2, 10))
+        hold.set()
+        self.assertEqual(self.post(process.port).status, 200)
+
+    def test_metrics_answer_for_the_whole_server_whichever_worker_is_scraped(self):
+        process = self.start_workers("--demo")
+        for _ in range(30):
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            conn.request("POST", "/message", body=chat_body("Hi"))
+            conn.getresponse().read()
+            conn.close()
+        self.assertEqual(set(self.access_lines(process, 30, r'"POST /message" 200 .* worker=(\d+)')), {1, 2})
+
+        def scrape():
+            conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            return {name: float(value) for name, value in re.findall(
+                r'^(proxy_requests_total\{route="/message",status="200"\}|'
+                r'proxy_request_duration_seconds_count\{route="/message"\}|'
+                r'proxy_tokens_total\{model="gpt-4o-mini",client="127.0.0.1",kind="completion"\}|'
+                r'proxy_upstream_keys\{upstream="primary",state="ready",worker="\d"\}) (\S+)$', text, re.M)}
+
+        self.assertTrue(wait_until(lambda: scrape().get(
+            'proxy_requests_total{route="/message",status="200"}') == 30, 5))  # the others' are a second old
+        scrapes = [scrape() for _ in range(20)]
+        self.assertEqual(set(self.access_lines(process, 20, r'"GET /metrics" 200 .* worker=(\d+)')), {1, 2})
+        for figures in scrapes:
+            self.assertEqual(figures, scrapes[0])
+        self.assertEqual(scrapes[0]['proxy_requests_total{route="/message",status="200"}'], 30)
+        self.assertEqual(scrapes[0]['proxy_request_duration_seconds_count{route="/message"}'], 30)
+        self.assertEqual(scrapes[0]['proxy_tokens_total{model="gpt-4o-mini",client="127.0.0.1",kind="completion"}'],
+                         30)
+        self.assertEqual(len([name for name in scrapes[0] if "worker=" in name]), 2)  # a gauge per worker
+
+    def test_log_lines_of_workers_are_never_interleaved_nor_held_up_by_a_stalled_stderr(self):
+        # stderr is a pipe nobody reads while 2,000 requests are served: it fills, and each worker's batches
+        # of lines (larger than the 4 KiB a pipe takes in one piece) would be cut between writers; past
+        # a MiB the master stops reading its workers' lines. Its answers (the client limits) never wait.
+        line_patterns = {"json": r'\{"time": .*\}', "text": r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ .*'}
+        for log_format, whole_line in line_patterns.items():
+            with self.subTest(log_format=log_format):
+                port = free_port()
+                process = subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "proxy.py"), "--demo", "--port", str(port)],
+                    env={**os.environ, "WORKERS": "2", "LOG_FORMAT": log_format, "RATE_LIMIT_RPM": "1000000"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, start_new_session=True)
+                self.addCleanup(process.stderr.close)
+                self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+                self.assertTrue(wait_until(lambda: self.answers(port), 10))
+                paths = [f"/{'x' * 150}{n}" for n in range(2000)]
+                with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                    self.assertEqual(set(pool.map(lambda path: self.fetch(port, path), paths)), {404})
+                    started = time.monotonic()
+                    self.assertEqual(set(pool.map(lambda n: self.fetch(port, "/message", chat_body()), range(200))),
+                                     {200})
+                    self.assertLess(time.monotonic() - started, 10)  # a master stuck on stderr: 2 s a request
+                process.send_signal(signal.SIGTERM)
+                _, output = process.communicate(timeout=60)
+                self.assertEqual(process.returncode, 0)
+                lines = output.decode().splitlines()
+                self.assertEqual([line for line in lines if not re.fullmatch(whole_line, line)], [])
+                logged = re.findall(r'(/x{150}\d+).*worker.*?(\d)', output.decode())
+                self.assertEqual(sorted(path for path, _ in logged), sorted(paths))
+                self.assertEqual({worker for _, worker in logged}, {"1", "2"})
+
+    @staticmethod
+    def fetch(port, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET" if body is None else "POST", path, body=body)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    def answers(self, port):
+        with contextlib.suppress(OSError):
+            return self.fetch(port, "/healthz") == 200
+        return False
+
+    def test_auto_stays_within_a_containers_cpu_limit(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "cpu.max")
+        for text, cores in (("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1),
+                            ("400000 100000\n", 4), ("", None)):
+            with open(path, "w") as limit:
+                limit.write(text)
+            self.assertEqual(proxy.cgroup_cpu_limit(path), cores, text)
+        self.assertIsNone(proxy.cgroup_cpu_limit(os.path.join(folder, "missing")))
+
+    def test_workers_auto_uses_the_cores_this_process_may_run_on(self):
+        require(hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2, "two cores")
+        two = self.start("--demo", env={"WORKERS": "auto"}, cores={0, 1})
+        two.wait_for_line(r"2 worker processes \(WORKERS\) on one port")
+        one = self.start("--demo", env={"WORKERS": "auto"}, cores={0})  # one core: one process, as without it
+        one.wait_for_line(r"upstream built-in demo upstream")
+        self.assertEqual(processes_under(one.process.pid), [])
+        self.assertEqual(self.post(one.port).status, 200)
+        one.signal(signal.SIGINT)
+        self.assertEqual(one.wait(), 0)
+        one.kill()
+        self.assertNotIn("worker", one.output())
 
 
 class SlowLink:
