@@ -9096,14 +9096,27 @@ class Master:
         return max(0.0, min([0.05 if self.out.pending else 1.0, *(due - time.monotonic() for due in dues)]))
 
     def _start(self, worker: _Worker) -> None:
-        reader, writer = os.pipe()
-        pairs = [socket.socketpair() for _ in range(MASTER_LINES)]
+        try:
+            reader, writer = os.pipe()
+            pairs = [socket.socketpair() for _ in range(MASTER_LINES)]
+        except OSError as error:  # out of file descriptors, say
+            self._not_started(worker, error)
+            return
         worker.lines = [mine for mine, _ in pairs]
         for line in worker.lines:
             set_os_timeouts(line, MASTER_TIMEOUT)  # for answers: questions are read only once they are here
             self.buffers[line] = bytearray()
             self.selector.register(line, selectors.EVENT_READ, self._answer)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:  # out of memory or processes
+            for fd in (reader, writer):
+                os.close(fd)
+            for mine, theirs in pairs:
+                self._drop_line(mine)
+                theirs.close()
+            self._not_started(worker, error)
+            return
         if pid == 0:
             os.close(reader)
             self._become_worker(worker.index, writer, [theirs for _, theirs in pairs])
@@ -9134,11 +9147,24 @@ class Master:
                 if other is not listener:
                     other.close()
             status = serve_as_worker(self.config, WorkerPlace(index, listener, MasterLink(lines), os.getppid()))
+        except ConfigError as error:  # found only on trying, as for one process
+            sys.stderr.write(f"worker {index}: {error}\n")
         except BaseException:  # the worker's last word: its stderr is the master's log
             sys.stderr.write(f"worker {index} failed:\n{traceback.format_exc()}")
         finally:
             sys.stderr.flush()
             os._exit(status)
+
+    def _not_started(self, worker: _Worker, error: OSError) -> None:
+        worker.quick_deaths += 1
+        logger.error("worker %d could not be started (%s); trying again in %g s", worker.index,
+                     _describe_os_error(error), self._start_later(worker))
+
+    def _start_later(self, worker: _Worker) -> float:
+        """Start the worker again after RESTART_AFTER, doubled for each quick death in a row; the wait."""
+        wait = min(self.RESTART_AFTER_MAX, self.RESTART_AFTER * 2 ** max(0, worker.quick_deaths - 1))
+        worker.due = time.monotonic() + wait
+        return wait
 
     def _reap(self) -> None:
         """Take note of every worker that ended: free what it held, and start it again after a while."""
@@ -9165,11 +9191,9 @@ class Master:
                 logger.warning("worker %d %s while stopping", worker.index, how)
             return
         worker.quick_deaths = worker.quick_deaths + 1 if lived < self.QUICK_DEATH else 0
-        wait = min(self.RESTART_AFTER_MAX, self.RESTART_AFTER * 2 ** max(0, worker.quick_deaths - 1))
-        worker.due = time.monotonic() + wait
         self.keeper.restarted(status)
         logger.warning("worker %d (pid %d) %s after %.1f s; a new one starts in %g s", worker.index, pid, how,
-                       lived, wait)
+                       lived, self._start_later(worker))
 
     def _pass_signals_on(self) -> None:
         """Each SIGTERM or SIGINT the master got, once to every worker: the first starts their drain, a

@@ -7492,7 +7492,9 @@ class ProxyProcess:
                 self.log.append(line)
 
 
-class ProcessTest(unittest.TestCase):
+class ProcessTestCase(unittest.TestCase):
+    """Helpers for tests of proxy.py as a process."""
+
     def start(self, *args, env=None, open_files=None, cores=None):
         process = ProxyProcess(*args, env=env, open_files=open_files, cores=cores)
         self.addCleanup(process.kill)
@@ -7508,6 +7510,8 @@ class ProcessTest(unittest.TestCase):
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
+
+class ProcessTest(ProcessTestCase):
     def test_open_file_limit_is_raised_for_max_connections_or_a_warning_says_so(self):
         require(os.path.exists("/proc/self/limits"), "Linux's /proc, to read a process's open-file limit")
         import resource
@@ -7695,7 +7699,7 @@ def owner_of(sock, proxy_port, pids):
     return None
 
 
-class WorkersTest(ProcessTest):
+class WorkersTest(ProcessTestCase):
     """WORKERS above 1: a master process and its workers on one port (real processes and sockets)."""
 
     def setUp(self):
@@ -7807,6 +7811,26 @@ class WorkersTest(ProcessTest):
                 self.assertIn("after", [data["content"] for event, data in frames if event == "message"])
         self.assertEqual(process.wait(), 0)
         process.wait_for_line("stopped: every worker has stopped")
+
+    def test_workers_whose_master_is_killed_drain_and_stop(self):
+        process = self.start_workers("--demo")
+        workers = processes_under(process.process.pid)
+        conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/message", body=chat_body("one two three four five six seven eight nine ten"))
+        reader = FrameReader(conn.getresponse())
+        reader.next_frame()
+        process.process.kill()  # the master alone
+        frames = parse_frames(reader.rest())  # the stream on its worker still ends whole
+        self.assertEqual(frames[-1][0], "done")
+
+        def gone(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    return stat.read().rpartition(")")[2].split()[0] == "Z"
+            except OSError:
+                return True
+        self.assertTrue(wait_until(lambda: all(gone(pid) for pid in workers), 10), workers)
 
     def test_ctrl_c_in_a_terminal_reaches_every_process_and_drains_once(self):
         process = self.start_workers("--demo")
