@@ -7749,6 +7749,34 @@ class WorkersTest(ProcessTestCase):
         shares = collections.Counter(self.access_lines(process, 200))
         self.assertEqual(set(shares), {1, 2})
         self.assertGreater(min(shares.values()), 40, shares)  # SO_REUSEPORT hashes each connection: ~100 each
+        sockets = [{name for name in (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+                    if name.startswith("socket:")} for pid in processes_under(process.process.pid)]
+        self.assertEqual(sockets[0] & sockets[1], set())  # each listens on a socket of its own
+
+    def test_without_so_reuseport_the_workers_share_one_listening_socket(self):
+        # As on macOS and the BSDs: proxy.py as a process, told that this system does not spread connections.
+        script = ("import sys; sys.path.insert(0, sys.argv[1]); import proxy; "
+                  "proxy.spreads_connections = lambda: False; sys.exit(proxy.main(sys.argv[2:]))")
+        process = subprocess.Popen([sys.executable, "-c", script, HERE, "--demo", "--port", "0"],
+                                   env={**os.environ, "WORKERS": "2"}, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", process.stderr.readline()).group(1))
+        self.assertIn("2 worker processes (WORKERS) on one port, sharing one listening socket",
+                      process.stderr.readline())
+        self.assertTrue(wait_until(lambda: len(processes_under(process.pid)) == 2, 10))
+        listening = {pid: {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+                     for pid in processes_under(process.pid)}
+        for _ in range(50):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/healthz")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        shared = set.intersection(*listening.values())  # the one listening socket, in both workers
+        self.assertEqual(len([name for name in shared if name.startswith("socket:")]), 1, listening)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(15), 0)
 
     def test_startup_lines_are_written_once_with_the_worker_count_and_the_totals(self):
         process = self.start_workers("--demo", env={"MAX_STREAMS": "300", "MAX_CONNECTIONS": "500"})
@@ -7921,11 +7949,13 @@ class WorkersTest(ProcessTestCase):
         self.assertEqual(len([name for name in scrapes[0] if "worker=" in name]), 2)  # a gauge per worker
 
     def test_log_lines_of_workers_are_never_interleaved_nor_held_up_by_a_stalled_stderr(self):
-        # stderr is a pipe nobody reads while 2,000 requests are served: it fills, and each worker's batches
+        # stderr is a pipe nobody reads while requests are served: it fills, and each worker's batches
         # of lines (larger than the 4 KiB a pipe takes in one piece) would be cut between writers; past
-        # a MiB the master stops reading its workers' lines. Its answers (the client limits) never wait.
-        line_patterns = {"json": r'\{"time": .*\}', "text": r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ .*'}
-        for log_format, whole_line in line_patterns.items():
+        # a MiB (2,000 JSON lines) the master stops reading its workers' lines. Its answers (the client
+        # limits) never wait.
+        line_patterns = {"json": (r'\{"time": .*\}', 2000),
+                         "text": (r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ .*', 600)}
+        for log_format, (whole_line, count) in line_patterns.items():
             with self.subTest(log_format=log_format):
                 port = free_port()
                 process = subprocess.Popen(
@@ -7936,7 +7966,7 @@ class WorkersTest(ProcessTestCase):
                 self.addCleanup(process.stderr.close)
                 self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
                 self.assertTrue(wait_until(lambda: self.answers(port), 10))
-                paths = [f"/{'x' * 150}{n}" for n in range(2000)]
+                paths = [f"/{'x' * 150}{n}" for n in range(count)]
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
                     self.assertEqual(set(pool.map(lambda path: self.fetch(port, path), paths)), {404})
                     started = time.monotonic()
