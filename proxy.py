@@ -2593,7 +2593,12 @@ class MasterLink:
         except (OSError, ValueError) as error:  # a late answer would answer the next question: the line is dropped
             sock.close()
             self._broken += 1
-            raise MasterUnavailable(_describe_os_error(error)) from None
+            why = (f"no answer within {MASTER_TIMEOUT:g} s" if isinstance(error, BlockingIOError)
+                   else _describe_os_error(error))
+            if self._broken == 1:
+                logger.warning("the master process did not answer a question (%s): this worker decides what "
+                               "it cannot ask alone (per-client limits, fail-open; /metrics answers 503)", why)
+            raise MasterUnavailable(why) from None
         self._free.put(sock)
         return json.loads(answer)
 

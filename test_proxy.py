@@ -7860,6 +7860,20 @@ class WorkersTest(ProcessTestCase):
                 return True
         self.assertTrue(wait_until(lambda: all(gone(pid) for pid in workers), 10), workers)
 
+    def test_a_master_that_stops_answering_is_waited_for_at_most_its_timeout(self):
+        process = self.start_workers("--demo", env={"RATE_LIMIT_RPM": "1000"})
+        self.assertEqual(self.post(process.port).status, 200)
+        process.signal(signal.SIGSTOP)  # the master: its workers' questions go unanswered
+        self.addCleanup(lambda: process.process.poll() is None and process.signal(signal.SIGCONT))
+        started = time.monotonic()
+        response = self.post(process.port)
+        self.assertEqual(response.status, 200)  # decided by the worker alone, fail-open
+        response.read()
+        self.assertLess(time.monotonic() - started, proxy.MASTER_TIMEOUT + 1.5)
+        process.signal(signal.SIGCONT)
+        process.wait_for_line(r"WARNING the master process did not answer a question \(no answer within 2 s\): "
+                              r"this worker decides what it cannot ask alone")
+
     def test_ctrl_c_in_a_terminal_reaches_every_process_and_drains_once(self):
         process = self.start_workers("--demo")
         conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=10)
