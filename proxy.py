@@ -2573,16 +2573,15 @@ class MasterLink:
 
     def __init__(self, sockets: List[socket.socket]):
         self._free: "queue.SimpleQueue[socket.socket]" = queue.SimpleQueue()
-        self._broken = 0  # lines dropped after a failure; when all are, the master is not waited for again
+        self.failed: Optional[str] = None  # why the master did not answer once: it is not waited for again
         for sock in sockets:
             set_os_timeouts(sock, MASTER_TIMEOUT)
             self._free.put(sock)
-        self._lines = len(sockets)
 
     def ask(self, *question):
-        """The master's answer, or MasterUnavailable after MASTER_TIMEOUT."""
-        if self._broken >= self._lines:
-            raise MasterUnavailable("every line to the master has failed")
+        """The master's answer, or MasterUnavailable: after MASTER_TIMEOUT, and at once after one failure."""
+        if self.failed is not None:
+            raise MasterUnavailable(self.failed)
         try:
             sock = self._free.get(timeout=MASTER_TIMEOUT)
         except queue.Empty:
@@ -2592,12 +2591,13 @@ class MasterLink:
             answer = read_line(sock)
         except (OSError, ValueError) as error:  # a late answer would answer the next question: the line is dropped
             sock.close()
-            self._broken += 1
             why = (f"no answer within {MASTER_TIMEOUT:g} s" if isinstance(error, BlockingIOError)
                    else _describe_os_error(error))
-            if self._broken == 1:
-                logger.warning("the master process did not answer a question (%s): this worker decides what "
-                               "it cannot ask alone (per-client limits, fail-open; /metrics answers 503)", why)
+            if self.failed is None:
+                self.failed = why
+                logger.warning("the master process did not answer a question (%s): from now on this worker "
+                               "decides alone what it would ask (per-client limits, fail-open; /metrics answers "
+                               "503)", why)
             raise MasterUnavailable(why) from None
         self._free.put(sock)
         return json.loads(answer)

@@ -7860,19 +7860,26 @@ class WorkersTest(ProcessTestCase):
                 return True
         self.assertTrue(wait_until(lambda: all(gone(pid) for pid in workers), 10), workers)
 
-    def test_a_master_that_stops_answering_is_waited_for_at_most_its_timeout(self):
+    def test_a_master_that_stops_answering_is_waited_for_at_most_its_timeout_once(self):
         process = self.start_workers("--demo", env={"RATE_LIMIT_RPM": "1000"})
         self.assertEqual(self.post(process.port).status, 200)
         process.signal(signal.SIGSTOP)  # the master: its workers' questions go unanswered
         self.addCleanup(lambda: process.process.poll() is None and process.signal(signal.SIGCONT))
-        started = time.monotonic()
-        response = self.post(process.port)
-        self.assertEqual(response.status, 200)  # decided by the worker alone, fail-open
-        response.read()
-        self.assertLess(time.monotonic() - started, proxy.MASTER_TIMEOUT + 1.5)
+        took = []
+        for _ in range(12):  # until six in a row are quick: each worker has waited once
+            started = time.monotonic()
+            response = self.post(process.port)
+            self.assertEqual(response.status, 200)  # decided by the worker alone, fail-open
+            response.read()
+            took.append(time.monotonic() - started)
+            if len(took) >= 6 and max(took[-6:]) < 1:
+                break
+        slow = [seconds for seconds in took if seconds >= 1]
+        self.assertLessEqual(len(slow), 2, took)  # once per worker at most
+        self.assertLess(max(took), proxy.MASTER_TIMEOUT + 1.5, took)
         process.signal(signal.SIGCONT)
         process.wait_for_line(r"WARNING the master process did not answer a question \(no answer within 2 s\): "
-                              r"this worker decides what it cannot ask alone")
+                              r"from now on this worker decides alone")
 
     def test_ctrl_c_in_a_terminal_reaches_every_process_and_drains_once(self):
         process = self.start_workers("--demo")
