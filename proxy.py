@@ -8966,7 +8966,7 @@ class StderrLines:
     PIPE_BUF bytes without blocking (POSIX).
     """
 
-    LIMIT = 1024 * 1024
+    LIMIT = 256 * 1024
     PIPE_BUF = 4096
 
     def __init__(self, fd: int = 2):

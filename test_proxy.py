@@ -7972,9 +7972,9 @@ class WorkersTest(ProcessTestCase):
     def test_log_lines_of_workers_are_never_interleaved_nor_held_up_by_a_stalled_stderr(self):
         # stderr is a pipe nobody reads while requests are served: it fills, and each worker's batches
         # of lines (larger than the 4 KiB a pipe takes in one piece) would be cut between writers; past
-        # a MiB (2,000 JSON lines) the master stops reading its workers' lines. Its answers (the client
-        # limits) never wait.
-        line_patterns = {"json": (r'\{"time": .*\}', 2000),
+        # 256 KiB (with the pipe's 64 KiB, 500 JSON lines) the master stops reading its workers' lines.
+        # Its answers (the client limits) never wait.
+        line_patterns = {"json": (r'\{"time": .*\}', 800),
                          "text": (r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ .*', 600)}
         for log_format, (whole_line, count) in line_patterns.items():
             with self.subTest(log_format=log_format):
