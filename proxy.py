@@ -9340,10 +9340,12 @@ def worker_lines(config: Config) -> List[Tuple[int, str]]:
     """The startup line that says how the workers share the port and what each limit counts."""
     spread = ("each on its own socket, the kernel spreading new connections (SO_REUSEPORT)"
               if spreads_connections() else "sharing one listening socket")
+    streams = (f"MAX_STREAMS {config.max_streams} and " if config.max_streams else "")
+    totals = (f"{config.max_streams * config.workers} and " if config.max_streams else "")
     return [(logging.INFO,
-             f"{config.workers} worker processes (WORKERS) on one port, {spread}; MAX_STREAMS "
-             f"{config.max_streams} and MAX_CONNECTIONS {config.max_connections} are each worker's "
-             f"({config.max_streams * config.workers} and {config.max_connections * config.workers} in all)")]
+             f"{config.workers} worker processes (WORKERS) on one port, {spread}; {streams}MAX_CONNECTIONS "
+             f"{config.max_connections} {'are' if streams else 'is'} each worker's "
+             f"({totals}{config.max_connections * config.workers} in all)")]
 
 
 def run_master(config: Config) -> int:
