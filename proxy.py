@@ -8837,6 +8837,33 @@ def listen_error(config: Config, error: OSError) -> str:
     return f"cannot listen on {where}: {_describe_os_error(error)}; check HOST and PORT"
 
 
+def run(config: Config, worker: Optional[WorkerPlace] = None) -> int:
+    """Serve with a configuration until a signal, as the one process or as a worker; return the exit status."""
+    demo = None
+    if config.demo:
+        demo = DemoUpstream()
+        demo.start()
+        config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
+    too_few_files = None if worker else raise_open_file_limit(config.max_connections)  # before the first connection
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    try:
+        server = ProxyServer(config, worker=worker)
+    except OSError as error:
+        if demo is not None:
+            demo.close()
+        raise ConfigError(listen_error(config, error)) from None
+    if worker is None:
+        for level, line in startup_lines(config, server.server_port, bool(server.ui)):
+            logger.log(level, line)
+    if too_few_files:
+        logger.warning("%s", too_few_files)
+    try:
+        return serve_until_signal(server)
+    finally:
+        if demo is not None:
+            demo.close()
+
+
 # --------------------------------------------------------------------------
 # Workers (WORKERS above 1): a master process and its workers on one port
 # --------------------------------------------------------------------------
@@ -9367,33 +9394,6 @@ def run_master(config: Config) -> int:
     if too_few_files:
         logger.warning("%s", too_few_files)
     return Master(config, listeners, out).run()
-
-
-def run(config: Config, worker: Optional[WorkerPlace] = None) -> int:
-    """Serve with a configuration until a signal, as the one process or as a worker; return the exit status."""
-    demo = None
-    if config.demo:
-        demo = DemoUpstream()
-        demo.start()
-        config = dataclasses.replace(config, base_url=demo.base_url, api_key="demo-key-not-secret")
-    too_few_files = None if worker else raise_open_file_limit(config.max_connections)  # before the first connection
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    try:
-        server = ProxyServer(config, worker=worker)
-    except OSError as error:
-        if demo is not None:
-            demo.close()
-        raise ConfigError(listen_error(config, error)) from None
-    if worker is None:
-        for level, line in startup_lines(config, server.server_port, bool(server.ui)):
-            logger.log(level, line)
-    if too_few_files:
-        logger.warning("%s", too_few_files)
-    try:
-        return serve_until_signal(server)
-    finally:
-        if demo is not None:
-            demo.close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
