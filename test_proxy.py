@@ -7761,7 +7761,7 @@ class WorkersTest(ProcessTestCase):
                                    env={**os.environ, "WORKERS": "2"}, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.addCleanup(process.stderr.close)
-        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        self.addCleanup(self.kill_group, process)
         port = int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", process.stderr.readline()).group(1))
         self.assertIn("2 worker processes (WORKERS) on one port, sharing one listening socket",
                       process.stderr.readline())
@@ -7985,7 +7985,7 @@ class WorkersTest(ProcessTestCase):
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, start_new_session=True)
                 self.addCleanup(process.stderr.close)
-                self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+                self.addCleanup(self.kill_group, process)  # each subtest's own process, if a failure left it
                 self.assertTrue(wait_until(lambda: self.answers(port), 10))
                 paths = [f"/{'x' * 150}{n}" for n in range(count)]
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -8002,6 +8002,12 @@ class WorkersTest(ProcessTestCase):
                 logged = re.findall(r'(/x{150}\d+).*worker.*?(\d)', output.decode())
                 self.assertEqual(sorted(path for path, _ in logged), sorted(paths))
                 self.assertEqual({worker for _, worker in logged}, {"1", "2"})
+
+    @staticmethod
+    def kill_group(process):
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
 
     @staticmethod
     def fetch(port, path, body=None):
