@@ -9171,10 +9171,7 @@ class Master:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until it serves: a stop before then ends it at once
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is the master's to pass on
             listener = self.listeners[(index - 1) % len(self.listeners)]
-            for key in list(self.selector.get_map().values()):
-                close_fileobj(key.fileobj)
-            self.selector.close()
-            self._wakeup_writer.close()
+            self._close_selector()
             for other in self.listeners:
                 if other is not listener:
                     other.close()
@@ -9274,28 +9271,27 @@ class Master:
                 else:
                     self.selector.unregister(worker.log)
 
-    def _relay_log(self, worker: _Worker) -> None:
+    def _relay_log(self, worker: _Worker) -> bool:
+        """Pass on what the worker wrote, in whole lines; False when it had nothing more (or its pipe ended)."""
         try:
             data = os.read(worker.log, 65536)
         except BlockingIOError:
-            return
+            return False
         if not data:
             self._close_log(worker)
-            return
+            return False
         data = worker.pending + data
         end = data.rfind(b"\n") + 1
         if not end and len(data) > self.LOG_LINE_MAX:
             data, end = data + b"\n", len(data) + 1
         self.out.add(data[:end])
         worker.pending = data[end:]
+        return True
 
     def _drain_log(self, worker: _Worker) -> None:
         """What a worker that ended wrote last."""
         for _ in range(1024):
-            if worker.log is None:
-                return
-            self._relay_log(worker)
-            if worker.log is not None and not _is_ready_fd(worker.log):
+            if worker.log is None or not self._relay_log(worker):
                 break
         self._close_log(worker)
 
@@ -9341,17 +9337,17 @@ class Master:
             self.selector.unregister(line)
             line.close()
 
-    def _close(self) -> None:
+    def _close_selector(self) -> None:
+        """Close everything the loop watches (lines, log pipes, the wakeup pair) and the loop's selector."""
         for key in list(self.selector.get_map().values()):
             close_fileobj(key.fileobj)
         self.selector.close()
         self._wakeup_writer.close()
+
+    def _close(self) -> None:
+        self._close_selector()
         for listener in self.listeners:
             listener.close()
-
-
-def _is_ready_fd(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
 
 
 def serve_as_worker(config: Config, place: WorkerPlace) -> int:

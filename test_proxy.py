@@ -7510,6 +7510,16 @@ class ProcessTestCase(unittest.TestCase):
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
+    def held_upstream(self):
+        """A fake upstream whose streams send "before", then wait for the event returned, then "after"."""
+        upstream = FakeUpstream().start()
+        self.addCleanup(upstream.close)
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="before"), hold]
+                                 + reply("after")[1:])
+        return upstream, hold
+
 
 class ProcessTest(ProcessTestCase):
     def test_open_file_limit_is_raised_for_max_connections_or_a_warning_says_so(self):
@@ -7538,12 +7548,7 @@ class ProcessTest(ProcessTestCase):
         self.assertEqual(process.wait(), 0)
 
     def test_sigterm_stops_accepting_and_drains_running_streams(self):
-        upstream = FakeUpstream().start()
-        self.addCleanup(upstream.close)
-        hold = threading.Event()
-        self.addCleanup(hold.set)
-        upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="before"), hold]
-                                 + reply("after")[1:])
+        upstream, hold = self.held_upstream()
         process = self.start("--base-url", upstream.base_url, env={"OA_API_KEY": TEST_KEY})
         process.wait_for_line(rf"upstream {re.escape(upstream.base_url)}; default model gpt-4o-mini")
         reader = FrameReader(self.post(process.port))
@@ -7729,15 +7734,6 @@ class WorkersTest(ProcessTestCase):
             if len([pid for pid in held if pid in pids]) == workers:
                 return held
         raise AssertionError(f"the streams went to {dict(held)} only, of workers {pids}")
-
-    def held_upstream(self):
-        upstream = FakeUpstream().start()
-        self.addCleanup(upstream.close)
-        hold = threading.Event()
-        self.addCleanup(hold.set)
-        upstream.script = Script(steps=[chunk(role="assistant", content=""), chunk(content="before"), hold]
-                                 + reply("after")[1:])
-        return upstream, hold
 
     def test_two_workers_share_200_new_connections(self):
         process = self.start_workers("--demo")
